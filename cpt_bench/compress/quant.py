@@ -1,0 +1,184 @@
+"""Uniform min-max weight quantizer and the compressed form of one Linear layer.
+
+A grid maps integer codes ``q`` in ``[0, 2**bits - 1]`` to ``(q - zero) * scale``. Grids are fitted per
+output row and per group of ``group_size`` consecutive input columns (one group per row: per channel).
+The fitted range always contains 0, so a zero weight quantizes to exactly 0: pruned weights stay pruned.
+Scales are rounded to fp16 when fitted, so the weights rebuilt from a stored checkpoint (fp16 scales)
+are bit-identical to the ones computed here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_FP16_TINY = torch.finfo(torch.float16).tiny
+
+
+def fit_grid(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fit min-max grids over the last dimension.
+
+    Args:
+        w: weights ``[..., k]``; one grid per leading index.
+        bits: code width.
+        symmetric: put the zero point at the middle code ``2**(bits-1)`` and size the grid by ``max|w|``.
+
+    Returns:
+        ``(scale, zero)``, each ``[...]`` float32: ``scale > 0`` is fp16-representable, ``zero`` holds an
+        integer in ``[0, 2**bits - 1]``.
+    """
+    maxq = 2**bits - 1
+    w = w.float()
+    low = w.amin(-1).clamp(max=0)
+    high = w.amax(-1).clamp(min=0)
+    if symmetric:
+        high = torch.maximum(-low, high)
+        scale = _fp16_scale(2 * high / maxq)
+        return scale, torch.full_like(scale, (maxq + 1) // 2)
+    scale = _fp16_scale((high - low) / maxq)
+    return scale, torch.round(-low / scale).clamp(0, maxq)
+
+
+def _fp16_scale(scale: torch.Tensor) -> torch.Tensor:
+    return scale.clamp_min(_FP16_TINY).half().float()
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Round ``w`` to codes on the grid ``(scale, zero)`` (broadcast against ``w``); float32 integers."""
+    return torch.clamp(torch.round(w.float() / scale) + zero, 0, 2**bits - 1)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Map codes back to float32 weights ``(codes - zero) * scale``."""
+    return (codes.float() - zero) * scale
+
+
+@dataclass
+class QuantizedWeight:
+    """Integer codes and per-(row, group) grids of one weight matrix ``[rows, cols]``.
+
+    Attributes:
+        codes: ``[rows, cols]`` uint8 codes.
+        scales: ``[rows, n_groups]`` float32 (fp16-representable) grid steps.
+        zeros: ``[rows, n_groups]`` uint8 zero points.
+        bits: code width.
+        group_size: input columns per group (``cols`` when per channel).
+        g_idx: ``[cols]`` int32 group of each input column when act-order made groups non-contiguous;
+            ``None`` means column ``j`` belongs to group ``j // group_size``.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    bits: int
+    group_size: int
+    g_idx: torch.Tensor | None = None
+
+    def column_groups(self) -> torch.Tensor:
+        """Group index of each input column, ``[cols]`` int64."""
+        if self.g_idx is not None:
+            return self.g_idx.long()
+        return torch.arange(self.codes.shape[1], device=self.codes.device) // self.group_size
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weights ``[rows, cols]`` the codes stand for."""
+        groups = self.column_groups()
+        return dequantize(self.codes, self.scales.float()[:, groups], self.zeros.float()[:, groups])
+
+
+def quantize_groups(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool) -> QuantizedWeight:
+    """Round to nearest: fit each (row, group) grid on ``w [rows, cols]`` and quantize it."""
+    rows, cols = w.shape
+    group_size = group_size or cols
+    grouped = w.float().reshape(rows, cols // group_size, group_size)
+    scale, zero = fit_grid(grouped, bits, symmetric)
+    codes = quantize(grouped, scale[..., None], zero[..., None], bits)
+    return QuantizedWeight(
+        codes=codes.reshape(rows, cols).to(torch.uint8),
+        scales=scale,
+        zeros=zero.to(torch.uint8),
+        bits=bits,
+        group_size=group_size,
+    )
+
+
+class ColumnQuantizer:
+    """Quantizes a weight one column at a time, as GPTQ and SparseGPT visit them, recording codes and grids.
+
+    The caller fits a group's grids when it reaches the group's first column (``starts_group``), from the
+    weights as updated so far, then quantizes that group's columns one by one.
+    """
+
+    def __init__(self, shape: tuple[int, int], bits: int, group_size: int | None, symmetric: bool,
+                 device: torch.device) -> None:
+        rows, cols = shape
+        self.bits = bits
+        self.symmetric = symmetric
+        self.group_size = group_size or cols
+        n_groups = cols // self.group_size
+        self.codes = torch.zeros(rows, cols, dtype=torch.uint8, device=device)
+        self.scales = torch.zeros(rows, n_groups, device=device)
+        self.zeros = torch.zeros(rows, n_groups, device=device)
+
+    def starts_group(self, col: int) -> bool:
+        return col % self.group_size == 0
+
+    def fit(self, col: int, w_group: torch.Tensor) -> None:
+        """Fit the grids of the group starting at ``col`` from its current weights ``[rows, group_size]``."""
+        group = col // self.group_size
+        self.scales[:, group], self.zeros[:, group] = fit_grid(w_group, self.bits, self.symmetric)
+
+    def __call__(self, col: int, w: torch.Tensor) -> torch.Tensor:
+        """Quantize column ``col`` (``w [rows]``); returns its float32 dequantized values ``[rows]``."""
+        group = col // self.group_size
+        scale, zero = self.scales[:, group], self.zeros[:, group]
+        codes = quantize(w, scale, zero, self.bits)
+        self.codes[:, col] = codes.to(torch.uint8)
+        return dequantize(codes, scale, zero)
+
+    def result(self, perm: torch.Tensor | None = None) -> QuantizedWeight:
+        """The codes and grids; ``perm [cols]``: the visiting order, if columns were visited permuted."""
+        if perm is None:
+            return QuantizedWeight(self.codes, self.scales, self.zeros.to(torch.uint8), self.bits,
+                                   self.group_size)
+        inverse = torch.argsort(perm)
+        position_group = torch.arange(len(perm), device=perm.device) // self.group_size
+        multi_group = self.scales.shape[1] > 1
+        return QuantizedWeight(
+            codes=self.codes[:, inverse],
+            scales=self.scales,
+            zeros=self.zeros.to(torch.uint8),
+            bits=self.bits,
+            group_size=self.group_size,
+            g_idx=position_group[inverse].to(torch.int32) if multi_group else None,
+        )
+
+
+@dataclass
+class CompressedLinear:
+    """The compressed form of one Linear weight ``[rows, cols]`` and what it cost.
+
+    Attributes:
+        weight: ``[rows, cols]`` float32 simulated weight: dequantized codes and/or zeros where pruned.
+        error: output reconstruction error (see ``gptq.output_error``); ``None`` without calibration data.
+        quant: codes and grids, if quantized.
+        pruned: ``[rows, cols]`` bool, True where the weight was pruned, if pruned.
+    """
+
+    weight: torch.Tensor
+    error: float | None
+    quant: QuantizedWeight | None = None
+    pruned: torch.Tensor | None = None
+
+    @classmethod
+    def from_parts(cls, *, error: float | None = None, quant: QuantizedWeight | None = None,
+                   pruned: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> CompressedLinear:
+        """Build with ``weight`` rebuilt from ``quant`` (or from the given dense ``weight``) and ``pruned``.
+
+        Rebuilding here, and in the same way when loading a checkpoint, makes the round trip bit-exact.
+        """
+        dense = quant.dequantize() if quant is not None else weight.float()
+        if pruned is not None:
+            dense = dense.masked_fill(pruned, 0.0)
+        return cls(weight=dense, error=error, quant=quant, pruned=pruned)

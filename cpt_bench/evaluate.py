@@ -1,0 +1,110 @@
+"""Evaluate one model on cpt_bench tasks through lm-eval and write the results of the run.
+
+Perplexity tasks (``cpt_ppl*``) and the rest get separate example limits (windows vs items) but
+share one loaded model. A run folder holds ``results.json`` (lm-eval's results format plus a
+``cpt_bench`` block: model, limits, wall time, peak memory, provenance) and ``results.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cpt_bench.assets.cache import write_json_atomic, write_text_atomic
+from cpt_bench.assets.model import resolve_model
+from cpt_bench.perplexity import DEFAULT_SEQLEN_TOKENS
+from cpt_bench.provenance import REPO_ROOT, environment_record
+
+TASKS_DIR = REPO_ROOT / "tasks"
+PPL_PREFIX = "cpt_ppl"
+SEEDS = {"random_seed": 0, "numpy_random_seed": 1234, "torch_random_seed": 1234, "fewshot_random_seed": 1234}
+
+
+@dataclass
+class EvalSettings:
+    """What to evaluate. Limits count windows (perplexity tasks) or items (the rest); None means all."""
+
+    model: str = "embedded"
+    tasks: list[str] = field(default_factory=lambda: ["cpt_ppl", "cpt_zeroshot"])
+    limit_items: int | None = None
+    limit_windows: int | None = None
+    seqlen_tokens: int = DEFAULT_SEQLEN_TOKENS
+    batch_size: int = 8
+    dtype: str = "float32"
+    device: str = "cpu"
+
+    def __post_init__(self):
+        for name in ("limit_items", "limit_windows"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be a positive count or omitted, got {value}")
+        if self.seqlen_tokens <= 0 or self.batch_size <= 0:
+            raise ValueError(f"seqlen and batch size must be positive, got {self.seqlen_tokens} and {self.batch_size}")
+        if not self.tasks:
+            raise ValueError("no tasks given; expected names such as cpt_ppl, cpt_zeroshot or cpt_piqa")
+
+
+def task_manager(metadata: dict[str, Any]):
+    """lm-eval TaskManager that knows our task folder; ``metadata`` reaches our loaders as keywords."""
+    from lm_eval.tasks import TaskManager
+
+    if not TASKS_DIR.is_dir():
+        raise FileNotFoundError(f"task folder {TASKS_DIR} not found; install cpt_bench from a checkout (pip install -e .)")
+    return TaskManager(include_path=str(TASKS_DIR), metadata=metadata)
+
+
+def _merge(into: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
+    """Merge two lm-eval result dicts key by key (results, configs, n-samples, ...)."""
+    for key, value in part.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            into[key] = {**into[key], **value}
+        else:
+            into.setdefault(key, value)
+    return into
+
+
+def run_evaluation(settings: EvalSettings) -> dict[str, Any]:
+    """Evaluate ``settings.model`` on ``settings.tasks``; returns lm-eval's results dict plus ``cpt_bench``."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    started = time.perf_counter()
+    model_path = resolve_model(settings.model)
+    lm = HFLM(pretrained=model_path, dtype=settings.dtype, batch_size=settings.batch_size, device=settings.device)
+    manager = task_manager({"pretrained": model_path, "seqlen": settings.seqlen_tokens})
+    ppl_tasks = [t for t in settings.tasks if t.startswith(PPL_PREFIX)]
+    other_tasks = [t for t in settings.tasks if not t.startswith(PPL_PREFIX)]
+    merged: dict[str, Any] = {}
+    for limit, names in ((settings.limit_windows, ppl_tasks), (settings.limit_items, other_tasks)):
+        if names:
+            part = simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit, log_samples=False,
+                                   **SEEDS)
+            _merge(merged, part)
+    merged["cpt_bench"] = {
+        "settings": asdict(settings),
+        "model_path": model_path,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "environment": environment_record(SEEDS),
+    }
+    return merged
+
+
+def write_run(results: dict[str, Any], out_dir: Path) -> Path:
+    """Write ``results.json`` and the ``results.md`` table into ``out_dir`` (atomically); returns the JSON path."""
+    from lm_eval.utils import make_table
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    serialisable = json.loads(json.dumps(results, default=str))
+    write_json_atomic(out_dir / "results.json", serialisable)
+    meta = results["cpt_bench"]
+    header = (f"model `{meta['settings']['model']}`, wall time {meta['wall_seconds']} s, "
+              f"peak RSS {meta['peak_rss_bytes'] / 2**30:.2f} GiB, "
+              f"machine: {meta['environment']['hardware']['cpu_count']} CPU cores "
+              f"{meta['environment']['hardware'].get('cuda_device', '')}\n\n")
+    write_text_atomic(out_dir / "results.md", header + make_table(results) + "\n")
+    return out_dir / "results.json"

@@ -1,0 +1,78 @@
+"""The paper's perplexity protocol expressed as lm-eval documents.
+
+GPTQ-style papers report *token-level* perplexity over non-overlapping windows of ``seqlen`` tokens
+of a test set joined into one string. lm-eval's rolling metrics (word/byte perplexity, bits per
+byte) are normalised by words or bytes instead. We make each lm-eval document exactly one window of
+``seqlen`` tokens of the model's tokenizer and record its token count, so one set of rolling
+loglikelihoods yields both families of metrics.
+
+Differences from the paper's loop, both small and documented in README: lm-eval conditions the
+first token of each window on the tokenizer's prefix token (so all ``seqlen`` tokens are scored
+rather than ``seqlen - 1``), and the final partial window is dropped as in the paper.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from lm_eval.api.task import ConfigurableTask
+
+from cpt_bench.assets.model import resolve_model
+
+DEFAULT_SEQLEN_TOKENS = 1024
+DOCUMENT_SEPARATOR = "\n\n"  # how the paper joins WikiText-2 test documents
+
+
+class TaskInputError(ValueError):
+    """A task was configured with values it cannot use (one-line message)."""
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(name_or_path: str):
+    """The tokenizer of a model name or path (``embedded`` resolves to the cached default)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model(name_or_path))
+
+
+def token_windows(text: str, tokenizer, seqlen_tokens: int, add_special_tokens: bool | None = None) -> list[dict]:
+    """Cut ``text`` into consecutive windows of ``seqlen_tokens`` tokens; the last partial window is dropped.
+
+    Returns ``[{"window": i, "text": str, "n_tokens": int}]``. Each window's text is the exact
+    character span of its tokens, so the windows concatenate back to a prefix of ``text``.
+    ``n_tokens`` is recounted by encoding the window text the way lm-eval's HFLM will (with the
+    tokenizer's default special tokens unless ``add_special_tokens`` is given), since a merge across
+    a window boundary can shift a count by one.
+    """
+    if seqlen_tokens <= 0:
+        raise TaskInputError(f"seqlen must be a positive number of tokens, got {seqlen_tokens}")
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    n_windows = len(offsets) // seqlen_tokens
+    if n_windows == 0:
+        raise TaskInputError(f"text of {len(offsets)} tokens is shorter than one window of {seqlen_tokens}")
+    starts = [offsets[i * seqlen_tokens][0] for i in range(n_windows)]
+    ends = starts[1:] + [offsets[n_windows * seqlen_tokens - 1][1]]
+    encode_kwargs = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
+    windows = []
+    for index, (start, end) in enumerate(zip(starts, ends, strict=True)):
+        span = text[start:end]
+        windows.append({"window": index, "text": span, "n_tokens": len(tokenizer.encode(span, **encode_kwargs))})
+    return windows
+
+
+def rolling_results(doc: dict, results: list[float]) -> dict[str, tuple[float, int]]:
+    """lm-eval ``process_results`` for a window: token-, word- and byte-normalised loglikelihood pairs.
+
+    ``results`` is ``[sum of log-probabilities of the window's tokens]`` (nats). Each metric is a
+    ``(loglikelihood, count)`` pair for lm-eval's ``weighted_perplexity`` / ``bits_per_byte``
+    aggregations, so e.g. token perplexity = exp(-sum loglikelihood / sum n_tokens).
+    """
+    (loglikelihood,) = results
+    text = doc["text"]
+    n_bytes = ConfigurableTask.count_bytes(text)
+    return {
+        "token_perplexity": (loglikelihood, doc["n_tokens"]),
+        "word_perplexity": (loglikelihood, ConfigurableTask.count_words(text)),
+        "byte_perplexity": (loglikelihood, n_bytes),
+        "bits_per_byte": (loglikelihood, n_bytes),
+    }

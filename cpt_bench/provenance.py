@@ -1,0 +1,59 @@
+"""What every result records about how it was produced: versions, git commit, hardware, seeds."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+TRACKED_PACKAGES = ("cpt_bench", "torch", "transformers", "lm_eval", "peft", "datasets", "safetensors", "gguf")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def package_versions() -> dict[str, str]:
+    """Installed version of each package in ``TRACKED_PACKAGES`` (``"missing"`` when absent)."""
+    versions = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "missing"
+    return versions
+
+
+def git_commit() -> dict[str, Any]:
+    """Commit of the checkout this package runs from, and whether it had uncommitted changes."""
+
+    def git(*args: str) -> str | None:
+        done = subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def hardware() -> dict[str, Any]:
+    """CPU, core count, torch threads and, when present, the CUDA device."""
+    import torch
+
+    record = {
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+    }
+    if torch.cuda.is_available():
+        record["cuda_device"] = torch.cuda.get_device_name(0)
+        record["cuda_version"] = torch.version.cuda
+    return record
+
+
+def environment_record(seeds: dict[str, int]) -> dict[str, Any]:
+    """The provenance block stored with every result."""
+    return {"versions": package_versions(), "git": git_commit(), "hardware": hardware(), "seeds": seeds,
+            "argv": sys.argv}
