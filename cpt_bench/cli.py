@@ -40,9 +40,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     from cpt_bench.evaluate import EvalSettings, run_evaluation, write_run
 
-    settings = EvalSettings(model=args.model, tasks=args.tasks.split(","), limit_items=args.limit,
-                            limit_windows=args.ppl_limit, seqlen_tokens=args.seqlen, batch_size=args.batch_size,
-                            device=args.device)
+    tasks = [name for name in args.tasks.split(",") if name.strip()]
+    settings = EvalSettings(model=args.model, tasks=tasks, limit_items=args.limit, limit_windows=args.ppl_limit,
+                            seqlen_tokens=args.seqlen, batch_size=args.batch_size, device=args.device)
     results = run_evaluation(settings)
     out = args.out or Path("runs") / f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}"
     path = write_run(results, out)

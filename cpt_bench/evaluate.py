@@ -53,7 +53,8 @@ def task_manager(metadata: dict[str, Any]):
     from lm_eval.tasks import TaskManager
 
     if not TASKS_DIR.is_dir():
-        raise FileNotFoundError(f"task folder {TASKS_DIR} not found; install cpt_bench from a checkout (pip install -e .)")
+        raise FileNotFoundError(f"task folder {TASKS_DIR} not found; install cpt_bench from a checkout "
+                                "(pip install -e .)")
     return TaskManager(include_path=str(TASKS_DIR), metadata=metadata)
 
 
@@ -74,8 +75,17 @@ def run_evaluation(settings: EvalSettings) -> dict[str, Any]:
 
     started = time.perf_counter()
     model_path = resolve_model(settings.model)
-    lm = HFLM(pretrained=model_path, dtype=settings.dtype, batch_size=settings.batch_size, device=settings.device)
     manager = task_manager({"pretrained": model_path, "seqlen": settings.seqlen_tokens})
+    unknown = [name for name in settings.tasks if name not in manager.all_tasks]
+    if unknown:
+        raise ValueError(f"unknown task(s) {', '.join(unknown)}; expected lm-eval task or group names, "
+                         f"e.g. cpt_ppl, cpt_zeroshot, cpt_piqa (see tasks/)")
+    try:
+        lm = HFLM(pretrained=model_path, dtype=settings.dtype, batch_size=settings.batch_size, device=settings.device)
+    except OSError as exc:  # transformers' "not a local folder and not a valid model identifier" and kin
+        reason = str(exc).strip().splitlines()[0]
+        raise ValueError(f"could not load model {settings.model!r}: expected 'embedded', a model folder "
+                         f"or a Hugging Face id ({reason})") from exc
     ppl_tasks = [t for t in settings.tasks if t.startswith(PPL_PREFIX)]
     other_tasks = [t for t in settings.tasks if not t.startswith(PPL_PREFIX)]
     merged: dict[str, Any] = {}

@@ -17,15 +17,19 @@ from cpt_bench.compress.spec import Pruning, Quantization
 
 def rtn(weight: torch.Tensor, quant: Quantization, hessian: torch.Tensor | None = None) -> CompressedLinear:
     """Round ``weight [rows, cols]`` to nearest on min-max grids; ``hessian`` only measures the error."""
-    return finalize(weight, hessian, quant=quantize_groups(weight, quant.bits, quant.group_size, quant.symmetric))
+    quantized = quantize_groups(weight, quant.bits, quant.group_size, quant.symmetric)
+    return finalize(weight, hessian, quant=quantized)
 
 
-def magnitude(weight: torch.Tensor, pruning: Pruning, hessian: torch.Tensor | None = None) -> CompressedLinear:
-    """Prune the smallest ``|W|`` of the whole layer (or per N:M window); ``hessian`` only measures the error."""
-    return finalize(weight, hessian, weight=weight, pruned=pruning_mask(weight.abs().float(), pruning))
+def magnitude(weight: torch.Tensor, pruning: Pruning,
+              hessian: torch.Tensor | None = None) -> CompressedLinear:
+    """Prune the smallest ``|W|`` of the whole layer (or of each N:M window); ``hessian`` gives the error."""
+    pruned = pruning_mask(weight.abs().float(), pruning)
+    return finalize(weight, hessian, values=weight.detach().clone(), pruned=pruned)
 
 
 def wanda(weight: torch.Tensor, pruning: Pruning, hessian: torch.Tensor) -> CompressedLinear:
-    """Prune the lowest ``|W[i, j]| * ||X_j||_2`` of each output row (or per N:M window)."""
+    """Prune the lowest ``|W[i, j]| * ||X_j||_2`` of each output row (or of each N:M window)."""
     scores = weight.abs().float() * torch.diag(hessian).float().sqrt()
-    return finalize(weight, hessian, weight=weight, pruned=pruning_mask(scores, pruning, per_row=True))
+    pruned = pruning_mask(scores, pruning, per_row=True)
+    return finalize(weight, hessian, values=weight.detach().clone(), pruned=pruned)

@@ -99,8 +99,9 @@ def obs_sweep(
         quantizer: rounds each column after pruning; fitted at each group's first column from the current
             weights with the already-pruned ones set to 0.
         prune: called at every ``prune_period``-th column of a block with the OBS saliencies
-            ``w^2 / diag(H^-1)^2`` of the next ``prune_period`` columns ``[rows, width]``; returns the
-            bool mask ``[rows, width]`` of weights to prune there.
+            ``w[:, j]^2 / U[j, j]^2`` of the next ``prune_period`` columns ``[rows, width]`` (``U[j, j]^2``
+            is ``[H^-1]_jj`` once the earlier columns are fixed); returns the bool mask ``[rows, width]``
+            of weights to prune there.
         prune_period: columns per mask selection (``block_size`` for adaptive unstructured, ``m`` for N:M).
 
     Returns:
@@ -133,11 +134,11 @@ def obs_sweep(
 
 
 def finalize(original: torch.Tensor, hessian: torch.Tensor | None, *, quant: QuantizedWeight | None = None,
-             pruned: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> CompressedLinear:
+             pruned: torch.Tensor | None = None, values: torch.Tensor | None = None) -> CompressedLinear:
     """Assemble a ``CompressedLinear`` and, given the Hessian, its ``output_error`` against ``original``."""
-    layer = CompressedLinear.from_parts(quant=quant, pruned=pruned, weight=weight)
+    layer = CompressedLinear(quant=quant, pruned=pruned, values=values)
     if hessian is not None:
-        layer.error = output_error(original, layer.weight, hessian)
+        layer.error = output_error(original, layer.weight(), hessian)
     return layer
 
 

@@ -138,47 +138,41 @@ class ColumnQuantizer:
         return dequantize(codes, scale, zero)
 
     def result(self, perm: torch.Tensor | None = None) -> QuantizedWeight:
-        """The codes and grids; ``perm [cols]``: the visiting order, if columns were visited permuted."""
-        if perm is None:
-            return QuantizedWeight(self.codes, self.scales, self.zeros.to(torch.uint8), self.bits,
-                                   self.group_size)
-        inverse = torch.argsort(perm)
-        position_group = torch.arange(len(perm), device=perm.device) // self.group_size
-        multi_group = self.scales.shape[1] > 1
-        return QuantizedWeight(
-            codes=self.codes[:, inverse],
-            scales=self.scales,
-            zeros=self.zeros.to(torch.uint8),
-            bits=self.bits,
-            group_size=self.group_size,
-            g_idx=position_group[inverse].to(torch.int32) if multi_group else None,
-        )
+        """The codes and grids; ``perm [cols]``: the visiting order, if columns were visited permuted.
+
+        Groups are consecutive in visiting order, so permuted columns get a ``g_idx`` (original order).
+        """
+        codes, g_idx = self.codes, None
+        if perm is not None:
+            inverse = torch.argsort(perm)
+            codes = codes[:, inverse]
+            if self.scales.shape[1] > 1:
+                position_group = torch.arange(len(perm), device=perm.device) // self.group_size
+                g_idx = position_group[inverse].to(torch.int32)
+        zeros = self.zeros.to(torch.uint8)
+        return QuantizedWeight(codes, self.scales, zeros, self.bits, self.group_size, g_idx)
 
 
 @dataclass
 class CompressedLinear:
-    """The compressed form of one Linear weight ``[rows, cols]`` and what it cost.
+    """The compressed form of one Linear weight ``[rows, cols]`` and its reconstruction error.
 
     Attributes:
-        weight: ``[rows, cols]`` float32 simulated weight: dequantized codes and/or zeros where pruned.
         error: output reconstruction error (see ``gptq.output_error``); ``None`` without calibration data.
         quant: codes and grids, if quantized.
         pruned: ``[rows, cols]`` bool, True where the weight was pruned, if pruned.
+        values: ``[rows, cols]`` float unquantized weights, if pruned only.
     """
 
-    weight: torch.Tensor
-    error: float | None
+    error: float | None = None
     quant: QuantizedWeight | None = None
     pruned: torch.Tensor | None = None
+    values: torch.Tensor | None = None
 
-    @classmethod
-    def from_parts(cls, *, error: float | None = None, quant: QuantizedWeight | None = None,
-                   pruned: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> CompressedLinear:
-        """Build with ``weight`` rebuilt from ``quant`` (or from the given dense ``weight``) and ``pruned``.
+    def weight(self) -> torch.Tensor:
+        """The simulated float32 weight ``[rows, cols]``: dequantized (or kept) values, 0 where pruned.
 
-        Rebuilding here, and in the same way when loading a checkpoint, makes the round trip bit-exact.
+        Checkpoint loading rebuilds weights with this same method, so the round trip is bit-exact.
         """
-        dense = quant.dequantize() if quant is not None else weight.float()
-        if pruned is not None:
-            dense = dense.masked_fill(pruned, 0.0)
-        return cls(weight=dense, error=error, quant=quant, pruned=pruned)
+        dense = self.quant.dequantize() if self.quant is not None else self.values.float()
+        return dense if self.pruned is None else dense.masked_fill(self.pruned, 0.0)

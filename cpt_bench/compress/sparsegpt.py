@@ -1,10 +1,11 @@
 """SparseGPT (Frantar & Alistarh 2023, arXiv:2301.00774) for one Linear layer, optionally joint with GPTQ.
 
-Columns are visited in order as in GPTQ (``gptq.obs_sweep``). Pruned weights are chosen by the OBS saliency
-``w^2 / diag(H^-1)^2`` of the current (already updated) weights: for unstructured sparsity, the lowest
-``sparsity`` fraction of each block of ``block_size`` columns at once (adaptive mask selection); for N:M,
-the lowest ``m - n`` of each row in every window of ``m`` columns. Each column is then pruned, quantized
-on its group's grid if joint (a zero stays exactly zero), and its error spread onto the later columns.
+Columns are visited in order as in GPTQ (``gptq.obs_sweep``). Pruned weights are chosen by the OBS
+saliency ``w^2 / [H^-1]_jj`` of the current (already updated) weights, with ``[H^-1]_jj = U[j, j]^2`` read
+from the Cholesky factor of the inverse Hessian (columns before ``j`` eliminated). Unstructured: the lowest
+``sparsity`` fraction of each block of ``block_size`` columns at once (adaptive mask selection); N:M: the
+lowest ``m - n`` of each row in every window of ``m`` columns. Each column is then pruned, quantized on
+its group's grid if joint (a zero stays exactly zero), and its error spread onto the later columns.
 """
 
 from __future__ import annotations
@@ -69,4 +70,4 @@ def sparsegpt_layer(weight: torch.Tensor, hessian: torch.Tensor, pruning: Prunin
                                    prune_period=pruning.m or block_size)
     if quantizer is not None:
         return finalize(weight, hessian, quant=quantizer.result(), pruned=pruned)
-    return finalize(weight, hessian, weight=compressed, pruned=pruned)
+    return finalize(weight, hessian, values=compressed, pruned=pruned)

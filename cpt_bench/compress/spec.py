@@ -26,12 +26,13 @@ MAX_SPARSITY = 90
 QUANT_METHODS = ("rtn", "gptq")
 PRUNE_METHODS = ("sparsegpt", "magnitude", "wanda")
 
+_BITS_TEXT = "|".join(map(str, BITS))
+_GROUPS_TEXT = "|".join(map(str, GROUP_SIZES))
+_PRUNE_TEXT = f"0..{MAX_SPARSITY}|" + "|".join(f"{n}:{m}" for n, m in NM_PATTERNS)
 GRAMMAR = (
-    "dense | (rtn|gptq)-w<bits>[g<group>][-sym][-actorder] | (sparsegpt|magnitude|wanda)-<percent>"
-    " | (sparsegpt|magnitude|wanda)-<n>:<m> | sparsegpt-<percent or n:m>+gptq-w<bits>[g<group>][-sym]"
-    f" with bits in {{{', '.join(map(str, BITS))}}}, group in {{{', '.join(map(str, GROUP_SIZES))}}}"
-    f" (none: per channel), percent 0-{MAX_SPARSITY}, n:m in {{{', '.join(f'{n}:{m}' for n, m in NM_PATTERNS)}}},"
-    " -actorder for gptq only"
+    f"dense | (rtn|gptq)-w<{_BITS_TEXT}>[g<{_GROUPS_TEXT}>][-sym][-actorder] | "
+    f"(sparsegpt|magnitude|wanda)-<{_PRUNE_TEXT}> | sparsegpt-<{_PRUNE_TEXT}>+gptq-w<bits>[g<group>][-sym] "
+    "(no g: per channel; -actorder: gptq only)"
 )
 
 _QUANT_RE = re.compile(r"(rtn|gptq)-w([1-9]\d*)(?:g([1-9]\d*))?(-sym)?(-actorder)?")
@@ -144,6 +145,8 @@ class Spec:
 
     @classmethod
     def _parse(cls, text: str) -> Spec:
+        if not isinstance(text, str):
+            raise SpecError("a spec is text")
         if text == "dense":
             return cls()
         parts = text.split("+")
@@ -164,10 +167,14 @@ class Spec:
         return self.pruning is None and self.quantization is None
 
     @property
+    def methods(self) -> frozenset[str]:
+        """The method names used, e.g. ``{"sparsegpt", "gptq"}``; empty for dense."""
+        return frozenset(part.method for part in (self.pruning, self.quantization) if part is not None)
+
+    @property
     def needs_calibration(self) -> bool:
         """Whether the method reads layer inputs (Hessians); RTN and magnitude pruning do not."""
-        methods = {part.method for part in (self.pruning, self.quantization) if part is not None}
-        return bool(methods & {"gptq", "sparsegpt", "wanda"})
+        return bool(self.methods & {"gptq", "sparsegpt", "wanda"})
 
     def check_fits(self, in_features: Mapping[str, int]) -> None:
         """Refuse the spec unless every layer's input width is a multiple of the group size and of ``m``.

