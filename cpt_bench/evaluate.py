@@ -74,6 +74,7 @@ def run_evaluation(settings: EvalSettings) -> dict[str, Any]:
     from lm_eval.models.huggingface import HFLM
 
     started = time.perf_counter()
+    environment = environment_record(SEEDS)  # before the run: the commit and versions that produced it
     model_path = resolve_model(settings.model)
     manager = task_manager({"pretrained": model_path, "seqlen": settings.seqlen_tokens})
     unknown = [name for name in settings.tasks if name not in manager.all_tasks]
@@ -99,7 +100,7 @@ def run_evaluation(settings: EvalSettings) -> dict[str, Any]:
         "model_path": model_path,
         "wall_seconds": round(time.perf_counter() - started, 1),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "environment": environment_record(SEEDS),
+        "environment": environment,
     }
     return merged
 

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 CACHE_ENV = "CPT_BENCH_CACHE"
 MANIFEST = "manifest.json"
 _HASH_CHUNK_BYTES = 1 << 20
+_FILE_MODE, _FOLDER_MODE = 0o644, 0o755
 
 
 class CacheError(RuntimeError):
@@ -46,19 +47,33 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file in the same folder, fsync, then rename."""
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same folder, fsync, rename, fsync the folder.
+
+    A reader sees either the old file or the complete new one, never a partial write.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, _FILE_MODE)  # mkstemp creates 0600; results and caches are meant to be readable
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write UTF-8 ``text`` atomically (see ``write_bytes_atomic``)."""
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -118,6 +133,7 @@ def ensure_entry(name: str, build: Callable[[Path], dict[str, Any]]) -> Path:
     try:
         provenance = build(tmp)
         write_json_atomic(tmp / MANIFEST, {"name": name, **provenance, "files": _file_records(tmp)})
+        os.chmod(tmp, _FOLDER_MODE)  # mkdtemp creates 0700
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
