@@ -11,7 +11,9 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 from cpt_bench.assets.cache import CacheError
+from cpt_bench.compress.cli_commands import add_compress_parser
 from cpt_bench.perplexity import TaskInputError
+from cpt_bench.prompts.cli_commands import add_prompt_parser
 
 USER_ERRORS = (CacheError, TaskInputError, ValueError, FileNotFoundError)
 
@@ -68,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     evaluate.add_argument("--out", type=Path, default=None, help="run folder (default: runs/evaluate-<time>)")
     evaluate.set_defaults(run=cmd_evaluate)
+
+    add_compress_parser(commands)
+    add_prompt_parser(commands)
     return parser
 
 
