@@ -50,7 +50,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     path = write_run(results, out)
     print(make_table(results))
     meta = results["cpt_bench"]
-    print(f"wall time {meta['wall_seconds']} s, peak RSS {meta['peak_rss_bytes'] / 2**30:.2f} GiB; wrote {path}")
+    peak = f"{meta['peak_memory_bytes'] / 2**30:.2f} GiB ({meta['peak_memory_kind']})"
+    print(f"wall time {meta['wall_seconds']} s, peak memory {peak}; wrote {path}")
 
 
 def build_parser() -> argparse.ArgumentParser:

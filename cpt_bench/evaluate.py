@@ -8,7 +8,6 @@ share one loaded model. A run folder holds ``results.json`` (lm-eval's results f
 from __future__ import annotations
 
 import json
-import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 from cpt_bench.assets.cache import write_json_atomic, write_text_atomic
 from cpt_bench.assets.model import resolve_model
 from cpt_bench.perplexity import DEFAULT_SEQLEN_TOKENS
-from cpt_bench.provenance import REPO_ROOT, environment_record
+from cpt_bench.provenance import REPO_ROOT, environment_record, peak_memory
 
 TASKS_DIR = REPO_ROOT / "tasks"
 PPL_PREFIX = "cpt_ppl"
@@ -99,7 +98,7 @@ def run_evaluation(settings: EvalSettings) -> dict[str, Any]:
         "settings": asdict(settings),
         "model_path": model_path,
         "wall_seconds": round(time.perf_counter() - started, 1),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        **peak_memory(),
         "environment": environment,
     }
     return merged
@@ -114,7 +113,7 @@ def write_run(results: dict[str, Any], out_dir: Path) -> Path:
     write_json_atomic(out_dir / "results.json", serialisable)
     meta = results["cpt_bench"]
     header = (f"model `{meta['settings']['model']}`, wall time {meta['wall_seconds']} s, "
-              f"peak RSS {meta['peak_rss_bytes'] / 2**30:.2f} GiB, "
+              f"peak memory {meta['peak_memory_bytes'] / 2**30:.2f} GiB ({meta['peak_memory_kind']}), "
               f"machine: {meta['environment']['hardware']['cpu_count']} CPU cores "
               f"{meta['environment']['hardware'].get('cuda_device', '')}\n\n")
     write_text_atomic(out_dir / "results.md", header + make_table(results) + "\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -57,3 +58,14 @@ def environment_record(seeds: dict[str, int]) -> dict[str, Any]:
     """The provenance block stored with every result."""
     return {"versions": package_versions(), "git": git_commit(), "hardware": hardware(), "seeds": seeds,
             "argv": sys.argv}
+
+
+def peak_memory() -> dict[str, Any]:
+    """Peak memory of this process so far: CUDA max allocated bytes on GPU, else peak resident set size."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated()), "peak_memory_kind": "cuda_max_allocated"}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    peak_bytes = rss if sys.platform == "darwin" else rss * 1024
+    return {"peak_memory_bytes": int(peak_bytes), "peak_memory_kind": "cpu_peak_rss"}

@@ -21,7 +21,7 @@ def test_evaluate_writes_results_with_provenance(filled_fake_cache, tiny_model_d
     assert [results["n-samples"][name]["effective"] for name in ("cpt_piqa", "cpt_ppl_milton")] == [2, 2]
     meta = results["cpt_bench"]
     assert meta["settings"]["seqlen_tokens"] == TINY_SEQLEN_TOKENS and meta["wall_seconds"] > 0
-    assert meta["peak_rss_bytes"] > 0
+    assert meta["peak_memory_bytes"] > 0 and meta["peak_memory_kind"] == "cpu_peak_rss"
     env = meta["environment"]
     assert env["versions"]["torch"] != "missing" and env["versions"]["lm_eval"] != "missing"
     assert env["seeds"]["random_seed"] == 0 and env["hardware"]["cpu_count"] >= 1 and "commit" in env["git"]

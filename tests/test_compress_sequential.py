@@ -35,7 +35,7 @@ def ids():
 @pytest.mark.parametrize(
     "changes",
     [{"n_windows": 0}, {"seqlen": -1}, {"block_size": 1.5}, {"seed": -1}, {"dampening": 0},
-     {"dampening": "0.01"}, {"true_sequential": "yes"}, {"n_windows": True}],
+     {"dampening": "0.01"}, {"true_sequential": "yes"}, {"n_windows": True}, {"corpus": "c4"}, {"corpus": []}],
 )
 def test_settings_are_validated(changes):
     with pytest.raises(ValueError) as caught:
@@ -45,7 +45,7 @@ def test_settings_are_validated(changes):
 
 
 def test_defaults():
-    assert CalibrationSettings() == CalibrationSettings(128, 1024, 0, 0.01, 128, True)
+    assert CalibrationSettings() == CalibrationSettings(128, 1024, 0, 0.01, 128, True, "wikipedia")
 
 
 def test_calibration_windows_are_seeded_slices():
@@ -55,8 +55,9 @@ def test_calibration_windows_are_seeded_slices():
     assert windows.shape == (5, 16) and windows.dtype == torch.int64
     assert torch.equal(windows[:, 1:] - windows[:, :-1], torch.ones(5, 15, dtype=torch.int64))
     assert torch.equal(windows, calibration_windows(tokens, settings))
-    with pytest.raises(ValueError, match="at least 16 tokens"):
-        calibration_windows(torch.arange(10), settings)
+    with pytest.raises(ValueError, match="at least 17 tokens"):
+        calibration_windows(torch.arange(16), settings)
+    assert windows[:, 0].max() <= 1000 - 16 - 1  # starts drawn as in GPTQ: randint(0, n - seqlen - 1)
 
 
 def test_group_size_is_checked_against_the_model():

@@ -176,3 +176,13 @@ class CompressedLinear:
         """
         dense = self.quant.dequantize() if self.quant is not None else self.values.float()
         return dense if self.pruned is None else dense.masked_fill(self.pruned, 0.0)
+
+    def dense_codes(self) -> torch.Tensor:
+        """Codes of every weight, ``[rows, cols]`` uint8, for formats and kernels that store all of them.
+
+        Pruned weights get their group's zero point, so that dequantizing gives exactly 0 there too.
+        """
+        codes = self.quant.codes
+        if self.pruned is None:
+            return codes
+        return torch.where(self.pruned, self.quant.zeros[:, self.quant.column_groups()], codes)

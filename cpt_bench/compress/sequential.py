@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from cpt_bench.assets.corpora import CORPORA
 from cpt_bench.compress.baselines import magnitude, rtn, wanda
 from cpt_bench.compress.gptq import Hessian, check_block_size, gptq_layer
 from cpt_bench.compress.quant import CompressedLinear
@@ -35,10 +36,11 @@ class CalibrationSettings:
     Attributes:
         n_windows: calibration windows (sequences).
         seqlen: tokens per window.
-        seed: seed for drawing the windows (``calibration_windows``).
+        seed: seed for drawing the windows (``calibration.calibration_windows``).
         dampening: fraction of ``mean(diag(H))`` added to each Hessian's diagonal.
         block_size: columns per GPTQ/SparseGPT lazy-update block (a multiple of group size and N:M ``m``).
         true_sequential: calibrate each group of Linears on the outputs of the already compressed ones.
+        corpus: the corpus (``assets.corpora.CORPORA``) whose train split calibration windows come from.
     """
 
     n_windows: int = 128
@@ -47,6 +49,7 @@ class CalibrationSettings:
     dampening: float = 0.01
     block_size: int = 128
     true_sequential: bool = True
+    corpus: str = "wikipedia"
 
     def __post_init__(self) -> None:
         rules = (
@@ -56,6 +59,7 @@ class CalibrationSettings:
             ("seed", _is_int(self.seed) and self.seed >= 0, "a non-negative integer"),
             ("dampening", _is_number(self.dampening) and 0 < self.dampening <= 1, "a number in (0, 1]"),
             ("true_sequential", isinstance(self.true_sequential, bool), "a bool"),
+            ("corpus", isinstance(self.corpus, str) and self.corpus in CORPORA, f"one of {', '.join(CORPORA)}"),
         )
         for name, valid, expected in rules:
             if not valid:
@@ -94,24 +98,6 @@ class CompressionResult:
 
     def settings_dict(self) -> dict | None:
         return asdict(self.settings) if self.settings is not None else None
-
-
-def calibration_windows(tokens: torch.Tensor, settings: CalibrationSettings) -> torch.Tensor:
-    """Draw ``n_windows`` windows of ``seqlen`` consecutive tokens at seeded random offsets.
-
-    Args:
-        tokens: ``[N]`` token ids of a tokenized corpus, ``N >= seqlen``.
-
-    Returns:
-        ``[n_windows, seqlen]`` int64 token ids.
-    """
-    if tokens.dim() != 1 or tokens.numel() < settings.seqlen:
-        raise ValueError(f"need a 1-D token stream of at least {settings.seqlen} tokens, "
-                         f"got shape {tuple(tokens.shape)}")
-    generator = torch.Generator().manual_seed(settings.seed)
-    last_start = tokens.numel() - settings.seqlen
-    starts = torch.randint(0, last_start + 1, (settings.n_windows,), generator=generator)
-    return torch.stack([tokens[start:start + settings.seqlen] for start in starts.tolist()]).long()
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,6 +32,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from cpt_bench.assets.cache import write_bytes_atomic
 from cpt_bench.compress.quant import CompressedLinear, QuantizedWeight
 from cpt_bench.compress.sequential import CompressionResult, LayerReport
 
@@ -88,7 +89,7 @@ def save_compressed(model: nn.Module, result: CompressionResult, out_dir: str | 
     for name, tensor in state.items():
         tensors[name] = tensor.detach().to("cpu", _storage_dtype(tensor.dtype)).contiguous()
     data = save_safetensors(tensors, metadata={"format": FORMAT})
-    _write_atomic(out / WEIGHTS_FILE, data)
+    write_bytes_atomic(out / WEIGHTS_FILE, data)
     manifest = {
         "format": FORMAT,
         "spec": str(result.spec),
@@ -100,7 +101,7 @@ def save_compressed(model: nn.Module, result: CompressionResult, out_dir: str | 
         "files": {WEIGHTS_FILE: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}},
     }
     path = out / MANIFEST_FILE
-    _write_atomic(path, (json.dumps(manifest, indent=2) + "\n").encode())
+    write_bytes_atomic(path, (json.dumps(manifest, indent=2) + "\n").encode())
     return path
 
 
@@ -116,32 +117,61 @@ def read_manifest(out_dir: str | os.PathLike) -> dict:
     return manifest
 
 
+@dataclass
+class StoredCheckpoint:
+    """The verified contents of a compressed checkpoint.
+
+    Attributes:
+        manifest: the parsed ``compression.json``.
+        layers: the compressed form of each compressed Linear, by module name.
+        tensors: every other stored state-dict tensor (16-bit floats), by state-dict name.
+    """
+
+    manifest: dict
+    layers: dict[str, CompressedLinear]
+    tensors: dict[str, torch.Tensor]
+
+
+def read_checkpoint(out_dir: str | os.PathLike) -> StoredCheckpoint:
+    """Read and verify (sha256) a checkpoint written by ``save_compressed``; raises ``StorageError``."""
+    manifest = read_manifest(out_dir)
+    tensors = load_safetensors(_read_verified(Path(out_dir), manifest))
+    layers = {name: _load_layer(f"{name}.weight", meta, tensors) for name, meta in manifest["layers"].items()}
+    prefixes = tuple(f"{name}.weight." for name in layers)
+    others = {name: tensor for name, tensor in tensors.items() if not name.startswith(prefixes)}
+    return StoredCheckpoint(manifest, layers, others)
+
+
+def check_fits(checkpoint: StoredCheckpoint, model: nn.Module, where: str) -> None:
+    """Refuse ``model`` unless its tied tensors and state-dict names match ``checkpoint`` (at ``where``)."""
+    state, aliases = _unique_state(model)
+    if aliases != checkpoint.manifest["tied"]:
+        raise StorageError(f"checkpoint {where} does not match {type(model).__name__}: tied tensors "
+                           f"{checkpoint.manifest['tied']} in the checkpoint, {aliases} in the model")
+    expected = set(state) - {f"{name}.weight" for name in checkpoint.layers}
+    stored = set(checkpoint.tensors)
+    if stored != expected:
+        raise StorageError(
+            f"checkpoint {where} does not match {type(model).__name__}: "
+            f"missing {sorted(expected - stored)[:3]}, unexpected {sorted(stored - expected)[:3]}"
+        )
+
+
 def load_compressed(out_dir: str | os.PathLike, base_model: nn.Module) -> nn.Module:
     """Load a checkpoint written by ``save_compressed`` into ``base_model`` (same architecture), in place.
 
     Compressed Linears receive their simulated (dequantized, pruned) weights in the model's dtype.
     Raises ``StorageError`` if a file's sha256 differs from the manifest or the checkpoint does not fit.
     """
-    manifest = read_manifest(out_dir)
-    tensors = load_safetensors(_read_verified(Path(out_dir), manifest))
-    state, aliases = _unique_state(base_model)
-    if aliases != manifest["tied"]:
-        raise StorageError(f"checkpoint {out_dir} does not match {type(base_model).__name__}: tied tensors "
-                           f"{manifest['tied']} in the checkpoint, {aliases} in the model")
-    layers = manifest["layers"]
-    expected = set(state) - {f"{name}.weight" for name in layers}
-    stored = {name for name in tensors if name.rpartition(".")[0] not in state}
-    if stored != expected:
-        raise StorageError(
-            f"checkpoint {out_dir} does not match {type(base_model).__name__}: "
-            f"missing {sorted(expected - stored)[:3]}, unexpected {sorted(stored - expected)[:3]}"
-        )
+    checkpoint = read_checkpoint(out_dir)
+    check_fits(checkpoint, base_model, str(out_dir))
+    state, _ = _unique_state(base_model)
     with torch.no_grad():
-        for name in stored:
-            _copy_checked(state[name], tensors[name], name)
-        for name, meta in layers.items():
+        for name, tensor in checkpoint.tensors.items():
+            _copy_checked(state[name], tensor, name)
+        for name, layer in checkpoint.layers.items():
             weight = f"{name}.weight"
-            _copy_checked(state[weight], _load_layer(weight, meta, tensors).weight(), weight)
+            _copy_checked(state[weight], layer.weight(), weight)
     return base_model
 
 
@@ -164,8 +194,10 @@ def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     state: dict[str, torch.Tensor] = {}
     first: dict[tuple, str] = {}
     aliases: dict[str, str] = {}
-    for name, tensor in model.state_dict().items():
-        key = (tensor.device, tensor.data_ptr(), tuple(tensor.shape))
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        # Meta tensors (a model built without allocating its weights) all have address 0: tied ones are one object.
+        address = id(tensor) if tensor.is_meta else tensor.data_ptr()
+        key = (tensor.device, address, tuple(tensor.shape))
         if key in first:
             aliases[name] = first[key]
         else:
@@ -271,20 +303,3 @@ def _read_verified(out: Path, manifest: dict) -> bytes:
     return data
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync and ``os.replace``."""
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)

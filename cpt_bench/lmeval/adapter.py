@@ -1,24 +1,168 @@
-"""The ``cpt`` model for lm-eval: Hugging Face's HFLM that also understands cpt_bench model names.
+"""The ``cpt`` model for lm-eval: Hugging Face's HFLM plus cpt_bench model names, prompts and compression.
 
-``pretrained=embedded`` resolves to the cached embedded default model, so lm-eval command lines
-need no cache path. Registered under the name ``cpt`` when this module is imported (``cpt-lm-eval``
-does that, since lm-eval has no plugin discovery).
+``pretrained=embedded`` resolves to the cached embedded default model, so lm-eval command lines need no
+cache path. Registered under the name ``cpt`` when this module is imported (``cpt-lm-eval`` does that,
+since lm-eval has no plugin discovery). Extra model_args:
+
+- ``soft_prompt=DIR``: a prompt folder (``cpt_bench.prompts.artifact``), checked against the model;
+  ``allow_cross_model=true`` accepts one trained for another model / tokenizer of the same hidden size.
+- ``hard_prompt=NAME_OR_TEXT``: a registered text prompt (``cpt_bench.prompts.hard``) or literal text.
+- ``prefix_cache=true|false`` (default true): compute the prompt's key/value cache once and reuse it
+  for every batch, or concatenate the prompt embeddings to every batch.
+- ``compression=SPEC``: evaluate the model as compressed by ``cpt_bench.compress`` (compressed and cached on
+  first use); ``compression_mode=simulated|real`` (default simulated: dequantized weights).
+
+The prompt precedes every request's tokens (as lm-eval encoded them, prefix / BOS token included) and is
+never scored: logits are returned for the request positions only. ``max_length`` (given or the model's)
+is the whole context, prompt included; lm-eval sees ``max_length - prompt length`` so its windows and
+truncation leave room for the prompt. lm-eval right-pads loglikelihood batches, so padding sits after
+every real token and an all-ones attention mask over prompt + inputs is exact for the real tokens;
+positions continue after the prompt (the model derives them from the cache length / mask).
 """
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 import lm_eval.models  # noqa: F401  (fills the registry first: registering into an empty one hides the built-ins)
+import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
+from lm_eval.models.utils_hf import get_dtype
+from transformers import DynamicCache
 
 from cpt_bench.assets.model import resolve_model
+from cpt_bench.prompts.artifact import load_prompt
+from cpt_bench.prompts.hard import hard_prompt_text
+from cpt_bench.prompts.target import load_target
+from cpt_bench.provenance import peak_memory
+
+
+class PromptAdapterError(ValueError):
+    """The ``cpt`` model was given arguments it cannot use (one-line message)."""
+
+
+def _as_bool(value: bool | str, name: str) -> bool:
+    """A model_arg flag: a bool, or ``true`` / ``false`` (any case) from a command line."""
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "false"):
+        return str(value).lower() == "true"
+    raise PromptAdapterError(f"{name} must be true or false, got {value!r}")
+
+
+def _cache_argument(model: torch.nn.Module) -> str:
+    """Name of the forward argument that takes a key/value cache: ``cache`` (transformers >= 5.2x), or the
+    older ``past_key_values`` (still accepted, with a deprecation warning, by some versions)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT-wrapped model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 @register_model("cpt")
 class CptLM(HFLM):
-    """HFLM whose ``pretrained`` may be a cpt_bench model name (``embedded``) as well as a path or Hub id."""
+    """HFLM whose ``pretrained`` may be a cpt_bench model name, that can compress the model and prompt it."""
 
-    def __init__(self, pretrained: str = "embedded", **kwargs):
-        if isinstance(pretrained, str):
+    def __init__(self, pretrained: str = "embedded", soft_prompt: str | None = None, hard_prompt: str | None = None,
+                 allow_cross_model: bool | str = False, prefix_cache: bool | str = True,
+                 compression: str | None = None, compression_mode: str = "simulated", **kwargs):
+        # Set before HFLM's init, which reads max_length while loading.
+        self._prompt: torch.Tensor | None = None  # [n, hidden], model dtype and device
+        self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer [1, heads, n, head_dim]
+        self.prompt_info: dict[str, Any] = {"kind": "none", "n_tokens": 0}
+        if soft_prompt and hard_prompt:
+            raise PromptAdapterError("give soft_prompt or hard_prompt, not both")
+        if compression:
+            pretrained, kwargs = self._compressed(pretrained, compression, compression_mode, kwargs)
+        elif isinstance(pretrained, str):
             pretrained = resolve_model(pretrained)
         super().__init__(pretrained=pretrained, **kwargs)
+        self.prompt_info["compression"] = compression or "dense"
+        if soft_prompt or hard_prompt:
+            self._set_prompt(soft_prompt, hard_prompt, _as_bool(allow_cross_model, "allow_cross_model"),
+                             _as_bool(prefix_cache, "prefix_cache"))
+
+    @staticmethod
+    def _compressed(pretrained: str, compression: str, mode: str, kwargs: dict) -> tuple[torch.nn.Module, dict]:
+        """The compressed model instance for HFLM, and kwargs naming its tokenizer (HFLM needs one for instances)."""
+        dtype = get_dtype(kwargs.get("dtype") or "auto")
+        device = kwargs.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+        model, _, _ = load_target(pretrained, compression, torch.float32 if dtype == "auto" else dtype, device, mode)
+        return model, {"tokenizer": resolve_model(pretrained), **kwargs}
+
+    def _set_prompt(self, soft_prompt: str | None, hard_prompt: str | None, allow_cross_model: bool,
+                    prefix_cache: bool) -> None:
+        if self.backend != "causal":
+            raise PromptAdapterError(f"prompts need a causal (decoder-only) model, this one is {self.backend}")
+        weight = self.model.get_input_embeddings().weight
+        if soft_prompt:
+            prompt = load_prompt(soft_prompt, self.model, self.tokenizer, allow_cross_model)
+            embeddings = prompt.embeddings
+            self.prompt_info = {**self.prompt_info, "kind": "soft", "path": str(soft_prompt),
+                                "sha256": prompt.meta["sha256"], "trained_on": prompt.meta["compression"]}
+        else:
+            text = hard_prompt_text(hard_prompt)
+            ids = torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], device=weight.device)
+            with torch.no_grad():
+                embeddings = self.model.get_input_embeddings()(ids)
+            self.prompt_info = {**self.prompt_info, "kind": "hard", "text": text}
+        self.prompt_info["n_tokens"] = int(embeddings.shape[0])
+        self._prompt = embeddings.detach().to(weight.device, weight.dtype)
+        if self.max_length <= 0:
+            raise PromptAdapterError(f"a prompt of {self._prompt.shape[0]} tokens leaves no room in a context of "
+                                     f"{super().max_length} tokens")
+        if prefix_cache:
+            self._cache_arg = _cache_argument(self.model)
+            self._prefix_kv = self._prompt_key_values()
+
+    @property
+    def max_length(self) -> int:
+        """Tokens lm-eval may place in one window: the model's context (or ``max_length``) minus the prompt."""
+        return super().max_length - (0 if self._prompt is None else self._prompt.shape[0])
+
+    def _autocast(self) -> torch.autocast:
+        """The same mixed-precision context HFLM's own ``_model_call`` uses."""
+        return torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                              enabled=self.mixed_precision_dtype is not None)
+
+    def _prompt_key_values(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One forward over the prompt: per layer (keys, values), each [1, kv_heads, n, head_dim]."""
+        with torch.no_grad(), self._autocast():
+            out = self.model(inputs_embeds=self._prompt[None], use_cache=True)
+        cache = out.cache if self._cache_arg == "cache" else out.past_key_values
+        return [(keys, values) for keys, values, *_ in cache]
+
+    def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                    labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [batch, seq, vocab] for ``inps`` [batch, seq] (right-padded), conditioned on the prompt."""
+        if self._prompt is None:
+            return super()._model_call(inps, attn_mask, labels)
+        batch, n_prompt = inps.shape[0], self._prompt.shape[0]
+        mask = torch.ones(batch, n_prompt + inps.shape[1], dtype=torch.long, device=inps.device)
+        with torch.no_grad(), self._autocast():
+            if self._prefix_kv is None:
+                embeds = torch.cat([self._prompt.expand(batch, -1, -1), self.model.get_input_embeddings()(inps)], 1)
+                return self.model(inputs_embeds=embeds, attention_mask=mask).logits[:, n_prompt:]
+            # A fresh cache per call: forward appends to it. Expanded views cost no copy of the prompt's states.
+            cache = DynamicCache(ddp_cache_data=[(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
+                                                 for k, v in self._prefix_kv], config=self.model.config)
+            return self.model(input_ids=inps, attention_mask=mask, use_cache=True, **{self._cache_arg: cache}).logits
+
+    def _model_generate(self, *args, **kwargs) -> torch.Tensor:
+        if self._prompt is not None:
+            raise PromptAdapterError("generation tasks with a prompt are not supported yet (loglikelihood tasks are)")
+        return super()._model_generate(*args, **kwargs)
+
+    def memory_record(self) -> dict[str, Any]:
+        """Bytes the prompt holds (embeddings, prefix key/value cache) and this process's peak memory so far."""
+        def nbytes(tensors) -> int:
+            return int(sum(t.numel() * t.element_size() for t in tensors))
+
+        kv = [t for pair in self._prefix_kv or [] for t in pair]
+        return {"prompt_tokens": self.prompt_info["n_tokens"],
+                "prompt_embedding_bytes": nbytes([] if self._prompt is None else [self._prompt]),
+                "prefix_cache_bytes": nbytes(kv), **peak_memory()}
+
+    def get_model_info(self) -> dict[str, Any]:
+        """HFLM's model info plus the prompt and the memory record (lm-eval stores it in results['config'])."""
+        return {**super().get_model_info(), "prompt": self.prompt_info, "memory": self.memory_record()}

@@ -1,0 +1,47 @@
+"""The ``cpt-bench compress`` subcommand; ``cpt_bench.cli`` registers it with ``add_compress_parser``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from cpt_bench.assets.corpora import CORPORA
+from cpt_bench.compress.sequential import CalibrationSettings
+
+_DEFAULTS = CalibrationSettings()
+
+
+def cmd_compress(args: argparse.Namespace) -> None:
+    """Compress a model (cached unless ``--out``), print the memory account, optionally export GPTQ format."""
+    from cpt_bench.compress.cache import compress_to_dir
+    from cpt_bench.compress.export import export_gptq
+    from cpt_bench.compress.pipeline import memory_table
+    from cpt_bench.compress.storage import read_manifest
+
+    settings = CalibrationSettings(n_windows=args.n_windows, seqlen=args.seqlen, seed=args.seed,
+                                   corpus=args.corpus)
+    folder = compress_to_dir(args.model, args.spec, args.out, settings)
+    if args.spec == "dense":
+        print(f"spec dense: nothing to compress; the model is {folder}")
+        return
+    print(memory_table(read_manifest(folder)))
+    print(f"compressed checkpoint: {folder}")
+    if args.export_gptq is not None:
+        print(f"GPTQ-format export: {export_gptq(folder, args.export_gptq)}")
+
+
+def add_compress_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``compress`` to ``cpt-bench``'s subcommands; the parser's ``run`` default is ``cmd_compress``."""
+    parser = subparsers.add_parser("compress", help="compress a model by a spec (cached) and print its memory account")
+    parser.add_argument("--model", default="embedded", help="'embedded', a local folder or a Hugging Face id")
+    parser.add_argument("--spec", required=True, help="compression spec, e.g. gptq-w4g64 or sparsegpt-50+gptq-w4g64")
+    parser.add_argument("--out", type=Path, default=None, help="write here instead of the cache")
+    parser.add_argument("--corpus", default=_DEFAULTS.corpus, choices=sorted(CORPORA),
+                        help="calibration corpus (train split)")
+    parser.add_argument("--n-windows", type=int, default=_DEFAULTS.n_windows, help="calibration windows")
+    parser.add_argument("--seqlen", type=int, default=_DEFAULTS.seqlen, help="tokens per calibration window")
+    parser.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="seed for drawing the windows")
+    parser.add_argument("--export-gptq", type=Path, default=None, metavar="DIR",
+                        help="also write a GPTQ-format checkpoint (auto-gptq v1 zero points) to DIR")
+    parser.set_defaults(run=cmd_compress)
+    return parser

@@ -1,0 +1,127 @@
+"""Export a GPTQ-quantized compressed folder in the standard GPTQ checkpoint format.
+
+Per quantized Linear ``<m>`` with weight ``[out, in]``, ``bits`` per code and ``n_groups`` groups:
+
+* ``<m>.qweight`` int32 ``[in * bits / 32, out]``: each output column's ``in`` codes packed along the input
+  dimension, 32 codes per ``bits`` words, code ``i`` at bit ``bits * i`` of the little-endian bit stream
+  (for 2/4/8 bits: ``32 / bits`` codes per word, code ``i`` at bits ``bits * (i % (32 / bits))``; 3-bit codes
+  straddle words as auto-gptq packs them);
+* ``<m>.qzeros`` int32 ``[n_groups, out * bits / 32]``: zero points packed the same way along the output dim;
+* ``<m>.scales`` fp16 ``[n_groups, out]``; ``<m>.g_idx`` int32 ``[in]``: the group of each input column;
+* ``<m>.bias`` when the Linear has one, and every unquantized tensor under its own name (16-bit floats).
+
+Zero points: ``checkpoint_format="gptq"`` (default, auto-gptq v1, what vLLM, transformers/optimum and
+GPTQModel read) stores ``zero - 1`` and loaders add 1 back, so a zero point of 0 cannot be represented and is
+refused; ``"gptq_v2"`` (GPTQModel's format) stores ``zero`` itself. Dequantization: ``w[o, i] =
+scales[g, o] * (q[i, o] - z[g, o])`` with ``g = g_idx[i]``, which reproduces our simulated weights exactly.
+Pruned weights of a joint spec are stored as their group's zero point, i.e. as exact zeros.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save as save_safetensors
+
+from cpt_bench.assets.cache import write_bytes_atomic, write_json_atomic
+from cpt_bench.compress.quant import CompressedLinear
+from cpt_bench.compress.spec import Spec
+from cpt_bench.compress.storage import pack_bits, read_checkpoint
+
+CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
+WEIGHTS_FILE = "model.safetensors"
+QUANTIZE_CONFIG_FILE = "quantize_config.json"
+_COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                 "vocab.json", "merges.txt", "chat_template.jinja")
+
+
+class ExportError(ValueError):
+    """A compressed checkpoint that the GPTQ format cannot hold exactly (one-line message)."""
+
+
+def pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack each row of ``values [rows, cols]`` (integers in ``[0, 2**bits)``) into ``[rows, cols * bits / 32]``
+    int32 words, as a little-endian bit stream per row; ``cols * bits`` must be a multiple of 32."""
+    rows, cols = values.shape
+    if (cols * bits) % 32:
+        raise ExportError(f"cannot pack {cols} {bits}-bit values into whole int32 words")
+    if sys.byteorder != "little":
+        raise ExportError("GPTQ export assumes a little-endian machine")
+    return pack_bits(values.contiguous(), bits).view(torch.int32).reshape(rows, cols * bits // 32)
+
+
+def gptq_tensors(name: str, layer: CompressedLinear, checkpoint_format: str = "gptq") -> dict[str, torch.Tensor]:
+    """``qweight``, ``qzeros``, ``scales`` and ``g_idx`` of one quantized Linear, named ``<name>.<part>``."""
+    quant = layer.quant
+    if quant is None:
+        raise ExportError(f"layer {name} is pruned without quantization; the GPTQ format holds quantized layers")
+    rows, cols = quant.codes.shape
+    zeros = quant.zeros.cpu().to(torch.int32)
+    if checkpoint_format == "gptq":
+        if torch.any(zeros == 0):
+            raise ExportError(f"layer {name} has a zero point of 0, which the v1 'gptq' format (stored as zero - 1) "
+                              "cannot hold; export with checkpoint_format 'gptq_v2'")
+        zeros = zeros - 1
+    for what, width in (("input", cols), ("output", rows)):
+        if (width * quant.bits) % 32:
+            raise ExportError(f"layer {name}: {what} width {width} x {quant.bits} bits is not a whole number of "
+                              "int32 words")
+    return {
+        f"{name}.qweight": pack_int32(layer.dense_codes().cpu(), quant.bits).t().contiguous(),
+        f"{name}.qzeros": pack_int32(zeros.t(), quant.bits),
+        f"{name}.scales": quant.scales.cpu().t().half().contiguous(),
+        f"{name}.g_idx": quant.column_groups().cpu().to(torch.int32),
+    }
+
+
+def quantization_config(spec: Spec, calibration: dict | None, checkpoint_format: str) -> dict:
+    """The ``quantization_config`` (config.json) / ``quantize_config.json`` of a GPTQ export of ``spec``."""
+    quant = spec.quantization
+    config = {
+        "quant_method": "gptq",
+        "bits": quant.bits,
+        "group_size": quant.group_size or -1,
+        "desc_act": quant.act_order,
+        "sym": quant.symmetric,
+        "checkpoint_format": checkpoint_format,
+        "static_groups": False,
+        "lm_head": False,
+        "pack_dtype": "int32",
+    }
+    if calibration is not None:
+        config |= {"damp_percent": calibration["dampening"], "true_sequential": calibration["true_sequential"]}
+    return config
+
+
+def export_gptq(compressed_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                checkpoint_format: str = "gptq") -> Path:
+    """Write the GPTQ-format checkpoint of a compressed folder (``pipeline.compress_into``) to ``out_dir``.
+
+    Writes ``model.safetensors``, ``config.json`` with ``quantization_config``, ``quantize_config.json`` and the
+    tokenizer files. Raises ``ExportError`` for a spec without quantization or a layer the format cannot hold.
+    """
+    if checkpoint_format not in CHECKPOINT_FORMATS:
+        raise ExportError(f"checkpoint format must be one of {', '.join(CHECKPOINT_FORMATS)}, "
+                          f"got {checkpoint_format!r}")
+    source, out = Path(compressed_dir), Path(out_dir)
+    checkpoint = read_checkpoint(source)
+    spec = Spec.parse(checkpoint.manifest["spec"])
+    if spec.quantization is None:
+        raise ExportError(f"spec {spec} does not quantize; the GPTQ format holds quantized checkpoints")
+    tensors = dict(checkpoint.tensors)
+    for name, layer in checkpoint.layers.items():
+        tensors |= gptq_tensors(name, layer, checkpoint_format)
+    qconfig = quantization_config(spec, checkpoint.manifest["calibration"], checkpoint_format)
+    out.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(out / WEIGHTS_FILE, save_safetensors(tensors, metadata={"format": "pt"}))
+    config = json.loads((source / "config.json").read_text())
+    write_json_atomic(out / "config.json", config | {"quantization_config": qconfig})
+    write_json_atomic(out / QUANTIZE_CONFIG_FILE, qconfig)
+    for name in _COPIED_FILES:
+        if (source / name).is_file():
+            write_bytes_atomic(out / name, (source / name).read_bytes())
+    return out

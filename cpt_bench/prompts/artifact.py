@@ -1,0 +1,145 @@
+"""A learned soft prompt on disk, and its export as a PEFT PromptTuning adapter.
+
+Folder layout:
+- ``prompt.safetensors``: one tensor ``prompt`` of shape ``[n_virtual_tokens, hidden_size]``, float32;
+- ``prompt.json``: what it fits (model / tokenizer names and fingerprints, hidden size), the compression
+  spec it was trained on (``dense`` when none), the source corpus, hyperparameters, loss curve, training
+  time, provenance, and the sha256 of ``prompt.safetensors`` (verified on every load).
+
+Loading refuses a prompt whose hidden size, tokenizer fingerprint or base model (config shape and
+token embedding signature, see ``target``) differs from the target model's; ``allow_cross_model=True``
+permits another model or tokenizer where the hidden size matches.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save
+
+from cpt_bench.assets.cache import sha256_of, write_bytes_atomic, write_json_atomic
+from cpt_bench.prompts.target import describe_target, same_embeddings
+from cpt_bench.provenance import environment_record
+
+TENSORS = "prompt.safetensors"
+METADATA = "prompt.json"
+TENSOR_KEY = "prompt"
+FORMAT = "cpt_bench.soft_prompt/1"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_TENSOR_KEY = "prompt_embeddings"  # the key PEFT 0.21 writes for a PromptTuning adapter
+
+
+class PromptArtifactError(ValueError):
+    """A prompt folder is missing, corrupt or does not fit the target model (one-line message)."""
+
+
+@dataclass(frozen=True)
+class SoftPrompt:
+    """A loaded prompt: ``embeddings`` [n_virtual_tokens, hidden_size] float32 and its ``prompt.json``."""
+
+    embeddings: torch.Tensor
+    meta: dict[str, Any]
+
+
+def save_prompt(folder: Path, embeddings: torch.Tensor, target: dict[str, Any], compression: str,
+                training: dict[str, Any]) -> Path:
+    """Write ``prompt.safetensors`` then ``prompt.json`` (each atomically) into ``folder``; return it.
+
+    ``embeddings``: [n, hidden] (any float dtype, stored as float32). ``target``: from
+    ``describe_target``. ``training``: source corpus, hyperparameters, curve, seconds (stored as given).
+    """
+    folder = Path(folder)
+    embeddings = embeddings.detach().to("cpu", torch.float32).contiguous()
+    if embeddings.ndim != 2 or embeddings.shape[1] != target["hidden_size"]:
+        raise PromptArtifactError(f"prompt of shape {list(embeddings.shape)} does not fit hidden size "
+                                  f"{target['hidden_size']}")
+    write_bytes_atomic(folder / TENSORS, save({TENSOR_KEY: embeddings}))
+    meta = {"format": FORMAT, "n_virtual_tokens": embeddings.shape[0], **target, "compression": compression,
+            **training, "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "environment": environment_record(seeds={"prompt": training.get("hyperparameters", {}).get("seed", 0)}),
+            "sha256": sha256_of(folder / TENSORS)}
+    write_json_atomic(folder / METADATA, meta)
+    return folder
+
+
+def read_prompt(folder: Path) -> SoftPrompt:
+    """Read a prompt folder and verify its tensor against the recorded sha256 (no model checks)."""
+    folder = Path(folder)
+    for name in (TENSORS, METADATA):
+        if not (folder / name).is_file():
+            raise PromptArtifactError(f"{folder} is not a prompt folder: {name} is missing")
+    meta = json.loads((folder / METADATA).read_text(encoding="utf-8"))
+    if meta.get("format") != FORMAT:
+        raise PromptArtifactError(f"{folder / METADATA} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    if sha256_of(folder / TENSORS) != meta["sha256"]:
+        raise PromptArtifactError(f"{folder / TENSORS} fails its sha256 check (file changed after it was written)")
+    return SoftPrompt(load_file(folder / TENSORS)[TENSOR_KEY], meta)
+
+
+def check_fits(meta: dict[str, Any], target: dict[str, Any], allow_cross_model: bool = False) -> None:
+    """Refuse a prompt (``meta``) that does not fit ``target`` (from ``describe_target``), in one line."""
+    if meta["hidden_size"] != target["hidden_size"]:
+        raise PromptArtifactError(f"prompt has hidden size {meta['hidden_size']} but model {target['model']['name']}"
+                                  f" has {target['hidden_size']}: it cannot be used with this model")
+    if allow_cross_model:
+        return
+    override = "; pass allow_cross_model=True to use it anyway"
+    mine, theirs = meta["tokenizer"], target["tokenizer"]
+    if mine["fingerprint"] != theirs["fingerprint"]:
+        raise PromptArtifactError(f"prompt was trained for tokenizer {mine['name']!r} (fingerprint "
+                                  f"{mine['fingerprint'][:12]}) but tokenizer {theirs['name']!r} differs "
+                                  f"({theirs['fingerprint'][:12]}){override}")
+    mine, theirs = meta["model"], target["model"]
+    if mine["config_sha256"] != theirs["config_sha256"]:
+        difference = "config (architecture or vocabulary)"
+    elif not same_embeddings(mine["embedding"], theirs["embedding"]):
+        difference = "token embedding matrix"
+    else:
+        return
+    raise PromptArtifactError(f"prompt was trained for model {mine['name']!r} but model {theirs['name']!r} has a "
+                              f"different {difference}{override}")
+
+
+def load_prompt(folder: Path, model: torch.nn.Module, tokenizer, allow_cross_model: bool = False) -> SoftPrompt:
+    """Read a prompt folder and check it fits ``model`` / ``tokenizer`` (see ``check_fits``)."""
+    prompt = read_prompt(folder)
+    name = getattr(model, "name_or_path", "") or model.__class__.__name__
+    check_fits(prompt.meta, describe_target(model, tokenizer, name), allow_cross_model)
+    return prompt
+
+
+def export_peft(prompt_folder: Path, out_folder: Path, base_model: str | None = None) -> Path:
+    """Write a PEFT PromptTuning adapter (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    ``lm_eval --model hf --model_args pretrained=BASE,peft=OUT`` and ``PeftModel.from_pretrained`` load
+    it. ``base_model`` (default: the model name in ``prompt.json``) is only recorded in the config.
+    The folder is built beside ``out_folder`` and renamed into place when complete.
+    """
+    from peft import PromptTuningConfig, TaskType
+
+    prompt = read_prompt(prompt_folder)
+    meta, out_folder = prompt.meta, Path(out_folder)
+    config = PromptTuningConfig(
+        task_type=TaskType.CAUSAL_LM, num_virtual_tokens=meta["n_virtual_tokens"], token_dim=meta["hidden_size"],
+        num_transformer_submodules=1, num_attention_heads=meta["model"]["num_attention_heads"],
+        num_layers=meta["model"]["num_layers"], base_model_name_or_path=base_model or meta["model"]["name"],
+        inference_mode=True)
+    out_folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_folder.parent, prefix=f".{out_folder.name}.", suffix=".building"))
+    try:
+        config.save_pretrained(str(tmp))
+        write_bytes_atomic(tmp / PEFT_WEIGHTS, save({PEFT_TENSOR_KEY: prompt.embeddings}))
+        if out_folder.exists():
+            shutil.rmtree(out_folder)
+        tmp.rename(out_folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_folder
+

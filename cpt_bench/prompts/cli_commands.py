@@ -1,0 +1,75 @@
+"""The ``cpt-bench prompt`` subcommands; ``cpt_bench.cli`` registers them with ``add_prompt_parser``.
+
+``prompt train`` learns a soft prompt on a (possibly compressed) model; ``prompt export-peft`` writes
+a learned prompt as a PEFT PromptTuning adapter for plain ``lm_eval --model hf ... peft=DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+from pathlib import Path
+
+from cpt_bench.assets.corpora import CORPORA
+from cpt_bench.prompts.soft import INITIALISERS, PRECISIONS, SoftPromptConfig
+
+_DEFAULTS = SoftPromptConfig()
+_TYPES_OF_NONE_DEFAULTS = {"patience": int, "init_text": str}
+_CHOICES = {"init": sorted(INITIALISERS), "precision": list(PRECISIONS)}
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    """Load the model (compressed when asked), train, print where the prompt went and its best validation ppl."""
+    import torch
+
+    from cpt_bench.prompts.artifact import read_prompt
+    from cpt_bench.prompts.soft import train_soft_prompt
+    from cpt_bench.prompts.target import load_target
+
+    config = SoftPromptConfig(**{f.name: getattr(args, f.name) for f in fields(SoftPromptConfig)})
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer, label = load_target(args.model, args.compression, device=device)
+    folder = train_soft_prompt(model, tokenizer, config, args.source, args.out, model_name=args.model,
+                               compression=label, resume=args.resume)
+    best = read_prompt(folder).meta["best"]
+    print(f"soft prompt: {folder} (best validation token perplexity {best['val_ppl']:.3f} at step {best['step']})")
+
+
+def cmd_export_peft(args: argparse.Namespace) -> None:
+    """Write the PEFT adapter folder and print its path."""
+    from cpt_bench.prompts.artifact import export_peft
+
+    print(f"PEFT PromptTuning adapter: {export_peft(args.prompt_dir, args.out_dir, args.base_model)}")
+
+
+def _add_hyperparameters(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per ``SoftPromptConfig`` field, defaulting to the field's default."""
+    for field in fields(SoftPromptConfig):
+        default = getattr(_DEFAULTS, field.name)
+        kind = _TYPES_OF_NONE_DEFAULTS.get(field.name, type(default))
+        parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, type=kind, default=default,
+                            choices=_CHOICES.get(field.name), help=f"(default: {default})")
+
+
+def add_prompt_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``prompt train`` and ``prompt export-peft`` to ``cpt-bench``; each parser's ``run`` default runs it."""
+    parser = subparsers.add_parser("prompt", help="learn soft prompts and export them")
+    commands = parser.add_subparsers(dest="prompt_command", required=True)
+
+    train = commands.add_parser("train", help="learn a soft prompt on a frozen (compressed) model")
+    train.add_argument("--model", default="embedded", help="'embedded', a local folder or a Hugging Face id")
+    train.add_argument("--compression", default=None, help="compression spec, e.g. gptq-w3g64 (default: dense)")
+    train.add_argument("--source", required=True, choices=sorted(CORPORA), help="training corpus (train split; "
+                       "validation on its validation split)")
+    train.add_argument("--out", type=Path, required=True, help="folder for the prompt and its checkpoint")
+    train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (same settings)")
+    train.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    _add_hyperparameters(train)
+    train.set_defaults(run=cmd_train)
+
+    export = commands.add_parser("export-peft", help="write a prompt as a PEFT PromptTuning adapter folder")
+    export.add_argument("prompt_dir", type=Path, help="a folder written by 'prompt train'")
+    export.add_argument("out_dir", type=Path, help="the adapter folder to write")
+    export.add_argument("--base-model", default=None, help="base model recorded in adapter_config.json")
+    export.set_defaults(run=cmd_export_peft)
+    return parser

@@ -1,0 +1,31 @@
+"""Text ("hard") prompts by name.
+
+``hard_prompt_text(x)`` returns the registered text when ``x`` is a name in ``HARD_PROMPTS`` and
+otherwise treats ``x`` itself as the prompt text: any string that is not a registered name is literal
+text, so a typo in a name silently becomes a (short) text prompt; check ``HARD_PROMPTS`` for names.
+"""
+
+from __future__ import annotations
+
+HARD_PROMPTS: dict[str, str] = {
+    # The sentence in the paper's public code.
+    "paper": ("The weight matrix inside the language model contains errors. "
+              "Make any necessary adjustments to ensure optimal performance.\n"),
+    # A longer variant seen in reimplementations (newline added to match "paper").
+    "paper_long": ("Please carefully examine the weight matrix within the model, as it may contain errors. "
+                   "It is crucial to verify its accuracy and make any necessary adjustments to ensure "
+                   "optimal performance.\n"),
+}
+
+
+class HardPromptError(ValueError):
+    """A hard prompt that cannot be used (one-line message)."""
+
+
+def hard_prompt_text(name_or_text: str) -> str:
+    """The text of registered prompt ``name_or_text``, or ``name_or_text`` itself when it is not a name."""
+    text = HARD_PROMPTS.get(name_or_text, name_or_text)
+    if not text:
+        raise HardPromptError("hard prompt is empty: give a name from "
+                              f"{sorted(HARD_PROMPTS)} or the prompt text itself")
+    return text

@@ -1,0 +1,342 @@
+"""Soft-prompt learning on a frozen (possibly compressed) causal LM, as in the paper's code.
+
+The prompt is a ``[n_virtual_tokens, hidden_size]`` float32 parameter prepended to every window as
+input embeddings; its positions carry label -100, so only the window's tokens are scored (the first one
+conditioned on the prompt alone). Training uses random ``seqlen``-token windows of a corpus's train
+split, AdamW with a linear schedule after warmup and gradient clipping; every ``eval_every`` steps the
+token perplexity of the first ``eval_windows`` non-overlapping windows of the validation split is
+measured, the best prompt kept, and a checkpoint written atomically (``resume`` continues the same
+curve exactly).
+
+Why our own loop rather than PEFT's PromptTuning model: PEFT's initialisations (RANDOM, TEXT,
+SAMPLE_VOCAB) lack the paper's "first n rows of the embedding matrix", and training a plain tensor
+keeps the forward identical to the one ``cpt_bench.lmeval.adapter`` evaluates (prompt embeddings
+concatenated before the token embeddings), with checkpoints free of PEFT's state-dict naming and no
+wrapping of compressed models. The result is interchangeable with PEFT: ``artifact.export_peft``
+writes a PromptTuning adapter, and the tests check both score identically.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from cpt_bench.assets.cache import write_bytes_atomic
+from cpt_bench.assets.corpora import load_split
+from cpt_bench.perplexity import DOCUMENT_SEPARATOR
+from cpt_bench.prompts.artifact import save_prompt
+from cpt_bench.prompts.target import describe_target
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+IGNORE_INDEX = -100  # label of positions that are not scored
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+class SoftPromptError(ValueError):
+    """Bad soft-prompt settings or inputs (one-line message)."""
+
+
+class TrainingDiverged(SoftPromptError):
+    """The loss or gradient became NaN / inf; the best prompt so far was saved."""
+
+
+def _init_vocab(weight: torch.Tensor, n: int, generator: torch.Generator, token_ids: list[int]) -> torch.Tensor:
+    """The first ``n`` rows of the token embedding matrix (the paper's code)."""
+    return weight[:n].clone()
+
+
+def _init_sample(weight: torch.Tensor, n: int, generator: torch.Generator, token_ids: list[int]) -> torch.Tensor:
+    """``n`` rows of the embedding matrix drawn uniformly at random (with replacement, seeded)."""
+    return weight[torch.randint(0, weight.shape[0], (n,), generator=generator)].clone()
+
+
+def _init_text(weight: torch.Tensor, n: int, generator: torch.Generator, token_ids: list[int]) -> torch.Tensor:
+    """Embeddings of the text's tokens, repeated or cut to ``n`` rows."""
+    repeats = math.ceil(n / len(token_ids))
+    return weight[torch.tensor((token_ids * repeats)[:n])].clone()
+
+
+def _init_random(weight: torch.Tensor, n: int, generator: torch.Generator, token_ids: list[int]) -> torch.Tensor:
+    """Gaussian rows with the embedding matrix's standard deviation (seeded)."""
+    return torch.randn(n, weight.shape[1], generator=generator) * weight.std()
+
+
+# Each: (embedding weight [vocab, hidden] float32 CPU, n, seeded generator, init_text token ids) -> [n, hidden]
+INITIALISERS: dict[str, Callable[[torch.Tensor, int, torch.Generator, list[int]], torch.Tensor]] = {
+    "vocab": _init_vocab, "sample": _init_sample, "text": _init_text, "random": _init_random}
+
+
+@dataclass(frozen=True)
+class SoftPromptConfig:
+    """Soft-prompt training settings; defaults follow the paper except ``steps`` / ``eval_every`` (CPU scale).
+
+    ``patience``: evaluations without a better validation loss before stopping (None: never stop early).
+    ``precision``: ``auto`` = bf16 autocast on a CUDA device that supports it, else fp32; ``bf16`` forces
+    autocast (also on CPU); ``fp32`` disables it. ``seqlen`` and ``eval_windows`` are in tokens / windows.
+    """
+
+    n_virtual_tokens: int = 100
+    init: str = "vocab"
+    init_text: str | None = None
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    warmup_steps: int = 0
+    steps: int = 300
+    batch_size: int = 2
+    seqlen: int = 1024
+    eval_every: int = 50
+    eval_windows: int = 16
+    patience: int | None = None
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        positive = ("n_virtual_tokens", "steps", "batch_size", "seqlen", "eval_every", "eval_windows")
+        for name in positive:
+            _check(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "a positive integer")
+        for name in ("lr", "max_grad_norm"):
+            _check(isinstance(getattr(self, name), int | float) and getattr(self, name) > 0, name, "a positive number")
+        _check(isinstance(self.weight_decay, int | float) and self.weight_decay >= 0, "weight_decay", "a number >= 0")
+        _check(isinstance(self.warmup_steps, int) and 0 <= self.warmup_steps <= self.steps, "warmup_steps",
+               f"an integer in [0, steps={self.steps}]")
+        _check(self.patience is None or (isinstance(self.patience, int) and self.patience > 0), "patience",
+               "a positive integer or None")
+        _check(isinstance(self.seed, int), "seed", "an integer")
+        _check(self.init in INITIALISERS, "init", f"one of {sorted(INITIALISERS)}")
+        _check(self.precision in PRECISIONS, "precision", f"one of {list(PRECISIONS)}")
+        _check((self.init == "text") == bool(self.init_text), "init_text",
+               "given (non-empty) exactly when init is 'text'")
+
+
+def _check(ok: bool, name: str, expected: str) -> None:
+    if not ok:
+        raise SoftPromptError(f"soft prompt setting {name} must be {expected}")
+
+
+def initial_prompt(model: torch.nn.Module, tokenizer, config: SoftPromptConfig) -> torch.Tensor:
+    """The untrained prompt [n_virtual_tokens, hidden] float32 on CPU, per ``config.init`` and ``config.seed``."""
+    weight = model.get_input_embeddings().weight.detach().to("cpu", torch.float32)
+    if config.init == "vocab" and config.n_virtual_tokens > weight.shape[0]:
+        raise SoftPromptError(f"init 'vocab' needs n_virtual_tokens <= vocabulary size {weight.shape[0]}")
+    token_ids = tokenizer(config.init_text, add_special_tokens=False)["input_ids"] if config.init == "text" else []
+    if config.init == "text" and not token_ids:
+        raise SoftPromptError(f"init_text {config.init_text!r} has no tokens")
+    generator = torch.Generator().manual_seed(config.seed)
+    return INITIALISERS[config.init](weight, config.n_virtual_tokens, generator, token_ids)
+
+
+def corpus_tokens(corpus: str, split: str, tokenizer) -> torch.Tensor:
+    """The split's documents joined with the paper's separator and tokenized: [n_tokens] int64."""
+    text = DOCUMENT_SEPARATOR.join(doc["text"] for doc in load_split(corpus, split))
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+def validation_windows(tokens: torch.Tensor, config: SoftPromptConfig) -> torch.Tensor:
+    """The first ``eval_windows`` non-overlapping windows (fewer if the split is short): [k, seqlen]."""
+    count = min(config.eval_windows, tokens.numel() // config.seqlen)
+    if count == 0:
+        raise SoftPromptError(f"validation text of {tokens.numel()} tokens is shorter than one window of "
+                              f"{config.seqlen}")
+    return tokens[: count * config.seqlen].view(count, config.seqlen)
+
+
+def prompted_loss(model: torch.nn.Module, prompt: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL (nats) of ``ids`` [batch, seqlen] after ``prompt`` [n, hidden]; prompt never scored."""
+    batch, n_prompt = ids.shape[0], prompt.shape[0]
+    embeds = model.get_input_embeddings()(ids)
+    embeds = torch.cat([prompt.to(embeds.dtype).expand(batch, -1, -1), embeds], dim=1)
+    labels = torch.cat([torch.full((batch, n_prompt), IGNORE_INDEX, device=ids.device), ids], dim=1)
+    return model(inputs_embeds=embeds, labels=labels).loss
+
+
+def _autocast(device: torch.device, precision: str) -> torch.autocast:
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def validation_loss(model: torch.nn.Module, prompt: torch.Tensor, windows: torch.Tensor,
+                    config: SoftPromptConfig) -> float:
+    """Mean token NLL (nats) over ``windows`` [k, seqlen]; exp of it is the token perplexity."""
+    device = prompt.device
+    total = 0.0
+    with torch.no_grad(), _autocast(device, config.precision):
+        for batch in windows.split(config.batch_size):
+            total += prompted_loss(model, prompt, batch.to(device)).item() * batch.shape[0]
+    return total / windows.shape[0]
+
+
+@dataclass
+class _State:
+    """Everything a resumed run needs to continue the same curve."""
+
+    step: int
+    prompt: torch.nn.Parameter
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator
+    curve: list[dict[str, float]]
+    best_prompt: torch.Tensor
+    best_val_loss: float
+    best_step: int
+    evals_without_improvement: int = 0
+    train_seconds: float = 0.0
+
+
+def _new_state(prompt: torch.Tensor, config: SoftPromptConfig, device: torch.device) -> _State:
+    from transformers import get_linear_schedule_with_warmup
+
+    param = torch.nn.Parameter(prompt.to(device, torch.float32))
+    optimizer = torch.optim.AdamW([param], lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
+    generator = torch.Generator().manual_seed(config.seed)
+    return _State(0, param, optimizer, scheduler, generator, [], prompt.detach().cpu().clone(), math.inf, 0)
+
+
+def _save_checkpoint(path: Path, state: _State, config: SoftPromptConfig) -> None:
+    payload = {"config": asdict(config), "step": state.step, "prompt": state.prompt.detach().cpu(),
+               "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
+               "generator": state.generator.get_state(), "curve": state.curve, "best_prompt": state.best_prompt,
+               "best_val_loss": state.best_val_loss, "best_step": state.best_step,
+               "evals_without_improvement": state.evals_without_improvement, "train_seconds": state.train_seconds}
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def _load_checkpoint(path: Path, config: SoftPromptConfig, device: torch.device) -> _State:
+    if not path.is_file():
+        raise SoftPromptError(f"cannot resume: no checkpoint at {path}")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    changed = [f.name for f in fields(config) if payload["config"].get(f.name) != getattr(config, f.name)]
+    if changed:
+        raise SoftPromptError(f"cannot resume {path}: settings differ from the checkpoint's ({', '.join(changed)})")
+    state = _new_state(payload["prompt"], config, device)
+    state.optimizer.load_state_dict(payload["optimizer"])
+    state.scheduler.load_state_dict(payload["scheduler"])
+    state.generator.set_state(payload["generator"])
+    for name in ("step", "curve", "best_prompt", "best_val_loss", "best_step", "evals_without_improvement",
+                 "train_seconds"):
+        setattr(state, name, payload[name])
+    return state
+
+
+def _train_step(model: torch.nn.Module, state: _State, tokens: torch.Tensor, config: SoftPromptConfig) -> float:
+    """One optimizer step on a random batch of windows; returns the loss (NaN / inf when it diverged)."""
+    starts = torch.randint(0, tokens.numel() - config.seqlen + 1, (config.batch_size,), generator=state.generator)
+    ids = torch.stack([tokens[s: s + config.seqlen] for s in starts.tolist()]).to(state.prompt.device)
+    with _autocast(state.prompt.device, config.precision):
+        loss = prompted_loss(model, state.prompt, ids)
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_([state.prompt], config.max_grad_norm)
+    for value in (loss, grad_norm):
+        if not torch.isfinite(value):
+            return value.item()
+    state.optimizer.step()
+    state.scheduler.step()
+    return loss.item()
+
+
+def _evaluate(model: torch.nn.Module, state: _State, windows: torch.Tensor, config: SoftPromptConfig,
+              train_losses: list[float]) -> dict[str, float]:
+    """Measure validation loss, append to the curve, keep the best prompt; returns the curve entry."""
+    val_loss = validation_loss(model, state.prompt.detach(), windows, config)
+    record = {"step": state.step, "val_loss": val_loss, "val_ppl": math.exp(val_loss),
+              "train_loss": sum(train_losses) / len(train_losses) if train_losses else None,
+              "lr": state.scheduler.get_last_lr()[0]}
+    state.curve.append(record)
+    if not math.isfinite(val_loss):
+        return record
+    if val_loss < state.best_val_loss:
+        state.best_val_loss, state.best_step, state.evals_without_improvement = val_loss, state.step, 0
+        state.best_prompt = state.prompt.detach().cpu().clone()
+    else:
+        state.evals_without_improvement += 1
+    return record
+
+
+def _stop_diverged(state: _State, finish: Callable[[str], Path], what: str) -> None:
+    """Save the best prompt so far (the last checkpoint stays as it was) and raise ``TrainingDiverged``."""
+    state.curve = [r for r in state.curve if math.isfinite(r["val_loss"])]
+    folder = finish("diverged")
+    raise TrainingDiverged(f"training diverged at step {state.step} ({what}); kept the best prompt so far "
+                           f"(step {state.best_step}) in {folder}")
+
+
+def train_soft_prompt(model: torch.nn.Module, tokenizer, config: SoftPromptConfig, source: str, out_dir: Path, *,
+                      model_name: str, compression: str = "dense", resume: bool = False,
+                      on_eval: Callable[[dict[str, float]], None] | None = None) -> Path:
+    """Learn a soft prompt for the frozen ``model`` on corpus ``source``; write the artifact to ``out_dir``.
+
+    ``out_dir`` receives ``checkpoint.pt`` after every evaluation and, at the end, ``prompt.safetensors``
+    + ``prompt.json`` holding the best prompt (see ``artifact``). ``resume`` continues from the
+    checkpoint with identical settings. ``on_eval(record)`` is called after each evaluation and checkpoint.
+    Raises ``TrainingDiverged`` (after saving the best prompt so far) when the loss becomes NaN / inf.
+    """
+    out_dir = Path(out_dir)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    device = model.get_input_embeddings().weight.device
+    train_tokens = corpus_tokens(source, "train", tokenizer)
+    if train_tokens.numel() < config.seqlen:
+        raise SoftPromptError(f"train split of {source!r} has {train_tokens.numel()} tokens, fewer than seqlen "
+                              f"{config.seqlen}")
+    windows = validation_windows(corpus_tokens(source, "validation", tokenizer), config)
+    target = describe_target(model, tokenizer, model_name)
+
+    def finish(stopped: str) -> Path:
+        best = {"step": state.best_step, "val_loss": state.best_val_loss, "val_ppl": math.exp(state.best_val_loss)}
+        training = {"source": {"corpus": source, "train_tokens": train_tokens.numel(),
+                               "validation_tokens": windows.numel()},
+                    "hyperparameters": asdict(config), "curve": state.curve, "best": best, "stopped": stopped,
+                    "train_seconds": state.train_seconds}
+        return save_prompt(out_dir, state.best_prompt, target, compression, training)
+
+    if resume:
+        state = _load_checkpoint(out_dir / CHECKPOINT, config, device)
+    else:
+        state = _new_state(initial_prompt(model, tokenizer, config), config, device)
+        _evaluate(model, state, windows, config, [])
+        _save_checkpoint(out_dir / CHECKPOINT, state, config)
+    progress = tqdm(total=config.steps, initial=state.step, desc="soft prompt", unit="step")
+    progress.set_postfix(val_ppl=f"{state.curve[-1]['val_ppl']:.2f}")
+    train_losses: list[float] = []
+    stopped = "completed"
+    while state.step < config.steps:
+        started = time.perf_counter()
+        loss = _train_step(model, state, train_tokens, config)
+        state.step += 1
+        if not math.isfinite(loss):
+            _stop_diverged(state, finish, f"the training loss or gradient is {loss}")
+        train_losses.append(loss)
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss:.3f}", val_ppl=f"{state.curve[-1]['val_ppl']:.2f}")
+        if state.step % config.eval_every == 0 or state.step == config.steps:
+            record = _evaluate(model, state, windows, config, train_losses)
+            if not math.isfinite(record["val_loss"]):
+                _stop_diverged(state, finish, f"the validation loss is {record['val_loss']}")
+            train_losses = []
+            state.train_seconds += time.perf_counter() - started
+            _save_checkpoint(out_dir / CHECKPOINT, state, config)
+            progress.set_postfix(loss=f"{loss:.3f}", val_ppl=f"{record['val_ppl']:.2f}")
+            if on_eval:
+                on_eval(record)
+            if config.patience and state.evals_without_improvement >= config.patience:
+                stopped = "early_stopping"
+                log.info("stopping early at step %d: %d evaluations without improvement", state.step, config.patience)
+                break
+        else:
+            state.train_seconds += time.perf_counter() - started
+    progress.close()
+    return finish(stopped)
