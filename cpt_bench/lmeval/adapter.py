@@ -9,8 +9,9 @@ since lm-eval has no plugin discovery). Extra model_args:
 - ``hard_prompt=NAME_OR_TEXT``: a registered text prompt (``cpt_bench.prompts.hard``) or literal text.
 - ``prefix_cache=true|false`` (default true): compute the prompt's key/value cache once and reuse it
   for every batch, or concatenate the prompt embeddings to every batch.
-- ``compression=SPEC``: evaluate the model as compressed by ``cpt_bench.compress`` (compressed and cached on
-  first use); ``compression_mode=simulated|real`` (default simulated: dequantized weights).
+- ``compression=SPEC|DIR``: evaluate the model as compressed by ``cpt_bench.compress`` (a spec: compressed
+  with the default calibration and cached on first use; a folder from ``cpt-bench compress --out``);
+  ``compression_mode=simulated|real`` (default simulated: dequantized weights).
 
 The prompt precedes every request's tokens (as lm-eval encoded them, prefix / BOS token included) and is
 never scored: logits are returned for the request positions only. ``max_length`` (given or the model's)
@@ -72,23 +73,27 @@ class CptLM(HFLM):
         self.prompt_info: dict[str, Any] = {"kind": "none", "n_tokens": 0}
         if soft_prompt and hard_prompt:
             raise PromptAdapterError("give soft_prompt or hard_prompt, not both")
+        label = "dense"
         if compression:
-            pretrained, kwargs = self._compressed(pretrained, compression, compression_mode, kwargs)
+            pretrained, kwargs, label = self._compressed(pretrained, compression, compression_mode, kwargs)
         elif isinstance(pretrained, str):
             pretrained = resolve_model(pretrained)
         super().__init__(pretrained=pretrained, **kwargs)
-        self.prompt_info["compression"] = compression or "dense"
+        self.prompt_info["compression"] = label
         if soft_prompt or hard_prompt:
             self._set_prompt(soft_prompt, hard_prompt, _as_bool(allow_cross_model, "allow_cross_model"),
                              _as_bool(prefix_cache, "prefix_cache"))
 
     @staticmethod
-    def _compressed(pretrained: str, compression: str, mode: str, kwargs: dict) -> tuple[torch.nn.Module, dict]:
-        """The compressed model instance for HFLM, and kwargs naming its tokenizer (HFLM needs one for instances)."""
+    def _compressed(pretrained: str, compression: str, mode: str,
+                    kwargs: dict) -> tuple[torch.nn.Module, dict, str]:
+        """The compressed model instance for HFLM, kwargs naming its tokenizer (HFLM needs one for instances),
+        and the compression spec (``compression`` is a spec or a compressed checkpoint folder)."""
         dtype = get_dtype(kwargs.get("dtype") or "auto")
         device = kwargs.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-        model, _, _ = load_target(pretrained, compression, torch.float32 if dtype == "auto" else dtype, device, mode)
-        return model, {"tokenizer": resolve_model(pretrained), **kwargs}
+        model, _, label = load_target(pretrained, compression, torch.float32 if dtype == "auto" else dtype, device,
+                                      mode)
+        return model, {"tokenizer": resolve_model(pretrained), **kwargs}, label
 
     def _set_prompt(self, soft_prompt: str | None, hard_prompt: str | None, allow_cross_model: bool,
                     prefix_cache: bool) -> None:

@@ -58,7 +58,8 @@ def add_prompt_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
 
     train = commands.add_parser("train", help="learn a soft prompt on a frozen (compressed) model")
     train.add_argument("--model", default="embedded", help="'embedded', a local folder or a Hugging Face id")
-    train.add_argument("--compression", default=None, help="compression spec, e.g. gptq-w3g64 (default: dense)")
+    train.add_argument("--compression", default=None, help="compression spec, e.g. gptq-w3g64 (default calibration, "
+                       "cached), or a folder from 'cpt-bench compress --out' (default: dense)")
     train.add_argument("--source", required=True, choices=sorted(CORPORA), help="training corpus (train split; "
                        "validation on its validation split)")
     train.add_argument("--out", type=Path, required=True, help="folder for the prompt and its checkpoint")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -83,34 +84,34 @@ def describe_target(model: torch.nn.Module, tokenizer, name: str) -> dict[str, A
     }
 
 
-def compression_loader():
-    """cpt_bench's compressed-model loader ``load_or_compress``, or a clear error where this checkout lacks it."""
-    try:
-        from cpt_bench.compress import cache
-    except ModuleNotFoundError as exc:
-        if exc.name != "cpt_bench.compress.cache":
-            raise
-        cache = None
-    if cache is None or not hasattr(cache, "load_or_compress"):
-        raise PromptTargetError("compression is not available yet: cpt_bench.compress.cache.load_or_compress "
-                                "does not exist in this checkout (use the dense model or a compressed checkpoint path)")
-    return cache.load_or_compress
-
-
 def load_target(name_or_path: str, compression: str | None = None, dtype: torch.dtype = torch.float32,
                 device: str = "cpu", mode: str = "simulated"):
     """Load ``(model, tokenizer, compression_label)`` in eval mode on ``device``.
 
-    ``embedded`` resolves to the cached default model. ``compression`` (a spec string) makes the model
-    come from ``cpt_bench.compress.cache.load_or_compress`` (compressed and cached on first use) in
-    ``mode`` (``simulated``: dequantized weights; ``real``: packed low-bit kernels).
+    ``embedded`` resolves to the cached default model. ``compression`` is a spec (the model is compressed
+    by ``cpt_bench.compress.cache.load_or_compress`` on first use, default calibration, and cached) or the
+    folder of a compressed checkpoint (``cpt-bench compress --out DIR``, any calibration); either loads in
+    ``mode`` (``simulated``: dequantized weights; ``real``: packed low-bit kernels). The label is the spec.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    if compression and compression != DENSE:
-        model, _manifest = compression_loader()(name_or_path, compression, None, mode, dtype=dtype, device=device)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-    return model.eval(), tokenizer, compression or DENSE
+    if not compression or compression == DENSE:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval(), tokenizer, DENSE
+    model, label = _compressed_model(name_or_path, compression, dtype, device, mode)
+    return model.eval(), tokenizer, label
+
+
+def _compressed_model(name_or_path: str, compression: str, dtype: torch.dtype, device: str,
+                      mode: str) -> tuple[torch.nn.Module, str]:
+    """The model compressed as ``compression`` (a spec, or a compressed checkpoint folder) and its spec text."""
+    from cpt_bench.compress.cache import load_or_compress
+    from cpt_bench.compress.pipeline import load_compressed_model
+    from cpt_bench.compress.storage import read_manifest
+
+    if Path(compression).is_dir():
+        model, _modes = load_compressed_model(compression, mode, dtype)
+        return model.to(device), read_manifest(compression)["spec"]
+    model, _manifest = load_or_compress(name_or_path, compression, None, mode, dtype=dtype, device=device)
+    return model, compression
