@@ -13,13 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import subprocess
 import sys
 import time
 
 import torch
 from tabulate import tabulate
+
+from cpt_bench.provenance import peak_memory
 
 MODES = {  # label -> (mode, dtype)
     "simulated fp32": ("simulated", "float32"),
@@ -50,7 +51,7 @@ def evaluate(folder: str, mode: str, dtype_name: str, windows: int, seqlen: int)
             total_nll += torch.nn.functional.cross_entropy(logits, window[1:], reduction="sum").item()
     eval_seconds = time.perf_counter() - started
     return {"ppl": math.exp(total_nll / (windows * (seqlen - 1))), "load_seconds": load_seconds,
-            "eval_seconds": eval_seconds, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "eval_seconds": eval_seconds, "peak_rss_bytes": peak_memory()["peak_memory_bytes"],
             "layer_modes": sorted(set(modes.values()))}
 
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -25,9 +25,10 @@ def random_ids(n_windows: int, seqlen: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (n_windows, seqlen), generator=torch.Generator().manual_seed(seed))
 
 
-@contextlib.contextmanager
-def single_thread() -> Iterator[None]:
-    """Run torch on one thread: tiny ops on an oversubscribed 2-core machine are far slower threaded."""
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Run torch on one thread for a whole test module (autouse where imported): tiny ops on an
+    oversubscribed 2-core machine are far slower threaded."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

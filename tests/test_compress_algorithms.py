@@ -12,15 +12,9 @@ from cpt_bench.compress.sequential import CalibrationSettings, compress_linear
 from cpt_bench.compress.sparsegpt import sparsegpt_layer
 from cpt_bench.compress.spec import Quantization, Spec
 
-from .compress_helpers import single_thread
+from .compress_helpers import _one_thread  # noqa: F401  (_one_thread: autouse fixture)
 
 ROWS, COLS, TOKENS = 64, 256, 2048
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

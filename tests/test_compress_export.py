@@ -10,15 +10,9 @@ from transformers import OPTConfig, OPTForCausalLM
 from cpt_bench.compress import CalibrationSettings, ExportError, Spec, compress_model, export_gptq
 from cpt_bench.compress.storage import save_compressed
 
-from .compress_helpers import random_ids, single_thread, tiny_llama
+from .compress_helpers import _one_thread, random_ids, tiny_llama  # noqa: F401  (_one_thread: autouse fixture)
 
 SETTINGS = CalibrationSettings(n_windows=4, seqlen=32)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_thread():
-        yield
 
 
 def compressed_folder(folder, text, model=None):

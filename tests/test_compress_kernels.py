@@ -10,19 +10,13 @@ from cpt_bench.compress.kernels import swap_in_kernels, to_real_kernels
 from cpt_bench.compress.pipeline import load_compressed_model
 from cpt_bench.compress.storage import save_compressed
 
-from .compress_helpers import random_ids, single_thread, tiny_llama
+from .compress_helpers import _one_thread, random_ids, tiny_llama  # noqa: F401  (_one_thread: autouse fixture)
 
 SETTINGS = CalibrationSettings(n_windows=4, seqlen=32)
 # Measured on the tiny Llama (logits up to ~0.64): fp32 activations agree to <= 4e-7 of the logit scale, bf16
 # activations to 3.3e-3 .. 4.0e-3 (int4 g32/g64, act-order, 2:4 joint, int8 per-channel).
 BF16_TOLERANCE = 2e-2
 FP32_TOLERANCE = 1e-5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_thread():
-        yield
 
 
 def compressed(text, tie=False):

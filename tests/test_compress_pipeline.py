@@ -25,16 +25,10 @@ from cpt_bench.compress.calibration import corpus_calibration_ids, corpus_tokens
 from cpt_bench.compress.cli_commands import add_compress_parser
 from cpt_bench.compress.sequential import compressible_linears
 
-from .compress_helpers import single_thread
+from .compress_helpers import _one_thread  # noqa: F401  (_one_thread: autouse fixture)
 
 SETTINGS = CalibrationSettings(n_windows=4, seqlen=32, block_size=32)
 SPEC = "gptq-w4g32"  # the tiny model's Linears are 32 and 64 wide
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_thread():
-        yield
 
 
 @pytest.fixture

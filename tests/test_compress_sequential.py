@@ -14,17 +14,11 @@ from cpt_bench.compress import (
 )
 from cpt_bench.compress.sequential import compressible_linears
 
-from .compress_helpers import random_ids, single_thread, tiny_llama
+from .compress_helpers import _one_thread, random_ids, tiny_llama  # noqa: F401  (_one_thread: autouse fixture)
 
 SETTINGS = CalibrationSettings(n_windows=4, seqlen=32)
 LINEAR_ORDER = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

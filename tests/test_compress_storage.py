@@ -19,15 +19,9 @@ from cpt_bench.compress import (
 from cpt_bench.compress.sequential import compressible_linears
 from cpt_bench.compress.storage import MANIFEST_FILE, WEIGHTS_FILE, pack_bits, unpack_bits
 
-from .compress_helpers import random_ids, single_thread, tiny_llama
+from .compress_helpers import _one_thread, random_ids, tiny_llama  # noqa: F401  (_one_thread: autouse fixture)
 
 SETTINGS = CalibrationSettings(n_windows=4, seqlen=32)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_thread():
-        yield
 
 
 def compressed(text, dtype=torch.float32, tie=True):
