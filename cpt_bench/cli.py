@@ -12,8 +12,10 @@ from tqdm import tqdm
 
 from cpt_bench.assets.cache import CacheError
 from cpt_bench.compress.cli_commands import add_compress_parser
+from cpt_bench.matrix.cli_commands import add_matrix_parser
 from cpt_bench.perplexity import TaskInputError
 from cpt_bench.prompts.cli_commands import add_prompt_parser
+from cpt_bench.report.cli_commands import add_report_parser
 
 USER_ERRORS = (CacheError, TaskInputError, ValueError, FileNotFoundError)
 
@@ -74,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_compress_parser(commands)
     add_prompt_parser(commands)
+    add_matrix_parser(commands)
+    add_report_parser(commands)
     return parser
 
 

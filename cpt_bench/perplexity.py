@@ -14,6 +14,7 @@ rather than ``seqlen - 1``), and the final partial window is dropped as in the p
 from __future__ import annotations
 
 import functools
+import math
 
 from lm_eval.api.task import ConfigurableTask
 
@@ -76,3 +77,25 @@ def rolling_results(doc: dict, results: list[float]) -> dict[str, tuple[float, i
         "byte_perplexity": (loglikelihood, n_bytes),
         "bits_per_byte": (loglikelihood, n_bytes),
     }
+
+
+def perplexity_with_stderr(pairs: list[tuple[float, int]]) -> tuple[float, float | None]:
+    """Weighted perplexity ``exp(-sum ll / sum n)`` over windows and its standard error (None for one window).
+
+    ``pairs``: per window (loglikelihood in nats, count of tokens / words / bytes). lm-eval reports no
+    stderr for weighted perplexities, so we estimate one: the mean negative loglikelihood per unit is a
+    ratio estimator r = sum(x_i) / sum(n_i) whose variance over k windows is
+    sum((x_i - r n_i)^2) / (k (k - 1) mean(n)^2), and by the delta method se(exp r) = exp(r) se(r).
+    """
+    if not pairs:
+        raise ValueError("perplexity of no windows")
+    nll = [-loglikelihood for loglikelihood, _ in pairs]
+    counts = [count for _, count in pairs]
+    rate = sum(nll) / sum(counts)
+    perplexity = math.exp(rate)
+    k = len(pairs)
+    if k < 2:
+        return perplexity, None
+    mean_count = sum(counts) / k
+    variance = sum((x - rate * n) ** 2 for x, n in zip(nll, counts, strict=True)) / (k * (k - 1) * mean_count**2)
+    return perplexity, perplexity * math.sqrt(variance)

@@ -60,12 +60,43 @@ def environment_record(seeds: dict[str, int]) -> dict[str, Any]:
             "argv": sys.argv}
 
 
+def _linux_peak_rss_bytes() -> int | None:
+    """VmHWM (peak resident set size since start or the last ``reset_peak_memory``) on Linux, else None."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_memory() -> None:
+    """Start a new peak-memory window: CUDA's max-allocated counter and, on Linux, the peak RSS (VmHWM).
+
+    Without a reset (other systems), ``peak_memory`` reports the peak since the process started.
+    """
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as clear_refs:
+            clear_refs.write("5")  # 5 = reset the peak RSS (Linux >= 4.0)
+    except OSError:
+        pass
+
+
 def peak_memory() -> dict[str, Any]:
-    """Peak memory of this process so far: CUDA max allocated bytes on GPU, else peak resident set size."""
+    """Peak memory of this process since the last ``reset_peak_memory`` (or its start): CUDA max allocated
+    bytes on GPU, else the peak resident set size."""
     import torch
 
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated()), "peak_memory_kind": "cuda_max_allocated"}
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    peak_bytes = rss if sys.platform == "darwin" else rss * 1024
+    peak_bytes = _linux_peak_rss_bytes()
+    if peak_bytes is None:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        peak_bytes = rss if sys.platform == "darwin" else rss * 1024
     return {"peak_memory_bytes": int(peak_bytes), "peak_memory_kind": "cpu_peak_rss"}

@@ -271,13 +271,18 @@ def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+def dense_fp16_bytes(model: nn.Module) -> int:
+    """Bytes of the model's dense fp16 checkpoint: every unique tensor, floats at 2 bytes per value."""
+    state, _ = _unique_state(model)
+    return sum(t.numel() * (2 if t.is_floating_point() else t.element_size()) for t in state.values())
+
+
 def _memory_account(model: nn.Module, tensors: dict[str, torch.Tensor], layers: dict[str, dict]) -> dict:
     """Bytes as stored (tensor contents, no file header) against the dense fp16 checkpoint."""
     stored = sum(_nbytes(tensor) for tensor in tensors.values())
     layer_bytes = sum(meta["bytes"] for meta in layers.values())
     layer_weights = sum(meta["shape"][0] * meta["shape"][1] for meta in layers.values())
-    state, _ = _unique_state(model)
-    dense = sum(t.numel() * (2 if t.is_floating_point() else t.element_size()) for t in state.values())
+    dense = dense_fp16_bytes(model)
     return {
         "stored_bytes": stored,
         "compressed_layer_bytes": layer_bytes,

@@ -2,14 +2,33 @@
 
 from __future__ import annotations
 
+import sys
+
+from cpt_bench.assets.cache import CacheError
+
+USER_ERROR_EXIT_CODE = 2
+
+
+def user_error(error: BaseException) -> bool:
+    """Whether ``error`` is one of cpt_bench's one-line reports of a bad input (a ``ValueError`` or
+    ``CacheError`` raised by cpt_bench, e.g. for bad ``--model_args`` of the ``cpt`` model), not a bug."""
+    return isinstance(error, ValueError | CacheError) and type(error).__module__.startswith("cpt_bench.")
+
 
 def main() -> None:
-    """Register our adapter(s), then hand the command line to lm-eval unchanged."""
+    """Register our adapter(s), then hand the command line to lm-eval unchanged; cpt_bench's bad-input errors
+    are printed as one line (``cpt-lm-eval: error: ...``, exit status 2), lm-eval's own ones as lm-eval does."""
     from lm_eval.__main__ import cli_evaluate
 
     import cpt_bench.lmeval.adapter  # noqa: F401  (registers --model cpt)
 
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except Exception as error:
+        if not user_error(error):
+            raise
+        print(f"cpt-lm-eval: error: {error}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT_CODE)
 
 
 if __name__ == "__main__":

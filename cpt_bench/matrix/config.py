@@ -1,0 +1,264 @@
+"""The transfer-matrix config: a YAML file, validated into frozen dataclasses with key paths in every error.
+
+Example (``configs/default.yaml`` is the full one)::
+
+    name: default
+    model: embedded
+    compression:
+      specs: [dense, rtn-w3g64, sparsegpt-50]
+      calibration: {corpus: wikipedia, n_windows: 16, seqlen: 512}
+    prompts:
+      hard: [paper]
+      soft:
+        sources: [wikipedia, shakespeare]
+        trained_at: [rtn-w3g64]
+        training: {n_virtual_tokens: 20, steps: 40, lr: 0.03}
+    transfer: {datasets: true, compression_levels: true, compression_types: true}
+    targets:
+      - {task: cpt_ppl_wikipedia, limit: 8}
+      - {task: cpt_piqa, limit: 100, metric: acc_norm}
+
+Why our own small validator rather than pydantic: errors must be one line naming the key path
+(``prompts.soft.training.steps``) and what was expected, and the leaf checks (compression grammar,
+calibration and soft-prompt settings) already live in the dataclasses they configure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cpt_bench.assets.corpora import CORPORA
+from cpt_bench.compress.sequential import CalibrationSettings
+from cpt_bench.compress.spec import Spec
+from cpt_bench.prompts.hard import HARD_PROMPTS
+from cpt_bench.prompts.soft import SoftPromptConfig
+
+PPL_TASK_PREFIX = "cpt_ppl_"
+PPL_METRIC = "token_perplexity"
+DEFAULT_ACCURACY_METRIC = "acc"
+DEVICES = ("cpu", "cuda", "auto")
+DTYPES = ("float32", "bfloat16", "float16")
+KERNEL_MODES = ("simulated", "real")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be run; the message is one line: file, key path, value and what was expected."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target: an lm-eval task (ours in tasks/ or a built-in), its example limit and the metric reported.
+
+    ``limit``: windows for ``cpt_ppl_*`` tasks, items otherwise (None: all). ``metric``: default
+    ``token_perplexity`` for ``cpt_ppl_*`` tasks, else ``acc``.
+    """
+
+    task: str
+    limit: int | None = None
+    metric: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(bool(self.task), "task", self.task, "a task name such as cpt_ppl_wikipedia or cpt_piqa")
+        _require(self.limit is None or self.limit >= 2, "limit", self.limit,
+                 "an integer >= 2 (stderr needs two examples) or null for all")
+        if self.metric is None:
+            object.__setattr__(self, "metric", PPL_METRIC if self.is_perplexity else DEFAULT_ACCURACY_METRIC)
+
+    @property
+    def is_perplexity(self) -> bool:
+        return self.task.startswith(PPL_TASK_PREFIX)
+
+    @property
+    def domain(self) -> str | None:
+        """The corpus a ``cpt_ppl_<corpus>`` task reads (a soft prompt from it is in-domain), else None."""
+        return self.task[len(PPL_TASK_PREFIX):] if self.is_perplexity else None
+
+
+@dataclass(frozen=True)
+class Compression:
+    """Compression levels (specs, ``dense`` included for the reference) and the calibration they share."""
+
+    specs: list[str] = field(default_factory=lambda: ["dense"])
+    calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
+
+    def __post_init__(self) -> None:
+        _require(len(self.specs) > 0, "specs", self.specs, "a non-empty list of compression specs")
+        canonical = []
+        for index, text in enumerate(self.specs):
+            try:
+                canonical.append(str(Spec.parse(text)))
+            except ValueError as error:
+                raise ConfigError(f"specs[{index}]: {error}") from None
+        _require(len(set(canonical)) == len(canonical), "specs", self.specs, "specs without repeats")
+        object.__setattr__(self, "specs", canonical)
+
+
+@dataclass(frozen=True)
+class SoftPrompts:
+    """Soft prompts: one per (source corpus, compression level it is trained at)."""
+
+    sources: list[str] = field(default_factory=list)
+    trained_at: list[str] = field(default_factory=list)
+    training: SoftPromptConfig = field(default_factory=SoftPromptConfig)
+
+    def __post_init__(self) -> None:
+        for index, source in enumerate(self.sources):
+            _require(source in CORPORA, f"sources[{index}]", source, f"one of {', '.join(CORPORA)}")
+        for index, text in enumerate(self.trained_at):
+            try:
+                Spec.parse(text)
+            except ValueError as error:
+                raise ConfigError(f"trained_at[{index}]: {error}") from None
+        _require(bool(self.sources) == bool(self.trained_at), "trained_at", self.trained_at,
+                 "given exactly when sources are (a prompt needs both)")
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """Prompt kinds besides "none": hard prompts (registered names or literal text) and soft prompts."""
+
+    hard: list[str] = field(default_factory=list)
+    soft: SoftPrompts = field(default_factory=SoftPrompts)
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """Which soft-prompt transfers to evaluate besides the in-domain one at its own compression level."""
+
+    datasets: bool = True  # a prompt learned on corpus S, scored on target T != S (and on zero-shot tasks)
+    compression_levels: bool = True  # learned at level C, applied at C' of the same family (quant / prune)
+    compression_types: bool = True  # learned at C, applied at a level of another family (dense included)
+
+
+@dataclass(frozen=True)
+class MatrixConfig:
+    """A whole matrix: model, compression levels, prompts, transfers, targets and run settings."""
+
+    name: str
+    model: str = "embedded"
+    device: str = "auto"  # auto: cuda when available
+    dtype: str = "float32"
+    kernels: str = "simulated"  # simulated: dequantized weights; real: low-bit kernels (CPU int4/int8, CUDA GPTQModel)
+    batch_size: int = 8
+    seed: int = 0  # lm-eval's seeds are derived from it (see seeds())
+    ppl_seqlen: int = 1024  # tokens per perplexity window
+    compression: Compression = field(default_factory=Compression)
+    prompts: Prompts = field(default_factory=Prompts)
+    transfer: Transfer = field(default_factory=Transfer)
+    targets: list[Target] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name) and "/" not in self.name, "name", self.name, "a non-empty name without '/'")
+        _require(self.device in DEVICES, "device", self.device, f"one of {', '.join(DEVICES)}")
+        _require(self.dtype in DTYPES, "dtype", self.dtype, f"one of {', '.join(DTYPES)}")
+        _require(self.kernels in KERNEL_MODES, "kernels", self.kernels, f"one of {', '.join(KERNEL_MODES)}")
+        for key in ("batch_size", "ppl_seqlen"):
+            _require(getattr(self, key) > 0, key, getattr(self, key), "a positive integer")
+        _require(self.seed >= 0, "seed", self.seed, "a non-negative integer")
+        _require(len(self.targets) > 0, "targets", self.targets, "a non-empty list of {task: ..., limit: ...}")
+        tasks = [target.task for target in self.targets]
+        _require(len(set(tasks)) == len(tasks), "targets", tasks, "tasks without repeats")
+        for index, spec in enumerate(self.prompts.soft.trained_at):
+            _require(str(Spec.parse(spec)) in self.compression.specs, f"prompts.soft.trained_at[{index}]", spec,
+                     f"one of compression.specs ({', '.join(self.compression.specs)})")
+
+    def seeds(self) -> dict[str, int]:
+        """lm-eval's four seeds: its defaults (0, 1234, 1234, 1234) shifted by ``seed``."""
+        return {"random_seed": self.seed, "numpy_random_seed": 1234 + self.seed,
+                "torch_random_seed": 1234 + self.seed, "fewshot_random_seed": 1234 + self.seed}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (YAML / JSON), with every default filled in: what a run folder stores and compares."""
+        return dataclasses.asdict(self)
+
+
+def _require(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: got {value!r}, expected {expected}")
+
+
+def load_config(path: str | Path) -> MatrixConfig:
+    """Read and validate a YAML config; raises ``ConfigError`` (one line, prefixed with the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; expected a YAML file such as configs/default.yaml")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or type(error).__name__
+        raise ConfigError(f"config {path}: malformed YAML{where}: {problem}") from None
+    try:
+        return config_from_dict(data)
+    except ConfigError as error:
+        raise ConfigError(f"config {path}: {error}") from None
+
+
+def config_from_dict(data: Any) -> MatrixConfig:
+    """Validate plain data (a parsed YAML mapping) into a ``MatrixConfig``; raises ``ConfigError``."""
+    return _build(MatrixConfig, data, "")
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    """Instantiate dataclass ``cls`` from mapping ``data``, checking keys and types; ``path`` prefixes errors."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'top level'}: got {_describe(data)}, expected a mapping of "
+                          f"{', '.join(f.name for f in dataclasses.fields(cls))}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(map(str, data)) - names)
+    if unknown:
+        raise ConfigError(f"{_join(path, unknown[0])}: unknown key; expected one of {', '.join(sorted(names))}")
+    values = {key: _convert(hints[key], value, _join(path, key)) for key, value in data.items()}
+    try:
+        return cls(**values)
+    except TypeError as error:  # a required key is missing
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in values
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        raise ConfigError(f"{_join(path, missing[0]) if missing else path}: required key missing") from error
+    except ConfigError as error:
+        raise ConfigError(f"{_join(path, str(error))}") from None
+    except ValueError as error:  # checks of CalibrationSettings, SoftPromptConfig, Spec
+        raise ConfigError(f"{path or 'top level'}: {error}") from None
+
+
+def _convert(hint: Any, value: Any, path: str) -> Any:
+    """Check ``value`` against type ``hint`` (dataclass, list[...], X | None, bool, int, float, str)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, path)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [arg for arg in args if arg is not type(None)]
+        return _convert(inner, value, path)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: got {_describe(value)}, expected a list")
+        return [_convert(args[0], item, f"{path}[{index}]") for index, item in enumerate(value)]
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if hint in (bool, int, str) and type(value) is hint:
+        return value
+    raise ConfigError(f"{path}: got {_describe(value)}, expected {hint.__name__}")
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}" if value is not None else "nothing (null)"
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def hard_prompt_label(name_or_text: str) -> str:
+    """A short id for a hard prompt: its registered name, or ``text<n>`` for literal text (n = its length)."""
+    return name_or_text if name_or_text in HARD_PROMPTS else f"text{len(name_or_text)}"

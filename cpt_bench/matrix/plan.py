@@ -1,0 +1,199 @@
+"""Expand a ``MatrixConfig`` into cells (compression x prompt x target) and the artifacts they share.
+
+Artifacts: one compressed checkpoint per non-dense compression level that a cell or a prompt needs, and
+one soft prompt per (source corpus, level it is trained at). Each is built once and reused by every cell.
+Prompts per compression level C and target T:
+
+- ``none`` and every hard prompt, always;
+- a soft prompt learned on source S at level C': kept when C' == C and S is T's corpus (in-domain), or
+  when the transfer it makes is enabled: ``datasets`` (S is not T's corpus; zero-shot targets have no
+  corpus, so every soft prompt transfers to them), ``compression_levels`` (C' != C, same family) and
+  ``compression_types`` (another family; dense is its own family).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+from cpt_bench.compress.spec import Spec
+from cpt_bench.matrix.config import MatrixConfig, Target, hard_prompt_label
+
+# Rough speeds of the embedded model on 2 CPU cores (measured, see README), for --dry-run estimates only.
+EVAL_TOKENS_PER_SECOND = 430.0
+ITEM_SECONDS = 0.12  # one multiple-choice item (2-4 short continuations)
+CALIBRATION_TOKENS_PER_SECOND = 180.0  # GPTQ / SparseGPT, Hessians and the algorithm included
+UNCALIBRATED_SECONDS = 20.0  # RTN / magnitude: pack and write
+TRAIN_TOKENS_PER_SECOND = 140.0  # soft-prompt forward + backward
+CELL_OVERHEAD_SECONDS = 2.0  # lm-eval task set-up per cell
+MODEL_LOAD_SECONDS = 4.0  # one (compression, prompt) group
+
+
+def family(spec: str) -> str:
+    """``dense``, ``quantization``, ``pruning`` or ``joint`` (pruning and quantization in one pass)."""
+    parsed = Spec.parse(spec)
+    if parsed.is_dense:
+        return "dense"
+    if parsed.pruning and parsed.quantization:
+        return "joint"
+    return "pruning" if parsed.pruning else "quantization"
+
+
+def safe_name(text: str) -> str:
+    """``text`` with characters unsafe in file names (``:``, ``/``, spaces ...) replaced by ``-``."""
+    return re.sub(r"[^A-Za-z0-9._@+-]", "-", text)
+
+
+@dataclass(frozen=True)
+class PromptChoice:
+    """A prompt applied in cells. ``kind``: none | hard | soft; soft prompts name their source and level."""
+
+    kind: str
+    hard: str | None = None  # registered name or literal text
+    source: str | None = None
+    trained_at: str | None = None
+
+    @property
+    def id(self) -> str:
+        if self.kind == "hard":
+            return f"hard-{hard_prompt_label(self.hard)}"
+        if self.kind == "soft":
+            return f"soft-{self.source}@{self.trained_at}"
+        return "none"
+
+
+NO_PROMPT = PromptChoice("none")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One evaluation: the model compressed by ``compression``, prompted by ``prompt``, on ``target``."""
+
+    compression: str
+    prompt: PromptChoice
+    target: Target
+    dataset_relation: str | None  # soft prompts: in-domain | cross-dataset
+    compression_relation: str | None  # soft prompts: same | cross-level | cross-type
+
+    @property
+    def id(self) -> str:
+        return safe_name(f"{self.compression}__{self.prompt.id}__{self.target.task}")
+
+    def record(self) -> dict:
+        """The cell's identity as plain data (stored with its result)."""
+        return {"id": self.id, "compression": self.compression, "prompt": self.prompt.id,
+                "prompt_choice": asdict(self.prompt), "task": self.target.task, "limit": self.target.limit,
+                "metric": self.target.metric, "dataset_relation": self.dataset_relation,
+                "compression_relation": self.compression_relation}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Cells in a fixed order (compression, prompt, target: config order) and the artifacts they need."""
+
+    config: MatrixConfig
+    cells: tuple[Cell, ...]
+    compressed: tuple[str, ...]  # non-dense specs to compress, config order
+    soft_prompts: tuple[PromptChoice, ...]  # to train, config order
+
+    def groups(self) -> dict[tuple[str, PromptChoice], list[Cell]]:
+        """Cells by (compression, prompt): each group shares one loaded, prompted model."""
+        grouped: dict[tuple[str, PromptChoice], list[Cell]] = {}
+        for cell in self.cells:
+            grouped.setdefault((cell.compression, cell.prompt), []).append(cell)
+        return grouped
+
+
+def _relations(prompt: PromptChoice, compression: str, target: Target) -> tuple[str | None, str | None]:
+    if prompt.kind != "soft":
+        return None, None
+    dataset = "in-domain" if prompt.source == target.domain else "cross-dataset"
+    if prompt.trained_at == compression:
+        level = "same"
+    else:
+        level = "cross-level" if family(prompt.trained_at) == family(compression) else "cross-type"
+    return dataset, level
+
+
+def _wanted(config: MatrixConfig, dataset: str | None, level: str | None) -> bool:
+    transfer = config.transfer
+    return ((dataset != "cross-dataset" or transfer.datasets)
+            and (level != "cross-level" or transfer.compression_levels)
+            and (level != "cross-type" or transfer.compression_types))
+
+
+def make_plan(config: MatrixConfig) -> Plan:
+    """Every wanted cell of ``config`` and the artifacts they need, each listed once."""
+    soft = config.prompts.soft
+    soft_prompts = tuple(PromptChoice("soft", source=source, trained_at=str(Spec.parse(level)))
+                         for level in soft.trained_at for source in soft.sources)
+    prompts = (NO_PROMPT, *(PromptChoice("hard", hard=text) for text in config.prompts.hard), *soft_prompts)
+    cells = []
+    for compression in config.compression.specs:
+        for prompt in prompts:
+            for target in config.targets:
+                dataset, level = _relations(prompt, compression, target)
+                if _wanted(config, dataset, level):
+                    cells.append(Cell(compression, prompt, target, dataset, level))
+    return _with_artifacts(config, tuple(cells), soft_prompts)
+
+
+def _with_artifacts(config: MatrixConfig, cells: tuple[Cell, ...], soft_prompts: tuple[PromptChoice, ...]) -> Plan:
+    """A plan for ``cells`` with only the prompts they apply and the checkpoints those cells and prompts need."""
+    used_prompts = tuple(p for p in soft_prompts if any(cell.prompt == p for cell in cells))
+    needed = {cell.compression for cell in cells} | {p.trained_at for p in used_prompts}
+    compressed = tuple(spec for spec in config.compression.specs if spec in needed and spec != "dense")
+    return Plan(config, cells, compressed, used_prompts)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``i/n`` (0 <= i < n) -> ``(i, n)``; raises ValueError naming the text."""
+    match = re.fullmatch(r"(\d+)/(\d+)", text or "")
+    if not match or not 0 <= int(match[1]) < int(match[2]):
+        raise ValueError(f"shard {text!r}: expected i/n with 0 <= i < n, e.g. 0/2 and 1/2")
+    return int(match[1]), int(match[2])
+
+
+def shard_plan(plan: Plan, index: int, count: int) -> Plan:
+    """Shard ``index`` of ``count``: whole (compression, prompt) groups dealt round-robin, so a shard loads
+    each of its models once, with only the artifacts its cells need (a shared prompt is trained by every
+    shard that applies it: shards are independent jobs)."""
+    groups = list(plan.groups().values())
+    cells = tuple(cell for number, group in enumerate(groups) if number % count == index for cell in group)
+    return _with_artifacts(plan.config, cells, plan.soft_prompts)
+
+
+def estimate_seconds(plan: Plan) -> dict[str, float]:
+    """Rough wall time of each stage on 2 CPU cores for the embedded model (constants above)."""
+    config = plan.config
+    calibration = config.compression.calibration
+    compress = sum(calibration.n_windows * calibration.seqlen / CALIBRATION_TOKENS_PER_SECOND
+                   if Spec.parse(spec).needs_calibration else UNCALIBRATED_SECONDS for spec in plan.compressed)
+    training = config.prompts.soft.training
+    train_tokens = training.steps * training.batch_size * training.seqlen
+    eval_tokens = (training.steps // training.eval_every + 1) * training.eval_windows * training.seqlen
+    prompts = len(plan.soft_prompts) * (train_tokens / TRAIN_TOKENS_PER_SECOND + eval_tokens / EVAL_TOKENS_PER_SECOND)
+    cells = MODEL_LOAD_SECONDS * len(plan.groups())
+    for cell in plan.cells:
+        limit = cell.target.limit or 1000
+        work = limit * config.ppl_seqlen / EVAL_TOKENS_PER_SECOND if cell.target.is_perplexity else limit * ITEM_SECONDS
+        cells += work + CELL_OVERHEAD_SECONDS
+    return {"compression": compress, "soft_prompts": prompts, "cells": cells, "total": compress + prompts + cells}
+
+
+def describe(plan: Plan) -> str:
+    """The ``--dry-run`` text: counts, artifacts, cells per compression level, and the time estimate."""
+    estimate = estimate_seconds(plan)
+    config = plan.config
+    lines = [f"matrix {config.name!r}: model {config.model}, {len(plan.cells)} cells in {len(plan.groups())} "
+             f"(compression, prompt) groups",
+             f"artifacts: {len(plan.compressed)} compressed checkpoints ({', '.join(plan.compressed) or 'none'}), "
+             f"{len(plan.soft_prompts)} soft prompts ({', '.join(p.id for p in plan.soft_prompts) or 'none'})",
+             f"targets: {', '.join(f'{t.task} ({t.metric}, limit {t.limit})' for t in config.targets)}"]
+    for compression in config.compression.specs:
+        here = [cell for cell in plan.cells if cell.compression == compression]
+        prompts = list(dict.fromkeys(cell.prompt.id for cell in here))
+        lines.append(f"  {compression}: {len(here)} cells; prompts {', '.join(prompts)}")
+    lines.append("estimated time on 2 CPU cores (embedded model; rough): "
+                 + ", ".join(f"{stage} {seconds / 60:.1f} min" for stage, seconds in estimate.items()))
+    return "\n".join(lines)

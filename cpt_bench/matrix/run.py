@@ -1,0 +1,355 @@
+"""Run a matrix: build the artifacts once, evaluate every pending cell through lm-eval, write each at once.
+
+Stages: compressed checkpoints (the shared compression cache, keyed by model, spec and calibration) ->
+soft prompts (trained in the run folder, resumable from their checkpoints) -> cells, grouped by
+(compression, prompt) so that each prompted model is loaded once. Every finished cell is written
+atomically before the next starts, so a killed run loses at most the cell in flight and ``--resume``
+redoes nothing else. Executors:
+
+- ``local`` (default): everything in this process, in plan order.
+- ``ray``: every artifact and (compression, prompt) group is a Ray task (one GPU each when the config's
+  device is cuda), on a local Ray instance or the cluster at ``RAY_ADDRESS``. Tasks write into the run
+  folder and the cache, so on several nodes both must be on a shared file system.
+
+``--shard i/n`` runs a disjoint part of the plan (whole groups) into its own folder; ``merge`` joins them.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from cpt_bench.assets.cache import write_json_atomic, write_text_atomic
+from cpt_bench.matrix import store
+from cpt_bench.matrix.config import MatrixConfig, Target, load_config
+from cpt_bench.matrix.lock import RunLock
+from cpt_bench.matrix.plan import Cell, Plan, PromptChoice, describe, make_plan, parse_shard, safe_name, shard_plan
+from cpt_bench.perplexity import perplexity_with_stderr
+from cpt_bench.provenance import environment_record, peak_memory, reset_peak_memory
+
+log = logging.getLogger(__name__)
+
+EXECUTORS = ("local", "ray")
+PROMPTS_DIR = "prompts"
+# lm-eval output keys not kept in a cell: per-sample logs (large) and the session's environment dump.
+_DROPPED_LM_EVAL_KEYS = ("samples", "pretty_env_info")
+
+
+def resolved_device(config: MatrixConfig) -> str:
+    """The torch device the config asks for (``auto``: cuda when available)."""
+    import torch
+
+    if config.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return config.device
+
+
+def task_manager(config: MatrixConfig):
+    """lm-eval's TaskManager over our tasks/ folder, with the model and window length our loaders need."""
+    from cpt_bench.assets.model import resolve_model
+    from cpt_bench.evaluate import task_manager as make_manager
+
+    return make_manager({"pretrained": resolve_model(config.model), "seqlen": config.ppl_seqlen})
+
+
+def check_targets(config: MatrixConfig, manager) -> None:
+    """Refuse unknown task names and groups (a target is one task with one metric) before any work."""
+    for index, target in enumerate(config.targets):
+        if target.task in manager.all_groups:
+            raise ValueError(f"targets[{index}].task: {target.task!r} is a group; list its tasks one by one")
+        if target.task not in manager.all_tasks:
+            raise ValueError(f"targets[{index}].task: unknown task {target.task!r}; expected a task in tasks/ "
+                             "(e.g. cpt_ppl_wikipedia, cpt_piqa) or an lm-eval built-in task")
+
+
+# --- artifacts ---------------------------------------------------------------------------------------------------
+
+def build_compressed(config: MatrixConfig, spec: str) -> str:
+    """The compressed checkpoint folder of ``spec`` (compressed on first use into the shared cache)."""
+    from cpt_bench.compress.cache import compressed_checkpoint
+
+    return str(compressed_checkpoint(config.model, spec, config.compression.calibration))
+
+
+def prompt_folder(run_dir: Path, prompt: PromptChoice) -> Path:
+    return run_dir / PROMPTS_DIR / safe_name(prompt.id)
+
+
+def build_prompt(config: MatrixConfig, run_dir: Path, prompt: PromptChoice, compressed_folder: str | None) -> str:
+    """Train soft prompt ``prompt`` at its level (resuming its checkpoint) unless it is already complete."""
+    from cpt_bench.prompts.artifact import METADATA, read_prompt
+    from cpt_bench.prompts.soft import CHECKPOINT, train_soft_prompt
+    from cpt_bench.prompts.target import load_target
+
+    folder = prompt_folder(run_dir, prompt)
+    if (folder / METADATA).is_file():
+        read_prompt(folder)  # verifies the stored tensor against its checksum
+        return str(folder)
+    import torch
+
+    model, tokenizer, label = load_target(config.model, compressed_folder, getattr(torch, config.dtype),
+                                          resolved_device(config), config.kernels)
+    train_soft_prompt(model, tokenizer, config.prompts.soft.training, prompt.source, folder, model_name=config.model,
+                      compression=label, resume=(folder / CHECKPOINT).is_file())
+    return str(folder)
+
+
+# --- cells -------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GroupJob:
+    """Cells sharing one (compression, prompt): everything a worker needs to evaluate and write them."""
+
+    config: MatrixConfig
+    run_dir: Path
+    compression: str
+    prompt: PromptChoice
+    cells: tuple[Cell, ...]
+    compressed_folder: str | None
+    prompt_folder: str | None
+
+
+def metric_value(output: dict[str, Any], target: Target) -> tuple[float, float | None, bool | None]:
+    """(value, stderr, higher_is_better) of the target's metric in lm-eval's output for its task.
+
+    Perplexity tasks: token perplexity and our per-window stderr from the logged samples (lm-eval has none).
+    """
+    results = output["results"][target.task]
+    key = target.metric if "," in target.metric else f"{target.metric},none"
+    if key not in results:
+        available = sorted(name.split(",")[0] for name in results if "_stderr" not in name and name != "alias")
+        raise ValueError(f"task {target.task} reports no metric {target.metric!r}; available: {', '.join(available)}")
+    higher = output.get("higher_is_better", {}).get(target.task, {}).get(key.split(",")[0])
+    if target.is_perplexity:
+        pairs = [tuple(sample[key.split(",")[0]]) for sample in output["samples"][target.task]]
+        value, stderr = perplexity_with_stderr(pairs)
+        return value, stderr, higher
+    stderr = results.get(key.replace(",", "_stderr,", 1))
+    return float(results[key]), (float(stderr) if isinstance(stderr, int | float) else None), higher
+
+
+def _load_lm(job: GroupJob):
+    """The ``cpt`` lm-eval model for a group: compressed and prompted as the group says."""
+    from cpt_bench.lmeval.adapter import CptLM
+
+    prompt = job.prompt
+    return CptLM(pretrained=job.config.model, compression=job.compressed_folder,
+                 compression_mode=job.config.kernels, soft_prompt=job.prompt_folder,
+                 hard_prompt=prompt.hard if prompt.kind == "hard" else None, batch_size=job.config.batch_size,
+                 device=resolved_device(job.config), dtype=job.config.dtype)
+
+
+def _memory_account(job: GroupJob, lm) -> dict[str, Any]:
+    """The stored-bytes account of the group's compression level (dense: the fp16 checkpoint)."""
+    from cpt_bench.compress.storage import dense_fp16_bytes, read_manifest
+
+    if job.compressed_folder:
+        return read_manifest(job.compressed_folder)["memory"]
+    dense = dense_fp16_bytes(lm.model)
+    return {"stored_bytes": dense, "compressed_bits_per_weight": 16.0, "dense_fp16_bytes": dense,
+            "ratio_to_dense_fp16": 1.0}
+
+
+def _prompt_block(lm, job: GroupJob) -> dict[str, Any]:
+    """The prompt's provenance: what the adapter applied plus, for soft prompts, how it was trained."""
+    from cpt_bench.prompts.artifact import read_prompt
+
+    block = dict(lm.prompt_info)
+    if job.prompt_folder:
+        meta = read_prompt(Path(job.prompt_folder)).meta
+        block.update(source=meta["source"]["corpus"], train_seconds=round(meta["train_seconds"], 1),
+                     best_val_ppl=meta["best"]["val_ppl"], best_step=meta["best"]["step"],
+                     hyperparameters=meta["hyperparameters"])
+    return block
+
+
+def evaluate_group(job: GroupJob, on_cell: Callable[[str], None] | None = None) -> list[str]:
+    """Evaluate the group's cells in order, writing each cell's result as soon as it is done; returns their ids."""
+    from lm_eval import simple_evaluate
+
+    lm = _load_lm(job)
+    manager = task_manager(job.config)
+    compression = store.compression_block(job.compression, job.config.kernels, job.compressed_folder,
+                                          _memory_account(job, lm))
+    prompt = _prompt_block(lm, job)
+    done = []
+    for cell in job.cells:
+        reset_peak_memory()
+        started = time.perf_counter()
+        output = simple_evaluate(model=lm, tasks=[cell.target.task], task_manager=manager, limit=cell.target.limit,
+                                 log_samples=True, **job.config.seeds())
+        value, stderr, higher = metric_value(output, cell.target)
+        record = {"format": store.CELL_FORMAT, "cell": cell.record(),
+                  "metric": {"name": cell.target.metric, "value": value, "stderr": stderr,
+                             "higher_is_better": higher},
+                  "compression": compression, "prompt": prompt,
+                  "memory": {**lm.memory_record(), **peak_memory()},
+                  "seconds": round(time.perf_counter() - started, 2),
+                  "lm_eval": {key: item for key, item in output.items() if key not in _DROPPED_LM_EVAL_KEYS},
+                  "environment": {"seeds": job.config.seeds(), "device": str(lm.device)}}
+        store.write_cell(job.run_dir, record)
+        done.append(cell.id)
+        if on_cell:
+            on_cell(cell.id)
+    del lm
+    gc.collect()
+    return done
+
+
+# --- executors ---------------------------------------------------------------------------------------------------
+
+class LocalExecutor:
+    """Runs every job in this process, in order."""
+
+    name = "local"
+
+    def map(self, fn: Callable, jobs: Iterable[tuple]) -> Iterator[Any]:
+        for args in jobs:
+            yield fn(*args)
+
+    def run_groups(self, jobs: list[GroupJob], on_cell: Callable[[str], None]) -> None:
+        for job in jobs:
+            evaluate_group(job, on_cell)
+
+
+class RayExecutor:
+    """Runs jobs as Ray tasks (one GPU each on CUDA configs) on a local instance or the ``RAY_ADDRESS`` cluster."""
+
+    name = "ray"
+
+    def __init__(self, gpus_per_task: float = 0.0):
+        try:
+            import ray
+        except ImportError:
+            raise ValueError("executor ray needs Ray: pip install 'ray[default]'") from None
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": {"CPT_BENCH_CACHE": os.environ.get("CPT_BENCH_CACHE", "")}}
+                     if os.environ.get("CPT_BENCH_CACHE") else None)
+        self._ray = ray
+        self._gpus = gpus_per_task
+
+    def map(self, fn: Callable, jobs: Iterable[tuple]) -> Iterator[Any]:
+        remote = self._ray.remote(num_gpus=self._gpus)(fn)
+        refs = [remote.remote(*args) for args in jobs]
+        yield from self._ray.get(refs)
+
+    def run_groups(self, jobs: list[GroupJob], on_cell: Callable[[str], None]) -> None:
+        remote = self._ray.remote(num_gpus=self._gpus)(evaluate_group)
+        pending = [remote.remote(job) for job in jobs]
+        while pending:
+            finished, pending = self._ray.wait(pending, num_returns=1)
+            for cell_id in self._ray.get(finished[0]):
+                on_cell(cell_id)
+
+
+def make_executor(name: str, config: MatrixConfig):
+    if name not in EXECUTORS:
+        raise ValueError(f"executor {name!r}: expected one of {', '.join(EXECUTORS)}")
+    if name == "ray":
+        return RayExecutor(gpus_per_task=1.0 if resolved_device(config) == "cuda" else 0.0)
+    return LocalExecutor()
+
+
+# --- the run -----------------------------------------------------------------------------------------------------
+
+def _pending_jobs(plan: Plan, run_dir: Path, done: set[str], compressed: dict[str, str],
+                  prompts: dict[PromptChoice, str]) -> list[GroupJob]:
+    jobs = []
+    for (compression, prompt), cells in plan.groups().items():
+        todo = tuple(cell for cell in cells if cell.id not in done)
+        if todo:
+            jobs.append(GroupJob(plan.config, run_dir, compression, prompt, todo, compressed.get(compression),
+                                 prompts.get(prompt)))
+    return jobs
+
+
+def _build_artifacts(plan: Plan, run_dir: Path, pending: set[tuple[str, PromptChoice]],
+                     executor) -> tuple[dict[str, str], dict[PromptChoice, str]]:
+    """Compressed checkpoints and soft prompts that the pending groups need (each built once)."""
+    config = plan.config
+    prompts_needed = [p for p in plan.soft_prompts if any(p == prompt for _, prompt in pending)]
+    specs = [spec for spec in plan.compressed
+             if any(spec == c for c, _ in pending) or any(spec == p.trained_at for p in prompts_needed)]
+    compressed = dict(zip(specs, executor.map(build_compressed, [(config, spec) for spec in specs]), strict=True))
+    jobs = [(config, run_dir, p, compressed.get(p.trained_at)) for p in prompts_needed]
+    prompts = dict(zip(prompts_needed, executor.map(build_prompt, jobs), strict=True))
+    return compressed, prompts
+
+
+def default_run_dir(config: MatrixConfig, shard: tuple[int, int] | None) -> Path:
+    suffix = f"-shard{shard[0]}of{shard[1]}" if shard else ""
+    return Path("runs") / f"{config.name}{suffix}"
+
+
+def run_matrix(config_path: Path, out: Path | None = None, resume: bool = False, shard: str | None = None,
+               executor: str = "local", dry_run: bool = False) -> Path | None:
+    """Run (or with ``dry_run`` only print the plan of) the matrix in ``config_path``; returns the run folder.
+
+    When every cell of the (shard's) plan is done, writes ``summary.json`` and the report.
+    """
+    config = load_config(config_path)
+    plan = make_plan(config)
+    shard_numbers = parse_shard(shard) if shard else None
+    if shard_numbers:
+        plan = shard_plan(plan, *shard_numbers)
+    if dry_run:
+        print(describe(plan))
+        return None
+    check_targets(config, task_manager(config))
+    run_dir = Path(out) if out else default_run_dir(config, shard_numbers)
+    store.prepare(run_dir, config, Path(config_path).read_text(encoding="utf-8"), resume)
+    with RunLock(run_dir):
+        started = time.perf_counter()
+        session = store.start_session(run_dir, environment_record(config.seeds()) | {"shard": shard,
+                                                                                    "executor": executor})
+        try:
+            write_text_atomic(run_dir / "plan.txt", describe(plan) + "\n")
+            _run_cells(plan, run_dir, make_executor(executor, config))
+        finally:
+            store.end_session(run_dir, session, time.perf_counter() - started)
+        finish(run_dir, plan)
+    return run_dir
+
+
+def _run_cells(plan: Plan, run_dir: Path, executor) -> None:
+    """Build what the pending cells need, then evaluate them with a progress bar over all cells."""
+    done = set(store.read_cells(run_dir))
+    pending = {key for key, cells in plan.groups().items() if any(cell.id not in done for cell in cells)}
+    compressed, prompts = _build_artifacts(plan, run_dir, pending, executor)
+    jobs = _pending_jobs(plan, run_dir, done, compressed, prompts)
+    remaining = sum(len(job.cells) for job in jobs)
+    with tqdm(total=len(plan.cells), initial=len(plan.cells) - remaining, desc="cells", unit="cell") as progress:
+        executor.run_groups(jobs, lambda _cell_id: progress.update(1))
+
+
+def finish(run_dir: Path, plan: Plan) -> Path | None:
+    """Write ``summary.json`` and the report if every cell of ``plan`` is in ``run_dir``; returns the summary."""
+    from cpt_bench.report import write_report
+
+    cells = store.read_cells(run_dir)
+    missing = [cell.id for cell in plan.cells if cell.id not in cells]
+    if missing:
+        log.warning("%d cells missing (e.g. %s); no summary written", len(missing), missing[0])
+        return None
+    summary = store.summarise(plan, cells, store.read_sessions(run_dir))
+    path = run_dir / store.SUMMARY_FILE
+    write_json_atomic(path, summary)
+    write_report(summary, run_dir / "report")
+    return path
+
+
+def merge_runs(out: Path, inputs: list[Path]) -> Path | None:
+    """Merge shard folders into ``out`` and, when complete, write its summary and report."""
+    store.merge(out, inputs)
+    config = load_config(out / "config.yaml")
+    with RunLock(out):
+        return finish(out, make_plan(config))

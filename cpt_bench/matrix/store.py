@@ -1,0 +1,270 @@
+"""A run folder: its config, environment, per-cell results (atomic, checksummed), summary and merge.
+
+Layout::
+
+    RUN/config.json            the validated config with every default (what --resume compares)
+    RUN/config.yaml            the YAML as given
+    RUN/plan.txt               the plan (--dry-run text)
+    RUN/environment.json       {"sessions": [...]}: versions, git commit, hardware, seeds, executor and wall
+                               time of every session that worked on the run (start, resumes, merged shards)
+    RUN/run.lock               held while a runner writes (``lock.RunLock``)
+    RUN/prompts/<prompt id>/   soft prompts trained for the run (checkpointed, resumable)
+    RUN/cells/<cell id>.json   one result per cell, written atomically when the cell finishes
+    RUN/summary.json           all cells flattened for reports (``cpt_bench.report``), once every cell is done
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from cpt_bench.assets.cache import write_json_atomic, write_text_atomic
+from cpt_bench.matrix.config import MatrixConfig
+from cpt_bench.matrix.plan import Plan, family
+
+log = logging.getLogger(__name__)
+
+CELL_FORMAT = "cpt_bench.matrix_cell/1"
+SUMMARY_FORMAT = "cpt_bench.matrix_summary/1"
+CONFIG_FILE = "config.json"
+CELLS_DIR = "cells"
+SUMMARY_FILE = "summary.json"
+ENVIRONMENT_FILE = "environment.json"
+# Cell fields that differ between identical runs (timings, memory, dates): left out of comparisons.
+VOLATILE_FIELDS = ("seconds", "memory", "lm_eval", "environment", "checksum")
+
+
+class RunFolderError(ValueError):
+    """A run folder that cannot be used as asked (one-line message)."""
+
+
+def checksum(record: dict[str, Any]) -> str:
+    """sha256 of the record's canonical JSON without its ``checksum`` field."""
+    body = {key: value for key, value in record.items() if key != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
+def first_difference(a: Any, b: Any, path: str = "") -> str | None:
+    """Key path of the first place where two JSON-like values differ, or None when equal."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            found = first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else key)
+            if found:
+                return found
+        return None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for index, (x, y) in enumerate(zip(a, b, strict=True)):
+            found = first_difference(x, y, f"{path}[{index}]")
+            if found:
+                return found
+        return None
+    return None if a == b else (path or "top level")
+
+
+def _json_roundtrip(data: Any) -> Any:
+    return json.loads(json.dumps(data, default=str))
+
+
+def prepare(run_dir: Path, config: MatrixConfig, config_text: str, resume: bool) -> None:
+    """Create a new run folder or check that ``run_dir`` continues a run of this very config.
+
+    Raises ``RunFolderError`` when a run folder would be reused without ``resume``, when ``resume`` names
+    a folder without a run, or when the stored config differs (the message names the first key).
+    """
+    stored_path = run_dir / CONFIG_FILE
+    wanted = _json_roundtrip(config.to_dict())
+    if stored_path.is_file():
+        if not resume:
+            raise RunFolderError(f"run folder {run_dir} already holds a run; pass --resume to continue it or "
+                                 "choose another --out")
+        stored = json.loads(stored_path.read_text(encoding="utf-8"))
+        difference = first_difference(stored, wanted)
+        if difference:
+            raise RunFolderError(f"--resume: run folder {run_dir} was made from another config (differs at "
+                                 f"{difference}); resume it with its own config ({run_dir / 'config.yaml'}) "
+                                 "or choose another --out")
+        return
+    if resume:
+        raise RunFolderError(f"--resume: {run_dir} holds no run ({CONFIG_FILE} missing); start it without --resume")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise RunFolderError(f"output folder {run_dir} exists, is not empty and holds no run; choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_dir / "config.yaml", config_text)
+    write_json_atomic(run_dir / CONFIG_FILE, wanted)
+
+
+def start_session(run_dir: Path, environment: dict[str, Any]) -> int:
+    """Append this session's environment to ``environment.json`` (one entry per start / resume); its index."""
+    sessions = read_sessions(run_dir)
+    sessions.append({**environment, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wall_seconds": None})
+    write_json_atomic(run_dir / ENVIRONMENT_FILE, {"sessions": _json_roundtrip(sessions)})
+    return len(sessions) - 1
+
+
+def end_session(run_dir: Path, index: int, wall_seconds: float) -> None:
+    """Record how long session ``index`` ran (sessions killed before this keep ``wall_seconds: null``)."""
+    sessions = read_sessions(run_dir)
+    sessions[index]["wall_seconds"] = round(wall_seconds, 1)
+    write_json_atomic(run_dir / ENVIRONMENT_FILE, {"sessions": sessions})
+
+
+def read_sessions(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / ENVIRONMENT_FILE
+    return json.loads(path.read_text(encoding="utf-8"))["sessions"] if path.is_file() else []
+
+
+def cell_path(run_dir: Path, cell_id: str) -> Path:
+    return run_dir / CELLS_DIR / f"{cell_id}.json"
+
+
+def write_cell(run_dir: Path, record: dict[str, Any]) -> Path:
+    """Write one finished cell atomically, with its checksum."""
+    record = _json_roundtrip(record)
+    record["checksum"] = checksum(record)
+    path = cell_path(run_dir, record["cell"]["id"])
+    write_json_atomic(path, record)
+    return path
+
+
+def read_cell(path: Path) -> dict[str, Any] | None:
+    """A stored cell, or None (with a warning) when it is unreadable or fails its checksum: it is redone."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if record.get("format") == CELL_FORMAT and record.get("checksum") == checksum(record):
+            return record
+    except (OSError, json.JSONDecodeError, AttributeError):
+        pass
+    log.warning("cell result %s is unreadable or fails its checksum; it will be evaluated again", path)
+    return None
+
+
+def read_cells(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """Every valid finished cell of a run folder, by cell id."""
+    cells = {}
+    for path in sorted((run_dir / CELLS_DIR).glob("*.json")):
+        record = read_cell(path)
+        if record is not None:
+            cells[record["cell"]["id"]] = record
+    return cells
+
+
+def comparable(record: dict[str, Any]) -> dict[str, Any]:
+    """What must be equal between two runs of the same config on the same machine (no timings / memory)."""
+    return {key: value for key, value in record.items() if key not in VOLATILE_FIELDS}
+
+
+def merge(out_dir: Path, inputs: list[Path]) -> dict[str, dict[str, Any]]:
+    """Merge shard run folders (same config) into ``out_dir``; returns all cells by id.
+
+    Raises ``RunFolderError`` if the inputs' configs differ, or if two inputs hold different results for a cell.
+    """
+    if not inputs:
+        raise RunFolderError("merge: no run folders given")
+    configs = []
+    for folder in inputs:
+        if not (folder / CONFIG_FILE).is_file():
+            raise RunFolderError(f"merge: {folder} is not a run folder ({CONFIG_FILE} missing)")
+        configs.append(json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")))
+    for folder, config in zip(inputs[1:], configs[1:], strict=True):
+        difference = first_difference(configs[0], config)
+        if difference:
+            raise RunFolderError(f"merge: {folder} was made from another config than {inputs[0]} (differs at "
+                                 f"{difference})")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if (out_dir / CONFIG_FILE).is_file() and first_difference(
+            json.loads((out_dir / CONFIG_FILE).read_text(encoding="utf-8")), configs[0]):
+        raise RunFolderError(f"merge: output {out_dir} holds a run of another config")
+    for name in ("config.yaml", CONFIG_FILE):
+        if not (out_dir / name).is_file():
+            write_text_atomic(out_dir / name, (inputs[0] / name).read_text(encoding="utf-8"))
+    sessions = read_sessions(out_dir) + [session for folder in inputs for session in read_sessions(folder)]
+    write_json_atomic(out_dir / ENVIRONMENT_FILE, {"sessions": sessions})
+    merged = read_cells(out_dir)
+    for folder in inputs:
+        for cell_id, record in read_cells(folder).items():
+            if cell_id in merged and first_difference(comparable(merged[cell_id]), comparable(record)):
+                raise RunFolderError(f"merge: cell {cell_id} differs between run folders ({folder})")
+            if cell_id not in merged:
+                (out_dir / CELLS_DIR).mkdir(exist_ok=True)
+                shutil.copyfile(folder / CELLS_DIR / f"{cell_id}.json", out_dir / CELLS_DIR / ".incoming.json")
+                (out_dir / CELLS_DIR / ".incoming.json").replace(cell_path(out_dir, cell_id))
+                merged[cell_id] = record
+    return merged
+
+
+def summarise(plan: Plan, cells: dict[str, dict[str, Any]], sessions: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run summary (``SUMMARY_FORMAT``): compressions with memory, targets, prompts, flattened cells.
+
+    ``wall_seconds`` sums the recorded sessions; ``environment`` is the first session's.
+    """
+    config = plan.config
+    environment = sessions[0] if sessions else {}
+    wall_seconds = sum(session.get("wall_seconds") or 0.0 for session in sessions)
+    records = [cells[cell.id] for cell in plan.cells]
+    dense = {r["cell"]["task"]: r["metric"]["value"] for r in records
+             if r["cell"]["compression"] == "dense" and r["cell"]["prompt"] == "none"}
+    compressions = {}
+    for record in records:
+        block = record["compression"]
+        memory = block["memory"]
+        compressions[block["spec"]] = {"spec": block["spec"], "family": block["family"],
+                                       "weight_bytes": memory["stored_bytes"],
+                                       "bits_per_weight": memory["compressed_bits_per_weight"],
+                                       "ratio_to_dense": memory["ratio_to_dense_fp16"]}
+    prompts = {"none": {"id": "none", "kind": "none"}}
+    for record in records:
+        prompts.setdefault(record["cell"]["prompt"], _prompt_summary(record))
+    flat = [_flat_cell(record, dense.get(record["cell"]["task"])) for record in records]
+    hardware = environment.get("hardware", {})
+    machine = (f"{hardware.get('cpu_count')} CPU cores {hardware.get('machine', '')}, "
+               f"{hardware.get('cuda_device') or 'no GPU'}")
+    return {
+        "format": SUMMARY_FORMAT, "name": config.name, "model": config.model,
+        "wall_seconds": round(wall_seconds, 1), "machine": machine, "sessions": len(sessions),
+        "environment": environment,
+        "compressions": [compressions[spec] for spec in config.compression.specs if spec in compressions],
+        "targets": [{"task": t.task, "metric": t.metric, "domain": t.domain,
+                     "higher_is_better": _higher_is_better(records, t.task)} for t in config.targets],
+        "prompts": list(prompts.values()),
+        "cells": flat,
+    }
+
+
+def _higher_is_better(records: list[dict[str, Any]], task: str) -> bool | None:
+    return next((r["metric"]["higher_is_better"] for r in records if r["cell"]["task"] == task), None)
+
+
+def _prompt_summary(record: dict[str, Any]) -> dict[str, Any]:
+    cell, prompt = record["cell"], record["prompt"]
+    choice = cell["prompt_choice"]
+    summary = {"id": cell["prompt"], "kind": choice["kind"], "n_tokens": prompt.get("n_tokens")}
+    if choice["kind"] == "hard":
+        summary["name"] = choice["hard"]
+    if choice["kind"] == "soft":
+        summary.update(source=choice["source"], trained_at=choice["trained_at"],
+                       train_seconds=prompt.get("train_seconds"), best_val_ppl=prompt.get("best_val_ppl"))
+    return summary
+
+
+def _flat_cell(record: dict[str, Any], dense_value: float | None) -> dict[str, Any]:
+    cell, metric = record["cell"], record["metric"]
+    value = metric["value"]
+    return {
+        "id": cell["id"], "compression": cell["compression"], "prompt": cell["prompt"], "task": cell["task"],
+        "metric": metric["name"], "value": value, "stderr": metric["stderr"], "dense_value": dense_value,
+        "delta": None if dense_value is None else value - dense_value,
+        "dataset_relation": cell["dataset_relation"], "compression_relation": cell["compression_relation"],
+        "peak_memory_bytes": record["memory"]["peak_memory_bytes"], "seconds": record["seconds"],
+        "kernel_mode": record["compression"]["kernel_mode"],
+    }
+
+
+def compression_block(spec: str, kernel_mode: str, folder: str | None, memory: dict[str, Any]) -> dict[str, Any]:
+    """What a cell records about its compression level: spec, family, kernels, checkpoint and memory account."""
+    return {"spec": spec, "family": family(spec), "kernel_mode": kernel_mode, "checkpoint": folder,
+            "memory": memory}

@@ -1,0 +1,142 @@
+"""Reports of transfer-matrix runs: ``write_report`` turns one ``summary.json`` into markdown, LaTeX, HTML and PNGs;
+``write_leaderboard`` collects every run under ``results/``. ``tables`` builds the tables (and documents the
+layout), ``plots`` the figures; ``cli_commands`` adds ``cpt-bench report`` and ``cpt-bench leaderboard``.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cpt_bench.assets.cache import write_text_atomic
+from cpt_bench.report.leaderboard import write_leaderboard
+from cpt_bench.report.tables import (
+    Summary,
+    Table,
+    html_page,
+    latex_text,
+    level_grids,
+    load_summary,
+    prompts_table,
+    results_tables,
+    source_target_grids,
+    to_html,
+    to_latex,
+    to_markdown,
+)
+
+if TYPE_CHECKING:
+    from cpt_bench.report.plots import Plot
+
+__all__ = ["load_summary", "write_leaderboard", "write_report"]
+
+_LEGEND = ("Entries are value ± standard error; Δ is the value minus the dense model without prompt on the same task; "
+           "– marks combinations the run does not contain; (in-domain) marks soft prompts trained on the target's "
+           "own domain.")
+_PLOT_NOTE = ("Lines: metric against stored weight size per prompt kind; soft lines average the prompts trained at "
+              "the level they are applied at (error bars: root of summed variances over n). Heatmaps: red is worse, "
+              "green better, scaled per column for source × target grids and over the grid for level grids.")
+
+
+@dataclass(frozen=True)
+class _Section:
+    heading: str
+    intro: str
+    tables: list[Table]
+
+
+def _sections(summary: Summary) -> list[_Section]:
+    return [
+        _Section("Results per target", "One table per target task: a row per compression level, a column per prompt "
+                 "evaluated on that task.", results_tables(summary)),
+        _Section("Source × target transfer per compression level", "For each level soft prompts were trained at: "
+                 "those prompts (by training corpus) applied at that same level to every target, with no prompt "
+                 "for reference.", [grid.table() for grid in source_target_grids(summary)]),
+        _Section("Compression-level transfer per soft prompt source", "For each training corpus: its prompts (rows: "
+                 "the level each was trained at) applied at every level (columns) on the target of the corpus' own "
+                 "domain, else the first target; the none row is each level without prompt.",
+                 [grid.table() for grid in level_grids(summary)]),
+        _Section("Prompts", "Tokens: prompt length; train seconds and best validation perplexity of soft prompts.",
+                 [prompts_table(summary)]),
+    ]
+
+
+def _facts(summary: Summary) -> list[str]:
+    raw = summary.raw
+    possible = len(summary.compressions) * len(summary.prompts) * len(summary.targets)
+    return [f"model: {raw['model']}", f"machine: {raw['machine']}", f"wall time: {raw['wall_seconds']:.1f} s",
+            f"cells: {summary.n_cells} of {possible} (compression, prompt, target) combinations"]
+
+
+def _title(summary: Summary) -> str:
+    return f"CPT benchmark report: {summary.raw['name']}"
+
+
+def _environment(summary: Summary) -> str:
+    return json.dumps(summary.raw["environment"], indent=2, sort_keys=True, ensure_ascii=False)
+
+
+def _markdown(summary: Summary, sections: list[_Section], plots: list[Plot]) -> str:
+    lines = [f"# {_title(summary)}", "", *(f"- {fact}" for fact in _facts(summary)), "", _LEGEND, ""]
+    for section in sections:
+        lines += [f"## {section.heading}", "", section.intro, ""]
+        for table in section.tables:
+            lines += [f"### {table.title}", "", to_markdown(table), ""]
+    lines += ["## Plots", "", _PLOT_NOTE, ""]
+    lines += [line for plot in plots for line in (f"![{plot.title}]({plot.path.name})", "")]
+    lines += ["## Environment", "", "```json", _environment(summary), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def _latex(summary: Summary, sections: list[_Section], plots: list[Plot]) -> str:
+    preamble = [r"\documentclass{article}", r"\usepackage[T1]{fontenc}", r"\usepackage[utf8]{inputenc}",
+                r"\usepackage[margin=2cm,landscape]{geometry}", r"\usepackage{booktabs}", r"\usepackage{adjustbox}",
+                r"\usepackage{graphicx}", r"\begin{document}"]
+    lines = [*preamble, rf"\section*{{{latex_text(_title(summary))}}}", r"\begin{itemize}",
+             *(rf"\item {latex_text(fact)}" for fact in _facts(summary)), r"\end{itemize}", latex_text(_LEGEND), ""]
+    for section in sections:
+        lines += [rf"\section{{{latex_text(section.heading)}}}", latex_text(section.intro), ""]
+        lines += [block for table in section.tables for block in (to_latex(table), "")]
+        lines += [r"\clearpage", ""]
+    lines += [r"\section{Plots}", latex_text(_PLOT_NOTE), ""]
+    lines += [line for plot in plots for line in (
+        r"\begin{figure}[htbp]", r"\centering", rf"\includegraphics[width=0.8\linewidth]{{{plot.path.name}}}",
+        rf"\caption{{{latex_text(plot.title)}}}", r"\end{figure}", "")]
+    lines += [r"\clearpage", r"\section{Environment}", r"\begin{verbatim}", _environment(summary), r"\end{verbatim}",
+              r"\end{document}"]
+    return "\n".join(lines) + "\n"
+
+
+def _html(summary: Summary, sections: list[_Section], plots: list[Plot]) -> str:
+    escape = html.escape
+    body = [f"<h1>{escape(_title(summary))}</h1>", "<ul>", *(f"<li>{escape(fact)}</li>" for fact in _facts(summary)),
+            "</ul>", f"<p>{escape(_LEGEND)}</p>"]
+    for section in sections:
+        body += [f"<h2>{escape(section.heading)}</h2>", f"<p>{escape(section.intro)}</p>"]
+        body += [block for table in section.tables for block in (f"<h3>{escape(table.title)}</h3>", to_html(table))]
+    body += ["<h2>Plots</h2>", f"<p>{escape(_PLOT_NOTE)}</p>"]
+    body += [f'<figure><img src="{escape(plot.path.name)}" alt="{escape(plot.title)}">'
+             f"<figcaption>{escape(plot.title)}</figcaption></figure>" for plot in plots]
+    body += ["<h2>Environment</h2>", f"<pre>{escape(_environment(summary))}</pre>"]
+    return html_page(_title(summary), body)
+
+
+def write_report(summary: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Write ``report.md``, ``report.tex``, ``report.html`` and the PNGs they show into ``out_dir``; return the paths.
+
+    ``summary`` is a parsed ``summary.json`` (format ``cpt_bench.matrix_summary/1``); ``ValueError`` when malformed.
+    """
+    from cpt_bench.report.plots import write_plots  # matplotlib loads only when a report is written
+
+    parsed = Summary(summary)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = write_plots(parsed, out_dir)
+    sections = _sections(parsed)
+    paths = []
+    for name, render in (("report.md", _markdown), ("report.tex", _latex), ("report.html", _html)):
+        paths.append(out_dir / name)
+        write_text_atomic(paths[-1], render(parsed, sections, plots))
+    return paths + [plot.path for plot in plots]

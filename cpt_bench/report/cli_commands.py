@@ -1,0 +1,42 @@
+"""The ``cpt-bench report`` and ``cpt-bench leaderboard`` subcommands; ``cpt_bench.cli`` registers them with
+``add_report_parser``.
+
+``report RUN`` turns ``RUN/summary.json`` (written by the matrix runner) into tables and plots;
+``leaderboard`` collects every ``results/*/summary.json`` into ``results/LEADERBOARD.md`` and ``.html``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    """Write the report of one run and print each written path."""
+    from cpt_bench.report import load_summary, write_report
+
+    summary = load_summary(args.run_dir / "summary.json")
+    for path in write_report(summary, args.out or args.run_dir / "report"):
+        print(path)
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> None:
+    """Write the leaderboard of every run under the results folder and print each written path."""
+    from cpt_bench.report import write_leaderboard
+
+    for path in write_leaderboard(args.results):
+        print(path)
+
+
+def add_report_parser(subparsers: argparse._SubParsersAction) -> list[argparse.ArgumentParser]:
+    """Add ``report`` and ``leaderboard`` to ``cpt-bench``; each parser's ``run`` default runs it."""
+    report = subparsers.add_parser("report", help="tables (md, LaTeX, HTML) and plots of one matrix run")
+    report.add_argument("run_dir", type=Path, metavar="RUN", help="run folder holding summary.json")
+    report.add_argument("--out", type=Path, default=None, help="report folder (default: RUN/report)")
+    report.set_defaults(run=cmd_report)
+
+    leaderboard = subparsers.add_parser("leaderboard", help="collect results/*/summary.json into LEADERBOARD.md/.html")
+    leaderboard.add_argument("--results", type=Path, default=Path("results"),
+                             help="folder of run folders (default: results)")
+    leaderboard.set_defaults(run=cmd_leaderboard)
+    return [report, leaderboard]

@@ -1,0 +1,322 @@
+"""Tables of a transfer-matrix run summary (``summary.json``, format ``cpt_bench.matrix_summary/1``).
+
+Layout choice: the main results are one table per target task (rows: compression levels with their stored size;
+columns: one per prompt evaluated on that target). One table with a column per (target, prompt) pair outgrows a
+page at more than two targets, and per target the "(in-domain)" marker of a soft prompt holds for a whole column.
+Transfer matrices are ``Grid``s of summary cells, rendered both as tables here and as heatmaps in ``plots``.
+Which prompt is in-domain or at its own level is derived from the prompts and targets (source == target domain,
+trained_at == compression), so the cells' ``dataset_relation`` / ``compression_relation`` fields are not read.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tabulate import LATEX_ESCAPE_RULES, tabulate
+
+FORMAT = "cpt_bench.matrix_summary/1"
+MISSING = "–"
+_EXPECTED = f"expected a {FORMAT} summary written by the matrix runner"
+_REQUIRED_KEYS = {
+    "summary": ("format", "name", "model", "wall_seconds", "machine", "environment", "compressions", "targets",
+                "prompts", "cells"),
+    "compressions": ("spec", "weight_bytes", "ratio_to_dense", "bits_per_weight"),
+    "targets": ("task", "metric", "higher_is_better"),
+    "prompts": ("id", "kind"),
+    "cells": ("compression", "prompt", "task", "value"),
+}
+_KEYS_BY_PROMPT_KIND = {"none": (), "hard": ("name",), "soft": ("source", "trained_at")}
+_NUMBERS = {"summary": ("wall_seconds",), "compressions": ("weight_bytes", "ratio_to_dense", "bits_per_weight"),
+            "cells": ("value",)}
+_OPTIONAL_NUMBERS = {"cells": ("stderr", "delta")}
+_LATEX_UNICODE = {"±": r"$\pm$", "Δ": r"$\Delta$", "–": "--", "×": r"$\times$", "↑": r"$\uparrow$",
+                  "↓": r"$\downarrow$"}
+
+
+def _fail(origin: str, problem: str) -> None:
+    raise ValueError(f"{origin}: {problem} ({_EXPECTED})")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_entry(entry: Any, section: str, where: str, origin: str) -> None:
+    """``entry`` is an object with the keys and numeric fields that ``section`` requires."""
+    if not isinstance(entry, dict):
+        _fail(origin, f"{where} is not an object")
+    required = _REQUIRED_KEYS[section] + _KEYS_BY_PROMPT_KIND.get(entry.get("kind"), ())
+    if missing := [key for key in required if key not in entry]:
+        _fail(origin, f"{where} lacks {', '.join(map(repr, missing))}")
+    numbers = [key for key in _NUMBERS.get(section, ()) if not _is_number(entry[key])]
+    numbers += [key for key in _OPTIONAL_NUMBERS.get(section, ()) if entry.get(key) is not None
+                and not _is_number(entry[key])]
+    if numbers:
+        _fail(origin, f"{where} has non-numeric {', '.join(map(repr, numbers))}")
+
+
+def _unique(raw: dict[str, Any], section: str, key: str, origin: str) -> set[str]:
+    """The ``key`` values of ``raw[section]``, which must not repeat."""
+    values = [entry[key] for entry in raw[section]]
+    if duplicates := sorted({str(v) for v in values if values.count(v) > 1}):
+        _fail(origin, f"{section} repeat {key} {', '.join(duplicates)}")
+    return set(values)
+
+
+def validate_summary(raw: Any, origin: str) -> None:
+    """Raise ``ValueError`` naming ``origin`` (a path or label) unless ``raw`` is a usable summary."""
+    if not isinstance(raw, dict):
+        _fail(origin, "not a JSON object")
+    if raw.get("format") != FORMAT:
+        _fail(origin, f"format is {raw.get('format')!r}")
+    _check_entry(raw, "summary", "the summary", origin)
+    for section in ("compressions", "targets", "prompts", "cells"):
+        if not isinstance(raw[section], list) or (section != "cells" and not raw[section]):
+            _fail(origin, f"{section!r} is not a non-empty list")
+        for index, entry in enumerate(raw[section]):
+            _check_entry(entry, section, f"{section}[{index}]", origin)
+    if kinds := sorted({str(p["kind"]) for p in raw["prompts"]} - set(_KEYS_BY_PROMPT_KIND)):
+        _fail(origin, f"prompts have unknown kind {', '.join(kinds)}")
+    known = {"compression": _unique(raw, "compressions", "spec", origin),
+             "prompt": _unique(raw, "prompts", "id", origin), "task": _unique(raw, "targets", "task", origin)}
+    soft = [(p["source"], p["trained_at"]) for p in raw["prompts"] if p["kind"] == "soft"]
+    if len(set(soft)) != len(soft):
+        _fail(origin, "two soft prompts share a (source, trained_at) pair")
+    seen = set()
+    for index, cell in enumerate(raw["cells"]):
+        if unknown := [f"{k} {cell[k]!r}" for k in ("compression", "prompt", "task") if cell[k] not in known[k]]:
+            _fail(origin, f"cells[{index}] names unknown {', '.join(unknown)}")
+        key = (cell["compression"], cell["prompt"], cell["task"])
+        if key in seen:
+            _fail(origin, f"cells[{index}] repeats {' / '.join(key)}")
+        seen.add(key)
+
+
+def load_summary(path: Path) -> dict[str, Any]:
+    """Read and validate a ``summary.json``; ``ValueError`` naming ``path`` when missing or malformed."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file ({_EXPECTED})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: unreadable JSON, {exc} ({_EXPECTED})") from None
+    validate_summary(raw, str(path))
+    return raw
+
+
+class Summary:
+    """A validated summary with its cells indexed by (compression spec, prompt id, task)."""
+
+    def __init__(self, raw: dict[str, Any], origin: str = "summary") -> None:
+        validate_summary(raw, origin)
+        self.raw = raw
+        self.compressions: list[dict[str, Any]] = raw["compressions"]
+        self.targets: list[dict[str, Any]] = raw["targets"]
+        self.prompts: list[dict[str, Any]] = raw["prompts"]
+        self.none_prompts = [p for p in self.prompts if p["kind"] == "none"]
+        self.soft_prompts = [p for p in self.prompts if p["kind"] == "soft"]
+        self._cells = {(c["compression"], c["prompt"], c["task"]): c for c in raw["cells"]}
+
+    def cell(self, compression: str, prompt: str, task: str) -> dict[str, Any] | None:
+        """The cell of a prompt applied at a compression level on a task, or None when not in the run."""
+        return self._cells.get((compression, prompt, task))
+
+    def sources(self) -> list[str]:
+        """Soft prompt training corpora, in order of first appearance."""
+        return list(dict.fromkeys(p["source"] for p in self.soft_prompts))
+
+    def home_target(self, source: str) -> dict[str, Any]:
+        """The target whose domain is ``source``, else the first target."""
+        return next((t for t in self.targets if t.get("domain") == source), self.targets[0])
+
+    @property
+    def n_cells(self) -> int:
+        return len(self._cells)
+
+
+def is_perplexity(metric: str) -> bool:
+    """Whether a metric is a perplexity (2 decimals, log scale in plots)."""
+    return "perplexity" in metric or "ppl" in metric
+
+
+def format_number(value: float, metric: str, signed: bool = False) -> str:
+    """``value`` with 2 decimals for perplexities, 3 otherwise; never prints a negative zero."""
+    digits = 2 if is_perplexity(metric) else 3
+    value = round(value, digits) + 0.0
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def format_entry(cell: dict[str, Any] | None, target: dict[str, Any], with_delta: bool = False) -> str:
+    """``value ± stderr (Δ +x.xx)``: stderr and Δ (value minus dense without prompt) only when known."""
+    if cell is None:
+        return MISSING
+    metric = target["metric"]
+    text = format_number(cell["value"], metric)
+    if cell.get("stderr") is not None:
+        text += f" ± {format_number(cell['stderr'], metric)}"
+    if with_delta and cell.get("delta") is not None:
+        text += f" (Δ {format_number(cell['delta'], metric, signed=True)})"
+    return text
+
+
+def is_in_domain(prompt: dict[str, Any], target: dict[str, Any]) -> bool:
+    """A soft prompt trained on the target's own domain."""
+    return prompt["kind"] == "soft" and prompt["source"] == target.get("domain")
+
+
+def prompt_label(prompt: dict[str, Any], target: dict[str, Any] | None = None) -> str:
+    """``none``, ``hard:<name>`` or ``soft:<source>@<trained_at>`` (+ `` (in-domain)`` for ``target``'s domain)."""
+    if prompt["kind"] == "none":
+        return "none"
+    if prompt["kind"] == "hard":
+        return f"hard:{prompt['name']}"
+    label = f"soft:{prompt['source']}@{prompt['trained_at']}"
+    return f"{label} (in-domain)" if target is not None and is_in_domain(prompt, target) else label
+
+
+def direction(target: dict[str, Any]) -> str:
+    """``↑`` when higher is better, ``↓`` when lower is."""
+    return "↑" if target["higher_is_better"] else "↓"
+
+
+def compression_columns(compression: dict[str, Any]) -> list[str]:
+    """Spec, stored weight MB (1e6 bytes, 1 decimal), ratio to dense (3 decimals), bits per weight (2 decimals)."""
+    return [compression["spec"], f"{compression['weight_bytes'] / 1e6:.1f}", f"{compression['ratio_to_dense']:.3f}",
+            f"{compression['bits_per_weight']:.2f}"]
+
+
+COMPRESSION_HEADERS = ["compression", "stored MB", "ratio to dense", "bits/weight"]
+
+
+@dataclass(frozen=True)
+class Table:
+    """A titled grid of formatted text: ``label_columns`` left-aligned text columns, then right-aligned values."""
+
+    title: str
+    headers: list[str]
+    rows: list[list[str]]
+    label_columns: int = 1
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A matrix of summary cells (None where absent); column ``j`` reports ``targets[j]``; ``key`` names its file."""
+
+    key: str
+    title: str
+    corner: str
+    row_labels: list[str]
+    column_labels: list[str]
+    targets: list[dict[str, Any]]
+    cells: list[list[dict[str, Any] | None]]
+
+    def table(self) -> Table:
+        """Entries ``value ± stderr``, ``–`` where absent."""
+        rows = [[label, *(format_entry(cell, target) for cell, target in zip(row, self.targets, strict=True))]
+                for label, row in zip(self.row_labels, self.cells, strict=True)]
+        return Table(self.title, [self.corner, *self.column_labels], rows)
+
+
+def results_tables(summary: Summary) -> list[Table]:
+    """One table per target: a row per compression, a column per prompt evaluated on that target."""
+    return [_results_table(summary, target) for target in summary.targets]
+
+
+def _results_table(summary: Summary, target: dict[str, Any]) -> Table:
+    task, specs = target["task"], [c["spec"] for c in summary.compressions]
+    prompts = [p for p in summary.prompts if any(summary.cell(spec, p["id"], task) for spec in specs)]
+    rows = [[*compression_columns(c), *(format_entry(summary.cell(c["spec"], p["id"], task), target, with_delta=True)
+                                        for p in prompts)] for c in summary.compressions]
+    title = f"{task}: {target['metric']} {direction(target)}, value ± stderr (Δ vs dense without prompt)"
+    return Table(title, [*COMPRESSION_HEADERS, *(prompt_label(p, target) for p in prompts)], rows)
+
+
+def _target_label(target: dict[str, Any]) -> str:
+    return f"{target['task']} ({target['metric']} {direction(target)})"
+
+
+def source_target_grids(summary: Summary) -> list[Grid]:
+    """Per compression level with soft prompts trained at it: rows none + those prompts' sources, columns targets."""
+    grids = []
+    for spec in (c["spec"] for c in summary.compressions):
+        soft = [p for p in summary.soft_prompts if p["trained_at"] == spec]
+        if not soft:
+            continue
+        prompts = [*summary.none_prompts, *soft]
+        cells = [[summary.cell(spec, p["id"], t["task"]) for t in summary.targets] for p in prompts]
+        grids.append(Grid(f"heatmap-sources-at-{spec}", f"Soft prompts trained and applied at {spec}: source × target",
+                          "prompt source", [p.get("source", "none") for p in prompts],
+                          [_target_label(t) for t in summary.targets], summary.targets, cells))
+    return grids
+
+
+def level_grids(summary: Summary) -> list[Grid]:
+    """Per soft prompt source: rows none + levels trained at, columns levels applied at, on its home target."""
+    grids = []
+    specs = [c["spec"] for c in summary.compressions]
+    for source in summary.sources():
+        target = summary.home_target(source)
+        prompts = [*summary.none_prompts, *(p for p in summary.soft_prompts if p["source"] == source)]
+        cells = [[summary.cell(spec, p["id"], target["task"]) for spec in specs] for p in prompts]
+        title = f"{source} soft prompts on {_target_label(target)}: trained at (rows) × applied at (columns)"
+        rows = [p.get("trained_at", "none") for p in prompts]
+        grids.append(Grid(f"heatmap-levels-{source}", title, "trained at", rows, specs, [target] * len(specs), cells))
+    return grids
+
+
+def prompts_table(summary: Summary) -> Table:
+    """Each prompt with its length and, for soft prompts, corpus, level, training time (s) and validation ppl."""
+    def field(prompt: dict[str, Any], key: str, spec: str = "") -> str:
+        return MISSING if prompt.get(key) is None else format(prompt[key], spec)
+
+    rows = [[prompt_label(p), p["kind"], field(p, "source"), field(p, "trained_at"), field(p, "n_tokens"),
+             field(p, "train_seconds", ".1f"), field(p, "best_val_ppl", ".2f")] for p in summary.prompts]
+    headers = ["prompt", "kind", "trained on", "trained at", "tokens", "train seconds", "best validation ppl"]
+    return Table("Prompts: kind, training corpus and level, length, training cost", headers, rows, label_columns=4)
+
+
+def _tabulate(table: Table, tablefmt: str) -> str:
+    align = ("left",) * table.label_columns + ("right",) * (len(table.headers) - table.label_columns)
+    return tabulate(table.rows, headers=table.headers, tablefmt=tablefmt, disable_numparse=True, colalign=align)
+
+
+def to_markdown(table: Table) -> str:
+    """A GitHub-flavoured markdown table (no title)."""
+    return _tabulate(table, "github")
+
+
+def to_html(table: Table) -> str:
+    """An HTML ``<table>`` (cell text escaped; no title)."""
+    return _tabulate(table, "html")
+
+
+def latex_text(text: str) -> str:
+    """``text`` escaped for LaTeX body text, with ± Δ – × ↑ ↓ as LaTeX commands."""
+    return latex_unicode("".join(LATEX_ESCAPE_RULES.get(char, char) for char in text))
+
+
+def latex_unicode(latex: str) -> str:
+    """Replace the few non-ASCII characters the report uses by LaTeX commands (after tabulate escaped the rest)."""
+    for char, command in _LATEX_UNICODE.items():
+        latex = latex.replace(char, command)
+    return latex
+
+
+def to_latex(table: Table) -> str:
+    """A ``table`` float: caption, then the booktabs tabular shrunk to the line width when wider."""
+    tabular = latex_unicode(_tabulate(table, "latex_booktabs"))
+    return "\n".join([r"\begin{table}[htbp]", r"\centering", rf"\caption{{{latex_text(table.title)}}}",
+                      r"\begin{adjustbox}{max width=\linewidth}", tabular, r"\end{adjustbox}", r"\end{table}"])
+
+
+def html_page(title: str, body: list[str]) -> str:
+    """A standalone UTF-8 HTML page around ``body`` (already HTML)."""
+    style = "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:1.5em}" \
+            "th,td{border:1px solid #bbb;padding:2px 8px}img{max-width:100%}"
+    head = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+            f"<title>{html.escape(title)}</title>", f"<style>{style}</style>", "</head>", "<body>"]
+    return "\n".join([*head, *body, "</body>", "</html>"]) + "\n"

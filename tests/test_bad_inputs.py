@@ -1,0 +1,440 @@
+"""The bad-input catalogue: every bad value a user can give gets one line naming it and what was expected.
+
+Each ``Case`` prepares its inputs in ``tmp_path`` and returns either an argv for ``cpt_bench.cli.main`` (the
+user runs ``cpt-bench``) or a zero-argument callable (the user reaches that code another way, e.g. lm-eval
+``--model_args`` of the ``cpt`` adapter through ``cpt-lm-eval``). Checked for every case:
+
+* CLI: ``main`` returns non-zero and stderr is exactly one line, ``cpt-bench: error: <message>``;
+  callable: it raises an error that ``cpt-lm-eval`` reports in one line (``cpt_bench.lmeval.cli.user_error``);
+* the message matches the case's regex (the bad value and what was expected);
+* nothing already written is lost: every file under ``tmp_path`` before the call keeps its bytes, and no
+  temporary file or folder is left behind; ``after`` checks anything more.
+
+To add a case, append a ``Case`` to ``CASES``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+
+from cpt_bench import cli
+from cpt_bench.lmeval import cli as lmeval_cli
+
+from .compress_helpers import _one_thread  # noqa: F401  (_one_thread: autouse fixture)
+from .conftest import TINY_SEQLEN_TOKENS, build_tiny_tokenizer
+from .prompt_helpers import save_random_prompt
+
+Invocation = list[str] | Callable[[], object]
+LEFTOVER = re.compile(r"(\.tmp|\.building|\.staged|^\.staging-.*|\.stale-.*)$")
+
+
+@dataclass
+class Inputs:
+    """Inputs of a case (read-only: copy what a case changes into its ``tmp_path``) and its monkeypatch."""
+
+    model: Path  # the tiny model folder (tests/conftest.py ``tiny_model_dir``)
+    prompt: Path  # a soft prompt for it
+    compressed: Path  # it compressed by rtn-w8 (``cpt-bench compress --out``)
+    cache: Path  # the filled fake cache (corpora and zero-shot sets)
+    monkeypatch: pytest.MonkeyPatch  # this test's
+
+    def copy(self, what: Path, tmp: Path) -> Path:
+        return Path(shutil.copytree(what, tmp / what.name))
+
+
+@dataclass(frozen=True)
+class Case:
+    """One bad input: ``run(tmp_path, inputs)`` prepares it and returns the invocation; ``message`` is a regex the
+    one-line error must match; ``after(tmp_path)`` checks more once it has failed."""
+
+    id: str
+    run: Callable[[Path, Inputs], Invocation]
+    message: str
+    after: Callable[[Path], None] | None = None
+    needs_non_root: bool = False  # permission checks do not apply to root
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _argv(*args: object) -> Callable[[Path, Inputs], list[str]]:
+    """A case run returning a fixed argv; ``{model}``, ``{tmp}``, ``{compressed}`` are filled in."""
+
+    def run(tmp: Path, inputs: Inputs) -> list[str]:
+        fill = {"model": inputs.model, "tmp": tmp, "compressed": inputs.compressed}
+        return [str(arg).format(**fill) for arg in args]
+
+    return run
+
+
+def _compress(*extra: str) -> Callable[[Path, Inputs], list[str]]:
+    return _argv("compress", "--model", "{model}", *extra)
+
+
+def _train(*extra: str) -> Callable[[Path, Inputs], list[str]]:
+    return _argv("prompt", "train", "--model", "{model}", "--source", "wikipedia", "--out", "{tmp}/prompt",
+                 "--n-virtual-tokens", "3", "--steps", "2", "--eval-every", "2", "--seqlen", TINY_SEQLEN_TOKENS,
+                 "--eval-windows", "2", "--device", "cpu", *extra)
+
+
+def _adapter(**model_args: str) -> Callable[[Path, Inputs], Callable[[], object]]:
+    """lm-eval's construction of ``--model cpt --model_args k=v,...`` (values filled like ``_argv``)."""
+    from cpt_bench.lmeval.adapter import CptLM
+
+    def run(tmp: Path, inputs: Inputs) -> Callable[[], object]:
+        fill = {"model": inputs.model, "tmp": tmp, "prompt": inputs.prompt, "compressed": inputs.compressed}
+        text = ",".join(f"{key}={value.format(**fill)}" for key, value in model_args.items())
+        return partial(CptLM.create_from_arg_string, f"pretrained={inputs.model},{text}",
+                       {"batch_size": 1, "device": "cpu"})
+
+    return run
+
+
+def _model_folder(tmp: Path, config: dict | None) -> Path:
+    folder = tmp / "not-a-causal-lm"
+    folder.mkdir()
+    if config is not None:
+        (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").write_bytes(b"\0" * 16)
+    return folder
+
+
+def _not_causal(command: str) -> Callable[[Path, Inputs], list[str]]:
+    def run(tmp: Path, inputs: Inputs) -> list[str]:
+        folder = _model_folder(tmp, {"model_type": "t5", "d_model": 32, "num_layers": 1, "num_heads": 2})
+        return _replace_model(COMMANDS[command](tmp, inputs), inputs, folder)
+
+    return run
+
+
+def _no_config(command: str) -> Callable[[Path, Inputs], list[str]]:
+    def run(tmp: Path, inputs: Inputs) -> list[str]:
+        return _replace_model(COMMANDS[command](tmp, inputs), inputs, _model_folder(tmp, None))
+
+    return run
+
+
+def _replace_model(argv: list[str], inputs: Inputs, folder: Path) -> list[str]:
+    return [str(folder) if arg == str(inputs.model) else arg for arg in argv]
+
+
+COMMANDS = {
+    "compress": _compress("--spec", "rtn-w8", "--out", "{tmp}/out"),
+    "train": _train(),
+    "evaluate": _argv("evaluate", "--model", "{model}", "--tasks", "cpt_piqa", "--limit", "1", "--out", "{tmp}/run"),
+}
+
+
+def _corrupt_compressed(tmp: Path, inputs: Inputs) -> list[str]:
+    folder = inputs.copy(inputs.compressed, tmp)
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    return _train("--compression", str(folder))(tmp, inputs)
+
+
+def _garbled_compression_json(tmp: Path, inputs: Inputs) -> list[str]:
+    folder = inputs.copy(inputs.compressed, tmp)
+    (folder / "compression.json").write_text('{"format": "cpt_bench.compressed/1", "spec": ')
+    return _train("--compression", str(folder))(tmp, inputs)
+
+
+def _corrupt_cache_entry(tmp: Path, inputs: Inputs) -> list[str]:
+    """A corpus entry whose file fails its sha256, with its source archive gone and the index unreachable."""
+    from cpt_bench.assets import registry
+    from cpt_bench.assets.cache import CacheError
+
+    cache = tmp / "cache"
+    shutil.copytree(inputs.cache / "corpora", cache / "corpora")
+    train = cache / "corpora" / "wikipedia" / "train.jsonl"
+    train.write_text(train.read_text().replace("river", "rover"))
+    inputs.monkeypatch.setenv("CPT_BENCH_CACHE", str(cache))
+
+    def offline(dist, dest):
+        raise CacheError(f"could not download {dist.requirement} from the package index: network unreachable")
+
+    inputs.monkeypatch.setattr(registry, "_pip_download", offline)
+    return _compress("--spec", "gptq-w4g32", "--n-windows", "1", "--seqlen", "16", "--out", str(tmp / "out"))(
+        tmp, inputs)
+
+
+def _prompt_with(tmp: Path, inputs: Inputs, change: Callable[[Path], None]) -> Path:
+    folder = inputs.copy(inputs.prompt, tmp)
+    change(folder)
+    return folder
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _export_peft(change: Callable[[Path], None]) -> Callable[[Path, Inputs], list[str]]:
+    def run(tmp: Path, inputs: Inputs) -> list[str]:
+        folder = _prompt_with(tmp, inputs, change)
+        return ["prompt", "export-peft", str(folder), str(tmp / "peft")]
+
+    return run
+
+
+def _foreign_prompt(kind: str) -> Callable[[Path, Inputs], Callable[[], object]]:
+    """A soft prompt trained for another model: hidden size 48, another tokenizer, or other weights."""
+
+    def run(tmp: Path, inputs: Inputs) -> Callable[[], object]:
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        tokenizer = AutoTokenizer.from_pretrained(inputs.model)
+        config = LlamaConfig.from_pretrained(inputs.model)
+        if kind == "hidden":
+            config.hidden_size, config.intermediate_size = 48, 96
+        if kind == "tokenizer":
+            tokenizer = build_tiny_tokenizer()
+            tokenizer.add_tokens(["<extra>"])
+        torch.manual_seed(1)
+        model = LlamaForCausalLM(config)
+        model.name_or_path = f"other-{kind}"
+        folder = save_random_prompt(tmp / f"prompt-{kind}", model, tokenizer)
+        return _adapter(soft_prompt=str(folder))(tmp, inputs)
+
+    return run
+
+
+def _disk_full_compress(tmp: Path, inputs: Inputs) -> list[str]:
+    """Recompressing into an existing checkpoint folder when the disk fills while writing the weights."""
+    out = inputs.copy(inputs.compressed, tmp)
+    real_write = os.write
+
+    def full_disk(fd: int, data) -> int:
+        if "model.safetensors" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    inputs.monkeypatch.setattr(os, "write", full_disk)
+    return _compress("--spec", "rtn-w4g32", "--out", str(out))(tmp, inputs)
+
+
+def _read_only_out(tmp: Path, inputs: Inputs) -> list[str]:
+    locked = tmp / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    return _compress("--spec", "rtn-w8", "--out", str(locked / "out"))(tmp, inputs)
+
+
+def _out_under_a_file(tmp: Path, inputs: Inputs) -> list[str]:
+    (tmp / "notes.txt").write_text("mine\n")
+    return _compress("--spec", "rtn-w8", "--out", str(tmp / "notes.txt" / "out"))(tmp, inputs)
+
+
+def _diverged_prompt_kept(tmp: Path) -> None:
+    from cpt_bench.prompts.artifact import read_prompt
+
+    prompt = read_prompt(tmp / "prompt")
+    assert prompt.meta["stopped"] == "diverged" and prompt.meta["best"]["step"] == 0
+    assert torch.isfinite(prompt.embeddings).all()
+
+
+def _nothing_at(*names: str) -> Callable[[Path], None]:
+    def after(tmp: Path) -> None:
+        for name in names:
+            assert not (tmp / name).exists(), f"{name} was created"
+
+    return after
+
+
+# ---------------------------------------------------------------------------------------------- the catalogue
+
+SPEC_GRAMMAR = r"; valid: dense \| \(rtn\|gptq\)-w"
+CASES = [
+    # compression specs
+    Case("spec-unknown", _compress("--spec", "int4"), rf"invalid compression spec 'int4': unknown spec{SPEC_GRAMMAR}"),
+    Case("spec-bits-out-of-range", _compress("--spec", "gptq-w5g64"),
+         r"invalid compression spec 'gptq-w5g64': bits 5 is not one of 2, 3, 4, 8"),
+    Case("spec-sparsity-out-of-range", _compress("--spec", "sparsegpt-95"),
+         r"invalid compression spec 'sparsegpt-95': sparsity 95% is outside 0-90"),
+    Case("spec-group-size-unknown", _compress("--spec", "rtn-w4g48"),
+         r"group size 48 is not one of 32, 64, 128 \(or none for per channel\)"),
+    Case("spec-group-does-not-divide-width", _compress("--spec", "rtn-w4g64", "--out", "{tmp}/out"),
+         r"spec rtn-w4g64: group size 64 does not divide the input width 32 of layer model\.layers\.0\.",
+         after=_nothing_at("out")),
+    Case("adapter-compression-unknown", _adapter(compression="gptq9"), r"invalid compression spec 'gptq9'"),
+    Case("adapter-compression-mode-unknown", _adapter(compression="{compressed}", compression_mode="fast"),
+         r"mode must be one of simulated, real, got 'fast'"),
+    # models
+    Case("model-missing-compress", _compress("--model", "{tmp}/no-such-model", "--spec", "rtn-w8"),
+         r"model '.*/no-such-model' is neither a local folder nor an available Hugging Face model"),
+    Case("model-missing-train", _train("--model", "{tmp}/no-such-model"),
+         r"could not load model '.*/no-such-model': expected 'embedded', a model folder"),
+    Case("model-missing-adapter", _adapter(pretrained="{tmp}/no-such-model"),
+         r"could not load model '.*/no-such-model': expected 'embedded', a model folder"),
+    Case("model-not-causal-compress", _not_causal("compress"),
+         r"model '.*/not-a-causal-lm' is a 't5' model, not a causal"),
+    Case("model-not-causal-train", _not_causal("train"), r"model '.*/not-a-causal-lm' is a 't5' model, not a causal"),
+    Case("model-not-causal-evaluate", _not_causal("evaluate"),
+         r"model '.*/not-a-causal-lm' is a 't5' model, not a causal"),
+    Case("model-without-config-compress", _no_config("compress"), r"model folder .*/not-a-causal-lm has no config\.json"),
+    Case("model-without-config-train", _no_config("train"),
+         r"could not load model '.*/not-a-causal-lm': expected 'embedded', a model folder"),
+    # soft prompt artifacts
+    Case("prompt-wrong-hidden-size", _foreign_prompt("hidden"),
+         r"prompt has hidden size 48 but model .* has 32: it cannot be used with this model"),
+    Case("prompt-wrong-tokenizer", _foreign_prompt("tokenizer"),
+         r"prompt was trained for tokenizer .* but tokenizer .* differs .*; pass allow_cross_model=True"),
+    Case("prompt-wrong-model", _foreign_prompt("model"),
+         r"prompt was trained for model 'other-model' but model .* has a different token embedding matrix"),
+    Case("prompt-missing", _adapter(soft_prompt="{tmp}/no-such-prompt"),
+         r"no-such-prompt is not a prompt folder: prompt\.safetensors is missing"),
+    Case("prompt-truncated-safetensors", _export_peft(lambda f: _truncate(f / "prompt.safetensors")),
+         r"prompt\.safetensors fails its sha256 check", after=_nothing_at("peft")),
+    Case("prompt-json-corrupt", _export_peft(lambda f: _truncate(f / "prompt.json")),
+         r"prompt\.json is not valid JSON", after=_nothing_at("peft")),
+    Case("prompt-json-missing-field", _export_peft(
+        lambda f: (f / "prompt.json").write_text(json.dumps(
+            {k: v for k, v in json.loads((f / "prompt.json").read_text()).items() if k != "sha256"}))),
+         r"prompt\.json lacks .*sha256", after=_nothing_at("peft")),
+    # compressed checkpoints and the cache
+    Case("compressed-checkpoint-corrupt", _corrupt_compressed,
+         r"model\.safetensors is corrupted: sha256 .* differs from .* recorded in compression\.json"),
+    Case("compressed-manifest-corrupt", _garbled_compression_json,
+         r"cannot read compressed checkpoint manifest .*compression\.json"),
+    Case("cache-entry-corrupt-and-unrebuildable", _corrupt_cache_entry,
+         r"cache entry .*corpora/wikipedia is unusable \(file train\.jsonl fails its sha256 check\) and could not "
+         r"be rebuilt: .*could not download gensim==4\.4\.0"),
+    # corpora too short, counts out of range
+    Case("calibration-seqlen-longer-than-corpus",
+         _compress("--spec", "gptq-w4g32", "--n-windows", "1", "--seqlen", "100000", "--out", "{tmp}/out"),
+         r"corpus 'wikipedia' train split has \d+ tokens, too short for calibration windows of 100000 tokens",
+         after=_nothing_at("out")),
+    Case("calibration-windows-zero", _compress("--spec", "gptq-w4g32", "--n-windows", "0"),
+         r"calibration setting n_windows must be a positive integer, got 0"),
+    Case("calibration-seqlen-negative", _compress("--spec", "gptq-w4g32", "--seqlen", "-8"),
+         r"calibration setting seqlen must be a positive integer, got -8"),
+    Case("prompt-seqlen-longer-than-corpus", _train("--seqlen", "100000"),
+         r"train split of 'wikipedia' has \d+ tokens, fewer than seqlen 100000"),
+    Case("prompt-steps-zero", _train("--steps", "0"), r"soft prompt setting steps must be a positive integer"),
+    Case("prompt-steps-negative", _train("--steps", "-5"), r"soft prompt setting steps must be a positive integer"),
+    Case("prompt-tokens-zero", _train("--n-virtual-tokens", "0"),
+         r"soft prompt setting n_virtual_tokens must be a positive integer"),
+    Case("prompt-resume-without-checkpoint", _train("--resume"), r"cannot resume: no checkpoint at .*checkpoint\.pt"),
+    Case("prompt-training-diverges", _train("--lr", "1e38", "--steps", "4", "--eval-every", "4"),
+         r"training diverged at step 2 \(the training loss or gradient is (nan|inf)\); kept the best prompt so far "
+         r"\(step 0\) in .*prompt", after=_diverged_prompt_kept),
+    Case("evaluate-unknown-task", _argv("evaluate", "--model", "{model}", "--tasks", "nope"),
+         r"unknown task\(s\) nope; expected lm-eval task or group names"),
+    Case("evaluate-limit-zero", _argv("evaluate", "--limit", "0"),
+         r"limit_items must be a positive count or omitted, got 0"),
+    Case("evaluate-seqlen-zero", _argv("evaluate", "--seqlen", "0"), r"seqlen and batch size must be positive"),
+    Case("evaluate-batch-size-negative", _argv("evaluate", "--batch-size", "-1"),
+         r"seqlen and batch size must be positive, got 1024 and -1"),
+    # lm-eval model_args of the cpt adapter
+    Case("adapter-soft-and-hard-prompt", _adapter(soft_prompt="{prompt}", hard_prompt="paper"),
+         r"give soft_prompt or hard_prompt, not both"),
+    Case("adapter-prefix-cache-not-a-bool", _adapter(hard_prompt="paper", prefix_cache="maybe"),
+         r"prefix_cache must be true or false, got 'maybe'"),
+    Case("adapter-hard-prompt-empty", _adapter(hard_prompt=""), r"hard prompt is empty"),
+    Case("adapter-prompt-fills-the-context", _adapter(soft_prompt="{prompt}", max_length="5"),
+         r"a prompt of 5 tokens leaves no room in a context of 5 tokens"),
+    # output folders and disks
+    Case("out-not-writable", _read_only_out, r"cannot (write|access) .*locked/out.*: Permission denied",
+         needs_non_root=True),
+    Case("out-under-a-file", _out_under_a_file, r"cannot (write|access) .*notes\.txt/out: Not a directory"),
+    Case("disk-full-while-writing", _disk_full_compress,
+         r"cannot write .*model\.safetensors: No space left on device"),
+]
+
+
+# ---------------------------------------------------------------------------------------------- the test
+
+
+@pytest.fixture(scope="module")
+def shared(_filled_fake_cache, tiny_model_dir, tmp_path_factory) -> tuple[Path, Path, Path, Path]:
+    """The tiny model, a prompt for it, it compressed by rtn-w8, the filled fake cache."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cpt_bench.compress import compress_to_dir
+
+    root = tmp_path_factory.mktemp("bad-inputs")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model.name_or_path = str(tiny_model_dir)
+    prompt = save_random_prompt(root / "prompt", model, AutoTokenizer.from_pretrained(tiny_model_dir))
+    compressed = compress_to_dir(str(tiny_model_dir), "rtn-w8", root / "compressed")
+    return tiny_model_dir, prompt, compressed, _filled_fake_cache
+
+
+@pytest.fixture(autouse=True)
+def _quiet_progress(monkeypatch):
+    """No progress bars on stderr: what is left there is the error report."""
+    from tqdm.auto import tqdm
+
+    for module in ("cpt_bench.compress.sequential", "cpt_bench.prompts.soft"):
+        monkeypatch.setattr(f"{module}.tqdm", partial(tqdm, disable=True))
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def _invoke(invocation: Invocation, capsys) -> str:
+    """Run the invocation as its user would; return the one error line."""
+    if isinstance(invocation, list):
+        code = cli.main(invocation)
+        err = capsys.readouterr().err
+        assert code != 0, "the command succeeded"
+        assert err.endswith("\n") and err.count("\n") == 1, f"stderr is not one line:\n{err}"
+        assert err.startswith("cpt-bench: error: ")
+        return err.removeprefix("cpt-bench: error: ").rstrip("\n")
+    with pytest.raises(Exception) as caught:
+        invocation()
+    assert lmeval_cli.user_error(caught.value), f"not reported as a user error: {caught.value!r}"
+    message = str(caught.value)
+    assert "\n" not in message, f"message is not one line:\n{message}"
+    return message
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_bad_input_gets_one_line(case: Case, shared, tmp_path, monkeypatch, capsys):
+    if case.needs_non_root and os.geteuid() == 0:
+        pytest.skip("running as root: file permissions do not apply")
+    inputs = Inputs(*shared, monkeypatch)
+    monkeypatch.setenv("CPT_BENCH_CACHE", str(inputs.cache))
+    invocation = case.run(tmp_path, inputs)
+    before = _snapshot(tmp_path)
+    capsys.readouterr()
+    message = _invoke(invocation, capsys)
+    assert re.search(case.message, message), f"{message!r} does not match {case.message!r}"
+    monkeypatch.undo()  # e.g. a patched os.write, before reading the files back
+    after = _snapshot(tmp_path)
+    changed = [name for name, data in before.items() if after.get(name) != data]
+    assert not changed, f"files lost or overwritten: {changed}"
+    leftovers = [str(p) for p in tmp_path.rglob("*") if LEFTOVER.search(p.name)]
+    assert not leftovers, f"temporary files left behind: {leftovers}"
+    if case.after:
+        case.after(tmp_path)
+
+
+def test_catalogue_ids_are_unique():
+    ids = [case.id for case in CASES]
+    assert len(ids) == len(set(ids)) >= 22
+
+
+def test_cpt_lm_eval_reports_user_errors_in_one_line(monkeypatch, capsys):
+    from cpt_bench.lmeval.adapter import PromptAdapterError
+
+    def failing() -> None:
+        raise PromptAdapterError("give soft_prompt or hard_prompt, not both")
+
+    monkeypatch.setattr("lm_eval.__main__.cli_evaluate", failing)
+    with pytest.raises(SystemExit) as caught:
+        lmeval_cli.main()
+    assert caught.value.code == 2
+    assert capsys.readouterr().err == "cpt-lm-eval: error: give soft_prompt or hard_prompt, not both\n"

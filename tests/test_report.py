@@ -1,0 +1,150 @@
+"""``cpt_bench.report``: report and leaderboard text against golden files, PNGs, filenames, malformed summaries, CLI.
+
+Regenerate the golden files after an intended change with ``CPT_BENCH_UPDATE_GOLDEN=1 pytest tests/test_report.py``
+and review the diff.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cpt_bench.assets.cache import write_text_atomic
+from cpt_bench.report import load_summary, write_leaderboard, write_report
+from cpt_bench.report.cli_commands import add_report_parser
+
+FIXTURES = Path(__file__).parent / "fixtures"
+GOLDEN = FIXTURES / "report_golden"
+UPDATE_GOLDEN = os.environ.get("CPT_BENCH_UPDATE_GOLDEN") == "1"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+EXPECTED_PNGS = {"plot-cpt_ppl_wikipedia.png", "plot-cpt_ppl_shakespeare.png", "plot-cpt_piqa.png",
+                 "heatmap-sources-at-rtn-w3g64.png", "heatmap-sources-at-sparsegpt-2-4.png",
+                 "heatmap-levels-wikipedia.png", "heatmap-levels-shakespeare.png"}
+
+
+def _summary() -> dict[str, Any]:
+    return json.loads((FIXTURES / "matrix_summary.json").read_text(encoding="utf-8"))
+
+
+def _second_run(summary: dict[str, Any]) -> dict[str, Any]:
+    """A smaller run of another model: two levels, two prompts, piqa scored by acc_norm (a new leaderboard column)."""
+    run = copy.deepcopy(summary)
+    run.update(name="ablation", model="smollm2-135m")
+    run["compressions"] = [c for c in run["compressions"] if c["spec"] != "sparsegpt-2:4"]
+    run["prompts"] = [p for p in run["prompts"] if p["id"] in ("none", "soft-wikipedia@rtn-w3g64")]
+    for target in run["targets"]:
+        target["metric"] = "acc_norm" if target["task"] == "cpt_piqa" else target["metric"]
+    kept = {c["spec"] for c in run["compressions"]}, {p["id"] for p in run["prompts"]}
+    run["cells"] = [c for c in run["cells"] if c["compression"] in kept[0] and c["prompt"] in kept[1]]
+    return run
+
+
+def _check_golden(path: Path) -> None:
+    golden = GOLDEN / path.name
+    if UPDATE_GOLDEN:
+        write_text_atomic(golden, path.read_text(encoding="utf-8"))
+    assert path.read_text(encoding="utf-8") == golden.read_text(encoding="utf-8"), (
+        f"{path.name} differs from {golden}; if intended, rerun with CPT_BENCH_UPDATE_GOLDEN=1 and review the diff")
+
+
+def _write_run(results: Path, folder: str, summary: Any) -> Path:
+    (results / folder).mkdir(parents=True)
+    text = summary if isinstance(summary, str) else json.dumps(summary)
+    (results / folder / "summary.json").write_text(text, encoding="utf-8")
+    return results / folder
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> list[Path]:
+    return write_report(_summary(), tmp_path_factory.mktemp("report"))
+
+
+@pytest.mark.parametrize("name", ["report.md", "report.tex", "report.html"])
+def test_report_matches_golden(report, name):
+    _check_golden(next(path for path in report if path.name == name))
+
+
+def test_report_writes_valid_pngs_with_plain_names(report):
+    pngs = [path for path in report if path.suffix == ".png"]
+    assert {path.name for path in pngs} == EXPECTED_PNGS
+    for path in pngs:
+        assert path.read_bytes().startswith(PNG_SIGNATURE) and path.stat().st_size > 1000
+    names = {path.name for path in report[0].parent.iterdir()}
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", name) for name in names), names
+    markdown = report[0].read_text(encoding="utf-8")
+    assert all(f"]({name})" in markdown for name in EXPECTED_PNGS)
+
+
+def test_leaderboard_over_two_runs_matches_golden(tmp_path):
+    summary = _summary()
+    _write_run(tmp_path, "default", summary)
+    _write_run(tmp_path, "ablation", _second_run(summary))
+    (tmp_path / "no-summary").mkdir()
+    paths = write_leaderboard(tmp_path)
+    assert [path.name for path in paths] == ["LEADERBOARD.md", "LEADERBOARD.html"]
+    _check_golden(paths[0])
+    page = paths[1].read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and "cpt_piqa (acc_norm)" in page and "soft:wikipedia@rtn-w3g64" in page
+
+
+def test_leaderboard_names_a_malformed_summary(tmp_path):
+    _write_run(tmp_path, "good", _summary())
+    bad = _write_run(tmp_path, "bad", "{not json") / "summary.json"
+    with pytest.raises(ValueError, match=re.escape(str(bad))):
+        write_leaderboard(tmp_path)
+
+
+def test_leaderboard_without_runs_is_a_value_error(tmp_path):
+    with pytest.raises(ValueError, match="no \\*/summary.json found"):
+        write_leaderboard(tmp_path)
+
+
+@pytest.mark.parametrize(("change", "problem"), [
+    (lambda s: s.update(format="cpt_bench.matrix_summary/0"), "format is 'cpt_bench.matrix_summary/0'"),
+    (lambda s: s.pop("targets"), "the summary lacks 'targets'"),
+    (lambda s: s["cells"][0].pop("value"), "cells\\[0\\] lacks 'value'"),
+    (lambda s: s["cells"][0].update(stderr="0.1"), "cells\\[0\\] has non-numeric 'stderr'"),
+    (lambda s: s["cells"][0].update(prompt="soft-milton@dense"), "cells\\[0\\] names unknown prompt 'soft-milton@"),
+    (lambda s: s["cells"].append(dict(s["cells"][0])), "cells\\[37\\] repeats dense / none / cpt_ppl_wikipedia"),
+    (lambda s: s["prompts"][2].pop("trained_at"), "prompts\\[2\\] lacks 'trained_at'"),
+])
+def test_malformed_summary_is_a_one_line_value_error_naming_the_file(tmp_path, change, problem):
+    summary = _summary()
+    change(summary)
+    path = _write_run(tmp_path, "run", summary) / "summary.json"
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: {problem}") as caught:
+        load_summary(path)
+    assert "\n" not in str(caught.value)
+    with pytest.raises(ValueError, match=problem):
+        write_report(summary, tmp_path / "out")
+
+
+def test_missing_summary_is_a_value_error_naming_the_file(tmp_path):
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'summary.json'}: no such file")):
+        load_summary(tmp_path / "summary.json")
+
+
+def _run_cli(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="cpt-bench")
+    add_report_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    args.run(args)
+
+
+def test_cli_report_and_leaderboard_print_the_written_paths(tmp_path, capsys):
+    run = _write_run(tmp_path, "default", _summary())
+    _run_cli(["report", str(run)])
+    printed = capsys.readouterr().out.split()
+    assert printed[:3] == [str(run / "report" / name) for name in ("report.md", "report.tex", "report.html")]
+    assert len(printed) == 3 + len(EXPECTED_PNGS) and all(Path(path).is_file() for path in printed)
+    _run_cli(["leaderboard", "--results", str(tmp_path)])
+    assert capsys.readouterr().out.split() == [str(tmp_path / "LEADERBOARD.md"), str(tmp_path / "LEADERBOARD.html")]
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "summary.json"))):
+        _run_cli(["report", str(tmp_path)])
