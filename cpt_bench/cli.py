@@ -13,11 +13,12 @@ from tqdm import tqdm
 from cpt_bench.assets.cache import CacheError
 from cpt_bench.compress.cli_commands import add_compress_parser
 from cpt_bench.matrix.cli_commands import add_matrix_parser
+from cpt_bench.matrix.lock import RunLockError
 from cpt_bench.perplexity import TaskInputError
 from cpt_bench.prompts.cli_commands import add_prompt_parser
 from cpt_bench.report.cli_commands import add_report_parser
 
-USER_ERRORS = (CacheError, TaskInputError, ValueError, FileNotFoundError)
+USER_ERRORS = (CacheError, TaskInputError, ValueError, FileNotFoundError, RunLockError)
 
 
 def cmd_assets(args: argparse.Namespace) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cpt_bench.assets.cache import write_json_atomic, write_text_atomic
-from cpt_bench.assets.model import resolve_model
+from cpt_bench.assets.model import ModelError, check_causal_lm, first_line
 from cpt_bench.perplexity import DEFAULT_SEQLEN_TOKENS
 from cpt_bench.provenance import REPO_ROOT, environment_record, peak_memory
 
@@ -71,10 +71,11 @@ def run_evaluation(settings: EvalSettings) -> dict[str, Any]:
     """Evaluate ``settings.model`` on ``settings.tasks``; returns lm-eval's results dict plus ``cpt_bench``."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
+    from safetensors import SafetensorError
 
     started = time.perf_counter()
     environment = environment_record(SEEDS)  # before the run: the commit and versions that produced it
-    model_path = resolve_model(settings.model)
+    model_path = check_causal_lm(settings.model)
     manager = task_manager({"pretrained": model_path, "seqlen": settings.seqlen_tokens})
     unknown = [name for name in settings.tasks if name not in manager.all_tasks]
     if unknown:
@@ -82,10 +83,8 @@ def run_evaluation(settings: EvalSettings) -> dict[str, Any]:
                          f"e.g. cpt_ppl, cpt_zeroshot, cpt_piqa (see tasks/)")
     try:
         lm = HFLM(pretrained=model_path, dtype=settings.dtype, batch_size=settings.batch_size, device=settings.device)
-    except OSError as exc:  # transformers' "not a local folder and not a valid model identifier" and kin
-        reason = str(exc).strip().splitlines()[0]
-        raise ValueError(f"could not load model {settings.model!r}: expected 'embedded', a model folder "
-                         f"or a Hugging Face id ({reason})") from exc
+    except (OSError, SafetensorError) as exc:  # missing or truncated weight / tokenizer files
+        raise ModelError(f"could not load model {settings.model!r} from {model_path}: {first_line(exc)}") from exc
     ppl_tasks = [t for t in settings.tasks if t.startswith(PPL_PREFIX)]
     other_tasks = [t for t in settings.tasks if not t.startswith(PPL_PREFIX)]
     merged: dict[str, Any] = {}

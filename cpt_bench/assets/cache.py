@@ -47,28 +47,66 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _write_temp(path: Path, data: bytes) -> Path:
+    """Write ``data`` to a new temp file beside ``path`` (fsynced, mode 0644) and return the temp file's path.
+
+    On failure the temp file is removed and an OSError names ``path`` (a full disk reports no file name).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp: str | None = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with memoryview(data) as view:
+                written = 0
+                while written < len(view):
+                    written += os.write(fd, view[written:])
+            os.fsync(fd)
+            os.fchmod(fd, _FILE_MODE)  # mkstemp creates 0600; results and caches are meant to be readable
+        finally:
+            os.close(fd)
+    except BaseException as error:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.errno is not None:
+            raise type(error)(error.errno, error.strerror, str(path)) from error
+        raise
+    return Path(tmp)
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temp file in the same folder, fsync, rename, fsync the folder.
 
-    A reader sees either the old file or the complete new one, never a partial write.
+    A reader sees either the old file or the complete new one, never a partial write; when writing fails
+    (e.g. the disk is full) the old file is untouched, the temp file removed, and the OSError names ``path``.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    write_files_atomic(path.parent, {path.name: data})
+
+
+def write_files_atomic(folder: Path, files: dict[str, bytes]) -> None:
+    """Write several files of ``folder`` (name -> bytes) so that all are replaced or none is.
+
+    Every file is first written to a temp file (see ``write_bytes_atomic``); only when all are complete are they
+    renamed into place, in the order given. A failure while writing leaves every old file untouched.
+    """
+    staged: dict[Path, Path] = {}
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, _FILE_MODE)  # mkstemp creates 0600; results and caches are meant to be readable
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
+        for name, data in files.items():
+            staged[folder / name] = _write_temp(folder / name, data)
+        for target, tmp in staged.items():
+            os.replace(tmp, target)
     finally:
-        os.close(folder)
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
+    _fsync_folder(folder)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -116,6 +154,16 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
 
 
+def _build(build: Callable[[Path], dict[str, Any]], tmp: Path, folder: Path, problem: str) -> dict[str, Any]:
+    """``build(tmp)``; when rebuilding an unusable entry fails, say so along with why it was unusable."""
+    try:
+        return build(tmp)
+    except CacheError as error:
+        if problem == "missing":
+            raise
+        raise CacheError(f"cache entry {folder} is unusable ({problem}) and could not be rebuilt: {error}") from error
+
+
 def ensure_entry(name: str, build: Callable[[Path], dict[str, Any]]) -> Path:
     """Return the folder of cache entry ``name``, building it first when missing or corrupt.
 
@@ -131,7 +179,7 @@ def ensure_entry(name: str, build: Callable[[Path], dict[str, Any]]) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".building"))
     try:
-        provenance = build(tmp)
+        provenance = _build(build, tmp, folder, problem)
         write_json_atomic(tmp / MANIFEST, {"name": name, **provenance, "files": _file_records(tmp)})
         os.chmod(tmp, _FOLDER_MODE)  # mkdtemp creates 0700
         if folder.exists():

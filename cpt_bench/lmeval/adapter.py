@@ -31,9 +31,10 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils_hf import get_dtype
+from safetensors import SafetensorError
 from transformers import DynamicCache
 
-from cpt_bench.assets.model import resolve_model
+from cpt_bench.assets.model import ModelError, check_causal_lm, first_line, resolve_model
 from cpt_bench.prompts.artifact import load_prompt
 from cpt_bench.prompts.hard import hard_prompt_text
 from cpt_bench.prompts.target import load_target
@@ -51,6 +52,16 @@ def _as_bool(value: bool | str, name: str) -> bool:
     if str(value).lower() in ("true", "false"):
         return str(value).lower() == "true"
     raise PromptAdapterError(f"{name} must be true or false, got {value!r}")
+
+
+def _check_prompt_args(soft_prompt: str | None, hard_prompt: str | None) -> None:
+    """Refuse both prompts at once, and an empty one (``soft_prompt=`` on a command line)."""
+    if soft_prompt is not None and hard_prompt is not None:
+        raise PromptAdapterError("give soft_prompt or hard_prompt, not both")
+    if soft_prompt == "":
+        raise PromptAdapterError("soft_prompt is empty: expected a prompt folder written by 'cpt-bench prompt train'")
+    if hard_prompt is not None:
+        hard_prompt_text(hard_prompt)
 
 
 def _cache_argument(model: torch.nn.Module) -> str:
@@ -71,18 +82,21 @@ class CptLM(HFLM):
         self._prompt: torch.Tensor | None = None  # [n, hidden], model dtype and device
         self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer [1, heads, n, head_dim]
         self.prompt_info: dict[str, Any] = {"kind": "none", "n_tokens": 0}
-        if soft_prompt and hard_prompt:
-            raise PromptAdapterError("give soft_prompt or hard_prompt, not both")
+        _check_prompt_args(soft_prompt, hard_prompt)
+        allow_cross_model = _as_bool(allow_cross_model, "allow_cross_model")
+        prefix_cache = _as_bool(prefix_cache, "prefix_cache")
         label = "dense"
         if compression:
             pretrained, kwargs, label = self._compressed(pretrained, compression, compression_mode, kwargs)
         elif isinstance(pretrained, str):
-            pretrained = resolve_model(pretrained)
-        super().__init__(pretrained=pretrained, **kwargs)
+            pretrained = check_causal_lm(pretrained)
+        try:
+            super().__init__(pretrained=pretrained, **kwargs)
+        except (OSError, SafetensorError) as error:  # missing or truncated weight / tokenizer files
+            raise ModelError(f"could not load model {pretrained!r}: {first_line(error)}") from error
         self.prompt_info["compression"] = label
-        if soft_prompt or hard_prompt:
-            self._set_prompt(soft_prompt, hard_prompt, _as_bool(allow_cross_model, "allow_cross_model"),
-                             _as_bool(prefix_cache, "prefix_cache"))
+        if soft_prompt is not None or hard_prompt is not None:
+            self._set_prompt(soft_prompt, hard_prompt, allow_cross_model, prefix_cache)
 
     @staticmethod
     def _compressed(pretrained: str, compression: str, mode: str,

@@ -16,6 +16,7 @@ redoes nothing else. Executors:
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import os
@@ -54,10 +55,16 @@ def resolved_device(config: MatrixConfig) -> str:
 
 def task_manager(config: MatrixConfig):
     """lm-eval's TaskManager over our tasks/ folder, with the model and window length our loaders need."""
+    return _task_manager(config.model, config.ppl_seqlen)
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(model: str, seqlen_tokens: int):
+    """One TaskManager per process and (model, window length): indexing lm-eval's task folders takes ~8 s."""
     from cpt_bench.assets.model import resolve_model
     from cpt_bench.evaluate import task_manager as make_manager
 
-    return make_manager({"pretrained": resolve_model(config.model), "seqlen": config.ppl_seqlen})
+    return make_manager({"pretrained": resolve_model(model), "seqlen": seqlen_tokens})
 
 
 def check_targets(config: MatrixConfig, manager) -> None:
@@ -165,7 +172,7 @@ def _prompt_block(lm, job: GroupJob) -> dict[str, Any]:
     block = dict(lm.prompt_info)
     if job.prompt_folder:
         meta = read_prompt(Path(job.prompt_folder)).meta
-        block.update(source=meta["source"]["corpus"], train_seconds=round(meta["train_seconds"], 1),
+        block.update(path=str(Path(job.prompt_folder).relative_to(job.run_dir)), source=meta["source"]["corpus"], train_seconds=round(meta["train_seconds"], 1),
                      best_val_ppl=meta["best"]["val_ppl"], best_step=meta["best"]["step"],
                      hyperparameters=meta["hyperparameters"])
     return block
@@ -306,8 +313,12 @@ def run_matrix(config_path: Path, out: Path | None = None, resume: bool = False,
         return None
     check_targets(config, task_manager(config))
     run_dir = Path(out) if out else default_run_dir(config, shard_numbers)
-    store.prepare(run_dir, config, Path(config_path).read_text(encoding="utf-8"), resume)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"cannot create run folder {run_dir}: {error.strerror}") from None
     with RunLock(run_dir):
+        store.prepare(run_dir, config, Path(config_path).read_text(encoding="utf-8"), resume)
         started = time.perf_counter()
         session = store.start_session(run_dir, environment_record(config.seeds()) | {"shard": shard,
                                                                                     "executor": executor})

@@ -25,6 +25,7 @@ from typing import Any
 
 from cpt_bench.assets.cache import write_json_atomic, write_text_atomic
 from cpt_bench.matrix.config import MatrixConfig
+from cpt_bench.matrix.lock import LOCK_FILE
 from cpt_bench.matrix.plan import Plan, family
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def _json_roundtrip(data: Any) -> Any:
 
 
 def prepare(run_dir: Path, config: MatrixConfig, config_text: str, resume: bool) -> None:
-    """Create a new run folder or check that ``run_dir`` continues a run of this very config.
+    """Start a run in ``run_dir`` (existing, locked by the caller) or check that it continues a run of this config.
 
     Raises ``RunFolderError`` when a run folder would be reused without ``resume``, when ``resume`` names
     a folder without a run, or when the stored config differs (the message names the first key).
@@ -88,12 +89,13 @@ def prepare(run_dir: Path, config: MatrixConfig, config_text: str, resume: bool)
             raise RunFolderError(f"--resume: run folder {run_dir} was made from another config (differs at "
                                  f"{difference}); resume it with its own config ({run_dir / 'config.yaml'}) "
                                  "or choose another --out")
+        for orphan in run_dir.rglob(".*.tmp"):  # temp files of writes cut short by a kill; never results
+            orphan.unlink()
         return
     if resume:
         raise RunFolderError(f"--resume: {run_dir} holds no run ({CONFIG_FILE} missing); start it without --resume")
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if any(path.name != LOCK_FILE for path in run_dir.iterdir()):
         raise RunFolderError(f"output folder {run_dir} exists, is not empty and holds no run; choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.yaml", config_text)
     write_json_atomic(run_dir / CONFIG_FILE, wanted)
 
@@ -155,7 +157,9 @@ def read_cells(run_dir: Path) -> dict[str, dict[str, Any]]:
 
 def comparable(record: dict[str, Any]) -> dict[str, Any]:
     """What must be equal between two runs of the same config on the same machine (no timings / memory)."""
-    return {key: value for key, value in record.items() if key not in VOLATILE_FIELDS}
+    kept = {key: value for key, value in record.items() if key not in VOLATILE_FIELDS}
+    kept["prompt"] = {key: value for key, value in kept["prompt"].items() if key != "train_seconds"}
+    return kept
 
 
 def merge(out_dir: Path, inputs: list[Path]) -> dict[str, dict[str, Any]]:

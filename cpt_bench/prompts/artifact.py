@@ -6,6 +6,8 @@ Folder layout:
   spec it was trained on (``dense`` when none), the source corpus, hyperparameters, loss curve, training
   time, provenance, and the sha256 of ``prompt.safetensors`` (verified on every load).
 
+Both files are replaced together or not at all (``write_files_atomic``), so a failed save keeps the old pair.
+
 Loading refuses a prompt whose hidden size, tokenizer fingerprint or base model (config shape and
 token embedding signature, see ``target``) differs from the target model's; ``allow_cross_model=True``
 permits another model or tokenizer where the hidden size matches.
@@ -14,6 +16,7 @@ permits another model or tokenizer where the hidden size matches.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import shutil
 import tempfile
@@ -24,7 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 
-from cpt_bench.assets.cache import sha256_of, write_bytes_atomic, write_json_atomic
+from cpt_bench.assets.cache import sha256_of, write_bytes_atomic, write_files_atomic
 from cpt_bench.prompts.target import describe_target, same_embeddings
 from cpt_bench.provenance import environment_record
 
@@ -34,6 +37,7 @@ TENSOR_KEY = "prompt"
 FORMAT = "cpt_bench.soft_prompt/1"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_TENSOR_KEY = "prompt_embeddings"  # the key PEFT 0.21 writes for a PromptTuning adapter
+REQUIRED_FIELDS = ("sha256", "n_virtual_tokens", "hidden_size", "model", "tokenizer", "compression")
 
 
 class PromptArtifactError(ValueError):
@@ -60,12 +64,13 @@ def save_prompt(folder: Path, embeddings: torch.Tensor, target: dict[str, Any], 
     if embeddings.ndim != 2 or embeddings.shape[1] != target["hidden_size"]:
         raise PromptArtifactError(f"prompt of shape {list(embeddings.shape)} does not fit hidden size "
                                   f"{target['hidden_size']}")
-    write_bytes_atomic(folder / TENSORS, save({TENSOR_KEY: embeddings}))
+    data = save({TENSOR_KEY: embeddings})
     meta = {"format": FORMAT, "n_virtual_tokens": embeddings.shape[0], **target, "compression": compression,
             **training, "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "environment": environment_record(seeds={"prompt": training.get("hyperparameters", {}).get("seed", 0)}),
-            "sha256": sha256_of(folder / TENSORS)}
-    write_json_atomic(folder / METADATA, meta)
+            "sha256": hashlib.sha256(data).hexdigest()}
+    text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+    write_files_atomic(folder, {TENSORS: data, METADATA: text.encode("utf-8")})
     return folder
 
 
@@ -75,12 +80,25 @@ def read_prompt(folder: Path) -> SoftPrompt:
     for name in (TENSORS, METADATA):
         if not (folder / name).is_file():
             raise PromptArtifactError(f"{folder} is not a prompt folder: {name} is missing")
-    meta = json.loads((folder / METADATA).read_text(encoding="utf-8"))
-    if meta.get("format") != FORMAT:
-        raise PromptArtifactError(f"{folder / METADATA} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    meta = _read_meta(folder / METADATA)
     if sha256_of(folder / TENSORS) != meta["sha256"]:
         raise PromptArtifactError(f"{folder / TENSORS} fails its sha256 check (file changed after it was written)")
     return SoftPrompt(load_file(folder / TENSORS)[TENSOR_KEY], meta)
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """``prompt.json``, refused in one line unless it is a JSON object of our format with every needed field."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
+        raise PromptArtifactError(f"{path} is not valid JSON ({error}); the prompt folder is damaged") from error
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise PromptArtifactError(f"{path} has format {found!r}, expected {FORMAT!r}")
+    missing = [name for name in REQUIRED_FIELDS if name not in meta]
+    if missing:
+        raise PromptArtifactError(f"{path} lacks {', '.join(missing)}; expected a prompt.json written by cpt_bench")
+    return meta
 
 
 def check_fits(meta: dict[str, Any], target: dict[str, Any], allow_cross_model: bool = False) -> None:

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 IGNORE_INDEX = -100  # label of positions that are not scored
 PRECISIONS = ("auto", "bf16", "fp32")
+MAX_LR = 10.0  # far above any useful rate; beyond ~1e37 AdamW's step overflows float32 inside torch
 
 
 class SoftPromptError(ValueError):
@@ -105,8 +106,9 @@ class SoftPromptConfig:
         positive = ("n_virtual_tokens", "steps", "batch_size", "seqlen", "eval_every", "eval_windows")
         for name in positive:
             _check(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "a positive integer")
-        for name in ("lr", "max_grad_norm"):
-            _check(isinstance(getattr(self, name), int | float) and getattr(self, name) > 0, name, "a positive number")
+        _check(isinstance(self.lr, int | float) and 0 < self.lr <= MAX_LR, "lr", f"a positive number at most {MAX_LR}")
+        _check(isinstance(self.max_grad_norm, int | float) and self.max_grad_norm > 0, "max_grad_norm",
+               "a positive number")
         _check(isinstance(self.weight_decay, int | float) and self.weight_decay >= 0, "weight_decay", "a number >= 0")
         _check(isinstance(self.warmup_steps, int) and 0 <= self.warmup_steps <= self.steps, "warmup_steps",
                f"an integer in [0, steps={self.steps}]")

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from cpt_bench.assets.model import resolve_model
+from cpt_bench.assets.model import load_causal_lm, load_tokenizer
 
 DENSE = "dense"
 SIGNATURE_DIMS = 64
@@ -92,13 +92,11 @@ def load_target(name_or_path: str, compression: str | None = None, dtype: torch.
     by ``cpt_bench.compress.cache.load_or_compress`` on first use, default calibration, and cached) or the
     folder of a compressed checkpoint (``cpt-bench compress --out DIR``, any calibration); either loads in
     ``mode`` (``simulated``: dequantized weights; ``real``: packed low-bit kernels). The label is the spec.
+    A model that is missing, unreadable or not a causal LM raises ``assets.model.ModelError``.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = resolve_model(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(name_or_path)
     if not compression or compression == DENSE:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval(), tokenizer, DENSE
+        return load_causal_lm(name_or_path, dtype=dtype).to(device).eval(), tokenizer, DENSE
     model, label = _compressed_model(name_or_path, compression, dtype, device, mode)
     return model.eval(), tokenizer, label
 

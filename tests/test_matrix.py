@@ -1,0 +1,280 @@
+"""The transfer matrix on the tiny model and the fake cache: config validation, planning, runs that are
+killed and resumed, shards and merge, the Ray executor, and the summary the reports read."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cpt_bench.cli import main
+from cpt_bench.matrix import store
+from cpt_bench.matrix.config import ConfigError, config_from_dict, load_config
+from cpt_bench.matrix.plan import make_plan, shard_plan
+from cpt_bench.matrix.run import merge_runs, run_matrix
+from tests.compress_helpers import _one_thread  # noqa: F401  (autouse)
+
+TRAINING = {"n_virtual_tokens": 3, "steps": 2, "batch_size": 1, "seqlen": 16, "eval_every": 2, "eval_windows": 2,
+            "lr": 0.03}
+
+
+def tiny_config(model: str | Path = "embedded", **overrides) -> dict:
+    """A small matrix: 2 levels x (none, hard, one soft prompt) x 2 targets = 12 cells in 6 groups."""
+    config = {
+        "name": "tiny", "model": str(model), "device": "cpu", "ppl_seqlen": 32, "batch_size": 4,
+        "compression": {"specs": ["dense", "rtn-w4g32"]},
+        "prompts": {"hard": ["paper"], "soft": {"sources": ["wikipedia"], "trained_at": ["rtn-w4g32"],
+                                               "training": TRAINING}},
+        "targets": [{"task": "cpt_ppl_wikipedia", "limit": 2}, {"task": "cpt_piqa", "limit": 4}],
+    }
+    config.update(overrides)
+    return config
+
+
+def write_config(folder: Path, config: dict) -> Path:
+    path = folder / f"{config['name']}.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+# --- config validation and planning (no model) -----------------------------------------------------------------
+
+def ids(plan) -> set[tuple[str, str, str]]:
+    return {(cell.compression, cell.prompt.id, cell.target.task) for cell in plan.cells}
+
+
+def planning_config(**transfer) -> dict:
+    return {
+        "name": "plan",
+        "compression": {"specs": ["dense", "rtn-w4g32", "rtn-w3g32", "magnitude-50"]},
+        "prompts": {"hard": ["paper"], "soft": {"sources": ["wikipedia", "shakespeare"], "trained_at": ["rtn-w4g32"]}},
+        "transfer": transfer,
+        "targets": [{"task": "cpt_ppl_wikipedia", "limit": 4}, {"task": "cpt_piqa", "limit": 10}],
+    }
+
+
+def test_planner_expands_every_cell_and_shares_artifacts():
+    plan = make_plan(config_from_dict(planning_config()))
+    specs = ["dense", "rtn-w4g32", "rtn-w3g32", "magnitude-50"]
+    prompts = ["none", "hard-paper", "soft-wikipedia@rtn-w4g32", "soft-shakespeare@rtn-w4g32"]
+    tasks = ["cpt_ppl_wikipedia", "cpt_piqa"]
+    assert ids(plan) == {(s, p, t) for s in specs for p in prompts for t in tasks}
+    assert len(plan.cells) == 32 and len(plan.groups()) == 16
+    assert plan.compressed == ("rtn-w4g32", "rtn-w3g32", "magnitude-50")
+    assert [p.id for p in plan.soft_prompts] == ["soft-wikipedia@rtn-w4g32", "soft-shakespeare@rtn-w4g32"]
+    relations = {(c.compression, c.prompt.id, c.target.task): (c.dataset_relation, c.compression_relation)
+                 for c in plan.cells}
+    assert relations["rtn-w4g32", "soft-wikipedia@rtn-w4g32", "cpt_ppl_wikipedia"] == ("in-domain", "same")
+    assert relations["rtn-w3g32", "soft-wikipedia@rtn-w4g32", "cpt_piqa"] == ("cross-dataset", "cross-level")
+    assert relations["magnitude-50", "soft-shakespeare@rtn-w4g32", "cpt_ppl_wikipedia"] == ("cross-dataset",
+                                                                                              "cross-type")
+    assert relations["dense", "none", "cpt_piqa"] == (None, None)
+
+
+def test_planner_without_transfers_keeps_only_in_domain_prompts_and_drops_unused_artifacts():
+    config = config_from_dict(planning_config(datasets=False, compression_levels=False, compression_types=False))
+    plan = make_plan(config)
+    soft = {(c.compression, c.prompt.id, c.target.task) for c in plan.cells if c.prompt.kind == "soft"}
+    assert soft == {("rtn-w4g32", "soft-wikipedia@rtn-w4g32", "cpt_ppl_wikipedia")}
+    assert [p.id for p in plan.soft_prompts] == ["soft-wikipedia@rtn-w4g32"]  # shakespeare's prompt has no cell
+    assert len(plan.cells) == 4 * 2 * 2 + 1
+
+
+def test_planner_levels_but_not_types():
+    plan = make_plan(config_from_dict(planning_config(compression_types=False)))
+    soft_levels = {c.compression for c in plan.cells if c.prompt.kind == "soft"}
+    assert soft_levels == {"rtn-w4g32", "rtn-w3g32"}  # not dense, not magnitude (other families)
+
+
+def test_shards_are_disjoint_whole_groups_covering_the_plan():
+    plan = make_plan(config_from_dict(planning_config()))
+    shards = [shard_plan(plan, i, 3) for i in range(3)]
+    cells = [cell.id for shard in shards for cell in shard.cells]
+    assert sorted(cells) == sorted(cell.id for cell in plan.cells)
+    for shard in shards:
+        for key in shard.groups():
+            assert shard.groups()[key] == plan.groups()[key]
+        needed = {c.compression for c in shard.cells} | {p.trained_at for p in shard.soft_prompts}
+        assert set(shard.compressed) == needed - {"dense"}
+
+
+def test_default_and_paper_configs_validate_and_plan(capsys):
+    for name in ("default", "paper"):
+        config = load_config(Path(__file__).parents[1] / "configs" / f"{name}.yaml")
+        assert make_plan(config).cells
+    assert main(["matrix", str(Path(__file__).parents[1] / "configs" / "default.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "48 cells in 16 (compression, prompt) groups" in out and "estimated time" in out
+
+
+BAD_CONFIGS = [
+    ("unknown_key", {"colour": "red"}, r"^colour: unknown key; expected one of .*batch_size"),
+    ("nested_unknown_key", {"compression": {"specs": ["dense"], "calib": {}}},
+     r"^compression\.calib: unknown key; expected one of calibration, specs"),
+    ("wrong_type", {"batch_size": "eight"}, r"^batch_size: got str 'eight', expected int"),
+    ("bad_spec", {"compression": {"specs": ["dense", "gptq-w5g64"]}},
+     r"^compression\.specs\[1\]: invalid compression spec 'gptq-w5g64': bits 5 is not one of 2, 3, 4, 8"),
+    ("trained_at_not_a_level", {"prompts": {"soft": {"sources": ["wikipedia"], "trained_at": ["rtn-w3g64"]}}},
+     r"^prompts\.soft\.trained_at\[0\]: got 'rtn-w3g64', expected one of compression\.specs \(dense\)"),
+    ("unknown_source", {"prompts": {"soft": {"sources": ["klingon"], "trained_at": ["dense"]}}},
+     r"^prompts\.soft\.sources\[0\]: got 'klingon', expected one of wikipedia"),
+    ("zero_steps", {"prompts": {"soft": {"sources": ["wikipedia"], "trained_at": ["dense"],
+                                         "training": {"steps": 0}}}},
+     r"^prompts\.soft\.training: soft prompt setting steps must be a positive integer"),
+    ("limit_one", {"targets": [{"task": "cpt_piqa", "limit": 1}]},
+     r"^targets\[0\]\.limit: got 1, expected an integer >= 2"),
+    ("no_targets", {"targets": []}, r"^targets: got \[\], expected a non-empty list"),
+    ("negative_calibration", {"compression": {"specs": ["dense"], "calibration": {"n_windows": -1}}},
+     r"^compression\.calibration: calibration setting n_windows must be a positive integer, got -1"),
+    ("targets_not_a_list", {"targets": "cpt_piqa"}, r"^targets: got str 'cpt_piqa', expected a list"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", [case[1:] for case in BAD_CONFIGS], ids=[c[0] for c in BAD_CONFIGS])
+def test_bad_config_fails_with_its_key_path(overrides, message):
+    base = {"name": "bad", "targets": [{"task": "cpt_piqa", "limit": 4}]}
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({**base, **overrides})
+
+
+def test_malformed_yaml_and_missing_file_fail_in_one_line(tmp_path, capsys):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: x\ntargets: [\n", encoding="utf-8")
+    assert main(["matrix", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"cpt-bench: error: config {path}: malformed YAML at line") and "\n" not in err
+    assert main(["matrix", str(tmp_path / "nope.yaml"), "--dry-run"]) == 2
+    assert capsys.readouterr().err.strip() == (f"cpt-bench: error: config file {tmp_path / 'nope.yaml'} not found; "
+                                               "expected a YAML file such as configs/default.yaml")
+
+
+# --- runs on the tiny model ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def matrix_cache(_filled_fake_cache, tmp_path_factory) -> Path:
+    """A writable copy of the filled fake cache (runs add compressed checkpoints to it)."""
+    root = tmp_path_factory.mktemp("matrix-cache") / "cache"
+    shutil.copytree(_filled_fake_cache, root)
+    return root
+
+
+@pytest.fixture
+def matrix_env(matrix_cache, monkeypatch) -> Path:
+    monkeypatch.setenv("CPT_BENCH_CACHE", str(matrix_cache))
+    return matrix_cache
+
+
+@pytest.fixture(scope="module")
+def reference_run(matrix_cache, tiny_model_dir, tmp_path_factory) -> Path:
+    """One uninterrupted local run of the tiny config."""
+    folder = tmp_path_factory.mktemp("reference")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CPT_BENCH_CACHE", str(matrix_cache))
+        run_dir = run_matrix(write_config(folder, tiny_config(tiny_model_dir)), folder / "run")
+    return run_dir
+
+
+def comparable_cells(run_dir: Path) -> dict[str, dict]:
+    return {cell_id: store.comparable(record) for cell_id, record in store.read_cells(run_dir).items()}
+
+
+def test_run_writes_every_cell_summary_and_report(reference_run):
+    cells = store.read_cells(reference_run)
+    assert len(cells) == 12
+    summary = json.loads((reference_run / "summary.json").read_text())
+    assert summary["format"] == "cpt_bench.matrix_summary/1" and len(summary["cells"]) == 12
+    by_id = {cell["id"]: cell for cell in summary["cells"]}
+    ppl = by_id["rtn-w4g32__soft-wikipedia@rtn-w4g32__cpt_ppl_wikipedia"]
+    assert ppl["value"] > 1 and ppl["stderr"] > 0 and ppl["dense_value"] > 1
+    assert ppl["dataset_relation"] == "in-domain" and ppl["compression_relation"] == "same"
+    assert all(cell["stderr"] is not None for cell in summary["cells"])
+    rtn = next(c for c in summary["compressions"] if c["spec"] == "rtn-w4g32")
+    assert 0 < rtn["ratio_to_dense"] < 1
+    record = cells["rtn-w4g32__none__cpt_piqa"]
+    assert record["lm_eval"]["results"]["cpt_piqa"]["acc,none"] == record["metric"]["value"]
+    assert record["memory"]["peak_memory_bytes"] > 0 and record["compression"]["kernel_mode"] == "simulated"
+    environment = json.loads((reference_run / "environment.json").read_text())["sessions"][0]
+    assert environment["seeds"]["random_seed"] == 0 and "torch" in environment["versions"]
+    assert environment["git"] and environment["hardware"]["cpu_count"]
+    report = reference_run / "report"
+    assert {"report.md", "report.tex", "report.html"} <= {p.name for p in report.iterdir()}
+    assert any(p.suffix == ".png" for p in report.iterdir())
+
+
+def test_second_identical_run_gives_identical_cells(reference_run, matrix_env, tiny_model_dir, tmp_path):
+    run_dir = run_matrix(write_config(tmp_path, tiny_config(tiny_model_dir)), tmp_path / "again")
+    assert comparable_cells(run_dir) == comparable_cells(reference_run)
+
+
+def test_two_shards_merged_equal_one_full_run(reference_run, matrix_env, tiny_model_dir, tmp_path):
+    config = write_config(tmp_path, tiny_config(tiny_model_dir))
+    shards = [run_matrix(config, tmp_path / f"shard{i}", shard=f"{i}/2") for i in range(2)]
+    assert all(0 < len(store.read_cells(shard)) < 12 for shard in shards)
+    assert merge_runs(tmp_path / "merged", shards) is not None
+    assert comparable_cells(tmp_path / "merged") == comparable_cells(reference_run)
+
+
+def test_ray_executor_equals_local(reference_run, matrix_env, tiny_model_dir, tmp_path):
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"CPT_BENCH_CACHE": str(matrix_env), "OMP_NUM_THREADS": "1"}})
+    try:
+        run_dir = run_matrix(write_config(tmp_path, tiny_config(tiny_model_dir)), tmp_path / "ray", executor="ray")
+    finally:
+        ray.shutdown()
+    assert comparable_cells(run_dir) == comparable_cells(reference_run)
+
+
+def test_resume_refuses_a_run_folder_of_another_config(reference_run, matrix_env, tiny_model_dir, tmp_path, capsys):
+    other = write_config(tmp_path, tiny_config(tiny_model_dir, batch_size=2))
+    before = {p.name: p.read_bytes() for p in (reference_run / "cells").iterdir()}
+    assert main(["matrix", str(other), "--out", str(reference_run), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"cpt-bench: error: --resume: run folder {reference_run} was made from another config (differs "
+                   f"at batch_size); resume it with its own config ({reference_run / 'config.yaml'}) or choose "
+                   "another --out")
+    assert main(["matrix", str(other), "--out", str(reference_run)]) == 2
+    assert "already holds a run; pass --resume" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (reference_run / "cells").iterdir()} == before
+
+
+def _start(config: Path, out: Path, env: dict, resume: bool) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "cpt_bench.cli", "matrix", str(config), "--out", str(out)]
+    return subprocess.Popen(argv + (["--resume"] if resume else []), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def test_runner_killed_at_random_points_resumes_to_the_uninterrupted_result(reference_run, matrix_env,
+                                                                            tiny_model_dir, tmp_path):
+    """Fault injection: SIGKILL the runner three times at random moments after it starts writing (while
+    prompts train, cells evaluate or files are written), resume each time, and compare with the reference."""
+    config = write_config(tmp_path, tiny_config(tiny_model_dir))
+    out = tmp_path / "killed"
+    env = {**os.environ, "CPT_BENCH_CACHE": str(matrix_env), "OMP_NUM_THREADS": "1"}
+    rng = random.Random(0)
+    for attempt in range(3):
+        process = _start(config, out, env, resume=attempt > 0)
+        cells_before = len(list((out / "cells").glob("*.json"))) if (out / "cells").is_dir() else 0
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:  # wait until this session does work
+            started = (out / "plan.txt").is_file() and (out / "run.lock").is_file()
+            if started and (attempt == 0 or len(list((out / "cells").glob("*.json"))) > cells_before):
+                break
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.5))
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    final = _start(config, out, env, resume=True)
+    assert final.wait(timeout=300) == 0
+    assert not list(out.rglob(".*.tmp"))  # temp files of killed writes were cleared, never read as results
+    assert comparable_cells(out) == comparable_cells(reference_run)
+    assert json.loads((out / "summary.json").read_text())["sessions"] == 4
