@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,8 @@ from cpt_bench.prompts.cli_commands import add_prompt_parser
 from cpt_bench.report.cli_commands import add_report_parser
 
 USER_ERRORS = (CacheError, TaskInputError, ValueError, FileNotFoundError, RunLockError)
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+PATH_ERRNOS = (errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG)
 
 
 def cmd_assets(args: argparse.Namespace) -> None:
@@ -82,14 +85,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def os_error_message(exc: OSError) -> str | None:
+    """One line for an OSError about a full disk or an unusable path (permissions, a file where a folder is
+    expected), None for any other (those are bugs: they keep their traceback)."""
+    if exc.errno in DISK_ERRNOS:
+        verb = "cannot write"
+    elif exc.errno in PATH_ERRNOS:
+        verb = "cannot access"
+    else:
+        return None
+    where = f" {exc.filename}" if exc.filename else ""
+    return f"{verb}{where}: {exc.strerror}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
     except USER_ERRORS as exc:
-        print(f"cpt-bench: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        message = str(exc)
+    except OSError as exc:
+        message = os_error_message(exc)
+        if message is None:
+            raise
+    else:
+        return 0
+    print(f"cpt-bench: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cpt_bench.assets.cache import write_json_atomic, write_text_atomic
+from cpt_bench.assets.cache import json_bytes, write_files_atomic
 from cpt_bench.assets.model import ModelError, check_causal_lm, first_line
 from cpt_bench.perplexity import DEFAULT_SEQLEN_TOKENS
 from cpt_bench.provenance import REPO_ROOT, environment_record, peak_memory
@@ -104,16 +104,17 @@ def run_evaluation(settings: EvalSettings) -> dict[str, Any]:
 
 
 def write_run(results: dict[str, Any], out_dir: Path) -> Path:
-    """Write ``results.json`` and the ``results.md`` table into ``out_dir`` (atomically); returns the JSON path."""
+    """Write ``results.json`` and the ``results.md`` table into ``out_dir`` (atomically, both or neither); returns
+    the JSON path."""
     from lm_eval.utils import make_table
 
     out_dir.mkdir(parents=True, exist_ok=True)
     serialisable = json.loads(json.dumps(results, default=str))
-    write_json_atomic(out_dir / "results.json", serialisable)
     meta = results["cpt_bench"]
     header = (f"model `{meta['settings']['model']}`, wall time {meta['wall_seconds']} s, "
               f"peak memory {meta['peak_memory_bytes'] / 2**30:.2f} GiB ({meta['peak_memory_kind']}), "
               f"machine: {meta['environment']['hardware']['cpu_count']} CPU cores "
               f"{meta['environment']['hardware'].get('cuda_device', '')}\n\n")
-    write_text_atomic(out_dir / "results.md", header + make_table(results) + "\n")
+    markdown = (header + make_table(results) + "\n").encode("utf-8")
+    write_files_atomic(out_dir, {"results.json": json_bytes(serialisable), "results.md": markdown})
     return out_dir / "results.json"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -36,7 +37,7 @@ from .conftest import TINY_SEQLEN_TOKENS, build_tiny_tokenizer
 from .prompt_helpers import save_random_prompt
 
 Invocation = list[str] | Callable[[], object]
-LEFTOVER = re.compile(r"(\.tmp|\.building|\.staged|^\.staging-.*|\.stale-.*)$")
+LEFTOVER = re.compile(r"\.tmp$|\.building$|^\.staging-")  # write_bytes_atomic, ensure_entry, compress_into
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Inputs:
     monkeypatch: pytest.MonkeyPatch  # this test's
 
     def copy(self, what: Path, tmp: Path) -> Path:
+        """A copy of the folder ``what`` inside ``tmp``, for a case to damage."""
         return Path(shutil.copytree(what, tmp / what.name))
 
 
@@ -125,6 +127,22 @@ def _no_config(command: str) -> Callable[[Path, Inputs], list[str]]:
     return run
 
 
+def _broken_copy(command: str, damage: Callable[[Path], None]) -> Callable[[Path, Inputs], list[str]]:
+    """The command on a copy of the tiny model damaged by ``damage(folder)``."""
+
+    def run(tmp: Path, inputs: Inputs) -> list[str]:
+        folder = inputs.copy(inputs.model, tmp)
+        damage(folder)
+        return _replace_model(COMMANDS[command](tmp, inputs), inputs, folder)
+
+    return run
+
+
+def _remove_tokenizer(folder: Path) -> None:
+    for path in folder.glob("*token*"):
+        path.unlink()
+
+
 def _replace_model(argv: list[str], inputs: Inputs, folder: Path) -> list[str]:
     return [str(folder) if arg == str(inputs.model) else arg for arg in argv]
 
@@ -170,19 +188,16 @@ def _corrupt_cache_entry(tmp: Path, inputs: Inputs) -> list[str]:
         tmp, inputs)
 
 
-def _prompt_with(tmp: Path, inputs: Inputs, change: Callable[[Path], None]) -> Path:
-    folder = inputs.copy(inputs.prompt, tmp)
-    change(folder)
-    return folder
-
-
 def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
 def _export_peft(change: Callable[[Path], None]) -> Callable[[Path, Inputs], list[str]]:
+    """``prompt export-peft`` of a copy of the prompt damaged by ``change(folder)``."""
+
     def run(tmp: Path, inputs: Inputs) -> list[str]:
-        folder = _prompt_with(tmp, inputs, change)
+        folder = inputs.copy(inputs.prompt, tmp)
+        change(folder)
         return ["prompt", "export-peft", str(folder), str(tmp / "peft")]
 
     return run
@@ -231,17 +246,61 @@ def _read_only_out(tmp: Path, inputs: Inputs) -> list[str]:
     return _compress("--spec", "rtn-w8", "--out", str(locked / "out"))(tmp, inputs)
 
 
+def _permission_denied_out(tmp: Path, inputs: Inputs) -> list[str]:
+    """As ``_read_only_out``, for root too: making a folder under ``locked`` fails as for a user without rights."""
+    (tmp / "locked").mkdir()
+    real_mkdir = os.mkdir
+
+    def refuse(path, *args, **kwargs):
+        if Path(path).parent == tmp / "locked":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    inputs.monkeypatch.setattr(os, "mkdir", refuse)
+    return _compress("--spec", "rtn-w8", "--out", str(tmp / "locked" / "out"))(tmp, inputs)
+
+
 def _out_under_a_file(tmp: Path, inputs: Inputs) -> list[str]:
     (tmp / "notes.txt").write_text("mine\n")
     return _compress("--spec", "rtn-w8", "--out", str(tmp / "notes.txt" / "out"))(tmp, inputs)
+
+
+def _diverging_training(tmp: Path, inputs: Inputs) -> list[str]:
+    """Prompt training whose 3rd training step's loss is NaN (as from a too large learning rate in bf16)."""
+    from cpt_bench.prompts import soft
+
+    real, training_calls = soft.prompted_loss, []
+
+    def poisoned(model, prompt, ids):
+        loss = real(model, prompt, ids)
+        if torch.is_grad_enabled():
+            training_calls.append(1)
+            return loss * math.nan if len(training_calls) == 3 else loss
+        return loss
+
+    inputs.monkeypatch.setattr(soft, "prompted_loss", poisoned)
+    return _train("--steps", "4", "--eval-every", "2")(tmp, inputs)
 
 
 def _diverged_prompt_kept(tmp: Path) -> None:
     from cpt_bench.prompts.artifact import read_prompt
 
     prompt = read_prompt(tmp / "prompt")
-    assert prompt.meta["stopped"] == "diverged" and prompt.meta["best"]["step"] == 0
-    assert torch.isfinite(prompt.embeddings).all()
+    assert prompt.meta["stopped"] == "diverged" and prompt.meta["best"]["step"] in (0, 2)
+    assert torch.isfinite(prompt.embeddings).all() and (tmp / "prompt" / "checkpoint.pt").is_file()
+
+
+def _nan_model_training(tmp: Path, inputs: Inputs) -> list[str]:
+    """Prompt training on a model whose weights hold a NaN (as a broken compression may)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(inputs.model, dtype=torch.float32)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = math.nan
+    folder = tmp / "nan-model"
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(inputs.model).save_pretrained(folder)
+    return _replace_model(_train()(tmp, inputs), inputs, folder)
 
 
 def _nothing_at(*names: str) -> Callable[[Path], None]:
@@ -267,12 +326,13 @@ CASES = [
     Case("spec-group-does-not-divide-width", _compress("--spec", "rtn-w4g64", "--out", "{tmp}/out"),
          r"spec rtn-w4g64: group size 64 does not divide the input width 32 of layer model\.layers\.0\.",
          after=_nothing_at("out")),
-    Case("adapter-compression-unknown", _adapter(compression="gptq9"), r"invalid compression spec 'gptq9'"),
+    Case("adapter-compression-unknown", _adapter(compression="gptq9"),
+         rf"invalid compression spec 'gptq9': unknown spec{SPEC_GRAMMAR}"),
     Case("adapter-compression-mode-unknown", _adapter(compression="{compressed}", compression_mode="fast"),
-         r"mode must be one of simulated, real, got 'fast'"),
+         r"compression_mode must be one of simulated, real, got 'fast'"),
     # models
     Case("model-missing-compress", _compress("--model", "{tmp}/no-such-model", "--spec", "rtn-w8"),
-         r"model '.*/no-such-model' is neither a local folder nor an available Hugging Face model"),
+         r"model folder .*/no-such-model does not exist; expected 'embedded', a model folder or a Hugging Face id"),
     Case("model-missing-train", _train("--model", "{tmp}/no-such-model"),
          r"could not load model '.*/no-such-model': expected 'embedded', a model folder"),
     Case("model-missing-adapter", _adapter(pretrained="{tmp}/no-such-model"),
@@ -282,9 +342,17 @@ CASES = [
     Case("model-not-causal-train", _not_causal("train"), r"model '.*/not-a-causal-lm' is a 't5' model, not a causal"),
     Case("model-not-causal-evaluate", _not_causal("evaluate"),
          r"model '.*/not-a-causal-lm' is a 't5' model, not a causal"),
-    Case("model-without-config-compress", _no_config("compress"), r"model folder .*/not-a-causal-lm has no config\.json"),
+    Case("model-without-config-compress", _no_config("compress"),
+         r"model folder .*/not-a-causal-lm has no config\.json"),
     Case("model-without-config-train", _no_config("train"),
          r"could not load model '.*/not-a-causal-lm': expected 'embedded', a model folder"),
+    Case("model-weights-truncated-train", _broken_copy("train", lambda f: _truncate(f / "model.safetensors")),
+         r"could not load the weights \(expected .*\) of model '.*' from .*: .*(deserializ|header|incomplete)"),
+    Case("model-weights-truncated-evaluate", _broken_copy("evaluate", lambda f: _truncate(f / "model.safetensors")),
+         r"could not load model '.*' from .*: .*(deserializ|header|incomplete)"),
+    Case("model-without-tokenizer-compress", _broken_copy("compress", _remove_tokenizer),
+         r"could not load the tokenizer \(expected tokenizer\.json or its type's tokenizer files\) of model '.*' "
+         r"from .*: Couldn't instantiate the backend tokenizer"),
     # soft prompt artifacts
     Case("prompt-wrong-hidden-size", _foreign_prompt("hidden"),
          r"prompt has hidden size 48 but model .* has 32: it cannot be used with this model"),
@@ -321,19 +389,25 @@ CASES = [
          r"calibration setting seqlen must be a positive integer, got -8"),
     Case("prompt-seqlen-longer-than-corpus", _train("--seqlen", "100000"),
          r"train split of 'wikipedia' has \d+ tokens, fewer than seqlen 100000"),
-    Case("prompt-steps-zero", _train("--steps", "0"), r"soft prompt setting steps must be a positive integer"),
-    Case("prompt-steps-negative", _train("--steps", "-5"), r"soft prompt setting steps must be a positive integer"),
+    Case("prompt-steps-zero", _train("--steps", "0"), r"soft prompt setting steps must be a positive integer, got 0"),
+    Case("prompt-steps-negative", _train("--steps", "-5"),
+         r"soft prompt setting steps must be a positive integer, got -5"),
     Case("prompt-tokens-zero", _train("--n-virtual-tokens", "0"),
-         r"soft prompt setting n_virtual_tokens must be a positive integer"),
+         r"soft prompt setting n_virtual_tokens must be a positive integer, got 0"),
     Case("prompt-resume-without-checkpoint", _train("--resume"), r"cannot resume: no checkpoint at .*checkpoint\.pt"),
-    Case("prompt-training-diverges", _train("--lr", "1e38", "--steps", "4", "--eval-every", "4"),
-         r"training diverged at step 2 \(the training loss or gradient is (nan|inf)\); kept the best prompt so far "
-         r"\(step 0\) in .*prompt", after=_diverged_prompt_kept),
+    Case("prompt-lr-too-large", _train("--lr", "1e38"), r"soft prompt setting lr must be a positive number at most "
+         r"10, got 1e\+38"),
+    Case("prompt-training-diverges", _diverging_training,
+         r"training diverged at step 3 \(the training loss or gradient is nan\); kept the best prompt so far "
+         r"\(step [02]\) in .*prompt", after=_diverged_prompt_kept),
+    Case("prompt-model-computes-nan", _nan_model_training,
+         r"the validation loss before any training is nan: model '.*nan-model' \(dense\) computes non-finite"),
     Case("evaluate-unknown-task", _argv("evaluate", "--model", "{model}", "--tasks", "nope"),
          r"unknown task\(s\) nope; expected lm-eval task or group names"),
     Case("evaluate-limit-zero", _argv("evaluate", "--limit", "0"),
          r"limit_items must be a positive count or omitted, got 0"),
-    Case("evaluate-seqlen-zero", _argv("evaluate", "--seqlen", "0"), r"seqlen and batch size must be positive"),
+    Case("evaluate-seqlen-zero", _argv("evaluate", "--seqlen", "0"),
+         r"seqlen and batch size must be positive, got 0 and 8"),
     Case("evaluate-batch-size-negative", _argv("evaluate", "--batch-size", "-1"),
          r"seqlen and batch size must be positive, got 1024 and -1"),
     # lm-eval model_args of the cpt adapter
@@ -347,6 +421,8 @@ CASES = [
     # output folders and disks
     Case("out-not-writable", _read_only_out, r"cannot (write|access) .*locked/out.*: Permission denied",
          needs_non_root=True),
+    Case("out-permission-denied-simulated", _permission_denied_out,
+         r"cannot access .*locked/out: Permission denied"),
     Case("out-under-a-file", _out_under_a_file, r"cannot (write|access) .*notes\.txt/out: Not a directory"),
     Case("disk-full-while-writing", _disk_full_compress,
          r"cannot write .*model\.safetensors: No space left on device"),
@@ -373,11 +449,18 @@ def shared(_filled_fake_cache, tiny_model_dir, tmp_path_factory) -> tuple[Path, 
 
 @pytest.fixture(autouse=True)
 def _quiet_progress(monkeypatch):
-    """No progress bars on stderr: what is left there is the error report."""
+    """No progress bars on stderr (ours and transformers' "Loading weights"): what is left is the error report."""
     from tqdm.auto import tqdm
+    from transformers.utils import logging as transformers_logging
+
+    def silent(*args, **kwargs):
+        return tqdm(*args, **kwargs | {"disable": True})
 
     for module in ("cpt_bench.compress.sequential", "cpt_bench.prompts.soft"):
-        monkeypatch.setattr(f"{module}.tqdm", partial(tqdm, disable=True))
+        monkeypatch.setattr(f"{module}.tqdm", silent)
+    transformers_logging.disable_progress_bar()
+    yield
+    transformers_logging.enable_progress_bar()
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
@@ -427,14 +510,21 @@ def test_catalogue_ids_are_unique():
     assert len(ids) == len(set(ids)) >= 22
 
 
-def test_cpt_lm_eval_reports_user_errors_in_one_line(monkeypatch, capsys):
-    from cpt_bench.lmeval.adapter import PromptAdapterError
+def test_cpt_lm_eval_reports_our_errors_in_one_line_and_others_with_their_traceback(monkeypatch, capsys):
+    from cpt_bench.lmeval.adapter import CptLM
 
-    def failing() -> None:
-        raise PromptAdapterError("give soft_prompt or hard_prompt, not both")
+    def ours() -> None:  # what lm-eval does with --model cpt --model_args soft_prompt=p,hard_prompt=paper
+        CptLM.create_from_arg_string("soft_prompt=p,hard_prompt=paper", {})
 
-    monkeypatch.setattr("lm_eval.__main__.cli_evaluate", failing)
+    monkeypatch.setattr("lm_eval.__main__.cli_evaluate", ours)
     with pytest.raises(SystemExit) as caught:
         lmeval_cli.main()
     assert caught.value.code == 2
     assert capsys.readouterr().err == "cpt-lm-eval: error: give soft_prompt or hard_prompt, not both\n"
+
+    def theirs() -> None:
+        raise ValueError("lm-eval's own")
+
+    monkeypatch.setattr("lm_eval.__main__.cli_evaluate", theirs)
+    with pytest.raises(ValueError, match="lm-eval's own"):
+        lmeval_cli.main()

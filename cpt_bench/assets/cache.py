@@ -114,9 +114,14 @@ def write_text_atomic(path: Path, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
+def json_bytes(payload: Any) -> bytes:
+    """``payload`` as indented, key-sorted UTF-8 JSON with a final newline (how every JSON file here is written)."""
+    return (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
 def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write ``payload`` as indented, key-sorted JSON, atomically (see ``write_text_atomic``)."""
-    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    """Write ``payload`` as ``json_bytes``, atomically (see ``write_bytes_atomic``)."""
+    write_bytes_atomic(path, json_bytes(payload))
 
 
 def _file_records(folder: Path) -> dict[str, dict[str, Any]]:

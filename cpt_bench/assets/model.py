@@ -74,6 +74,11 @@ def first_line(error: BaseException) -> str:
     return lines[0].strip() if lines else type(error).__name__
 
 
+def looks_like_path(name_or_path: str) -> bool:
+    """Whether a model name is meant as a local path (absolute, ``./``, ``../`` or ``~``), not a Hugging Face id."""
+    return str(name_or_path).startswith(_LOCAL_PREFIXES)
+
+
 def check_causal_lm(name_or_path: str) -> str:
     """``resolve_model(name_or_path)``, refusing in one line (``ModelError``) a model that cannot be found or whose
     config is not a causal (decoder-only) LM that ``AutoModelForCausalLM`` loads. Returns the resolved path."""
@@ -82,7 +87,7 @@ def check_causal_lm(name_or_path: str) -> str:
 
     path = resolve_model(str(name_or_path))
     expected = "expected 'embedded', a model folder or a Hugging Face id"
-    if path.startswith(_LOCAL_PREFIXES) and not Path(path).expanduser().is_dir():
+    if looks_like_path(path) and not Path(path).expanduser().is_dir():
         raise ModelError(f"could not load model {name_or_path!r}: {expected} (no such folder)")
     try:
         config = AutoConfig.from_pretrained(path)
@@ -98,7 +103,8 @@ def load_tokenizer(name_or_path: str, **kwargs: Any) -> Any:
     """The tokenizer of a model checked by ``check_causal_lm``; missing or broken files raise ``ModelError``."""
     from transformers import AutoTokenizer
 
-    return _from_pretrained(AutoTokenizer, "tokenizer", name_or_path, kwargs)
+    return _from_pretrained(AutoTokenizer, "tokenizer (expected tokenizer.json or its type's tokenizer files)",
+                            name_or_path, kwargs)
 
 
 def load_causal_lm(name_or_path: str, **kwargs: Any) -> Any:
@@ -106,7 +112,8 @@ def load_causal_lm(name_or_path: str, **kwargs: Any) -> Any:
     weight files raise ``ModelError``."""
     from transformers import AutoModelForCausalLM
 
-    return _from_pretrained(AutoModelForCausalLM, "weights", name_or_path, kwargs)
+    return _from_pretrained(AutoModelForCausalLM, "weights (expected *.safetensors or *.bin files that fit "
+                            "config.json)", name_or_path, kwargs)
 
 
 def _from_pretrained(auto_class: Any, what: str, name_or_path: str, kwargs: dict[str, Any]) -> Any:
@@ -117,4 +124,4 @@ def _from_pretrained(auto_class: Any, what: str, name_or_path: str, kwargs: dict
         return auto_class.from_pretrained(path, **kwargs)
     except (OSError, ValueError, SafetensorError) as error:
         raise ModelError(f"could not load the {what} of model {name_or_path!r} from {path}: "
-                         f"{first_line(error)}") from error
+                         f"{first_line(error).rstrip(':')}") from error

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from cpt_bench.assets.cache import ensure_entry, sha256_of
-from cpt_bench.assets.model import ModelError, load_causal_lm, resolve_model
+from cpt_bench.assets.model import ModelError, load_causal_lm, looks_like_path, resolve_model
 from cpt_bench.compress.pipeline import MODES, compress_into, default_dtype, load_compressed_model
 from cpt_bench.compress.sequential import CalibrationSettings
 from cpt_bench.compress.spec import Spec
@@ -36,6 +36,9 @@ def model_folder(name_or_path: str | os.PathLike) -> Path:
     resolved = resolve_model(str(name_or_path))
     if Path(resolved).is_dir():
         folder = Path(resolved)
+    elif looks_like_path(resolved):
+        raise ModelError(f"model folder {resolved} does not exist; expected 'embedded', a model folder or a Hugging "
+                         "Face id")
     else:
         from huggingface_hub import snapshot_download
 

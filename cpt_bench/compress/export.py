@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as save_safetensors
 
-from cpt_bench.assets.cache import write_bytes_atomic, write_json_atomic
+from cpt_bench.assets.cache import json_bytes, write_files_atomic
 from cpt_bench.compress.quant import CompressedLinear
 from cpt_bench.compress.spec import Spec
 from cpt_bench.compress.storage import pack_bits, read_checkpoint
@@ -102,7 +102,8 @@ def export_gptq(compressed_dir: str | os.PathLike, out_dir: str | os.PathLike,
     """Write the GPTQ-format checkpoint of a compressed folder (``pipeline.compress_into``) to ``out_dir``.
 
     Writes ``model.safetensors``, ``config.json`` with ``quantization_config``, ``quantize_config.json`` and the
-    tokenizer files. Raises ``ExportError`` for a spec without quantization or a layer the format cannot hold.
+    tokenizer files, all replaced together or not at all (``write_files_atomic``). Raises ``ExportError`` for a
+    spec without quantization or a layer the format cannot hold.
     """
     if checkpoint_format not in CHECKPOINT_FORMATS:
         raise ExportError(f"checkpoint format must be one of {', '.join(CHECKPOINT_FORMATS)}, "
@@ -116,12 +117,10 @@ def export_gptq(compressed_dir: str | os.PathLike, out_dir: str | os.PathLike,
     for name, layer in checkpoint.layers.items():
         tensors |= gptq_tensors(name, layer, checkpoint_format)
     qconfig = quantization_config(spec, checkpoint.manifest["calibration"], checkpoint_format)
-    out.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(out / WEIGHTS_FILE, save_safetensors(tensors, metadata={"format": "pt"}))
     config = json.loads((source / "config.json").read_text())
-    write_json_atomic(out / "config.json", config | {"quantization_config": qconfig})
-    write_json_atomic(out / QUANTIZE_CONFIG_FILE, qconfig)
-    for name in _COPIED_FILES:
-        if (source / name).is_file():
-            write_bytes_atomic(out / name, (source / name).read_bytes())
+    files = {WEIGHTS_FILE: save_safetensors(tensors, metadata={"format": "pt"}),
+             "config.json": json_bytes(config | {"quantization_config": qconfig}),
+             QUANTIZE_CONFIG_FILE: json_bytes(qconfig)}
+    files |= {name: (source / name).read_bytes() for name in _COPIED_FILES if (source / name).is_file()}
+    write_files_atomic(out, files)
     return out

@@ -31,24 +31,45 @@ def compress_into(out: Path, model_folder: str | os.PathLike, spec: Spec, settin
     """Compress the fp32 model in ``model_folder`` by ``spec`` and write the compressed folder ``out``.
 
     Calibration windows come from ``settings.corpus`` (train split) when the spec needs them. Shows a tqdm
-    bar over decoder layers when ``progress``. Every file is written into a staging folder inside ``out`` and
-    moved into place only once all are complete, so a failure (a bad spec, a full disk) leaves the files
-    already in ``out`` as they were. Returns a summary (spec, seconds, memory account).
+    bar over decoder layers when ``progress``. ``out`` and a staging folder inside it are made first, so an
+    unusable ``out`` fails before the work; every file is written into the staging folder and moved into place
+    only once all are complete, so a failure (a bad spec, a full disk) leaves the files already in ``out`` as
+    they were (and removes ``out`` if it was made here). Returns a summary (spec, seconds, memory account).
     """
-    tokenizer = load_tokenizer(str(model_folder))
-    ids = corpus_calibration_ids(tokenizer, settings) if spec.needs_calibration else None
-    model = load_causal_lm(str(model_folder), dtype=torch.float32)
-    result = compress_model(model, spec, ids, settings, progress=progress)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out, prefix=STAGING_PREFIX))
     try:
-        manifest_path = save_compressed(model, result, staging)
-        model.config.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        for path in sorted(staging.iterdir(), key=lambda p: p.name == manifest_path.name):  # the manifest last
+        summary = _compress_files(staging, model_folder, spec, settings, progress)
+        for path in sorted(staging.iterdir(), key=lambda p: p.name == summary["manifest"]):  # the manifest last
             os.replace(path, out / path.name)
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    return summary
+
+
+def compute_device() -> torch.device:
+    """Where compression runs: the first CUDA device when there is one (as in the GPTQ paper), else the CPU.
+
+    The algorithms run in fp32 on either; results agree to float rounding, not bit for bit.
+    """
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _compress_files(folder: Path, model_folder: str | os.PathLike, spec: Spec, settings: CalibrationSettings,
+                    progress: bool) -> dict:
+    """Compress the model and write the checkpoint, its config and its tokenizer into ``folder``; the summary."""
+    tokenizer = load_tokenizer(str(model_folder))
+    ids = corpus_calibration_ids(tokenizer, settings) if spec.needs_calibration else None
+    model = load_causal_lm(str(model_folder), dtype=torch.float32).to(compute_device())
+    result = compress_model(model, spec, ids, settings, progress=progress)
+    manifest_path = save_compressed(model, result, folder)
+    model.config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return {"spec": str(spec), "seconds": result.seconds, "manifest": manifest_path.name}
 
 

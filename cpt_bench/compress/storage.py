@@ -115,7 +115,9 @@ def read_manifest(out_dir: str | os.PathLike) -> dict:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise StorageError(f"{path} has format {found!r}, expected {FORMAT!r}")
     missing = [name for name in REQUIRED_FIELDS if name not in manifest]
-    if not isinstance(manifest.get("files", {}).get(WEIGHTS_FILE, {}).get("sha256"), str):
+    record = manifest.get("files")
+    record = record.get(WEIGHTS_FILE) if isinstance(record, dict) else None
+    if not (isinstance(record, dict) and isinstance(record.get("sha256"), str)):
         missing.append(f"files.{WEIGHTS_FILE}.sha256")
     if missing:
         raise StorageError(f"{path} lacks {', '.join(missing)}; expected a compression.json written by cpt_bench")

@@ -13,6 +13,10 @@ since lm-eval has no plugin discovery). Extra model_args:
   with the default calibration and cached on first use; a folder from ``cpt-bench compress --out``);
   ``compression_mode=simulated|real`` (default simulated: dequantized weights).
 
+Bad model_args (both prompts, an empty one, a flag that is not true / false, an unknown mode) are refused before
+the model loads, and a model that is missing or not a causal LM is refused before HFLM loads it, all with one-line
+``ValueError``s that ``cpt-lm-eval`` prints as one line.
+
 The prompt precedes every request's tokens (as lm-eval encoded them, prefix / BOS token included) and is
 never scored: logits are returned for the request positions only. ``max_length`` (given or the model's)
 is the whole context, prompt included; lm-eval sees ``max_length - prompt length`` so its windows and
@@ -35,6 +39,7 @@ from safetensors import SafetensorError
 from transformers import DynamicCache
 
 from cpt_bench.assets.model import ModelError, check_causal_lm, first_line, resolve_model
+from cpt_bench.compress.pipeline import MODES
 from cpt_bench.prompts.artifact import load_prompt
 from cpt_bench.prompts.hard import hard_prompt_text
 from cpt_bench.prompts.target import load_target
@@ -85,7 +90,9 @@ class CptLM(HFLM):
         _check_prompt_args(soft_prompt, hard_prompt)
         allow_cross_model = _as_bool(allow_cross_model, "allow_cross_model")
         prefix_cache = _as_bool(prefix_cache, "prefix_cache")
-        label = "dense"
+        if compression_mode not in MODES:
+            raise PromptAdapterError(f"compression_mode must be one of {', '.join(MODES)}, got {compression_mode!r}")
+        name, label = pretrained, "dense"
         if compression:
             pretrained, kwargs, label = self._compressed(pretrained, compression, compression_mode, kwargs)
         elif isinstance(pretrained, str):
@@ -93,7 +100,7 @@ class CptLM(HFLM):
         try:
             super().__init__(pretrained=pretrained, **kwargs)
         except (OSError, SafetensorError) as error:  # missing or truncated weight / tokenizer files
-            raise ModelError(f"could not load model {pretrained!r}: {first_line(error)}") from error
+            raise ModelError(f"could not load model {name!r}: {first_line(error)}") from error
         self.prompt_info["compression"] = label
         if soft_prompt is not None or hard_prompt is not None:
             self._set_prompt(soft_prompt, hard_prompt, allow_cross_model, prefix_cache)

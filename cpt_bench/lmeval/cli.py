@@ -10,9 +10,15 @@ USER_ERROR_EXIT_CODE = 2
 
 
 def user_error(error: BaseException) -> bool:
-    """Whether ``error`` is one of cpt_bench's one-line reports of a bad input (a ``ValueError`` or
-    ``CacheError`` raised by cpt_bench, e.g. for bad ``--model_args`` of the ``cpt`` model), not a bug."""
-    return isinstance(error, ValueError | CacheError) and type(error).__module__.startswith("cpt_bench.")
+    """Whether ``error`` is cpt_bench's one-line report of a bad input (e.g. bad ``--model_args`` of the ``cpt``
+    model): a ``ValueError`` or ``CacheError`` raised in cpt_bench's own code. Errors raised elsewhere, lm-eval's
+    and the libraries' included, keep their traceback."""
+    if not isinstance(error, ValueError | CacheError) or error.__traceback__ is None:
+        return False
+    frame = error.__traceback__
+    while frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame.tb_frame.f_globals.get("__name__", "").startswith("cpt_bench.")
 
 
 def main() -> None:

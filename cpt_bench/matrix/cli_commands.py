@@ -33,7 +33,8 @@ def add_matrix_parser(subparsers: argparse._SubParsersAction) -> None:
     matrix = subparsers.add_parser("matrix", help="evaluate every compression x prompt x target cell of a config")
     matrix.add_argument("config", type=Path, help="YAML config, e.g. configs/default.yaml")
     matrix.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<config name>)")
-    matrix.add_argument("--resume", action="store_true", help="continue a run folder of the same config")
+    matrix.add_argument("--resume", action="store_true",
+                        help="continue the run in --out (same config); starts it when there is none")
     matrix.add_argument("--shard", default=None, help="i/n: run the i-th of n disjoint parts (array jobs)")
     matrix.add_argument("--executor", choices=EXECUTORS, default="local", help="local (default) or ray")
     matrix.add_argument("--dry-run", action="store_true", help="print the plan, counts and a time estimate")

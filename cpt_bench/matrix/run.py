@@ -172,7 +172,8 @@ def _prompt_block(lm, job: GroupJob) -> dict[str, Any]:
     block = dict(lm.prompt_info)
     if job.prompt_folder:
         meta = read_prompt(Path(job.prompt_folder)).meta
-        block.update(path=str(Path(job.prompt_folder).relative_to(job.run_dir)), source=meta["source"]["corpus"], train_seconds=round(meta["train_seconds"], 1),
+        block.update(path=str(Path(job.prompt_folder).relative_to(job.run_dir)),
+                     source=meta["source"]["corpus"], train_seconds=round(meta["train_seconds"], 1),
                      best_val_ppl=meta["best"]["val_ppl"], best_step=meta["best"]["step"],
                      hyperparameters=meta["hyperparameters"])
     return block

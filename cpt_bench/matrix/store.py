@@ -74,8 +74,9 @@ def _json_roundtrip(data: Any) -> Any:
 def prepare(run_dir: Path, config: MatrixConfig, config_text: str, resume: bool) -> None:
     """Start a run in ``run_dir`` (existing, locked by the caller) or check that it continues a run of this config.
 
-    Raises ``RunFolderError`` when a run folder would be reused without ``resume``, when ``resume`` names
-    a folder without a run, or when the stored config differs (the message names the first key).
+    ``resume`` on a folder without a run starts one (so a requeued array job may always pass --resume).
+    Raises ``RunFolderError`` when a run folder would be reused without ``resume``, when the stored config
+    differs (the message names the first key), or when the folder holds other files.
     """
     stored_path = run_dir / CONFIG_FILE
     wanted = _json_roundtrip(config.to_dict())
@@ -92,8 +93,6 @@ def prepare(run_dir: Path, config: MatrixConfig, config_text: str, resume: bool)
         for orphan in run_dir.rglob(".*.tmp"):  # temp files of writes cut short by a kill; never results
             orphan.unlink()
         return
-    if resume:
-        raise RunFolderError(f"--resume: {run_dir} holds no run ({CONFIG_FILE} missing); start it without --resume")
     if any(path.name != LOCK_FILE for path in run_dir.iterdir()):
         raise RunFolderError(f"output folder {run_dir} exists, is not empty and holds no run; choose another --out")
     write_text_atomic(run_dir / "config.yaml", config_text)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 
-from cpt_bench.assets.cache import sha256_of, write_bytes_atomic, write_files_atomic
+from cpt_bench.assets.cache import json_bytes, sha256_of, write_bytes_atomic, write_files_atomic
 from cpt_bench.prompts.target import describe_target, same_embeddings
 from cpt_bench.provenance import environment_record
 
@@ -69,8 +69,7 @@ def save_prompt(folder: Path, embeddings: torch.Tensor, target: dict[str, Any], 
             **training, "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "environment": environment_record(seeds={"prompt": training.get("hyperparameters", {}).get("seed", 0)}),
             "sha256": hashlib.sha256(data).hexdigest()}
-    text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
-    write_files_atomic(folder, {TENSORS: data, METADATA: text.encode("utf-8")})
+    write_files_atomic(folder, {TENSORS: data, METADATA: json_bytes(meta)})
     return folder
 
 

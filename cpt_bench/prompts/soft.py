@@ -105,25 +105,26 @@ class SoftPromptConfig:
     def __post_init__(self) -> None:
         positive = ("n_virtual_tokens", "steps", "batch_size", "seqlen", "eval_every", "eval_windows")
         for name in positive:
-            _check(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "a positive integer")
-        _check(isinstance(self.lr, int | float) and 0 < self.lr <= MAX_LR, "lr", f"a positive number at most {MAX_LR}")
-        _check(isinstance(self.max_grad_norm, int | float) and self.max_grad_norm > 0, "max_grad_norm",
-               "a positive number")
-        _check(isinstance(self.weight_decay, int | float) and self.weight_decay >= 0, "weight_decay", "a number >= 0")
-        _check(isinstance(self.warmup_steps, int) and 0 <= self.warmup_steps <= self.steps, "warmup_steps",
-               f"an integer in [0, steps={self.steps}]")
-        _check(self.patience is None or (isinstance(self.patience, int) and self.patience > 0), "patience",
-               "a positive integer or None")
-        _check(isinstance(self.seed, int), "seed", "an integer")
-        _check(self.init in INITIALISERS, "init", f"one of {sorted(INITIALISERS)}")
-        _check(self.precision in PRECISIONS, "precision", f"one of {list(PRECISIONS)}")
-        _check((self.init == "text") == bool(self.init_text), "init_text",
-               "given (non-empty) exactly when init is 'text'")
+            self._check(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "a positive integer")
+        self._check(isinstance(self.lr, int | float) and 0 < self.lr <= MAX_LR, "lr",
+                    f"a positive number at most {MAX_LR:g}")
+        self._check(isinstance(self.max_grad_norm, int | float) and self.max_grad_norm > 0, "max_grad_norm",
+                    "a positive number")
+        self._check(isinstance(self.weight_decay, int | float) and self.weight_decay >= 0, "weight_decay",
+                    "a number >= 0")
+        self._check(isinstance(self.warmup_steps, int) and 0 <= self.warmup_steps <= self.steps, "warmup_steps",
+                    f"an integer in [0, steps={self.steps}]")
+        self._check(self.patience is None or (isinstance(self.patience, int) and self.patience > 0), "patience",
+                    "a positive integer or None")
+        self._check(isinstance(self.seed, int), "seed", "an integer")
+        self._check(self.init in INITIALISERS, "init", f"one of {sorted(INITIALISERS)}")
+        self._check(self.precision in PRECISIONS, "precision", f"one of {list(PRECISIONS)}")
+        self._check((self.init == "text") == bool(self.init_text), "init_text",
+                    "given (non-empty) exactly when init is 'text'")
 
-
-def _check(ok: bool, name: str, expected: str) -> None:
-    if not ok:
-        raise SoftPromptError(f"soft prompt setting {name} must be {expected}")
+    def _check(self, ok: bool, name: str, expected: str) -> None:
+        if not ok:
+            raise SoftPromptError(f"soft prompt setting {name} must be {expected}, got {getattr(self, name)!r}")
 
 
 def initial_prompt(model: torch.nn.Module, tokenizer, config: SoftPromptConfig) -> torch.Tensor:
@@ -284,7 +285,8 @@ def train_soft_prompt(model: torch.nn.Module, tokenizer, config: SoftPromptConfi
     ``out_dir`` receives ``checkpoint.pt`` after every evaluation and, at the end, ``prompt.safetensors``
     + ``prompt.json`` holding the best prompt (see ``artifact``). ``resume`` continues from the
     checkpoint with identical settings. ``on_eval(record)`` is called after each evaluation and checkpoint.
-    Raises ``TrainingDiverged`` (after saving the best prompt so far) when the loss becomes NaN / inf.
+    Raises ``TrainingDiverged`` (after saving the best prompt so far) when the loss becomes NaN / inf, and
+    ``SoftPromptError`` when it is not finite even before training (a broken model or compression).
     """
     out_dir = Path(out_dir)
     for param in model.parameters():
@@ -309,7 +311,10 @@ def train_soft_prompt(model: torch.nn.Module, tokenizer, config: SoftPromptConfi
         state = _load_checkpoint(out_dir / CHECKPOINT, config, device)
     else:
         state = _new_state(initial_prompt(model, tokenizer, config), config, device)
-        _evaluate(model, state, windows, config, [])
+        initial = _evaluate(model, state, windows, config, [])["val_loss"]
+        if not math.isfinite(initial):
+            raise SoftPromptError(f"the validation loss before any training is {initial}: model {model_name!r} "
+                                  f"({compression}) computes non-finite values, so no prompt can be trained on it")
         _save_checkpoint(out_dir / CHECKPOINT, state, config)
     progress = tqdm(total=config.steps, initial=state.step, desc="soft prompt", unit="step")
     progress.set_postfix(val_ppl=f"{state.curve[-1]['val_ppl']:.2f}")
