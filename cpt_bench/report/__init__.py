@@ -36,9 +36,10 @@ __all__ = ["load_summary", "write_leaderboard", "write_report"]
 _LEGEND = ("Entries are value ± standard error; Δ is the value minus the dense model without prompt on the same task; "
            "– marks combinations the run does not contain; (in-domain) marks soft prompts trained on the target's "
            "own domain.")
-_PLOT_NOTE = ("Lines: metric against stored weight size per prompt kind; soft lines average the prompts trained at "
-              "the level they are applied at (error bars: root of summed variances over n). Heatmaps: red is worse, "
-              "green better, scaled per column for source × target grids and over the grid for level grids.")
+_PLOT_NOTE = ("Lines: metric against stored weight size, one line per prompt over every level it was applied at "
+              "(a soft prompt's points away from its own level are transfers across levels); error bars are one "
+              "standard error. Heatmaps: red is worse, green better, scaled per column for source × target grids "
+              "and over the grid for level grids.")
 
 
 @dataclass(frozen=True)

@@ -35,9 +35,7 @@ from cpt_bench.report.tables import (  # noqa: E402
     source_target_grids,
 )
 
-SOFT_IN_DOMAIN = "soft (same level, in-domain)"
-SOFT_CROSS_DATASET = "soft (same level, cross-dataset)"
-_LINE_ORDER = {"none": 0, SOFT_IN_DOMAIN: 2, SOFT_CROSS_DATASET: 3}  # hard prompts: 1
+_LINE_ORDER = {"none": 0, "hard": 1, "soft": 2}  # none first, then hard prompts, then soft prompts
 _DPI = 100
 _COLOURS = matplotlib.colormaps["RdYlGn"].with_extremes(bad="#dddddd")
 
@@ -67,35 +65,25 @@ def _save(figure: Figure, path: Path) -> None:
     write_bytes_atomic(path, buffer.getvalue())
 
 
-def _line_label(prompt: dict[str, Any], spec: str, target: dict[str, Any]) -> str | None:
-    """The line a prompt's cell at level ``spec`` belongs to; None for a soft prompt trained at another level."""
-    if prompt["kind"] != "soft":
-        return prompt_label(prompt)
-    if prompt["trained_at"] != spec:
-        return None
-    return SOFT_IN_DOMAIN if is_in_domain(prompt, target) else SOFT_CROSS_DATASET
-
-
-def _mean(cells: list[dict[str, Any]]) -> tuple[float, float]:
-    """Mean value and its standard error (root of summed variances over n); nan when a stderr is unknown."""
-    errors = [cell.get("stderr") for cell in cells]
-    stderr = math.nan if None in errors else math.sqrt(sum(e * e for e in errors)) / len(errors)
-    return sum(cell["value"] for cell in cells) / len(cells), stderr
+def _line_label(prompt: dict[str, Any], target: dict[str, Any]) -> str:
+    """One line per prompt across every level it was applied at (soft prompts: transfer across levels)."""
+    label = prompt_label(prompt)
+    return f"{label} (in-domain)" if prompt["kind"] == "soft" and is_in_domain(prompt, target) else label
 
 
 def metric_series(summary: Summary, target: dict[str, Any]) -> dict[str, list[tuple[float, float, float]]]:
     """Line label -> points (stored weight MB, value, stderr or nan) by increasing MB; none, hard, then soft lines."""
     series: dict[str, list[tuple[float, float, float]]] = {}
-    for compression in summary.compressions:
-        groups: dict[str, list[dict[str, Any]]] = {}
-        for prompt in summary.prompts:
+    order: dict[str, int] = {}
+    for prompt in summary.prompts:
+        label = _line_label(prompt, target)
+        order[label] = _LINE_ORDER[prompt["kind"]]
+        for compression in summary.compressions:
             cell = summary.cell(compression["spec"], prompt["id"], target["task"])
-            label = _line_label(prompt, compression["spec"], target)
-            if cell is not None and label is not None:
-                groups.setdefault(label, []).append(cell)
-        for label, cells in groups.items():
-            series.setdefault(label, []).append((compression["weight_bytes"] / 1e6, *_mean(cells)))
-    ordered = sorted(series.items(), key=lambda item: _LINE_ORDER.get(item[0], 1))
+            if cell is not None:
+                stderr = math.nan if cell.get("stderr") is None else cell["stderr"]
+                series.setdefault(label, []).append((compression["weight_bytes"] / 1e6, cell["value"], stderr))
+    ordered = sorted(series.items(), key=lambda item: order[item[0]])
     return {label: sorted(points) for label, points in ordered}
 
 
