@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = ["load_summary", "write_leaderboard", "write_report"]
 
 _LEGEND = ("Entries are value ± standard error; Δ is the value minus the dense model without prompt on the same task; "
+           "peak MiB is the measured peak memory of the unprompted cell (peak RSS on CPU, CUDA max allocated on GPU); "
            "– marks combinations the run does not contain; (in-domain) marks soft prompts trained on the target's "
            "own domain.")
 _PLOT_NOTE = ("Lines: metric against stored weight size, one line per prompt over every level it was applied at "

@@ -229,10 +229,20 @@ def results_tables(summary: Summary) -> list[Table]:
 def _results_table(summary: Summary, target: dict[str, Any]) -> Table:
     task, specs = target["task"], [c["spec"] for c in summary.compressions]
     prompts = [p for p in summary.prompts if any(summary.cell(spec, p["id"], task) for spec in specs)]
-    rows = [[*compression_columns(c), *(format_entry(summary.cell(c["spec"], p["id"], task), target, with_delta=True)
-                                        for p in prompts)] for c in summary.compressions]
+    rows = [[*compression_columns(c), _peak_mib(summary.cell(c["spec"], "none", task)),
+             *(format_entry(summary.cell(c["spec"], p["id"], task), target, with_delta=True) for p in prompts)]
+            for c in summary.compressions]
     title = f"{task}: {target['metric']} {direction(target)}, value ± stderr (Δ vs dense without prompt)"
-    return Table(title, [*COMPRESSION_HEADERS, *(prompt_label(p, target) for p in prompts)], rows)
+    return Table(title, [*COMPRESSION_HEADERS, PEAK_HEADER, *(prompt_label(p, target) for p in prompts)], rows)
+
+
+PEAK_HEADER = "peak MiB"
+
+
+def _peak_mib(cell: dict[str, Any] | None) -> str:
+    """Measured peak memory of a cell (peak RSS on CPU, CUDA max allocated on GPU) in MiB, ``–`` if unknown."""
+    peak = cell.get("peak_memory_bytes") if cell else None
+    return f"{peak / 2**20:.0f}" if peak else MISSING
 
 
 def _target_label(target: dict[str, Any]) -> str:
