@@ -269,15 +269,10 @@ def make_executor(name: str, config: MatrixConfig):
 
 # --- the run -----------------------------------------------------------------------------------------------------
 
-def _pending_jobs(plan: Plan, run_dir: Path, done: set[str], compressed: dict[str, str],
-                  prompts: dict[PromptChoice, str]) -> list[GroupJob]:
-    jobs = []
-    for (compression, prompt), cells in plan.groups().items():
-        todo = tuple(cell for cell in cells if cell.id not in done)
-        if todo:
-            jobs.append(GroupJob(plan.config, run_dir, compression, prompt, todo, compressed.get(compression),
-                                 prompts.get(prompt)))
-    return jobs
+def _pending_groups(plan: Plan, done: set[str]) -> dict[tuple[str, PromptChoice], tuple[Cell, ...]]:
+    """The cells not yet done, by (compression, prompt) group; groups with nothing left are left out."""
+    todo = {key: tuple(cell for cell in cells if cell.id not in done) for key, cells in plan.groups().items()}
+    return {key: cells for key, cells in todo.items() if cells}
 
 
 def _build_artifacts(plan: Plan, run_dir: Path, pending: set[tuple[str, PromptChoice]],
@@ -334,11 +329,11 @@ def run_matrix(config_path: Path, out: Path | None = None, resume: bool = False,
 
 def _run_cells(plan: Plan, run_dir: Path, executor) -> None:
     """Build what the pending cells need, then evaluate them with a progress bar over all cells."""
-    done = set(store.read_cells(run_dir))
-    pending = {key for key, cells in plan.groups().items() if any(cell.id not in done for cell in cells)}
-    compressed, prompts = _build_artifacts(plan, run_dir, pending, executor)
-    jobs = _pending_jobs(plan, run_dir, done, compressed, prompts)
-    remaining = sum(len(job.cells) for job in jobs)
+    pending = _pending_groups(plan, set(store.read_cells(run_dir)))
+    compressed, prompts = _build_artifacts(plan, run_dir, set(pending), executor)
+    jobs = [GroupJob(plan.config, run_dir, compression, prompt, cells, compressed.get(compression), prompts.get(prompt))
+            for (compression, prompt), cells in pending.items()]
+    remaining = sum(len(cells) for cells in pending.values())
     with tqdm(total=len(plan.cells), initial=len(plan.cells) - remaining, desc="cells", unit="cell") as progress:
         executor.run_groups(jobs, lambda _cell_id: progress.update(1))
 
@@ -361,7 +356,7 @@ def finish(run_dir: Path, plan: Plan) -> Path | None:
 
 def merge_runs(out: Path, inputs: list[Path]) -> Path | None:
     """Merge shard folders into ``out`` and, when complete, write its summary and report."""
-    store.merge(out, inputs)
-    config = load_config(out / "config.yaml")
+    out.mkdir(parents=True, exist_ok=True)
     with RunLock(out):
-        return finish(out, make_plan(config))
+        store.merge(out, inputs)
+        return finish(out, make_plan(load_config(out / "config.yaml")))

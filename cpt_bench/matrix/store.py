@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -178,7 +177,6 @@ def merge(out_dir: Path, inputs: list[Path]) -> dict[str, dict[str, Any]]:
         if difference:
             raise RunFolderError(f"merge: {folder} was made from another config than {inputs[0]} (differs at "
                                  f"{difference})")
-    out_dir.mkdir(parents=True, exist_ok=True)
     if (out_dir / CONFIG_FILE).is_file() and first_difference(
             json.loads((out_dir / CONFIG_FILE).read_text(encoding="utf-8")), configs[0]):
         raise RunFolderError(f"merge: output {out_dir} holds a run of another config")
@@ -193,9 +191,7 @@ def merge(out_dir: Path, inputs: list[Path]) -> dict[str, dict[str, Any]]:
             if cell_id in merged and first_difference(comparable(merged[cell_id]), comparable(record)):
                 raise RunFolderError(f"merge: cell {cell_id} differs between run folders ({folder})")
             if cell_id not in merged:
-                (out_dir / CELLS_DIR).mkdir(exist_ok=True)
-                shutil.copyfile(folder / CELLS_DIR / f"{cell_id}.json", out_dir / CELLS_DIR / ".incoming.json")
-                (out_dir / CELLS_DIR / ".incoming.json").replace(cell_path(out_dir, cell_id))
+                write_json_atomic(cell_path(out_dir, cell_id), record)  # verified, checksum kept
                 merged[cell_id] = record
     return merged
 
