@@ -67,18 +67,18 @@ def fake_cache(root: Path) -> None:
 def compression_on_both(model_dir: Path, accelerator: str, n_windows: int) -> list[dict]:
     """Compress the same weights on CUDA and on the CPU (``n_windows`` x 512 calibration tokens); compare errors,
     codes and time."""
-    from cpt_bench.assets.model import load_causal_lm
-    from cpt_bench.compress.sequential import CalibrationSettings, compress_model
-    from cpt_bench.compress.spec import Spec
+    from cpt_bench.compress.sequential import compress_model
+    from cpt_bench.compress.spec import CalibrationSettings, Spec
+    from cpt_bench.models import load_model
 
     settings = CalibrationSettings(n_windows=n_windows, seqlen=512)
-    vocab = load_causal_lm(str(model_dir), dtype=torch.float32).config.vocab_size
+    vocab = load_model(str(model_dir), device="cpu").model.config.vocab_size
     ids = torch.randint(0, vocab, (n_windows, 512), generator=torch.Generator().manual_seed(1))
     rows = []
     for spec in SPECS:
         results, seconds = {}, {}
         for device in (accelerator, "cpu"):
-            model = load_causal_lm(str(model_dir), dtype=torch.float32).to(device)
+            model = load_model(str(model_dir), device=device).model
             started = time.perf_counter()
             results[device] = compress_model(model, Spec.parse(spec), ids, settings, progress=False)
             seconds[device] = time.perf_counter() - started

@@ -1,6 +1,6 @@
 """Real low-bit CPU kernels vs simulated compression: token perplexity, time and peak memory.
 
-Compresses a model (cached: ``compress_to_dir``), then evaluates it once per mode, each in a fresh
+Compresses a model (cached: ``cached_checkpoint``), then evaluates it once per mode, each in a fresh
 subprocess so that peak RSS (``ru_maxrss``) is comparable: token perplexity over the first ``--windows``
 non-overlapping ``--seqlen``-token windows of the wikipedia test split (joined with "\\n\\n", GPTQ-style:
 each window scores its ``seqlen - 1`` next-token predictions). Prints a table and the ratios real/simulated.
@@ -34,11 +34,11 @@ DEFAULT_MODES = ("simulated fp32", "simulated bf16", "real int4/int8 bf16")
 def evaluate(folder: str, mode: str, dtype_name: str, windows: int, seqlen: int) -> dict:
     """Load the compressed folder in ``mode`` and measure token perplexity; seconds and peak RSS in bytes."""
     from cpt_bench.assets.corpora import load_split
-    from cpt_bench.compress.pipeline import load_compressed_model
+    from cpt_bench.compress import load_checkpoint
     from cpt_bench.perplexity import DOCUMENT_SEPARATOR, load_tokenizer
 
     started = time.perf_counter()
-    model, modes = load_compressed_model(folder, mode, getattr(torch, dtype_name))
+    model, modes = load_checkpoint(folder, mode, getattr(torch, dtype_name))
     load_seconds = time.perf_counter() - started
     text = DOCUMENT_SEPARATOR.join(doc["text"] for doc in load_split("wikipedia", "test"))
     tokens = load_tokenizer(folder)(text, add_special_tokens=False)["input_ids"][: windows * seqlen]
@@ -81,10 +81,11 @@ def main() -> None:
         print(json.dumps(evaluate(args.folder, mode, dtype_name, args.windows, args.seqlen)))
         return
 
-    from cpt_bench.compress import CalibrationSettings, compress_to_dir, memory_table, read_manifest
+    from cpt_bench.compress import CalibrationSettings, Spec, cached_checkpoint, memory_table, read_manifest
 
     started = time.perf_counter()
-    folder = compress_to_dir(args.model, args.spec, None, CalibrationSettings(args.n_windows, args.calib_seqlen))
+    folder = cached_checkpoint(args.model, Spec.parse(args.spec), CalibrationSettings(args.n_windows,
+                                                                                      args.calib_seqlen))
     manifest = read_manifest(folder)
     print(f"{folder}: ready in {time.perf_counter() - started:.1f} s "
           f"(compression itself took {manifest['total_seconds']:.1f} s when the entry was built)")

@@ -42,9 +42,10 @@ def _variants(args: argparse.Namespace, folder: Path) -> dict:
     from peft import PeftModel
 
     from cpt_bench.lmeval.adapter import CptLM
-    from cpt_bench.prompts.target import load_target
+    from cpt_bench.models import load_model
 
-    model, tokenizer, _ = load_target(args.model, device=args.device)
+    loaded = load_model(args.model, device=args.device)
+    model, tokenizer = loaded.model, loaded.tokenizer
     prompt, peft = _build_prompt(model, tokenizer, args.model, args.n_tokens, folder)
     common = {"tokenizer": tokenizer, "batch_size": args.batch_size, "device": args.device}
     peft_model = PeftModel.from_pretrained(copy.deepcopy(model), str(peft)).eval()
@@ -62,9 +63,9 @@ def _evaluate(lm, tasks: list[str], args: argparse.Namespace) -> tuple[float, di
     """Seconds for one ``simple_evaluate`` and the first metric of each task."""
     import lm_eval
 
-    from cpt_bench.evaluate import task_manager
+    from cpt_bench.lmeval.tasks import task_manager
 
-    manager = task_manager({"pretrained": args.model, "seqlen": args.seqlen})
+    manager = task_manager(args.model, args.seqlen)
     started = time.perf_counter()
     out = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=args.limit, task_manager=manager, verbosity="ERROR")
     seconds = time.perf_counter() - started

@@ -216,9 +216,9 @@ def token_perplexity(model: torch.nn.Module, ids: torch.Tensor) -> float:
 
 def dense_model(folder: Path) -> torch.nn.Module:
     """A fresh fp32 copy of the dense model, in eval mode."""
-    from cpt_bench.assets.model import load_causal_lm
+    from cpt_bench.models import load_model
 
-    return load_causal_lm(str(folder), dtype=torch.float32).eval()
+    return load_model(str(folder), dtype=torch.float32, device="cpu").model
 
 
 def sparsity(model: torch.nn.Module) -> float:
@@ -325,9 +325,9 @@ def run_benchmark(args: argparse.Namespace) -> None:
     from safetensors.torch import save_file
 
     from cpt_bench.assets.cache import write_json_atomic
-    from cpt_bench.assets.model import load_tokenizer
-    from cpt_bench.compress import CalibrationSettings, corpus_calibration_ids
-    from cpt_bench.compress.cache import model_folder
+    from cpt_bench.assets.model import load_tokenizer, model_folder
+    from cpt_bench.compress import CalibrationSettings
+    from cpt_bench.compress.calibration import corpus_calibration_ids
     from cpt_bench.provenance import hardware
 
     torch.set_num_threads(args.threads)

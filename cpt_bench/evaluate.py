@@ -15,10 +15,10 @@ from typing import Any
 
 from cpt_bench.assets.cache import json_bytes, write_files_atomic
 from cpt_bench.assets.model import ModelError, check_causal_lm, first_line
+from cpt_bench.lmeval.tasks import task_manager
 from cpt_bench.perplexity import DEFAULT_SEQLEN_TOKENS
-from cpt_bench.provenance import REPO_ROOT, environment_record, peak_memory
+from cpt_bench.provenance import environment_record, peak_memory
 
-TASKS_DIR = REPO_ROOT / "tasks"
 PPL_PREFIX = "cpt_ppl"
 SEEDS = {"random_seed": 0, "numpy_random_seed": 1234, "torch_random_seed": 1234, "fewshot_random_seed": 1234}
 
@@ -47,16 +47,6 @@ class EvalSettings:
             raise ValueError("no tasks given; expected names such as cpt_ppl, cpt_zeroshot or cpt_piqa")
 
 
-def task_manager(metadata: dict[str, Any]):
-    """lm-eval TaskManager that knows our task folder; ``metadata`` reaches our loaders as keywords."""
-    from lm_eval.tasks import TaskManager
-
-    if not TASKS_DIR.is_dir():
-        raise FileNotFoundError(f"task folder {TASKS_DIR} not found; install cpt_bench from a checkout "
-                                "(pip install -e .)")
-    return TaskManager(include_path=str(TASKS_DIR), metadata=metadata)
-
-
 def _merge(into: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
     """Merge two lm-eval result dicts key by key (results, configs, n-samples, ...)."""
     for key, value in part.items():
@@ -76,7 +66,7 @@ def run_evaluation(settings: EvalSettings) -> dict[str, Any]:
     started = time.perf_counter()
     environment = environment_record(SEEDS)  # before the run: the commit and versions that produced it
     model_path = check_causal_lm(settings.model)
-    manager = task_manager({"pretrained": model_path, "seqlen": settings.seqlen_tokens})
+    manager = task_manager(model_path, settings.seqlen_tokens)
     unknown = [name for name in settings.tasks if name not in manager.all_tasks]
     if unknown:
         raise ValueError(f"unknown task(s) {', '.join(unknown)}; expected lm-eval task or group names, "

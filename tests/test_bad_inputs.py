@@ -437,13 +437,15 @@ def shared(_filled_fake_cache, tiny_model_dir, tmp_path_factory) -> tuple[Path, 
     """The tiny model, a prompt for it, it compressed by rtn-w8, the filled fake cache."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cpt_bench.compress import compress_to_dir
+    from cpt_bench.compress import Spec, compress_to_folder
+    from cpt_bench.compress.spec import CalibrationSettings
 
     root = tmp_path_factory.mktemp("bad-inputs")
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     model.name_or_path = str(tiny_model_dir)
     prompt = save_random_prompt(root / "prompt", model, AutoTokenizer.from_pretrained(tiny_model_dir))
-    compressed = compress_to_dir(str(tiny_model_dir), "rtn-w8", root / "compressed")
+    compressed = root / "compressed"
+    compress_to_folder(str(tiny_model_dir), Spec.parse("rtn-w8"), CalibrationSettings(), compressed)
     return tiny_model_dir, prompt, compressed, _filled_fake_cache
 
 

@@ -8,9 +8,9 @@ import torch
 from cpt_bench.compress.baselines import magnitude, rtn
 from cpt_bench.compress.gptq import Hessian, gptq_layer, output_error
 from cpt_bench.compress.quant import fit_grid
-from cpt_bench.compress.sequential import CalibrationSettings, compress_linear
+from cpt_bench.compress.sequential import compress_linear
 from cpt_bench.compress.sparsegpt import sparsegpt_layer
-from cpt_bench.compress.spec import Quantization, Spec
+from cpt_bench.compress.spec import CalibrationSettings, Quantization, Spec
 
 from .compress_helpers import _one_thread  # noqa: F401  (_one_thread: autouse fixture)
 

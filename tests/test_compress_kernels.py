@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 
-from cpt_bench.compress import CalibrationSettings, LowBitLinear, Spec, UnsupportedLayerError, compress_model
-from cpt_bench.compress.kernels import swap_in_kernels, to_real_kernels
-from cpt_bench.compress.pipeline import load_compressed_model
-from cpt_bench.compress.storage import save_compressed
+from cpt_bench.compress import CalibrationSettings, Spec, UnsupportedLayerError, compress_model
+from cpt_bench.compress.checkpoints import load_checkpoint
+from cpt_bench.compress.kernels import LowBitLinear, swap_in_kernels
+from cpt_bench.compress.storage import read_checkpoint, save_compressed
 
 from .compress_helpers import _one_thread, random_ids, tiny_llama  # noqa: F401  (_one_thread: autouse fixture)
 
@@ -94,14 +94,13 @@ def test_int4_needs_output_width_multiple_of_16():
 def test_real_model_from_a_checkpoint_folder(tmp_path):
     simulated, result = compressed("gptq-w4g64", tie=True)
     save_compressed(simulated, result, tmp_path)
-    simulated.config.save_pretrained(tmp_path)
-    loaded, modes = load_compressed_model(tmp_path, "simulated")
-    real, real_modes = load_compressed_model(tmp_path, "real")  # bf16 by default: the fast path of the int4 kernel
+    loaded, modes = load_checkpoint(tmp_path, "simulated")
+    real, real_modes = load_checkpoint(tmp_path, "real")  # bf16 by default: the fast path of the int4 kernel
     assert set(modes.values()) == {"simulated"} and set(real_modes.values()) == {"int4 g64"}
     assert real.lm_head.weight is real.model.embed_tokens.weight and real.lm_head.weight.dtype == torch.bfloat16
     assert real.model.layers[0].mlp.up_proj.scales.dtype == torch.bfloat16
     assert not any(isinstance(m, torch.nn.Linear) for n, m in real.model.layers.named_modules())
     assert relative_logit_error(loaded, real) < BF16_TOLERANCE
     swapped = copy.deepcopy(loaded)
-    assert set(to_real_kernels(swapped, tmp_path).values()) == {"int4 g64"}
+    assert set(swap_in_kernels(swapped, read_checkpoint(tmp_path).layers, torch.bfloat16).values()) == {"int4 g64"}
     assert relative_logit_error(loaded, swapped) < BF16_TOLERANCE

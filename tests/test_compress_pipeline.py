@@ -1,4 +1,4 @@
-"""Calibration from a corpus, the compressed-checkpoint cache, ``compress_to_dir`` and the compress command."""
+"""Calibration from a corpus, compressed checkpoints (folders, the cache, loading) and the compress command."""
 
 import argparse
 import json
@@ -7,20 +7,20 @@ import pytest
 import torch
 
 from cpt_bench.assets.cache import MANIFEST
+from cpt_bench.assets.model import ModelError, model_fingerprint
 from cpt_bench.compress import (
     CalibrationError,
     CalibrationSettings,
-    ModelError,
     Spec,
     SpecError,
-    compress_to_dir,
-    load_or_compress,
+    StorageError,
+    cached_checkpoint,
+    checkpoints,
+    compress_to_folder,
+    load_checkpoint,
     memory_table,
-    model_fingerprint,
-    pipeline,
     read_manifest,
 )
-from cpt_bench.compress import cache as compress_cache
 from cpt_bench.compress.calibration import corpus_calibration_ids, corpus_tokens
 from cpt_bench.compress.cli_commands import add_compress_parser
 from cpt_bench.compress.sequential import compressible_linears
@@ -28,7 +28,8 @@ from cpt_bench.compress.sequential import compressible_linears
 from .compress_helpers import _one_thread  # noqa: F401  (_one_thread: autouse fixture)
 
 SETTINGS = CalibrationSettings(n_windows=4, seqlen=32, block_size=32)
-SPEC = "gptq-w4g32"  # the tiny model's Linears are 32 and 64 wide
+SPEC = Spec.parse("gptq-w4g32")  # the tiny model's Linears are 32 and 64 wide
+RTN = Spec.parse("rtn-w4g32")
 
 
 @pytest.fixture
@@ -51,15 +52,15 @@ def tokenizer(tiny_model_dir):
 
 @pytest.fixture
 def counted(monkeypatch):
-    """Count the calls of ``compress_model`` made through the pipeline."""
+    """Count the calls of ``compress_model`` made through the checkpoints module."""
     calls = []
-    original = pipeline.compress_model
+    original = checkpoints.compress_model
 
     def counting(*args, **kwargs):
         calls.append(args[1])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "compress_model", counting)
+    monkeypatch.setattr(checkpoints, "compress_model", counting)
     return calls
 
 
@@ -103,84 +104,98 @@ def test_fingerprint_tracks_weights_and_config(tiny_model_dir, tmp_path):
 
 
 def test_compress_once_then_reuse(cache, tiny_model_dir, counted):
-    first = compress_to_dir(str(tiny_model_dir), SPEC, None, SETTINGS)
+    first = cached_checkpoint(str(tiny_model_dir), SPEC, SETTINGS)
     assert first.parent.name == "compressed" and first.name.startswith(f"{tiny_model_dir.name}-{SPEC}-")
     assert (first / MANIFEST).is_file() and (first / "config.json").is_file()
-    assert compress_to_dir(str(tiny_model_dir), SPEC, None, SETTINGS) == first
-    model, manifest = load_or_compress(str(tiny_model_dir), SPEC, SETTINGS)
-    assert counted == [Spec.parse(SPEC)]
-    assert manifest["folder"] == str(first) and manifest["calibration"]["corpus"] == "wikipedia"
+    assert cached_checkpoint(str(tiny_model_dir), SPEC, SETTINGS) == first
+    model, modes = load_checkpoint(first)
+    assert counted == [SPEC]
+    manifest = read_manifest(first)
+    assert manifest["calibration"]["corpus"] == "wikipedia"
+    assert manifest["base_model"] == {"name": str(tiny_model_dir), "fingerprint": model_fingerprint(tiny_model_dir)}
     provenance = json.loads((first / MANIFEST).read_text())
     assert provenance["model_fingerprint"] == model_fingerprint(tiny_model_dir)
-    assert set(manifest["layer_modes"].values()) == {"simulated"}
+    assert set(modes.values()) == {"simulated"}
 
 
 def test_changed_settings_or_spec_make_new_entries(cache, tiny_model_dir, counted):
-    base = compress_to_dir(str(tiny_model_dir), SPEC, None, SETTINGS)
-    other_seed = compress_to_dir(str(tiny_model_dir), SPEC, None, CalibrationSettings(4, 32, seed=1, block_size=32))
-    other_spec = compress_to_dir(str(tiny_model_dir), "rtn-w4g32", None, SETTINGS)
-    rtn_other_settings = compress_to_dir(str(tiny_model_dir), "rtn-w4g32", None, CalibrationSettings(2, 16))
+    base = cached_checkpoint(str(tiny_model_dir), SPEC, SETTINGS)
+    other_seed = cached_checkpoint(str(tiny_model_dir), SPEC, CalibrationSettings(4, 32, seed=1, block_size=32))
+    other_spec = cached_checkpoint(str(tiny_model_dir), RTN, SETTINGS)
+    rtn_other_settings = cached_checkpoint(str(tiny_model_dir), RTN, CalibrationSettings(2, 16))
     assert len({base, other_seed, other_spec}) == 3
     assert rtn_other_settings == other_spec  # RTN reads no calibration data: settings are not part of its key
     assert len(counted) == 3
 
 
 def test_corrupted_entry_is_rebuilt(cache, tiny_model_dir, counted):
-    folder = compress_to_dir(str(tiny_model_dir), "rtn-w4g32", None, SETTINGS)
+    folder = cached_checkpoint(str(tiny_model_dir), RTN, SETTINGS)
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
-    assert compress_to_dir(str(tiny_model_dir), "rtn-w4g32", None, SETTINGS) == folder
+    assert cached_checkpoint(str(tiny_model_dir), RTN, SETTINGS) == folder
     assert len(counted) == 2
-    read_manifest(folder)
-    model, _ = load_or_compress(str(tiny_model_dir), "rtn-w4g32", SETTINGS)  # loads: sha256 verified
+    load_checkpoint(folder)  # loads: sha256 verified
     assert len(counted) == 2
 
 
 def test_loaded_model_matches_the_compressed_one(cache, tiny_model_dir, tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from cpt_bench.compress import compress_model, load_compressed
+    from cpt_bench.compress import compress_model
 
-    folder = compress_to_dir(str(tiny_model_dir), SPEC, None, SETTINGS)
-    model, manifest = load_or_compress(str(tiny_model_dir), SPEC, SETTINGS)
-    reference = load_compressed(folder, AutoModelForCausalLM.from_pretrained(tiny_model_dir))
-    for name, tensor in reference.state_dict().items():
-        assert torch.equal(model.state_dict()[name], tensor), name
-    # and the cached weights are those of compressing the model directly on the same windows
+    model, _ = load_checkpoint(cached_checkpoint(str(tiny_model_dir), SPEC, SETTINGS))
+    # the cached weights are those of compressing the model directly on the same windows
     direct = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     ids = corpus_calibration_ids(tokenizer, SETTINGS)
-    compress_model(direct, Spec.parse(SPEC), ids, SETTINGS, progress=False)
+    compress_model(direct, SPEC, ids, SETTINGS, progress=False)
     for name, module in compressible_linears(direct).items():
         assert torch.equal(module.weight, model.get_submodule(name).weight), name
+    # and every other tensor is the base model's, as stored (fp16)
+    for name, tensor in direct.state_dict().items():
+        if name.removesuffix(".weight") not in compressible_linears(direct):
+            assert torch.equal(model.state_dict()[name], tensor.half().float()), name
 
 
-def test_dense_is_the_plain_model(cache, tiny_model_dir, counted):
-    model, manifest = load_or_compress(str(tiny_model_dir), "dense")
-    assert manifest == {"spec": "dense", "folder": str(tiny_model_dir)} and counted == []
-    assert compress_to_dir(str(tiny_model_dir), "dense") == tiny_model_dir
+def test_dense_has_nothing_to_compress(cache, tiny_model_dir, counted):
+    with pytest.raises(SpecError, match="nothing to compress"):
+        cached_checkpoint(str(tiny_model_dir), Spec.parse("dense"))
+    assert counted == []
 
 
 def test_explicit_out_folder(cache, tiny_model_dir, tmp_path):
-    out = compress_to_dir(str(tiny_model_dir), "rtn-w8", tmp_path / "out", SETTINGS)
-    assert out == tmp_path / "out" and read_manifest(out)["spec"] == "rtn-w8"
+    out = tmp_path / "out"
+    compress_to_folder(str(tiny_model_dir), Spec.parse("rtn-w8"), SETTINGS, out)
+    assert read_manifest(out)["spec"] == "rtn-w8" and (out / "tokenizer.json").is_file()
     table = memory_table(read_manifest(out))
     assert "compressed Linears" in table and "ratio to dense fp16" in table
     memory = read_manifest(out)["memory"]
     assert f"{memory['stored_bytes'] / memory['dense_fp16_bytes']:.3f}" in table
 
 
-def test_user_errors_are_value_errors(cache, tiny_model_dir, tmp_path):
-    with pytest.raises(SpecError):
-        compress_to_dir(str(tiny_model_dir), "gptq-w5")
+def test_out_folder_is_replaced_whole_and_never_a_folder_of_other_files(cache, tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    compress_to_folder(str(tiny_model_dir), Spec.parse("rtn-w8"), SETTINGS, out)
+    compress_to_folder(str(tiny_model_dir), RTN, SETTINGS, out)  # an earlier checkpoint: replaced
+    assert read_manifest(out)["spec"] == str(RTN)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(StorageError, match="is not a compressed checkpoint"):
+        compress_to_folder(str(tiny_model_dir), RTN, SETTINGS, mine)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+def test_user_errors_are_one_line(cache, tiny_model_dir, tmp_path):
     with pytest.raises(SpecError, match="group size 64"):  # does not divide the 32-wide Linears
-        compress_to_dir(str(tiny_model_dir), "rtn-w4g64", tmp_path / "x")
+        compress_to_folder(str(tiny_model_dir), Spec.parse("rtn-w4g64"), SETTINGS, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
     with pytest.raises(ModelError) as caught:
-        compress_to_dir(str(tmp_path / "no-such-model"), SPEC)
+        cached_checkpoint(str(tmp_path / "no-such-model"), SPEC)
     assert "\n" not in str(caught.value)
     with pytest.raises(CalibrationError):
-        compress_to_dir(str(tiny_model_dir), SPEC, None, CalibrationSettings(n_windows=1, seqlen=100_000))
-    with pytest.raises(ValueError, match="mode"):
-        load_or_compress(str(tiny_model_dir), SPEC, SETTINGS, mode="fast")
+        cached_checkpoint(str(tiny_model_dir), SPEC, CalibrationSettings(n_windows=1, seqlen=100_000))
+    with pytest.raises(SpecError, match="mode"):
+        load_checkpoint(cached_checkpoint(str(tiny_model_dir), RTN, SETTINGS), mode="fast")
 
 
 def parse(argv):
@@ -197,7 +212,7 @@ def test_compress_command(cache, tiny_model_dir, tmp_path, capsys):
     output = capsys.readouterr().out
     assert "bits/weight" in output and "compressed checkpoint:" in output
     assert json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]["bits"] == 4
-    folder = compress_cache.compressed_checkpoint(str(tiny_model_dir), "gptq-w4g32", CalibrationSettings(2, 16, 3))
+    folder = cached_checkpoint(str(tiny_model_dir), SPEC, CalibrationSettings(2, 16, 3))
     assert read_manifest(folder)["calibration"]["seed"] == 3
 
 

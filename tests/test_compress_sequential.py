@@ -4,15 +4,9 @@ import pytest
 import torch
 from transformers import OPTConfig, OPTForCausalLM
 
-from cpt_bench.compress import (
-    CalibrationSettings,
-    Spec,
-    SpecError,
-    calibration_windows,
-    check_model,
-    compress_model,
-)
-from cpt_bench.compress.sequential import compressible_linears
+from cpt_bench.compress import CalibrationSettings, Spec, SpecError, compress_model
+from cpt_bench.compress.calibration import calibration_windows
+from cpt_bench.compress.sequential import check_model, compressible_linears
 
 from .compress_helpers import _one_thread, random_ids, tiny_llama  # noqa: F401  (_one_thread: autouse fixture)
 

@@ -12,12 +12,12 @@ from cpt_bench.compress import (
     Spec,
     StorageError,
     compress_model,
-    load_compressed,
+    load_checkpoint,
     read_manifest,
     save_compressed,
 )
 from cpt_bench.compress.sequential import compressible_linears
-from cpt_bench.compress.storage import MANIFEST_FILE, WEIGHTS_FILE, pack_bits, unpack_bits
+from cpt_bench.compress.storage import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, pack_bits, unpack_bits
 
 from .compress_helpers import _one_thread, random_ids, tiny_llama  # noqa: F401  (_one_thread: autouse fixture)
 
@@ -28,6 +28,11 @@ def compressed(text, dtype=torch.float32, tie=True):
     model = tiny_llama(tie=tie, dtype=dtype)
     result = compress_model(model, Spec.parse(text), random_ids(4, 32), SETTINGS, progress=False)
     return model, result
+
+
+def reloaded(folder, dtype=torch.float32):
+    """The model of a folder written by ``save_compressed`` (its own config.json), simulated, in ``dtype``."""
+    return load_checkpoint(folder, dtype=dtype)[0]
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
@@ -49,7 +54,7 @@ def test_eight_bit_codes_are_plain_bytes():
 def test_round_trip_is_bit_exact(tmp_path, text):
     model, result = compressed(text)
     save_compressed(model, result, tmp_path)
-    loaded = load_compressed(tmp_path, tiny_llama(seed=5, tie=True))
+    loaded = reloaded(tmp_path)
     compressed_weights = {f"{name}.weight" for name in result.layers}
     for name, tensor in model.state_dict().items():  # the rest of a float32 model is stored in fp16
         expected = tensor if name in compressed_weights else tensor.half().float()
@@ -61,7 +66,7 @@ def test_round_trip_is_bit_exact(tmp_path, text):
 def test_bf16_model_round_trip_is_exact_everywhere(tmp_path, text):
     model, result = compressed(text, dtype=torch.bfloat16, tie=False)
     save_compressed(model, result, tmp_path)
-    loaded = load_compressed(tmp_path, tiny_llama(seed=5, dtype=torch.bfloat16))
+    loaded = reloaded(tmp_path, torch.bfloat16)
     for name, tensor in model.state_dict().items():
         assert loaded.state_dict()[name].dtype == torch.bfloat16
         assert torch.equal(loaded.state_dict()[name], tensor), name
@@ -71,7 +76,7 @@ def test_bf16_model_round_trip_is_exact_everywhere(tmp_path, text):
 def test_sparsity_survives_save_and_load(tmp_path, text):
     model, result = compressed(text)
     save_compressed(model, result, tmp_path)
-    loaded = load_compressed(tmp_path, tiny_llama(seed=5, tie=True))
+    loaded = reloaded(tmp_path)
     pruning = Spec.parse(text).pruning
     for name, module in compressible_linears(loaded).items():
         weight, pruned = module.weight, result.layers[name].pruned
@@ -127,7 +132,7 @@ def test_manifest_records_spec_settings_and_reports(tmp_path):
         assert manifest["layers"][report.name]["error"] == report.error
         assert manifest["layers"][report.name]["seconds"] == report.seconds
     assert len(manifest["files"][WEIGHTS_FILE]["sha256"]) == 64
-    assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST_FILE, WEIGHTS_FILE]  # no temporary files
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST_FILE, CONFIG_FILE, WEIGHTS_FILE]  # no temp files
 
 
 def test_opt_with_biases_round_trip(tmp_path):
@@ -138,7 +143,7 @@ def test_opt_with_biases_round_trip(tmp_path):
     result = compress_model(model, Spec.parse("sparsegpt-2:4+gptq-w4g32"), random_ids(4, 32), SETTINGS,
                             progress=False)
     save_compressed(model, result, tmp_path)
-    loaded = load_compressed(tmp_path, OPTForCausalLM(config).half().eval())
+    loaded = reloaded(tmp_path, torch.float16)
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
 
@@ -150,15 +155,16 @@ def test_corrupted_weights_are_refused(tmp_path):
     data[-1] ^= 1
     (tmp_path / WEIGHTS_FILE).write_bytes(bytes(data))
     with pytest.raises(StorageError) as caught:
-        load_compressed(tmp_path, tiny_llama(tie=True))
+        reloaded(tmp_path)
     assert "corrupted" in str(caught.value) and WEIGHTS_FILE in str(caught.value)
     assert "\n" not in str(caught.value)
 
 
 def test_missing_checkpoint_and_wrong_model_are_refused(tmp_path):
     with pytest.raises(StorageError, match="cannot read"):
-        load_compressed(tmp_path, tiny_llama())
+        reloaded(tmp_path)
     model, result = compressed("rtn-w4g64")
     save_compressed(model, result, tmp_path)
+    tiny_llama(tie=False).config.save_pretrained(tmp_path)  # a config.json of another (untied) model
     with pytest.raises(StorageError, match="does not match"):
-        load_compressed(tmp_path, tiny_llama(tie=False))
+        reloaded(tmp_path)

@@ -13,7 +13,7 @@ import pytest
 
 from cpt_bench.assets.corpora import CORPORA, SPLITS, load_split
 from cpt_bench.cli import main
-from cpt_bench.evaluate import TASKS_DIR
+from cpt_bench.lmeval.tasks import TASKS_DIR
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent

@@ -167,9 +167,10 @@ def test_prompt_trained_dense_applies_to_a_compressed_model(fake_cache, tiny_mod
 
 def test_compression_may_be_a_compressed_checkpoint_folder(fake_cache, tiny_model_dir, prompt_dir, tmp_path):
     """A folder written by ``cpt-bench compress --out`` scores exactly like the same spec from the cache."""
-    from cpt_bench.compress.cache import compress_to_dir
+    from cpt_bench.compress import CalibrationSettings, Spec, compress_to_folder
 
-    folder = compress_to_dir(str(tiny_model_dir), "rtn-w4", tmp_path / "rtn-w4")
+    folder = tmp_path / "rtn-w4"
+    compress_to_folder(str(tiny_model_dir), Spec.parse("rtn-w4"), CalibrationSettings(), folder)
     by_spec, by_folder = (CptLM(pretrained=str(tiny_model_dir), compression=compression, soft_prompt=str(prompt_dir),
                                 device="cpu", dtype="float32", batch_size=4) for compression in ("rtn-w4", str(folder)))
     assert by_folder.prompt_info["compression"] == by_spec.prompt_info["compression"] == "rtn-w4"

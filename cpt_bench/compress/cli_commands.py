@@ -6,24 +6,30 @@ import argparse
 from pathlib import Path
 
 from cpt_bench.assets.corpora import CORPORA
-from cpt_bench.compress.sequential import CalibrationSettings
+from cpt_bench.compress.spec import CalibrationSettings
 
 _DEFAULTS = CalibrationSettings()
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
     """Compress a model (cached unless ``--out``), print the memory account, optionally export GPTQ format."""
-    from cpt_bench.compress.cache import compress_to_dir
+    from cpt_bench.assets.model import model_folder
+    from cpt_bench.compress.checkpoints import cached_checkpoint, compress_to_folder
     from cpt_bench.compress.export import export_gptq
-    from cpt_bench.compress.pipeline import memory_table
-    from cpt_bench.compress.storage import read_manifest
+    from cpt_bench.compress.spec import Spec
+    from cpt_bench.compress.storage import memory_table, read_manifest
 
+    spec = Spec.parse(args.spec)
     settings = CalibrationSettings(n_windows=args.n_windows, seqlen=args.seqlen, seed=args.seed,
                                    corpus=args.corpus)
-    folder = compress_to_dir(args.model, args.spec, args.out, settings)
-    if args.spec == "dense":
-        print(f"spec dense: nothing to compress; the model is {folder}")
+    if spec.is_dense:
+        print(f"spec dense: nothing to compress; the model is {model_folder(args.model)}")
         return
+    if args.out:
+        compress_to_folder(args.model, spec, settings, args.out)
+        folder = args.out
+    else:
+        folder = cached_checkpoint(args.model, spec, settings)
     print(memory_table(read_manifest(folder)))
     print(f"compressed checkpoint: {folder}")
     if args.export_gptq is not None:

@@ -99,7 +99,7 @@ def quantization_config(spec: Spec, calibration: dict | None, checkpoint_format:
 
 def export_gptq(compressed_dir: str | os.PathLike, out_dir: str | os.PathLike,
                 checkpoint_format: str = "gptq") -> Path:
-    """Write the GPTQ-format checkpoint of a compressed folder (``pipeline.compress_into``) to ``out_dir``.
+    """Write the GPTQ-format checkpoint of a compressed folder (``checkpoints.compress_to_folder``) to ``out_dir``.
 
     Writes ``model.safetensors``, ``config.json`` with ``quantization_config``, ``quantize_config.json`` and the
     tokenizer files, all replaced together or not at all (``write_files_atomic``). Raises ``ExportError`` for a

@@ -17,20 +17,18 @@ matmul at 1024 tokens, on par at 16 and far faster at 1 token; fp32 activations 
 than dense fp32 at 1024 tokens (no fast path), so real mode defaults to bf16.
 
 Pruned weights inside quantized layers are stored as their group's zero point (dense codes: the kernels do
-not exploit sparsity). Pruned-only layers and 2- or 3-bit codes have no kernel: ``to_real_kernels`` refuses
+not exploit sparsity). Pruned-only layers and 2- or 3-bit codes have no kernel: ``swap_in_kernels`` refuses
 them unless ``fallback=True``, which keeps them as simulated dense Linears and records that per layer.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from cpt_bench.compress.quant import CompressedLinear
-from cpt_bench.compress.storage import read_checkpoint
 
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)
 INT4_OUT_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu needs out_features % 16 == 0
@@ -174,10 +172,3 @@ def swap_in_kernels(model: nn.Module, layers: dict[str, CompressedLinear], dtype
         model.set_submodule(name, real)
         modes[name] = real.mode
     return modes
-
-
-def to_real_kernels(model: nn.Module, compressed_dir: str | os.PathLike, fallback: bool = False,
-                    dtype: torch.dtype = torch.bfloat16) -> dict[str, str]:
-    """Swap the Linears compressed in checkpoint ``compressed_dir`` for ``LowBitLinear`` (see
-    ``swap_in_kernels``); the dense weights they held are released. Returns the mode of each layer."""
-    return swap_in_kernels(model, read_checkpoint(compressed_dir).layers, dtype, fallback)

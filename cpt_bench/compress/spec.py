@@ -1,4 +1,5 @@
-"""The compression spec grammar, shared by the CLI, configs, lm-eval ``model_args`` and results.
+"""What a compression is: the spec grammar (shared by the CLI, configs, lm-eval ``model_args`` and results), the
+calibration settings the algorithms read, and the result they return.
 
 Grammar (canonical text, ``str(Spec.parse(text)) == text``)::
 
@@ -17,7 +18,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+
+from cpt_bench.assets.corpora import CORPORA
+from cpt_bench.compress.quant import CompressedLinear
 
 BITS = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -40,7 +44,7 @@ _PRUNE_RE = re.compile(r"(sparsegpt|magnitude|wanda)-(?:(0|[1-9]\d*)|([1-9]\d*):
 
 
 class SpecError(ValueError):
-    """An unknown, out-of-range or unfitting compression spec; the message is one line."""
+    """An unknown, out-of-range or unfitting compression spec or calibration setting; the message is one line."""
 
 
 @dataclass(frozen=True)
@@ -219,3 +223,76 @@ def _parse_pruning(text: str) -> Pruning:
     if percent is not None:
         return Pruning(method=method, sparsity=int(percent))
     return Pruning(method=method, n=int(n), m=int(m))
+
+
+# --- calibration settings and results: the data the algorithms take and give -----------------------------------
+
+@dataclass
+class CalibrationSettings:
+    """How calibration data is drawn and used.
+
+    Attributes:
+        n_windows: calibration windows (sequences).
+        seqlen: tokens per window.
+        seed: seed for drawing the windows (``calibration.calibration_windows``).
+        dampening: fraction of ``mean(diag(H))`` added to each Hessian's diagonal.
+        block_size: columns per GPTQ/SparseGPT lazy-update block (a multiple of group size and N:M ``m``).
+        true_sequential: calibrate each group of Linears on the outputs of the already compressed ones.
+        corpus: the corpus (``assets.corpora.CORPORA``) whose train split calibration windows come from.
+    """
+
+    n_windows: int = 128
+    seqlen: int = 1024
+    seed: int = 0
+    dampening: float = 0.01
+    block_size: int = 128
+    true_sequential: bool = True
+    corpus: str = "wikipedia"
+
+    def __post_init__(self) -> None:
+        rules = (
+            ("n_windows", _is_int(self.n_windows) and self.n_windows >= 1, "a positive integer"),
+            ("seqlen", _is_int(self.seqlen) and self.seqlen >= 1, "a positive integer"),
+            ("block_size", _is_int(self.block_size) and self.block_size >= 1, "a positive integer"),
+            ("seed", _is_int(self.seed) and self.seed >= 0, "a non-negative integer"),
+            ("dampening", _is_number(self.dampening) and 0 < self.dampening <= 1, "a number in (0, 1]"),
+            ("true_sequential", isinstance(self.true_sequential, bool), "a bool"),
+            ("corpus", isinstance(self.corpus, str) and self.corpus in CORPORA, f"one of {', '.join(CORPORA)}"),
+        )
+        for name, valid, expected in rules:
+            if not valid:
+                value = getattr(self, name)
+                raise SpecError(f"calibration setting {name} must be {expected}, got {value!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+@dataclass
+class LayerReport:
+    """One compressed Linear: ``error`` as in ``gptq.output_error`` (None without calibration) and the
+    ``seconds`` its compression took (its share of the calibration forwards not included)."""
+
+    name: str
+    method: str
+    error: float | None
+    seconds: float
+
+
+@dataclass
+class CompressionResult:
+    """The outcome of ``compress_model``: per-Linear compressed forms (by module name) and reports."""
+
+    spec: Spec
+    settings: CalibrationSettings | None
+    layers: dict[str, CompressedLinear] = field(default_factory=dict)
+    reports: list[LayerReport] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def settings_dict(self) -> dict | None:
+        return asdict(self.settings) if self.settings is not None else None

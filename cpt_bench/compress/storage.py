@@ -14,9 +14,11 @@ prefix no state-dict tensor can have):
 Every other state-dict tensor (embeddings, norms, ``lm_head``; tied tensors once) is stored under its own
 name in 16-bit floats: fp16, or bf16 if the model is bf16. ``out_dir/compression.json`` records the spec,
 calibration settings, per-layer error and seconds, the memory account (counted from the tensors written)
-and the sha256 of ``model.safetensors``, verified on load.
+and the sha256 of ``model.safetensors``, verified on load; ``out_dir/config.json`` is the model's config, so the
+folder builds its model without the base model's files.
 
-Loading rebuilds quantized weights bit-exactly; 16-bit stored tensors are exact when the model is fp16/bf16.
+Loading (``checkpoints.load_checkpoint``) rebuilds quantized weights bit-exactly; 16-bit stored tensors are exact
+when the model is fp16/bf16.
 """
 
 from __future__ import annotations
@@ -30,15 +32,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
+from tabulate import tabulate
 from torch import nn
 
 from cpt_bench.assets.cache import write_files_atomic
 from cpt_bench.compress.quant import CompressedLinear, QuantizedWeight
-from cpt_bench.compress.sequential import CompressionResult, LayerReport
+from cpt_bench.compress.spec import CompressionResult, LayerReport
 
 FORMAT = "cpt_bench.compressed/1"
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "compression.json"
+CONFIG_FILE = "config.json"  # the model's transformers config, as ``save_pretrained`` writes it
 REQUIRED_FIELDS = ("spec", "calibration", "layers", "tied", "memory", "files")
 
 
@@ -71,10 +75,14 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     return (stream << torch.arange(bits, dtype=torch.uint8, device=packed.device)).sum(1, dtype=torch.uint8)
 
 
-def save_compressed(model: nn.Module, result: CompressionResult, out_dir: str | os.PathLike) -> Path:
+def save_compressed(model: nn.Module, result: CompressionResult, out_dir: str | os.PathLike,
+                    base_model: dict[str, str] | None = None) -> Path:
     """Write ``model`` compressed as in ``result`` to ``out_dir``; returns the path of ``compression.json``.
 
-    Both files are written atomically and together (``write_files_atomic``): a failure keeps the old pair.
+    ``base_model``: the ``{"name", "fingerprint"}`` of the model it was compressed from (``assets.model``'s
+    ``model_fingerprint``), recorded so that loading can refuse another base model. Both files are written
+    atomically and together with the model's ``config.json`` (``write_files_atomic``): a failure keeps the old
+    files.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -93,6 +101,7 @@ def save_compressed(model: nn.Module, result: CompressionResult, out_dir: str | 
     manifest = {
         "format": FORMAT,
         "spec": str(result.spec),
+        "base_model": base_model,
         "calibration": result.settings_dict(),
         "total_seconds": result.seconds,
         "layers": layers,
@@ -100,7 +109,8 @@ def save_compressed(model: nn.Module, result: CompressionResult, out_dir: str | 
         "memory": _memory_account(model, tensors, layers),
         "files": {WEIGHTS_FILE: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}},
     }
-    write_files_atomic(out, {WEIGHTS_FILE: data, MANIFEST_FILE: (json.dumps(manifest, indent=2) + "\n").encode()})
+    write_files_atomic(out, {WEIGHTS_FILE: data, CONFIG_FILE: model.config.to_json_string(use_diff=True).encode(),
+                             MANIFEST_FILE: (json.dumps(manifest, indent=2) + "\n").encode()})
     return out / MANIFEST_FILE
 
 
@@ -162,31 +172,6 @@ def check_fits(checkpoint: StoredCheckpoint, model: nn.Module, where: str) -> No
             f"checkpoint {where} does not match {type(model).__name__}: "
             f"missing {sorted(expected - stored)[:3]}, unexpected {sorted(stored - expected)[:3]}"
         )
-
-
-def load_compressed(out_dir: str | os.PathLike, base_model: nn.Module) -> nn.Module:
-    """Load a checkpoint written by ``save_compressed`` into ``base_model`` (same architecture), in place.
-
-    Compressed Linears receive their simulated (dequantized, pruned) weights in the model's dtype.
-    Raises ``StorageError`` if a file's sha256 differs from the manifest or the checkpoint does not fit.
-    """
-    checkpoint = read_checkpoint(out_dir)
-    check_fits(checkpoint, base_model, str(out_dir))
-    state, _ = _unique_state(base_model)
-    with torch.no_grad():
-        for name, tensor in checkpoint.tensors.items():
-            _copy_checked(state[name], tensor, name)
-        for name, layer in checkpoint.layers.items():
-            weight = f"{name}.weight"
-            _copy_checked(state[weight], layer.weight(), weight)
-    return base_model
-
-
-def _copy_checked(target: torch.Tensor, source: torch.Tensor, name: str) -> None:
-    if target.shape != source.shape:
-        raise StorageError(f"tensor {name} has shape {tuple(source.shape)} in the checkpoint, "
-                           f"{tuple(target.shape)} in the model")
-    target.copy_(source)
 
 
 def _storage_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -315,3 +300,22 @@ def _read_verified(out: Path, manifest: dict) -> bytes:
     return data
 
 
+def memory_table(manifest: dict) -> str:
+    """The memory account of a compressed checkpoint (``compression.json``) as a text table.
+
+    Rows: the compressed Linears, every other tensor (16-bit), the whole checkpoint; columns: stored MB,
+    weights, bits per weight, and the ratio to the same tensors stored densely in fp16.
+    """
+    memory = manifest["memory"]
+    weights = memory["compressed_layer_weights"]
+    layer_dense = 2 * weights
+    other_dense = memory["dense_fp16_bytes"] - layer_dense
+    rows = [
+        ["compressed Linears", memory["compressed_layer_bytes"], weights, layer_dense],
+        ["other tensors", memory["other_bytes"], other_dense // 2, other_dense],
+        ["total", memory["stored_bytes"], weights + other_dense // 2, memory["dense_fp16_bytes"]],
+    ]
+    table = [[label, f"{stored / 1e6:.2f}", f"{count:,}", f"{8 * stored / count:.2f}" if count else "-",
+              f"{stored / dense:.3f}" if dense else "-"] for label, stored, count, dense in rows]
+    headers = ["tensors", "stored MB", "weights", "bits/weight", "ratio to dense fp16"]
+    return f"spec {manifest['spec']}\n" + tabulate(table, headers=headers, disable_numparse=True)

@@ -9,13 +9,15 @@ since lm-eval has no plugin discovery). Extra model_args:
 - ``hard_prompt=NAME_OR_TEXT``: a registered text prompt (``cpt_bench.prompts.hard``) or literal text.
 - ``prefix_cache=true|false`` (default true): compute the prompt's key/value cache once and reuse it
   for every batch, or concatenate the prompt embeddings to every batch.
-- ``compression=SPEC|DIR``: evaluate the model as compressed by ``cpt_bench.compress`` (a spec: compressed
-  with the default calibration and cached on first use; a folder from ``cpt-bench compress --out``);
-  ``compression_mode=simulated|real`` (default simulated: dequantized weights).
+- ``compression=SPEC|DIR``: evaluate the model as compressed (``cpt_bench.models.load_model``; a spec is
+  compressed with the default calibration and cached on first use, a folder must be a checkpoint of this very
+  model from ``cpt-bench compress --out``); ``compression_mode=simulated|real`` (default simulated: dequantized
+  weights).
+- ``device``: as lm-eval's ``hf`` model, CUDA when available, else the CPU (lm-eval passes none unless told).
 
-Bad model_args (both prompts, an empty one, a flag that is not true / false, an unknown mode) are refused before
-the model loads, and a model that is missing or not a causal LM is refused before HFLM loads it, all with one-line
-``ValueError``s that ``cpt-lm-eval`` prints as one line.
+Bad model_args (an unknown name, both prompts, an empty one, a flag that is not true / false, an unknown mode, a
+missing or damaged prompt folder) are refused before any weight loads, and a model that is missing or not a
+causal LM before HFLM loads it, all with one-line errors that ``cpt-lm-eval`` prints as one line.
 
 The prompt precedes every request's tokens (as lm-eval encoded them, prefix / BOS token included) and is
 never scored: logits are returned for the request positions only. ``max_length`` (given or the model's)
@@ -27,7 +29,9 @@ positions continue after the prompt (the model derives them from the cache lengt
 
 from __future__ import annotations
 
+import difflib
 import inspect
+from pathlib import Path
 from typing import Any
 
 import lm_eval.models  # noqa: F401  (fills the registry first: registering into an empty one hides the built-ins)
@@ -39,10 +43,10 @@ from safetensors import SafetensorError
 from transformers import DynamicCache
 
 from cpt_bench.assets.model import ModelError, check_causal_lm, first_line, resolve_model
-from cpt_bench.compress.pipeline import MODES
-from cpt_bench.prompts.artifact import load_prompt
+from cpt_bench.compress.checkpoints import MODES
+from cpt_bench.models import Compression, load_model, parse_compression, resolve_device
+from cpt_bench.prompts.artifact import SoftPrompt, check_prompt_fits, read_prompt
 from cpt_bench.prompts.hard import hard_prompt_text
-from cpt_bench.prompts.target import load_target
 from cpt_bench.provenance import peak_memory
 
 
@@ -76,53 +80,79 @@ def _cache_argument(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
+# Keyword arguments of ``from_pretrained`` that lm-eval users pass through HFLM's ``**kwargs``; any other name not
+# in HFLM's or our signature is a typo (HFLM would hand it on to transformers, which fails deep inside).
+MODEL_CONSTRUCTOR_ARGS = ("attn_implementation", "low_cpu_mem_usage", "cache_dir", "local_files_only", "token",
+                          "use_safetensors", "device_map", "quantization_config")
+
+
+def accepted_model_args() -> list[str]:
+    """Every model_arg the ``cpt`` model takes: its own, HFLM's, and ``MODEL_CONSTRUCTOR_ARGS``."""
+    names = set(MODEL_CONSTRUCTOR_ARGS)
+    for function in (CptLM.__init__, HFLM.__init__):
+        names |= {name for name, parameter in inspect.signature(function).parameters.items()
+                  if name != "self" and parameter.kind is not inspect.Parameter.VAR_KEYWORD}
+    return sorted(names)
+
+
+def check_model_args(extra: dict[str, Any]) -> None:
+    """Refuse an unknown model_arg in one line naming it, the closest accepted name and the accepted ones."""
+    accepted = accepted_model_args()
+    for name in extra:
+        if name not in accepted:
+            close = difflib.get_close_matches(name, accepted, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise PromptAdapterError(f"unknown model_arg {name!r} for the cpt model{hint}; accepted: "
+                                     f"{', '.join(accepted)}")
+
+
 @register_model("cpt")
 class CptLM(HFLM):
     """HFLM whose ``pretrained`` may be a cpt_bench model name, that can compress the model and prompt it."""
 
     def __init__(self, pretrained: str = "embedded", soft_prompt: str | None = None, hard_prompt: str | None = None,
                  allow_cross_model: bool | str = False, prefix_cache: bool | str = True,
-                 compression: str | None = None, compression_mode: str = "simulated", **kwargs):
+                 compression: str | Compression = None, compression_mode: str = "simulated",
+                 device: str | None = None, **kwargs):
         # Set before HFLM's init, which reads max_length while loading.
         self._prompt: torch.Tensor | None = None  # [n, hidden], model dtype and device
         self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer [1, heads, n, head_dim]
         self.prompt_info: dict[str, Any] = {"kind": "none", "n_tokens": 0}
+        # Every argument and file is checked before any weight loads.
+        check_model_args(kwargs)
         _check_prompt_args(soft_prompt, hard_prompt)
         allow_cross_model = _as_bool(allow_cross_model, "allow_cross_model")
         prefix_cache = _as_bool(prefix_cache, "prefix_cache")
         if compression_mode not in MODES:
             raise PromptAdapterError(f"compression_mode must be one of {', '.join(MODES)}, got {compression_mode!r}")
+        compression = parse_compression(compression)
+        device = resolve_device(device)  # lm-eval passes none unless --device: CPU when CUDA is absent, as hf does
+        stored_prompt = read_prompt(Path(soft_prompt)) if soft_prompt else None
         name, label = pretrained, "dense"
-        if compression:
-            pretrained, kwargs, label = self._compressed(pretrained, compression, compression_mode, kwargs)
+        if compression is not None:
+            dtype = get_dtype(kwargs.get("dtype") or "auto")
+            loaded = load_model(pretrained, compression, mode=compression_mode,
+                                dtype=None if dtype == "auto" else dtype, device=device)
+            pretrained, label = loaded.model, loaded.compression
+            kwargs.setdefault("tokenizer", resolve_model(name))  # HFLM needs one for a model instance
         elif isinstance(pretrained, str):
             pretrained = check_causal_lm(pretrained)
         try:
-            super().__init__(pretrained=pretrained, **kwargs)
+            super().__init__(pretrained=pretrained, device=device, **kwargs)
         except (OSError, SafetensorError) as error:  # missing or truncated weight / tokenizer files
             raise ModelError(f"could not load model {name!r}: {first_line(error)}") from error
         self.prompt_info["compression"] = label
-        if soft_prompt is not None or hard_prompt is not None:
-            self._set_prompt(soft_prompt, hard_prompt, allow_cross_model, prefix_cache)
+        if stored_prompt is not None or hard_prompt is not None:
+            self._set_prompt(stored_prompt, soft_prompt, hard_prompt, allow_cross_model, prefix_cache)
 
-    @staticmethod
-    def _compressed(pretrained: str, compression: str, mode: str,
-                    kwargs: dict) -> tuple[torch.nn.Module, dict, str]:
-        """The compressed model instance for HFLM, kwargs naming its tokenizer (HFLM needs one for instances),
-        and the compression spec (``compression`` is a spec or a compressed checkpoint folder)."""
-        dtype = get_dtype(kwargs.get("dtype") or "auto")
-        device = kwargs.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-        model, _, label = load_target(pretrained, compression, torch.float32 if dtype == "auto" else dtype, device,
-                                      mode)
-        return model, {"tokenizer": resolve_model(pretrained), **kwargs}, label
-
-    def _set_prompt(self, soft_prompt: str | None, hard_prompt: str | None, allow_cross_model: bool,
-                    prefix_cache: bool) -> None:
+    def _set_prompt(self, prompt: SoftPrompt | None, soft_prompt: str | None, hard_prompt: str | None,
+                    allow_cross_model: bool, prefix_cache: bool) -> None:
+        """Apply the read soft ``prompt`` (from folder ``soft_prompt``) or the text ``hard_prompt``."""
         if self.backend != "causal":
             raise PromptAdapterError(f"prompts need a causal (decoder-only) model, this one is {self.backend}")
         weight = self.model.get_input_embeddings().weight
-        if soft_prompt:
-            prompt = load_prompt(soft_prompt, self.model, self.tokenizer, allow_cross_model)
+        if prompt is not None:
+            check_prompt_fits(prompt, self.model, self.tokenizer, allow_cross_model)
             embeddings = prompt.embeddings
             self.prompt_info = {**self.prompt_info, "kind": "soft", "path": str(soft_prompt),
                                 "sha256": prompt.meta["sha256"], "trained_on": prompt.meta["compression"]}

@@ -27,6 +27,7 @@ UNCALIBRATED_SECONDS = 20.0  # RTN / magnitude: pack and write
 TRAIN_TOKENS_PER_SECOND = 140.0  # soft-prompt forward + backward
 CELL_OVERHEAD_SECONDS = 2.0  # lm-eval task set-up per cell
 MODEL_LOAD_SECONDS = 4.0  # one (compression, prompt) group
+REFERENCE_PARAMETERS = 134_515_008  # SmolLM2-135M-Instruct (tied embeddings once), the model the rates are of
 
 
 def family(spec: str) -> str:
@@ -163,27 +164,31 @@ def shard_plan(plan: Plan, index: int, count: int) -> Plan:
     return _with_artifacts(plan.config, cells, plan.soft_prompts)
 
 
-def estimate_seconds(plan: Plan) -> dict[str, float]:
-    """Rough wall time of each stage on 2 CPU cores for the embedded model (constants above)."""
+def estimate_seconds(plan: Plan, parameters: int = REFERENCE_PARAMETERS) -> dict[str, float]:
+    """Rough wall time of each stage on 2 CPU cores: the rates above, measured on the embedded model
+    (``REFERENCE_PARAMETERS``), with time taken as proportional to the config's model's ``parameters``."""
     config = plan.config
+    scale = parameters / REFERENCE_PARAMETERS
     calibration = config.compression.calibration
-    compress = sum(calibration.n_windows * calibration.seqlen / CALIBRATION_TOKENS_PER_SECOND
-                   if Spec.parse(spec).needs_calibration else UNCALIBRATED_SECONDS for spec in plan.compressed)
+    compress = sum(calibration.n_windows * calibration.seqlen / CALIBRATION_TOKENS_PER_SECOND * scale
+                   if Spec.parse(spec).needs_calibration else UNCALIBRATED_SECONDS * scale for spec in plan.compressed)
     training = config.prompts.soft.training
     train_tokens = training.steps * training.batch_size * training.seqlen
     eval_tokens = (training.steps // training.eval_every + 1) * training.eval_windows * training.seqlen
-    prompts = len(plan.soft_prompts) * (train_tokens / TRAIN_TOKENS_PER_SECOND + eval_tokens / EVAL_TOKENS_PER_SECOND)
-    cells = MODEL_LOAD_SECONDS * len(plan.groups())
+    prompts = len(plan.soft_prompts) * scale * (train_tokens / TRAIN_TOKENS_PER_SECOND
+                                                + eval_tokens / EVAL_TOKENS_PER_SECOND)
+    cells = MODEL_LOAD_SECONDS * scale * len(plan.groups())
     for cell in plan.cells:
         limit = cell.target.limit or 1000
         work = limit * config.ppl_seqlen / EVAL_TOKENS_PER_SECOND if cell.target.is_perplexity else limit * ITEM_SECONDS
-        cells += work + CELL_OVERHEAD_SECONDS
+        cells += work * scale + CELL_OVERHEAD_SECONDS
     return {"compression": compress, "soft_prompts": prompts, "cells": cells, "total": compress + prompts + cells}
 
 
-def describe(plan: Plan) -> str:
-    """The ``--dry-run`` text: counts, artifacts, cells per compression level, and the time estimate."""
-    estimate = estimate_seconds(plan)
+def describe(plan: Plan, parameters: int = REFERENCE_PARAMETERS) -> str:
+    """The ``--dry-run`` text: counts, artifacts, cells per compression level, and the time estimate for a model of
+    ``parameters`` parameters."""
+    estimate = estimate_seconds(plan, parameters)
     config = plan.config
     lines = [f"matrix {config.name!r}: model {config.model}, {len(plan.cells)} cells in {len(plan.groups())} "
              f"(compression, prompt) groups",
@@ -194,6 +199,8 @@ def describe(plan: Plan) -> str:
         here = [cell for cell in plan.cells if cell.compression == compression]
         prompts = list(dict.fromkeys(cell.prompt.id for cell in here))
         lines.append(f"  {compression}: {len(here)} cells; prompts {', '.join(prompts)}")
-    lines.append("estimated time on 2 CPU cores (embedded model; rough): "
+    lines.append("checked: model, tasks, window lengths against the context, corpus lengths (as the run does first)")
+    lines.append(f"estimated time on 2 CPU cores (rough: the embedded model's measured rates scaled to "
+                 f"{parameters / 1e6:.0f}M parameters, time taken as proportional; a GPU is far faster): "
                  + ", ".join(f"{stage} {seconds / 60:.1f} min" for stage, seconds in estimate.items()))
     return "\n".join(lines)

@@ -16,7 +16,6 @@ redoes nothing else. Executors:
 
 from __future__ import annotations
 
-import functools
 import gc
 import logging
 import os
@@ -33,6 +32,7 @@ from cpt_bench.matrix import store
 from cpt_bench.matrix.config import MatrixConfig, Target, load_config
 from cpt_bench.matrix.lock import RunLock
 from cpt_bench.matrix.plan import Cell, Plan, PromptChoice, describe, make_plan, parse_shard, safe_name, shard_plan
+from cpt_bench.matrix.validate import validate_plan
 from cpt_bench.perplexity import perplexity_with_stderr
 from cpt_bench.provenance import environment_record, peak_memory, reset_peak_memory
 
@@ -46,44 +46,27 @@ _DROPPED_LM_EVAL_KEYS = ("samples", "pretty_env_info")
 
 def resolved_device(config: MatrixConfig) -> str:
     """The torch device the config asks for (``auto``: cuda when available)."""
-    import torch
+    from cpt_bench.models import resolve_device
 
-    if config.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return config.device
+    return resolve_device(config.device, "device")
 
 
 def task_manager(config: MatrixConfig):
     """lm-eval's TaskManager over our tasks/ folder, with the model and window length our loaders need."""
-    return _task_manager(config.model, config.ppl_seqlen)
-
-
-@functools.lru_cache(maxsize=4)
-def _task_manager(model: str, seqlen_tokens: int):
-    """One TaskManager per process and (model, window length): indexing lm-eval's task folders takes ~8 s."""
     from cpt_bench.assets.model import resolve_model
-    from cpt_bench.evaluate import task_manager as make_manager
+    from cpt_bench.lmeval.tasks import task_manager as shared_manager
 
-    return make_manager({"pretrained": resolve_model(model), "seqlen": seqlen_tokens})
-
-
-def check_targets(config: MatrixConfig, manager) -> None:
-    """Refuse unknown task names and groups (a target is one task with one metric) before any work."""
-    for index, target in enumerate(config.targets):
-        if target.task in manager.all_groups:
-            raise ValueError(f"targets[{index}].task: {target.task!r} is a group; list its tasks one by one")
-        if target.task not in manager.all_tasks:
-            raise ValueError(f"targets[{index}].task: unknown task {target.task!r}; expected a task in tasks/ "
-                             "(e.g. cpt_ppl_wikipedia, cpt_piqa) or an lm-eval built-in task")
+    return shared_manager(resolve_model(config.model), config.ppl_seqlen)
 
 
 # --- artifacts ---------------------------------------------------------------------------------------------------
 
 def build_compressed(config: MatrixConfig, spec: str) -> str:
     """The compressed checkpoint folder of ``spec`` (compressed on first use into the shared cache)."""
-    from cpt_bench.compress.cache import compressed_checkpoint
+    from cpt_bench.compress.checkpoints import cached_checkpoint
+    from cpt_bench.compress.spec import Spec
 
-    return str(compressed_checkpoint(config.model, spec, config.compression.calibration))
+    return str(cached_checkpoint(config.model, Spec.parse(spec), config.compression.calibration))
 
 
 def prompt_folder(run_dir: Path, prompt: PromptChoice) -> Path:
@@ -92,20 +75,21 @@ def prompt_folder(run_dir: Path, prompt: PromptChoice) -> Path:
 
 def build_prompt(config: MatrixConfig, run_dir: Path, prompt: PromptChoice, compressed_folder: str | None) -> str:
     """Train soft prompt ``prompt`` at its level (resuming its checkpoint) unless it is already complete."""
+    import torch
+
+    from cpt_bench.models import CheckpointFolder, load_model
     from cpt_bench.prompts.artifact import METADATA, read_prompt
     from cpt_bench.prompts.soft import CHECKPOINT, train_soft_prompt
-    from cpt_bench.prompts.target import load_target
 
     folder = prompt_folder(run_dir, prompt)
     if (folder / METADATA).is_file():
         read_prompt(folder)  # verifies the stored tensor against its checksum
         return str(folder)
-    import torch
-
-    model, tokenizer, label = load_target(config.model, compressed_folder, getattr(torch, config.dtype),
-                                          resolved_device(config), config.kernels)
-    train_soft_prompt(model, tokenizer, config.prompts.soft.training, prompt.source, folder, model_name=config.model,
-                      compression=label, resume=(folder / CHECKPOINT).is_file())
+    loaded = load_model(config.model, CheckpointFolder(Path(compressed_folder)) if compressed_folder else None,
+                        mode=config.kernels, dtype=getattr(torch, config.dtype), device=resolved_device(config))
+    train_soft_prompt(loaded.model, loaded.tokenizer, config.prompts.soft.training, prompt.source, folder,
+                      model_name=config.model, compression=loaded.compression,
+                      resume=(folder / CHECKPOINT).is_file())
     return str(folder)
 
 
@@ -146,9 +130,11 @@ def metric_value(output: dict[str, Any], target: Target) -> tuple[float, float |
 def _load_lm(job: GroupJob):
     """The ``cpt`` lm-eval model for a group: compressed and prompted as the group says."""
     from cpt_bench.lmeval.adapter import CptLM
+    from cpt_bench.models import CheckpointFolder
 
     prompt = job.prompt
-    return CptLM(pretrained=job.config.model, compression=job.compressed_folder,
+    compression = CheckpointFolder(Path(job.compressed_folder)) if job.compressed_folder else None
+    return CptLM(pretrained=job.config.model, compression=compression,
                  compression_mode=job.config.kernels, soft_prompt=job.prompt_folder,
                  hard_prompt=prompt.hard if prompt.kind == "hard" else None, batch_size=job.config.batch_size,
                  device=resolved_device(job.config), dtype=job.config.dtype)
@@ -304,22 +290,23 @@ def run_matrix(config_path: Path, out: Path | None = None, resume: bool = False,
     shard_numbers = parse_shard(shard) if shard else None
     if shard_numbers:
         plan = shard_plan(plan, *shard_numbers)
+    facts = validate_plan(plan, task_manager(config))
     if dry_run:
-        print(describe(plan))
+        print(describe(plan, facts.parameters))
         return None
-    check_targets(config, task_manager(config))
     run_dir = Path(out) if out else default_run_dir(config, shard_numbers)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise ValueError(f"cannot create run folder {run_dir}: {error.strerror}") from None
+        raise store.RunFolderError(f"--out {run_dir}: cannot create the run folder ({error.strerror}); expected a "
+                                   "folder that exists or can be created") from None
     with RunLock(run_dir):
         store.prepare(run_dir, config, Path(config_path).read_text(encoding="utf-8"), resume)
         started = time.perf_counter()
         session = store.start_session(run_dir, environment_record(config.seeds()) | {"shard": shard,
                                                                                     "executor": executor})
         try:
-            write_text_atomic(run_dir / "plan.txt", describe(plan) + "\n")
+            write_text_atomic(run_dir / "plan.txt", describe(plan, facts.parameters) + "\n")
             _run_cells(plan, run_dir, make_executor(executor, config))
         finally:
             store.end_session(run_dir, session, time.perf_counter() - started)

@@ -124,11 +124,16 @@ def check_fits(meta: dict[str, Any], target: dict[str, Any], allow_cross_model: 
                               f"different {difference}{override}")
 
 
+def check_prompt_fits(prompt: SoftPrompt, model: torch.nn.Module, tokenizer, allow_cross_model: bool = False) -> None:
+    """Refuse a read prompt that does not fit ``model`` / ``tokenizer`` (see ``check_fits``)."""
+    name = getattr(model, "name_or_path", "") or model.__class__.__name__
+    check_fits(prompt.meta, describe_target(model, tokenizer, name), allow_cross_model)
+
+
 def load_prompt(folder: Path, model: torch.nn.Module, tokenizer, allow_cross_model: bool = False) -> SoftPrompt:
     """Read a prompt folder and check it fits ``model`` / ``tokenizer`` (see ``check_fits``)."""
     prompt = read_prompt(folder)
-    name = getattr(model, "name_or_path", "") or model.__class__.__name__
-    check_fits(prompt.meta, describe_target(model, tokenizer, name), allow_cross_model)
+    check_prompt_fits(prompt, model, tokenizer, allow_cross_model)
     return prompt
 
 

@@ -20,17 +20,17 @@ _CHOICES = {"init": sorted(INITIALISERS), "precision": list(PRECISIONS)}
 
 def cmd_train(args: argparse.Namespace) -> None:
     """Load the model (compressed when asked), train, print where the prompt went and its best validation ppl."""
-    import torch
-
+    from cpt_bench.models import load_model, parse_compression, resolve_device
     from cpt_bench.prompts.artifact import read_prompt
-    from cpt_bench.prompts.soft import train_soft_prompt
-    from cpt_bench.prompts.target import load_target
+    from cpt_bench.prompts.soft import CHECKPOINT, SoftPromptError, train_soft_prompt
 
     config = SoftPromptConfig(**{f.name: getattr(args, f.name) for f in fields(SoftPromptConfig)})
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer, label = load_target(args.model, args.compression, device=device)
-    folder = train_soft_prompt(model, tokenizer, config, args.source, args.out, model_name=args.model,
-                               compression=label, resume=args.resume)
+    compression = parse_compression(args.compression, "--compression")
+    if args.resume and not (args.out / CHECKPOINT).is_file():
+        raise SoftPromptError(f"--resume: no checkpoint at {args.out / CHECKPOINT}; start without --resume")
+    loaded = load_model(args.model, compression, device=resolve_device(args.device, "--device"))
+    folder = train_soft_prompt(loaded.model, loaded.tokenizer, config, args.source, args.out, model_name=args.model,
+                               compression=loaded.compression, resume=args.resume)
     best = read_prompt(folder).meta["best"]
     print(f"soft prompt: {folder} (best validation token perplexity {best['val_ppl']:.3f} at step {best['step']})")
 

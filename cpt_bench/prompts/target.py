@@ -1,4 +1,4 @@
-"""The model a prompt is trained on or applied to: loading (dense or compressed) and identity checks.
+"""The model a prompt is trained on or applied to: its identity, and the checks that a prompt fits it.
 
 A prompt is tied to the *base* model (architecture, token embedding matrix) and its tokenizer, not to
 one compression of it: the paper's claim is that a prompt learned on one compressed model transfers to
@@ -8,28 +8,20 @@ over the vocabulary, of the first ``SIGNATURE_DIMS`` columns of the input embedd
 are compared with a tolerance (``SIGNATURE_TOLERANCE`` x the embedding's scale), because compressed
 checkpoints may store the untouched embedding in fp16 and a model may be loaded in bf16: an exact hash
 of the values would then refuse the very model the prompt was trained on. (This is not
-``cpt_bench.compress.cache.model_fingerprint``, which identifies every weight of a checkpoint.)
+``cpt_bench.assets.model.model_fingerprint``, which identifies every weight of a checkpoint.)
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from cpt_bench.assets.model import load_causal_lm, load_tokenizer
-
-DENSE = "dense"
 SIGNATURE_DIMS = 64
 SIGNATURE_TOLERANCE = 1e-2  # fp16 / bf16 storage moves these statistics by far less; another model by far more
 _SHAPE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-
-
-class PromptTargetError(ValueError):
-    """A model or tokenizer does not fit a prompt, or cannot be loaded as asked (one-line message)."""
 
 
 def _sha256_json(payload: Any) -> str:
@@ -82,34 +74,3 @@ def describe_target(model: torch.nn.Module, tokenizer, name: str) -> dict[str, A
         "tokenizer": {"name": getattr(tokenizer, "name_or_path", ""), "fingerprint": tokenizer_fingerprint(tokenizer)},
         "hidden_size": hidden_size(model),
     }
-
-
-def load_target(name_or_path: str, compression: str | None = None, dtype: torch.dtype = torch.float32,
-                device: str = "cpu", mode: str = "simulated"):
-    """Load ``(model, tokenizer, compression_label)`` in eval mode on ``device``.
-
-    ``embedded`` resolves to the cached default model. ``compression`` is a spec (the model is compressed
-    by ``cpt_bench.compress.cache.load_or_compress`` on first use, default calibration, and cached) or the
-    folder of a compressed checkpoint (``cpt-bench compress --out DIR``, any calibration); either loads in
-    ``mode`` (``simulated``: dequantized weights; ``real``: packed low-bit kernels). The label is the spec.
-    A model that is missing, unreadable or not a causal LM raises ``assets.model.ModelError``.
-    """
-    tokenizer = load_tokenizer(name_or_path)
-    if not compression or compression == DENSE:
-        return load_causal_lm(name_or_path, dtype=dtype).to(device).eval(), tokenizer, DENSE
-    model, label = _compressed_model(name_or_path, compression, dtype, device, mode)
-    return model.eval(), tokenizer, label
-
-
-def _compressed_model(name_or_path: str, compression: str, dtype: torch.dtype, device: str,
-                      mode: str) -> tuple[torch.nn.Module, str]:
-    """The model compressed as ``compression`` (a spec, or a compressed checkpoint folder) and its spec text."""
-    from cpt_bench.compress.cache import load_or_compress
-    from cpt_bench.compress.pipeline import load_compressed_model
-    from cpt_bench.compress.storage import read_manifest
-
-    if Path(compression).is_dir():
-        model, _modes = load_compressed_model(compression, mode, dtype)
-        return model.to(device), read_manifest(compression)["spec"]
-    model, _manifest = load_or_compress(name_or_path, compression, None, mode, dtype=dtype, device=device)
-    return model, compression

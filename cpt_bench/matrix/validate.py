@@ -1,0 +1,117 @@
+"""Everything a matrix run checks before its first artifact, so that ``--dry-run`` refuses what the run would.
+
+``validate_plan(plan)`` reads only configs, tokenizers and the (cached) corpora, never weights:
+
+- the model exists and is a causal LM (``assets.model.check_causal_lm``);
+- every target is a known lm-eval task (not a group);
+- windows fit the model's context (lm-eval's own ``resolve_max_length``): soft-prompt training windows plus the
+  prompt, perplexity windows plus the longest prompt applied, calibration windows;
+- the corpora are long enough: the calibration corpus's train split for one calibration window, each soft-prompt
+  source's train and validation splits for one training window.
+
+It returns the facts the dry run's estimate needs (context, parameter count).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cpt_bench.compress.spec import Spec
+from cpt_bench.matrix.config import ConfigError, MatrixConfig
+from cpt_bench.matrix.plan import Plan
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the checks learned about the config's model: its context (tokens) and parameter count."""
+
+    context_tokens: int
+    parameters: int
+
+
+def validate_plan(plan: Plan, manager) -> ModelFacts:
+    """Run every pre-artifact check of ``plan`` (see the module docstring); raises ``ConfigError`` / ``ModelError``.
+
+    ``manager``: lm-eval's TaskManager over our tasks (``lmeval.tasks.task_manager``).
+    """
+    from cpt_bench.assets.model import check_causal_lm, load_tokenizer
+
+    config = plan.config
+    path = check_causal_lm(config.model)
+    check_targets(config, manager)
+    tokenizer = load_tokenizer(path)
+    facts = model_facts(path, tokenizer)
+    _check_windows(plan, tokenizer, facts.context_tokens)
+    _check_corpora(plan, tokenizer)
+    return facts
+
+
+def check_targets(config: MatrixConfig, manager) -> None:
+    """Refuse unknown task names and groups (a target is one task with one metric)."""
+    for index, target in enumerate(config.targets):
+        if target.task in manager.all_groups:
+            raise ConfigError(f"targets[{index}].task: {target.task!r} is a group; list its tasks one by one")
+        if target.task not in manager.all_tasks:
+            raise ConfigError(f"targets[{index}].task: unknown task {target.task!r}; expected a task in tasks/ "
+                              "(e.g. cpt_ppl_wikipedia, cpt_piqa) or an lm-eval built-in task")
+
+
+def model_facts(path: str, tokenizer) -> ModelFacts:
+    """Context length (as lm-eval's HFLM resolves it) and parameter count, from the config alone (meta tensors)."""
+    from accelerate import init_empty_weights
+    from lm_eval.models.utils import DEFAULT_MAX_LENGTH, resolve_max_length
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config)
+    skeleton.tie_weights()  # accelerate's meta patch unties them
+    parameters = sum(parameter.numel() for parameter in skeleton.parameters())  # tied weights counted once
+    return ModelFacts(int(resolve_max_length(config, tokenizer, default=DEFAULT_MAX_LENGTH)), int(parameters))
+
+
+def _longest_prompt_tokens(config: MatrixConfig, tokenizer) -> int:
+    from cpt_bench.prompts.hard import hard_prompt_text
+
+    lengths = [len(tokenizer(hard_prompt_text(text), add_special_tokens=False)["input_ids"])
+               for text in config.prompts.hard]
+    if config.prompts.soft.sources:
+        lengths.append(config.prompts.soft.training.n_virtual_tokens)
+    return max(lengths, default=0)
+
+
+def _check_windows(plan: Plan, tokenizer, context: int) -> None:
+    config = plan.config
+    training = config.prompts.soft.training
+    if plan.soft_prompts and training.n_virtual_tokens + training.seqlen > context:
+        raise ConfigError(f"prompts.soft.training: n_virtual_tokens {training.n_virtual_tokens} + seqlen "
+                          f"{training.seqlen} exceed model {config.model}'s context of {context} tokens")
+    prompt = _longest_prompt_tokens(config, tokenizer)
+    if any(target.is_perplexity for target in config.targets) and config.ppl_seqlen + prompt > context:
+        raise ConfigError(f"ppl_seqlen: {config.ppl_seqlen} tokens plus the longest prompt ({prompt} tokens) exceed "
+                          f"model {config.model}'s context of {context} tokens")
+    calibration = config.compression.calibration
+    if _needs_calibration(plan) and calibration.seqlen > context:
+        raise ConfigError(f"compression.calibration.seqlen: {calibration.seqlen} exceeds model {config.model}'s "
+                          f"context of {context} tokens")
+
+
+def _needs_calibration(plan: Plan) -> bool:
+    return any(Spec.parse(spec).needs_calibration for spec in plan.compressed)
+
+
+def _check_corpora(plan: Plan, tokenizer) -> None:
+    from cpt_bench.compress.calibration import corpus_calibration_ids
+    from cpt_bench.prompts.soft import corpus_tokens
+
+    config = plan.config
+    calibration = config.compression.calibration
+    if _needs_calibration(plan):
+        corpus_calibration_ids(tokenizer, calibration)  # raises CalibrationError when the split is too short
+    seqlen = config.prompts.soft.training.seqlen
+    for source in sorted({prompt.source for prompt in plan.soft_prompts}):
+        for split in ("train", "validation"):
+            n_tokens = corpus_tokens(source, split, tokenizer).numel()
+            if n_tokens < seqlen:
+                raise ConfigError(f"prompts.soft.sources: the {split} split of {source!r} has {n_tokens} tokens, "
+                                  f"fewer than one training window (prompts.soft.training.seqlen {seqlen})")
