@@ -13,8 +13,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cpt_bench.assets.cache import json_bytes, write_files_atomic
 from cpt_bench.assets.model import ModelError, check_causal_lm, first_line
+from cpt_bench.files import json_bytes, write_files_atomic
+from cpt_bench.lmeval.quiet import quiet_lm_eval
 from cpt_bench.perplexity import DEFAULT_SEQLEN_TOKENS
 from cpt_bench.provenance import REPO_ROOT, environment_record, peak_memory
 
@@ -90,8 +91,9 @@ def run_evaluation(settings: EvalSettings) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for limit, names in ((settings.limit_windows, ppl_tasks), (settings.limit_items, other_tasks)):
         if names:
-            part = simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit, log_samples=False,
-                                   **SEEDS)
+            with quiet_lm_eval():
+                part = simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit, log_samples=False,
+                                       **SEEDS)
             _merge(merged, part)
     merged["cpt_bench"] = {
         "settings": asdict(settings),

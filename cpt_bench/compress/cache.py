@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cpt_bench.assets.cache import ensure_entry, sha256_of
+from cpt_bench.assets.cache import ensure_entry
 from cpt_bench.assets.model import ModelError, load_causal_lm, looks_like_path, resolve_model
 from cpt_bench.compress.pipeline import MODES, compress_into, default_dtype, load_compressed_model
 from cpt_bench.compress.sequential import CalibrationSettings
 from cpt_bench.compress.spec import Spec
 from cpt_bench.compress.storage import read_manifest
+from cpt_bench.files import sha256_of
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 KEY_HEX_CHARS = 12

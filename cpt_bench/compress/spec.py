@@ -19,6 +19,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from cpt_bench.errors import UserError
+
 BITS = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128)
 NM_PATTERNS = ((2, 4), (4, 8))
@@ -39,7 +41,7 @@ _QUANT_RE = re.compile(r"(rtn|gptq)-w([1-9]\d*)(?:g([1-9]\d*))?(-sym)?(-actorder
 _PRUNE_RE = re.compile(r"(sparsegpt|magnitude|wanda)-(?:(0|[1-9]\d*)|([1-9]\d*):([1-9]\d*))")
 
 
-class SpecError(ValueError):
+class SpecError(UserError):
     """An unknown, out-of-range or unfitting compression spec; the message is one line."""
 
 

@@ -32,9 +32,10 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from cpt_bench.assets.cache import write_files_atomic
 from cpt_bench.compress.quant import CompressedLinear, QuantizedWeight
 from cpt_bench.compress.sequential import CompressionResult, LayerReport
+from cpt_bench.errors import UserError
+from cpt_bench.files import write_files_atomic
 
 FORMAT = "cpt_bench.compressed/1"
 WEIGHTS_FILE = "model.safetensors"
@@ -42,7 +43,7 @@ MANIFEST_FILE = "compression.json"
 REQUIRED_FIELDS = ("spec", "calibration", "layers", "tied", "memory", "files")
 
 
-class StorageError(ValueError):
+class StorageError(UserError):
     """A compressed checkpoint that is missing, corrupted or does not match the model; one-line message."""
 
 
@@ -109,7 +110,7 @@ def read_manifest(out_dir: str | os.PathLike) -> dict:
     path = Path(out_dir) / MANIFEST_FILE
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
         raise StorageError(f"cannot read compressed checkpoint manifest {path}: {error}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__

@@ -28,7 +28,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from cpt_bench.assets.cache import write_json_atomic, write_text_atomic
+from cpt_bench.files import write_json_atomic, write_text_atomic
+from cpt_bench.lmeval.quiet import logging_through_tqdm, quiet_lm_eval
 from cpt_bench.matrix import store
 from cpt_bench.matrix.config import MatrixConfig, Target, load_config
 from cpt_bench.matrix.lock import RunLock
@@ -192,8 +193,9 @@ def evaluate_group(job: GroupJob, on_cell: Callable[[str], None] | None = None) 
     for cell in job.cells:
         reset_peak_memory()
         started = time.perf_counter()
-        output = simple_evaluate(model=lm, tasks=[cell.target.task], task_manager=manager, limit=cell.target.limit,
-                                 log_samples=True, **job.config.seeds())
+        with quiet_lm_eval():
+            output = simple_evaluate(model=lm, tasks=[cell.target.task], task_manager=manager,
+                                     limit=cell.target.limit, log_samples=True, **job.config.seeds())
         value, stderr, higher = metric_value(output, cell.target)
         record = {"format": store.CELL_FORMAT, "cell": cell.record(),
                   "metric": {"name": cell.target.metric, "value": value, "stderr": stderr,
@@ -334,7 +336,8 @@ def _run_cells(plan: Plan, run_dir: Path, executor) -> None:
     jobs = [GroupJob(plan.config, run_dir, compression, prompt, cells, compressed.get(compression), prompts.get(prompt))
             for (compression, prompt), cells in pending.items()]
     remaining = sum(len(cells) for cells in pending.values())
-    with tqdm(total=len(plan.cells), initial=len(plan.cells) - remaining, desc="cells", unit="cell") as progress:
+    with (tqdm(total=len(plan.cells), initial=len(plan.cells) - remaining, desc="cells", unit="cell") as progress,
+          logging_through_tqdm()):
         executor.run_groups(jobs, lambda _cell_id: progress.update(1))
 
 

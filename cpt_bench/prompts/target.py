@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from cpt_bench.assets.model import load_causal_lm, load_tokenizer
+from cpt_bench.errors import UserError
 
 DENSE = "dense"
 SIGNATURE_DIMS = 64
@@ -28,7 +29,7 @@ SIGNATURE_TOLERANCE = 1e-2  # fp16 / bf16 storage moves these statistics by far 
 _SHAPE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
 
-class PromptTargetError(ValueError):
+class PromptTargetError(UserError):
     """A model or tokenizer does not fit a prompt, or cannot be loaded as asked (one-line message)."""
 
 

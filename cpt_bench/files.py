@@ -1,0 +1,180 @@
+"""Atomic writes of files and folders: what every result, artifact and cache entry is written through.
+
+A reader sees either the old version or the complete new one, never a partial write:
+
+- files (``write_bytes_atomic`` and friends) are written to a hidden temp file beside the target (``.<name>.*.tmp``),
+  fsynced, renamed into place, and the folder fsynced;
+- folders (``replacing_folder``) are built in a hidden temp folder beside the target (``.<name>.*.building``) and
+  exchanged with the old folder in one step, so the target path never goes missing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+FILE_TEMP_SUFFIX = ".tmp"
+FOLDER_TEMP_SUFFIX = ".building"
+_HASH_CHUNK_BYTES = 1 << 20
+_FILE_MODE, _FOLDER_MODE = 0o644, 0o755
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # <fcntl.h>, <linux/fs.h>
+# errnos of a kernel or file system without RENAME_EXCHANGE (ENOSYS: no renameat2; EINVAL: flag unsupported)
+_NO_EXCHANGE_ERRNOS = (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP)
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _with_path(error: OSError, path: Path) -> OSError:
+    """``error`` again, naming ``path`` (a full disk reports no file name)."""
+    return type(error)(error.errno, error.strerror, str(path))
+
+
+def _write_temp(path: Path, data: bytes) -> Path:
+    """Write ``data`` to a new temp file beside ``path`` (fsynced, mode 0644) and return the temp file's path.
+
+    On failure the temp file is removed and an OSError names ``path``.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp: str | None = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=FILE_TEMP_SUFFIX)
+        try:
+            with memoryview(data) as view:
+                written = 0
+                while written < len(view):
+                    written += os.write(fd, view[written:])
+            os.fsync(fd)
+            os.fchmod(fd, _FILE_MODE)  # mkstemp creates 0600; results and caches are meant to be readable
+        finally:
+            os.close(fd)
+    except BaseException as error:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.errno is not None:
+            raise _with_path(error, path) from error
+        raise
+    return Path(tmp)
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same folder, fsync, rename, fsync the folder.
+
+    When writing fails (e.g. the disk is full) the old file is untouched, the temp file removed, and the OSError
+    names ``path``.
+    """
+    write_files_atomic(path.parent, {path.name: data})
+
+
+def write_files_atomic(folder: Path, files: dict[str, bytes]) -> None:
+    """Write several files of ``folder`` (name -> bytes) so that all are replaced or none is.
+
+    Every file is first written to a temp file (see ``write_bytes_atomic``); only when all are complete are they
+    renamed into place, in the order given. A failure while writing leaves every old file untouched.
+    """
+    staged: dict[Path, Path] = {}
+    try:
+        for name, data in files.items():
+            staged[folder / name] = _write_temp(folder / name, data)
+        for target, tmp in staged.items():
+            os.replace(tmp, target)
+    finally:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
+    _fsync_folder(folder)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write UTF-8 ``text`` atomically (see ``write_bytes_atomic``)."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def json_bytes(payload: Any) -> bytes:
+    """``payload`` as indented, key-sorted UTF-8 JSON with a final newline (how every JSON file here is written)."""
+    return (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write ``payload`` as ``json_bytes``, atomically (see ``write_bytes_atomic``)."""
+    write_bytes_atomic(path, json_bytes(payload))
+
+
+@contextmanager
+def replacing_folder(target: Path) -> Iterator[Path]:
+    """Yield a new empty folder to fill; on normal exit it takes ``target``'s place, old contents removed.
+
+    The folder is a hidden sibling of ``target`` (``.<name>.*.building``, same file system), mode 0755 once in
+    place. An existing ``target`` is swapped with it in one step (``exchange_paths``), so at every moment
+    ``target`` is either the complete old folder or the complete new one; then the old contents are removed and
+    the parent folder fsynced. When the block raises, the temp folder is removed and ``target`` is untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=FOLDER_TEMP_SUFFIX))
+    try:
+        yield tmp
+        os.chmod(tmp, _FOLDER_MODE)  # mkdtemp creates 0700
+        if os.path.lexists(target):
+            exchange_paths(tmp, target)  # tmp now holds the old contents, removed below
+        else:
+            os.rename(tmp, target)
+        _fsync_folder(target.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def exchange_paths(a: Path, b: Path) -> None:
+    """Swap two existing paths of one file system atomically (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Python's ``os`` has no exchange, hence ctypes. Where the OS or file system lacks it (not Linux, glibc < 2.28,
+    kernel < 3.15, some network or FUSE file systems), the fallback renames ``b`` aside, ``a`` to ``b`` and the
+    aside copy to ``a``: each step is atomic, but between the first two ``b`` is briefly missing.
+    """
+    try:
+        _renameat2_exchange(a, b)
+    except OSError as error:
+        if error.errno not in _NO_EXCHANGE_ERRNOS:
+            raise
+        aside = a.with_name(a.name.removesuffix(FOLDER_TEMP_SUFFIX) + "-old" + FOLDER_TEMP_SUFFIX)
+        os.rename(b, aside)
+        try:
+            os.rename(a, b)
+        except OSError:
+            os.rename(aside, b)
+            raise
+        os.rename(aside, a)
+
+
+def _renameat2_exchange(a: Path, b: Path) -> None:
+    """``renameat2(AT_FDCWD, a, AT_FDCWD, b, RENAME_EXCHANGE)``; OSError(ENOSYS) where libc has no renameat2."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None) if sys.platform == "linux" else None
+    if renameat2 is None:
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS), str(b))
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(b))
