@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import sys
 import time
 from pathlib import Path
@@ -11,17 +10,11 @@ from pathlib import Path
 from tabulate import tabulate
 from tqdm import tqdm
 
-from cpt_bench.assets.cache import CacheError
 from cpt_bench.compress.cli_commands import add_compress_parser
+from cpt_bench.errors import run_command
 from cpt_bench.matrix.cli_commands import add_matrix_parser
-from cpt_bench.matrix.lock import RunLockError
-from cpt_bench.perplexity import TaskInputError
 from cpt_bench.prompts.cli_commands import add_prompt_parser
 from cpt_bench.report.cli_commands import add_report_parser
-
-USER_ERRORS = (CacheError, TaskInputError, ValueError, FileNotFoundError, RunLockError)
-DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
-PATH_ERRNOS = (errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG)
 
 
 def cmd_assets(args: argparse.Namespace) -> None:
@@ -85,33 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def os_error_message(exc: OSError) -> str | None:
-    """One line for an OSError about a full disk or an unusable path (permissions, a file where a folder is
-    expected), None for any other (those are bugs: they keep their traceback)."""
-    if exc.errno in DISK_ERRNOS:
-        verb = "cannot write"
-    elif exc.errno in PATH_ERRNOS:
-        verb = "cannot access"
-    else:
-        return None
-    where = f" {exc.filename}" if exc.filename else ""
-    return f"{verb}{where}: {exc.strerror}"
-
-
 def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and run the command under ``errors.run_command``'s policy; the exit status."""
     args = build_parser().parse_args(argv)
-    try:
-        args.run(args)
-    except USER_ERRORS as exc:
-        message = str(exc)
-    except OSError as exc:
-        message = os_error_message(exc)
-        if message is None:
-            raise
-    else:
-        return 0
-    print(f"cpt-bench: error: {message}", file=sys.stderr)
-    return 2
+    return run_command("cpt-bench", lambda: args.run(args))
 
 
 if __name__ == "__main__":

@@ -13,8 +13,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cpt_bench.assets.cache import json_bytes, write_files_atomic
 from cpt_bench.assets.model import ModelError, check_causal_lm, first_line
+from cpt_bench.errors import UserError
+from cpt_bench.files import json_bytes, write_files_atomic
+from cpt_bench.lmeval.quiet import quiet_lm_eval
 from cpt_bench.lmeval.tasks import task_manager
 from cpt_bench.perplexity import DEFAULT_SEQLEN_TOKENS
 from cpt_bench.provenance import environment_record, peak_memory
@@ -40,11 +42,11 @@ class EvalSettings:
         for name in ("limit_items", "limit_windows"):
             value = getattr(self, name)
             if value is not None and value <= 0:
-                raise ValueError(f"{name} must be a positive count or omitted, got {value}")
+                raise UserError(f"{name} must be a positive count or omitted, got {value}")
         if self.seqlen_tokens <= 0 or self.batch_size <= 0:
-            raise ValueError(f"seqlen and batch size must be positive, got {self.seqlen_tokens} and {self.batch_size}")
+            raise UserError(f"seqlen and batch size must be positive, got {self.seqlen_tokens} and {self.batch_size}")
         if not self.tasks:
-            raise ValueError("no tasks given; expected names such as cpt_ppl, cpt_zeroshot or cpt_piqa")
+            raise UserError("no tasks given; expected names such as cpt_ppl, cpt_zeroshot or cpt_piqa")
 
 
 def _merge(into: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
@@ -69,7 +71,7 @@ def run_evaluation(settings: EvalSettings) -> dict[str, Any]:
     manager = task_manager(model_path, settings.seqlen_tokens)
     unknown = [name for name in settings.tasks if name not in manager.all_tasks]
     if unknown:
-        raise ValueError(f"unknown task(s) {', '.join(unknown)}; expected lm-eval task or group names, "
+        raise UserError(f"unknown task(s) {', '.join(unknown)}; expected lm-eval task or group names, "
                          f"e.g. cpt_ppl, cpt_zeroshot, cpt_piqa (see tasks/)")
     try:
         lm = HFLM(pretrained=model_path, dtype=settings.dtype, batch_size=settings.batch_size, device=settings.device)
@@ -80,8 +82,9 @@ def run_evaluation(settings: EvalSettings) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for limit, names in ((settings.limit_windows, ppl_tasks), (settings.limit_items, other_tasks)):
         if names:
-            part = simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit, log_samples=False,
-                                   **SEEDS)
+            with quiet_lm_eval():
+                part = simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit, log_samples=False,
+                                       **SEEDS)
             _merge(merged, part)
     merged["cpt_bench"] = {
         "settings": asdict(settings),

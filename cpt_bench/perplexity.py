@@ -19,12 +19,13 @@ import math
 from lm_eval.api.task import ConfigurableTask
 
 from cpt_bench.assets.model import resolve_model
+from cpt_bench.errors import UserError
 
 DEFAULT_SEQLEN_TOKENS = 1024
 DOCUMENT_SEPARATOR = "\n\n"  # how the paper joins WikiText-2 test documents
 
 
-class TaskInputError(ValueError):
+class TaskInputError(UserError):
     """A task was configured with values it cannot use (one-line message)."""
 
 

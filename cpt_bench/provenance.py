@@ -29,8 +29,11 @@ def package_versions() -> dict[str, str]:
 def git_commit() -> dict[str, Any]:
     """Commit of the checkout this package runs from, and whether it had uncommitted changes."""
 
-    def git(*args: str) -> str | None:
-        done = subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True)
+    def git(*args: str) -> str | None:  # None outside a checkout or without git; git's own errors are not shown
+        try:
+            done = subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True)
+        except OSError:
+            return None
         return done.stdout.strip() if done.returncode == 0 else None
 
     return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}

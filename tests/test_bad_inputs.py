@@ -4,8 +4,8 @@ Each ``Case`` prepares its inputs in ``tmp_path`` and returns either an argv for
 user runs ``cpt-bench``) or a zero-argument callable (the user reaches that code another way, e.g. lm-eval
 ``--model_args`` of the ``cpt`` adapter through ``cpt-lm-eval``). Checked for every case:
 
-* CLI: ``main`` returns non-zero and stderr is exactly one line, ``cpt-bench: error: <message>``;
-  callable: it raises an error that ``cpt-lm-eval`` reports in one line (``cpt_bench.lmeval.cli.user_error``);
+* exit status 2 and stderr exactly one line, ``cpt-bench: error: <message>`` (argv) or
+  ``cpt-lm-eval: error: <message>`` (callable, run where ``cpt-lm-eval`` runs lm-eval's ``cli_evaluate``);
 * the message matches the case's regex (the bad value and what was expected);
 * nothing already written is lost: every file under ``tmp_path`` before the call keeps its bytes, and no
   temporary file or folder is left behind; ``after`` checks anything more.
@@ -30,6 +30,7 @@ import pytest
 import torch
 
 from cpt_bench import cli
+from cpt_bench.errors import BUG_NOTE
 from cpt_bench.lmeval import cli as lmeval_cli
 
 from .compress_helpers import _one_thread  # noqa: F401  (_one_thread: autouse fixture)
@@ -37,7 +38,7 @@ from .conftest import TINY_SEQLEN_TOKENS, build_tiny_tokenizer
 from .prompt_helpers import save_random_prompt
 
 Invocation = list[str] | Callable[[], object]
-LEFTOVER = re.compile(r"\.tmp$|\.building$|^\.staging-")  # write_bytes_atomic, ensure_entry, compress_into
+LEFTOVER = re.compile(r"\.tmp$|\.building$|^\.staging-")  # cpt_bench.files' temp files / folders, compress_into
 
 
 @dataclass
@@ -394,7 +395,7 @@ CASES = [
          r"soft prompt setting steps must be a positive integer, got -5"),
     Case("prompt-tokens-zero", _train("--n-virtual-tokens", "0"),
          r"soft prompt setting n_virtual_tokens must be a positive integer, got 0"),
-    Case("prompt-resume-without-checkpoint", _train("--resume"), r"cannot resume: no checkpoint at .*checkpoint\.pt"),
+    Case("prompt-resume-without-checkpoint", _train("--resume"), r"--resume: no checkpoint at .*checkpoint\.pt; start without --resume"),
     Case("prompt-lr-too-large", _train("--lr", "1e38"), r"soft prompt setting lr must be a positive number at most "
          r"10, got 1e\+38"),
     Case("prompt-training-diverges", _diverging_training,
@@ -469,21 +470,22 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
-def _invoke(invocation: Invocation, capsys) -> str:
-    """Run the invocation as its user would; return the one error line."""
+def _invoke(invocation: Invocation, capsys, monkeypatch) -> str:
+    """Run the invocation as its user would (``cpt-bench ARGV``, or ``cpt-lm-eval`` reaching the callable); return
+    the one error line."""
     if isinstance(invocation, list):
-        code = cli.main(invocation)
-        err = capsys.readouterr().err
-        assert code != 0, "the command succeeded"
-        assert err.endswith("\n") and err.count("\n") == 1, f"stderr is not one line:\n{err}"
-        assert err.startswith("cpt-bench: error: ")
-        return err.removeprefix("cpt-bench: error: ").rstrip("\n")
-    with pytest.raises(Exception) as caught:
-        invocation()
-    assert lmeval_cli.user_error(caught.value), f"not reported as a user error: {caught.value!r}"
-    message = str(caught.value)
-    assert "\n" not in message, f"message is not one line:\n{message}"
-    return message
+        prog, code = "cpt-bench", cli.main(invocation)
+    else:
+        prog = "cpt-lm-eval"
+        monkeypatch.setattr("lm_eval.__main__.cli_evaluate", invocation)
+        with pytest.raises(SystemExit) as caught:
+            lmeval_cli.main()
+        code = caught.value.code
+    err = capsys.readouterr().err
+    assert code == 2, f"exit status {code}, not 2"
+    assert err.endswith("\n") and err.count("\n") == 1, f"stderr is not one line:\n{err}"
+    assert err.startswith(f"{prog}: error: ")
+    return err.removeprefix(f"{prog}: error: ").rstrip("\n")
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
@@ -495,7 +497,7 @@ def test_bad_input_gets_one_line(case: Case, shared, tmp_path, monkeypatch, caps
     invocation = case.run(tmp_path, inputs)
     before = _snapshot(tmp_path)
     capsys.readouterr()
-    message = _invoke(invocation, capsys)
+    message = _invoke(invocation, capsys, monkeypatch)
     assert re.search(case.message, message), f"{message!r} does not match {case.message!r}"
     monkeypatch.undo()  # e.g. a patched os.write, before reading the files back
     after = _snapshot(tmp_path)
@@ -512,7 +514,7 @@ def test_catalogue_ids_are_unique():
     assert len(ids) == len(set(ids)) >= 22
 
 
-def test_cpt_lm_eval_reports_our_errors_in_one_line_and_others_with_their_traceback(monkeypatch, capsys):
+def test_cpt_lm_eval_reports_our_errors_in_one_line(monkeypatch, capsys):
     from cpt_bench.lmeval.adapter import CptLM
 
     def ours() -> None:  # what lm-eval does with --model cpt --model_args soft_prompt=p,hard_prompt=paper
@@ -524,9 +526,42 @@ def test_cpt_lm_eval_reports_our_errors_in_one_line_and_others_with_their_traceb
     assert caught.value.code == 2
     assert capsys.readouterr().err == "cpt-lm-eval: error: give soft_prompt or hard_prompt, not both\n"
 
-    def theirs() -> None:
-        raise ValueError("lm-eval's own")
 
-    monkeypatch.setattr("lm_eval.__main__.cli_evaluate", theirs)
-    with pytest.raises(ValueError, match="lm-eval's own"):
+def _library_value_error(*args, **kwargs):
+    """Stands in for a library call that fails on what our code passes it: torch raises the ValueError."""
+    return torch.nn.functional.cross_entropy(torch.zeros(2, 3), torch.zeros(4, dtype=torch.long))
+
+
+def _assert_reported_as_bug(caught: pytest.ExceptionInfo, capsys) -> None:
+    """The error kept its type, message and traceback (through torch) and carries the bug note; no one-liner."""
+    assert "Expected input batch_size (2) to match target batch_size (4)" in str(caught.value)
+    assert caught.value.__notes__ == [BUG_NOTE]
+    assert any("torch" in str(entry.path) for entry in caught.traceback)
+    assert "error:" not in capsys.readouterr().err
+
+
+def test_a_library_error_through_our_code_keeps_its_traceback_and_gets_the_bug_note(shared, tmp_path, monkeypatch,
+                                                                                     capsys):
+    from cpt_bench.compress import compress_to_dir
+
+    model, _, _, cache = shared
+    monkeypatch.setenv("CPT_BENCH_CACHE", str(cache))
+    monkeypatch.setattr("cpt_bench.compress.pipeline.compress_model", _library_value_error)
+    with pytest.raises(ValueError) as caught:  # cpt-bench
+        cli.main(["compress", "--model", str(model), "--spec", "rtn-w8", "--out", str(tmp_path / "a")])
+    _assert_reported_as_bug(caught, capsys)
+
+    monkeypatch.setattr("lm_eval.__main__.cli_evaluate", lambda: compress_to_dir(str(model), "rtn-w8", tmp_path / "b"))
+    with pytest.raises(ValueError) as caught:  # cpt-lm-eval, the error raised below our code
         lmeval_cli.main()
+    _assert_reported_as_bug(caught, capsys)
+
+
+def test_cpt_lm_eval_passes_lm_evals_own_errors_through_untouched(monkeypatch, capsys):
+    from lm_eval.api.registry import get_model
+
+    monkeypatch.setattr("lm_eval.__main__.cli_evaluate", lambda: get_model("no-such-model"))
+    with pytest.raises(ValueError, match="no model for this name found") as caught:
+        lmeval_cli.main()
+    assert not getattr(caught.value, "__notes__", None)
+    assert capsys.readouterr().err == ""

@@ -10,7 +10,7 @@ from cpt_bench.compress.gptq import Hessian, gptq_layer, output_error
 from cpt_bench.compress.quant import fit_grid
 from cpt_bench.compress.sequential import compress_linear
 from cpt_bench.compress.sparsegpt import sparsegpt_layer
-from cpt_bench.compress.spec import CalibrationSettings, Quantization, Spec
+from cpt_bench.compress.spec import CalibrationSettings, Quantization, Spec, SpecError
 
 from .compress_helpers import _one_thread  # noqa: F401  (_one_thread: autouse fixture)
 
@@ -85,8 +85,23 @@ def test_at_most_two_to_the_bits_values_per_row_and_group(layer, text):
             assert row.unique().numel() <= 2**quant.bits
 
 
-def test_act_order_groups_and_error(layer):
-    weight, _, hessian = layer
+@pytest.fixture(scope="module")
+def dominant_layer():
+    """``(W [64, 256], H)`` whose inputs have 8 dominant features (20x the others' scale) at random columns: the
+    outlier features for which act-order (quantizing the largest-Hessian columns first) is known to help."""
+    generator = torch.Generator().manual_seed(0)
+    mixing = torch.randn(COLS, COLS, generator=generator) / COLS**0.5 + torch.eye(COLS)
+    scale = torch.ones(COLS)
+    scale[torch.randperm(COLS, generator=generator)[:8]] = 20.0
+    inputs = (torch.randn(TOKENS, COLS, generator=generator) @ mixing) * scale
+    weight = torch.randn(ROWS, COLS, generator=generator) * 0.05
+    hessian = Hessian(COLS, torch.device("cpu"))
+    hessian.add(inputs)
+    return weight, hessian.matrix
+
+
+def test_act_order_groups_and_error(dominant_layer):
+    weight, hessian = dominant_layer
     plain = compress(weight, hessian, "gptq-w4g64")
     ordered = compress(weight, hessian, "gptq-w4g64-actorder")
     g_idx = ordered.quant.g_idx
@@ -95,7 +110,8 @@ def test_act_order_groups_and_error(layer):
     assert torch.equal(torch.bincount(g_idx.long()), torch.full((COLS // 64,), 64))
     order = torch.argsort(torch.diag(hessian), descending=True)
     assert torch.equal(g_idx[order].long(), torch.arange(COLS) // 64)
-    assert ordered.error <= 1.5 * plain.error
+    # measured: act-order's error is 0.40-0.51 of plain GPTQ's on this layer over seeds 0-4 (0.43 here)
+    assert ordered.error < 0.7 * plain.error
 
 
 @pytest.mark.parametrize("pattern", ["50", "2:4", "4:8"])
@@ -152,7 +168,7 @@ def test_dead_inputs_give_finite_weights(layer):
 
 def test_block_size_must_hold_whole_groups(layer):
     weight, _, hessian = layer
-    with pytest.raises(ValueError, match="block size 96 .* 64"):
+    with pytest.raises(SpecError, match="block size 96 .* 64"):
         gptq_layer(weight, hessian, Quantization("gptq", 4, 64), block_size=96)
 
 

@@ -5,8 +5,9 @@ import torch
 from transformers import OPTConfig, OPTForCausalLM
 
 from cpt_bench.compress import CalibrationSettings, Spec, SpecError, compress_model
-from cpt_bench.compress.calibration import calibration_windows
+from cpt_bench.compress.calibration import CalibrationError, calibration_windows
 from cpt_bench.compress.sequential import check_model, compressible_linears
+from cpt_bench.errors import UserError
 
 from .compress_helpers import _one_thread, random_ids, tiny_llama  # noqa: F401  (_one_thread: autouse fixture)
 
@@ -26,7 +27,7 @@ def ids():
      {"dampening": "0.01"}, {"true_sequential": "yes"}, {"n_windows": True}, {"corpus": "c4"}, {"corpus": []}],
 )
 def test_settings_are_validated(changes):
-    with pytest.raises(ValueError) as caught:
+    with pytest.raises(UserError) as caught:
         CalibrationSettings(**changes)
     name = next(iter(changes))
     assert f"calibration setting {name}" in str(caught.value) and "\n" not in str(caught.value)
@@ -43,7 +44,7 @@ def test_calibration_windows_are_seeded_slices():
     assert windows.shape == (5, 16) and windows.dtype == torch.int64
     assert torch.equal(windows[:, 1:] - windows[:, :-1], torch.ones(5, 15, dtype=torch.int64))
     assert torch.equal(windows, calibration_windows(tokens, settings))
-    with pytest.raises(ValueError, match="at least 17 tokens"):
+    with pytest.raises(CalibrationError, match="at least 17 tokens"):
         calibration_windows(torch.arange(16), settings)
     assert windows[:, 0].max() <= 1000 - 16 - 1  # starts drawn as in GPTQ: randint(0, n - seqlen - 1)
 
@@ -54,7 +55,7 @@ def test_group_size_is_checked_against_the_model():
     with pytest.raises(SpecError) as caught:
         check_model(model, Spec.parse("gptq-w4g128"))
     assert "model.layers.0.self_attn.q_proj" in str(caught.value) and "width 64" in str(caught.value)
-    with pytest.raises(ValueError, match="block size 96"):
+    with pytest.raises(SpecError, match="block size 96"):
         check_model(model, Spec.parse("gptq-w4g64"), CalibrationSettings(block_size=96))
     check_model(model, Spec.parse("rtn-w4g64"), CalibrationSettings(block_size=96))
 

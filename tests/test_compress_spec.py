@@ -3,6 +3,7 @@
 import pytest
 
 from cpt_bench.compress.spec import Pruning, Quantization, Spec, SpecError
+from cpt_bench.errors import UserError
 
 EXAMPLES = [
     "dense",
@@ -70,7 +71,7 @@ def test_bad_specs_raise_one_line(text):
     with pytest.raises(SpecError) as caught:
         Spec.parse(text)
     message = str(caught.value)
-    assert isinstance(caught.value, ValueError)
+    assert isinstance(caught.value, UserError)
     assert "\n" not in message
     assert repr(text) in message
     assert "valid:" in message and "(rtn|gptq)-w<2|3|4|8>" in message

@@ -4,6 +4,7 @@ killed and resumed, shards and merge, the Ray executor, and the summary the repo
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -246,6 +247,28 @@ def test_resume_refuses_a_run_folder_of_another_config(reference_run, matrix_env
     assert main(["matrix", str(other), "--out", str(reference_run)]) == 2
     assert "already holds a run; pass --resume" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in (reference_run / "cells").iterdir()} == before
+
+
+def test_run_outside_git_prints_no_git_errors_and_each_warning_once(matrix_env, tiny_model_dir, tmp_path,
+                                                                     monkeypatch, capfd, caplog):
+    """Outside a git checkout lm-eval's git lookup fails on every cell: nothing of git's reaches the output, and
+    each third-party warning (lm-eval's repeat per cell) is shown once."""
+    from cpt_bench.lmeval import quiet
+
+    monkeypatch.setattr(quiet, "_seen_warnings", set())  # as in a new process: earlier tests saw the warnings
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GIT_DIR", str(tmp_path / "no-git"))  # git fails here, as outside any checkout
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    config = tiny_config(tiny_model_dir, name="outside-git", compression={"specs": ["dense"]},
+                         prompts={"hard": ["paper"]}, targets=[{"task": "cpt_piqa", "limit": 2}])  # 2 groups, 1 task
+    capfd.readouterr()
+    with caplog.at_level(logging.WARNING):
+        run_matrix(write_config(tmp_path, config), tmp_path / "run")
+    out, err = capfd.readouterr()
+    assert "fatal:" not in out + err
+    shown = [(r.name, r.getMessage()) for r in caplog.records if not r.name.startswith("cpt_bench")]
+    assert shown, "no third-party warning at all: the check below could not fail"
+    assert len(shown) == len(set(shown)), f"repeated warnings: {sorted(shown)}"
 
 
 def _start(config: Path, out: Path, env: dict, resume: bool) -> subprocess.Popen:

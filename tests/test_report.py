@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 
-from cpt_bench.assets.cache import write_text_atomic
+from cpt_bench.files import write_text_atomic
 from cpt_bench.report import load_summary, write_leaderboard, write_report
 from cpt_bench.report.cli_commands import add_report_parser
+from cpt_bench.report.tables import ReportError
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GOLDEN = FIXTURES / "report_golden"
@@ -97,12 +98,12 @@ def test_leaderboard_over_two_runs_matches_golden(tmp_path):
 def test_leaderboard_names_a_malformed_summary(tmp_path):
     _write_run(tmp_path, "good", _summary())
     bad = _write_run(tmp_path, "bad", "{not json") / "summary.json"
-    with pytest.raises(ValueError, match=re.escape(str(bad))):
+    with pytest.raises(ReportError, match=re.escape(str(bad))):
         write_leaderboard(tmp_path)
 
 
-def test_leaderboard_without_runs_is_a_value_error(tmp_path):
-    with pytest.raises(ValueError, match="no \\*/summary.json found"):
+def test_leaderboard_without_runs_is_a_report_error(tmp_path):
+    with pytest.raises(ReportError, match="no \\*/summary.json found"):
         write_leaderboard(tmp_path)
 
 
@@ -115,19 +116,19 @@ def test_leaderboard_without_runs_is_a_value_error(tmp_path):
     (lambda s: s["cells"].append(dict(s["cells"][0])), "cells\\[37\\] repeats dense / none / cpt_ppl_wikipedia"),
     (lambda s: s["prompts"][2].pop("trained_at"), "prompts\\[2\\] lacks 'trained_at'"),
 ])
-def test_malformed_summary_is_a_one_line_value_error_naming_the_file(tmp_path, change, problem):
+def test_malformed_summary_is_a_one_line_report_error_naming_the_file(tmp_path, change, problem):
     summary = _summary()
     change(summary)
     path = _write_run(tmp_path, "run", summary) / "summary.json"
-    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: {problem}") as caught:
+    with pytest.raises(ReportError, match=f"^{re.escape(str(path))}: {problem}") as caught:
         load_summary(path)
     assert "\n" not in str(caught.value)
-    with pytest.raises(ValueError, match=problem):
+    with pytest.raises(ReportError, match=problem):
         write_report(summary, tmp_path / "out")
 
 
-def test_missing_summary_is_a_value_error_naming_the_file(tmp_path):
-    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'summary.json'}: no such file")):
+def test_missing_summary_is_a_report_error_naming_the_file(tmp_path):
+    with pytest.raises(ReportError, match=re.escape(f"{tmp_path / 'summary.json'}: no such file")):
         load_summary(tmp_path / "summary.json")
 
 
@@ -146,5 +147,5 @@ def test_cli_report_and_leaderboard_print_the_written_paths(tmp_path, capsys):
     assert len(printed) == 3 + len(EXPECTED_PNGS) and all(Path(path).is_file() for path in printed)
     _run_cli(["leaderboard", "--results", str(tmp_path)])
     assert capsys.readouterr().out.split() == [str(tmp_path / "LEADERBOARD.md"), str(tmp_path / "LEADERBOARD.html")]
-    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "summary.json"))):
+    with pytest.raises(ReportError, match=re.escape(str(tmp_path / "summary.json"))):
         _run_cli(["report", str(tmp_path)])

@@ -1,32 +1,31 @@
 """The on-disk cache of downloaded and derived assets.
 
 Layout: ``<root>/<entry name>/`` holds the entry's files plus ``manifest.json`` (size and sha256 of
-every file, and where the entry came from). An entry is built into a temporary sibling folder and
-renamed into place only when complete, so a crash never leaves a half-built entry that reads as
-valid; an entry whose manifest is missing or whose files do not match it is rebuilt.
+every file, and where the entry came from). An entry is built into a temporary sibling folder that takes
+the old entry's place only when complete (``files.replacing_folder``), so a crash never leaves a half-built
+entry that reads as valid, nor no entry where one was; an entry whose manifest is missing or whose files do
+not match it is rebuilt.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from cpt_bench.errors import UserError
+from cpt_bench.files import replacing_folder, sha256_of, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "CPT_BENCH_CACHE"
 MANIFEST = "manifest.json"
-_HASH_CHUNK_BYTES = 1 << 20
-_FILE_MODE, _FOLDER_MODE = 0o644, 0o755
 
 
-class CacheError(RuntimeError):
+class CacheError(UserError):
     """A cache entry could not be built or read (one-line message for the user)."""
 
 
@@ -36,92 +35,6 @@ def cache_root() -> Path:
         return Path(os.environ[CACHE_ENV]).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(xdg) / "cpt_bench"
-
-
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _write_temp(path: Path, data: bytes) -> Path:
-    """Write ``data`` to a new temp file beside ``path`` (fsynced, mode 0644) and return the temp file's path.
-
-    On failure the temp file is removed and an OSError names ``path`` (a full disk reports no file name).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp: str | None = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with memoryview(data) as view:
-                written = 0
-                while written < len(view):
-                    written += os.write(fd, view[written:])
-            os.fsync(fd)
-            os.fchmod(fd, _FILE_MODE)  # mkstemp creates 0600; results and caches are meant to be readable
-        finally:
-            os.close(fd)
-    except BaseException as error:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(error, OSError) and error.errno is not None:
-            raise type(error)(error.errno, error.strerror, str(path)) from error
-        raise
-    return Path(tmp)
-
-
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder, fsync, rename, fsync the folder.
-
-    A reader sees either the old file or the complete new one, never a partial write; when writing fails
-    (e.g. the disk is full) the old file is untouched, the temp file removed, and the OSError names ``path``.
-    """
-    write_files_atomic(path.parent, {path.name: data})
-
-
-def write_files_atomic(folder: Path, files: dict[str, bytes]) -> None:
-    """Write several files of ``folder`` (name -> bytes) so that all are replaced or none is.
-
-    Every file is first written to a temp file (see ``write_bytes_atomic``); only when all are complete are they
-    renamed into place, in the order given. A failure while writing leaves every old file untouched.
-    """
-    staged: dict[Path, Path] = {}
-    try:
-        for name, data in files.items():
-            staged[folder / name] = _write_temp(folder / name, data)
-        for target, tmp in staged.items():
-            os.replace(tmp, target)
-    finally:
-        for tmp in staged.values():
-            tmp.unlink(missing_ok=True)
-    _fsync_folder(folder)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write UTF-8 ``text`` atomically (see ``write_bytes_atomic``)."""
-    write_bytes_atomic(path, text.encode("utf-8"))
-
-
-def json_bytes(payload: Any) -> bytes:
-    """``payload`` as indented, key-sorted UTF-8 JSON with a final newline (how every JSON file here is written)."""
-    return (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode("utf-8")
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write ``payload`` as ``json_bytes``, atomically (see ``write_bytes_atomic``)."""
-    write_bytes_atomic(path, json_bytes(payload))
 
 
 def _file_records(folder: Path) -> dict[str, dict[str, Any]]:
@@ -141,7 +54,7 @@ def entry_problem(folder: Path) -> str | None:
         return "no manifest (incomplete build)"
     try:
         files = json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
-    except (ValueError, KeyError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
         return f"unreadable manifest ({exc.__class__.__name__})"
     for rel, record in files.items():
         path = folder / rel
@@ -181,15 +94,7 @@ def ensure_entry(name: str, build: Callable[[Path], dict[str, Any]]) -> Path:
         return folder
     if problem != "missing":
         log.warning("cache entry %s is unusable (%s); rebuilding it", folder, problem)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".building"))
-    try:
+    with replacing_folder(folder) as tmp:
         provenance = _build(build, tmp, folder, problem)
         write_json_atomic(tmp / MANIFEST, {"name": name, **provenance, "files": _file_records(tmp)})
-        os.chmod(tmp, _FOLDER_MODE)  # mkdtemp creates 0700
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder

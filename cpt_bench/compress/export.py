@@ -27,10 +27,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as save_safetensors
 
-from cpt_bench.assets.cache import json_bytes, write_files_atomic
 from cpt_bench.compress.quant import CompressedLinear
 from cpt_bench.compress.spec import Spec
 from cpt_bench.compress.storage import pack_bits, read_checkpoint
+from cpt_bench.errors import UserError
+from cpt_bench.files import json_bytes, write_files_atomic
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 WEIGHTS_FILE = "model.safetensors"
@@ -39,7 +40,7 @@ _COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.
                  "vocab.json", "merges.txt", "chat_template.jinja")
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """A compressed checkpoint that the GPTQ format cannot hold exactly (one-line message)."""
 
 

@@ -17,7 +17,8 @@ from collections.abc import Callable
 import torch
 
 from cpt_bench.compress.quant import ColumnQuantizer, CompressedLinear, QuantizedWeight
-from cpt_bench.compress.spec import Quantization
+from cpt_bench.compress.spec import Quantization, SpecError
+from cpt_bench.errors import UserError
 
 
 class Hessian:
@@ -35,6 +36,10 @@ class Hessian:
         self.tokens = total
         x = x * math.sqrt(2 / total)
         self.matrix += x.T @ x
+
+
+class HessianError(UserError):
+    """A layer Hessian that stays singular after dampening (one-line message: raise the dampening setting)."""
 
 
 def output_error(original: torch.Tensor, compressed: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -65,10 +70,10 @@ def inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
     """Upper Cholesky factor ``U [cols, cols]`` of ``H^-1`` (``U^T U = H^-1``) for a damped ``H``."""
     lower, info = torch.linalg.cholesky_ex(h)
     if info:
-        raise ValueError("the layer Hessian is not positive definite after dampening; raise the dampening")
+        raise HessianError("the layer Hessian is not positive definite after dampening; raise the dampening")
     upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
     if info:
-        raise ValueError("the inverse layer Hessian is not positive definite; raise the dampening")
+        raise HessianError("the inverse layer Hessian is not positive definite; raise the dampening")
     return upper
 
 
@@ -79,7 +84,7 @@ def check_block_size(block_size: int, *periods: int | None) -> None:
     """
     for period in periods:
         if period and block_size % period:
-            raise ValueError(f"block size {block_size} is not a multiple of the group or N:M period {period}")
+            raise SpecError(f"block size {block_size} is not a multiple of the group or N:M period {period}")
 
 
 def obs_sweep(

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from cpt_bench.compress.quant import CompressedLinear
+from cpt_bench.errors import UserError
 
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)
 INT4_OUT_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu needs out_features % 16 == 0
@@ -37,7 +38,7 @@ _INT8_MIDPOINT = 128
 _INNER_K_TILES = 8
 
 
-class UnsupportedLayerError(ValueError):
+class UnsupportedLayerError(UserError):
     """A compressed layer that the real kernels cannot run (one-line message naming the layer and why)."""
 
 
@@ -125,7 +126,8 @@ class LowBitLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
-            raise RuntimeError("LowBitLinear runs torch's CPU kernels; on CUDA load the GPTQ export with GPTQModel")
+            raise UnsupportedLayerError("LowBitLinear runs torch's CPU kernels; on CUDA load the GPTQ export with "
+                                        "GPTQModel")
         flat = x.reshape(-1, self.in_features).to(self.dtype)
         if self.perm is not None:
             flat = flat[:, self.perm]

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 from cpt_bench.assets.corpora import CORPORA
 from cpt_bench.compress.quant import CompressedLinear
+from cpt_bench.errors import UserError
 
 BITS = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -43,7 +44,7 @@ _QUANT_RE = re.compile(r"(rtn|gptq)-w([1-9]\d*)(?:g([1-9]\d*))?(-sym)?(-actorder
 _PRUNE_RE = re.compile(r"(sparsegpt|magnitude|wanda)-(?:(0|[1-9]\d*)|([1-9]\d*):([1-9]\d*))")
 
 
-class SpecError(ValueError):
+class SpecError(UserError):
     """An unknown, out-of-range or unfitting compression spec or calibration setting; the message is one line."""
 
 

@@ -35,9 +35,10 @@ from safetensors.torch import save as save_safetensors
 from tabulate import tabulate
 from torch import nn
 
-from cpt_bench.assets.cache import write_files_atomic
 from cpt_bench.compress.quant import CompressedLinear, QuantizedWeight
 from cpt_bench.compress.spec import CompressionResult, LayerReport
+from cpt_bench.errors import UserError
+from cpt_bench.files import write_files_atomic
 
 FORMAT = "cpt_bench.compressed/1"
 WEIGHTS_FILE = "model.safetensors"
@@ -46,7 +47,7 @@ CONFIG_FILE = "config.json"  # the model's transformers config, as ``save_pretra
 REQUIRED_FIELDS = ("spec", "calibration", "layers", "tied", "memory", "files")
 
 
-class StorageError(ValueError):
+class StorageError(UserError):
     """A compressed checkpoint that is missing, corrupted or does not match the model; one-line message."""
 
 
@@ -119,7 +120,7 @@ def read_manifest(out_dir: str | os.PathLike) -> dict:
     path = Path(out_dir) / MANIFEST_FILE
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
         raise StorageError(f"cannot read compressed checkpoint manifest {path}: {error}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__

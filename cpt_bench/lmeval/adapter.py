@@ -44,13 +44,14 @@ from transformers import DynamicCache
 
 from cpt_bench.assets.model import ModelError, check_causal_lm, first_line, resolve_model
 from cpt_bench.compress.checkpoints import MODES
+from cpt_bench.errors import UserError
 from cpt_bench.models import Compression, load_model, parse_compression, resolve_device
 from cpt_bench.prompts.artifact import SoftPrompt, check_prompt_fits, read_prompt
 from cpt_bench.prompts.hard import hard_prompt_text
 from cpt_bench.provenance import peak_memory
 
 
-class PromptAdapterError(ValueError):
+class PromptAdapterError(UserError):
     """The ``cpt`` model was given arguments it cannot use (one-line message)."""
 
 

@@ -4,37 +4,20 @@ from __future__ import annotations
 
 import sys
 
-from cpt_bench.assets.cache import CacheError
-
-USER_ERROR_EXIT_CODE = 2
-
-
-def user_error(error: BaseException) -> bool:
-    """Whether ``error`` is cpt_bench's one-line report of a bad input (e.g. bad ``--model_args`` of the ``cpt``
-    model): a ``ValueError`` or ``CacheError`` raised in cpt_bench's own code. Errors raised elsewhere, lm-eval's
-    and the libraries' included, keep their traceback."""
-    if not isinstance(error, ValueError | CacheError) or error.__traceback__ is None:
-        return False
-    frame = error.__traceback__
-    while frame.tb_next is not None:
-        frame = frame.tb_next
-    return frame.tb_frame.f_globals.get("__name__", "").startswith("cpt_bench.")
+from cpt_bench.errors import run_command
 
 
 def main() -> None:
-    """Register our adapter(s), then hand the command line to lm-eval unchanged; cpt_bench's bad-input errors
-    are printed as one line (``cpt-lm-eval: error: ...``, exit status 2), lm-eval's own ones as lm-eval does."""
+    """Register our adapter(s), then hand the command line to lm-eval unchanged, under ``errors.run_command``'s
+    policy: cpt_bench's bad-input errors in one line (``cpt-lm-eval: error: ...``, exit status 2), its bugs with
+    their traceback and a note, and lm-eval's own errors exactly as lm-eval raises them."""
     from lm_eval.__main__ import cli_evaluate
 
     import cpt_bench.lmeval.adapter  # noqa: F401  (registers --model cpt)
 
-    try:
-        cli_evaluate()
-    except Exception as error:
-        if not user_error(error):
-            raise
-        print(f"cpt-lm-eval: error: {error}", file=sys.stderr)
-        sys.exit(USER_ERROR_EXIT_CODE)
+    status = run_command("cpt-lm-eval", cli_evaluate, foreign_passes_through=True)
+    if status:
+        sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import yaml
 from cpt_bench.assets.corpora import CORPORA
 from cpt_bench.compress.sequential import CalibrationSettings
 from cpt_bench.compress.spec import Spec
+from cpt_bench.errors import UserError
 from cpt_bench.prompts.hard import HARD_PROMPTS
 from cpt_bench.prompts.soft import SoftPromptConfig
 
@@ -48,7 +49,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 KERNEL_MODES = ("simulated", "real")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config that cannot be run; the message is one line: file, key path, value and what was expected."""
 
 
@@ -94,7 +95,7 @@ class Compression:
         for index, text in enumerate(self.specs):
             try:
                 canonical.append(str(Spec.parse(text)))
-            except ValueError as error:
+            except UserError as error:
                 raise ConfigError(f"specs[{index}]: {error}") from None
         _require(len(set(canonical)) == len(canonical), "specs", self.specs, "specs without repeats")
         object.__setattr__(self, "specs", canonical)
@@ -114,7 +115,7 @@ class SoftPrompts:
         for index, text in enumerate(self.trained_at):
             try:
                 Spec.parse(text)
-            except ValueError as error:
+            except UserError as error:
                 raise ConfigError(f"trained_at[{index}]: {error}") from None
         _require(bool(self.sources) == bool(self.trained_at), "trained_at", self.trained_at,
                  "given exactly when sources are (a prompt needs both)")
@@ -226,7 +227,7 @@ def _build(cls: type, data: Any, path: str) -> Any:
         raise ConfigError(f"{_join(path, missing[0]) if missing else path}: required key missing") from error
     except ConfigError as error:
         raise ConfigError(f"{_join(path, str(error))}") from None
-    except ValueError as error:  # checks of CalibrationSettings, SoftPromptConfig, Spec
+    except UserError as error:  # checks of CalibrationSettings, SoftPromptConfig, Spec
         raise ConfigError(f"{path or 'top level'}: {error}") from None
 
 

@@ -25,6 +25,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from cpt_bench.errors import UserError
+
 log = logging.getLogger(__name__)
 
 LOCK_FILE = "run.lock"
@@ -35,7 +37,7 @@ _ACQUIRE_TRIES = 10
 _STAT_STATE, _STAT_START_TICKS = 0, 19  # indices of fields 3 and 22 of /proc/<pid>/stat after the ")"
 
 
-class RunLockError(RuntimeError):
+class RunLockError(UserError):
     """A run folder is locked by a live process or its lock cannot be judged (one-line message)."""
 
 
@@ -162,7 +164,7 @@ class RunLock:
                 if isinstance(record, dict) and isinstance(record.get("pid"), int):
                     return raw, record
                 problem = "no pid in it"
-            except ValueError:
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 problem = "not JSON" if raw else "empty"
             time.sleep(_READ_PAUSE_S)
         raise RunLockError(f"run folder {self.run_dir} has an unreadable lock file {self.path} ({problem}); "

@@ -17,6 +17,7 @@ import re
 from dataclasses import asdict, dataclass
 
 from cpt_bench.compress.spec import Spec
+from cpt_bench.errors import UserError
 from cpt_bench.matrix.config import MatrixConfig, Target, hard_prompt_label
 
 # Rough speeds of the embedded model on 2 CPU cores (measured, see README), for --dry-run estimates only.
@@ -151,7 +152,7 @@ def parse_shard(text: str) -> tuple[int, int]:
     """``i/n`` (0 <= i < n) -> ``(i, n)``; raises ValueError naming the text."""
     match = re.fullmatch(r"(\d+)/(\d+)", text or "")
     if not match or not 0 <= int(match[1]) < int(match[2]):
-        raise ValueError(f"shard {text!r}: expected i/n with 0 <= i < n, e.g. 0/2 and 1/2")
+        raise UserError(f"shard {text!r}: expected i/n with 0 <= i < n, e.g. 0/2 and 1/2")
     return int(match[1]), int(match[2])
 
 

@@ -27,9 +27,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from cpt_bench.assets.cache import write_json_atomic, write_text_atomic
+from cpt_bench.errors import UserError
+from cpt_bench.files import write_json_atomic, write_text_atomic
+from cpt_bench.lmeval.quiet import logging_through_tqdm, quiet_lm_eval
 from cpt_bench.matrix import store
-from cpt_bench.matrix.config import MatrixConfig, Target, load_config
+from cpt_bench.matrix.config import ConfigError, MatrixConfig, Target, load_config
 from cpt_bench.matrix.lock import RunLock
 from cpt_bench.matrix.plan import Cell, Plan, PromptChoice, describe, make_plan, parse_shard, safe_name, shard_plan
 from cpt_bench.matrix.validate import validate_plan
@@ -117,7 +119,8 @@ def metric_value(output: dict[str, Any], target: Target) -> tuple[float, float |
     key = target.metric if "," in target.metric else f"{target.metric},none"
     if key not in results:
         available = sorted(name.split(",")[0] for name in results if "_stderr" not in name and name != "alias")
-        raise ValueError(f"task {target.task} reports no metric {target.metric!r}; available: {', '.join(available)}")
+        raise ConfigError(f"targets: task {target.task} reports no metric {target.metric!r}; available: "
+                          f"{', '.join(available)}")
     higher = output.get("higher_is_better", {}).get(target.task, {}).get(key.split(",")[0])
     if target.is_perplexity:
         pairs = [tuple(sample[key.split(",")[0]]) for sample in output["samples"][target.task]]
@@ -178,8 +181,9 @@ def evaluate_group(job: GroupJob, on_cell: Callable[[str], None] | None = None) 
     for cell in job.cells:
         reset_peak_memory()
         started = time.perf_counter()
-        output = simple_evaluate(model=lm, tasks=[cell.target.task], task_manager=manager, limit=cell.target.limit,
-                                 log_samples=True, **job.config.seeds())
+        with quiet_lm_eval():
+            output = simple_evaluate(model=lm, tasks=[cell.target.task], task_manager=manager,
+                                     limit=cell.target.limit, log_samples=True, **job.config.seeds())
         value, stderr, higher = metric_value(output, cell.target)
         record = {"format": store.CELL_FORMAT, "cell": cell.record(),
                   "metric": {"name": cell.target.metric, "value": value, "stderr": stderr,
@@ -223,7 +227,7 @@ class RayExecutor:
         try:
             import ray
         except ImportError:
-            raise ValueError("executor ray needs Ray: pip install 'ray[default]'") from None
+            raise UserError("executor ray needs Ray: pip install 'ray[default]'") from None
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
                      runtime_env={"env_vars": {"CPT_BENCH_CACHE": os.environ.get("CPT_BENCH_CACHE", "")}}
@@ -247,7 +251,7 @@ class RayExecutor:
 
 def make_executor(name: str, config: MatrixConfig):
     if name not in EXECUTORS:
-        raise ValueError(f"executor {name!r}: expected one of {', '.join(EXECUTORS)}")
+        raise UserError(f"executor {name!r}: expected one of {', '.join(EXECUTORS)}")
     if name == "ray":
         return RayExecutor(gpus_per_task=1.0 if resolved_device(config) == "cuda" else 0.0)
     return LocalExecutor()
@@ -321,7 +325,8 @@ def _run_cells(plan: Plan, run_dir: Path, executor) -> None:
     jobs = [GroupJob(plan.config, run_dir, compression, prompt, cells, compressed.get(compression), prompts.get(prompt))
             for (compression, prompt), cells in pending.items()]
     remaining = sum(len(cells) for cells in pending.values())
-    with tqdm(total=len(plan.cells), initial=len(plan.cells) - remaining, desc="cells", unit="cell") as progress:
+    with (tqdm(total=len(plan.cells), initial=len(plan.cells) - remaining, desc="cells", unit="cell") as progress,
+          logging_through_tqdm()):
         executor.run_groups(jobs, lambda _cell_id: progress.update(1))
 
 

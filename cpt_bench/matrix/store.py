@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cpt_bench.assets.cache import write_json_atomic, write_text_atomic
+from cpt_bench.errors import UserError
+from cpt_bench.files import write_json_atomic, write_text_atomic
 from cpt_bench.matrix.config import MatrixConfig
 from cpt_bench.matrix.lock import LOCK_FILE
 from cpt_bench.matrix.plan import Plan, family
@@ -31,6 +32,20 @@ log = logging.getLogger(__name__)
 
 CELL_FORMAT = "cpt_bench.matrix_cell/1"
 SUMMARY_FORMAT = "cpt_bench.matrix_summary/1"
+# The summary's schema (what ``summarise`` writes and ``report.tables.validate_summary`` checks): keys each
+# section's entries require, the extra keys of each prompt kind, and the fields that must be numbers.
+SUMMARY_REQUIRED_KEYS = {
+    "summary": ("format", "name", "model", "wall_seconds", "machine", "environment", "compressions", "targets",
+                "prompts", "cells"),
+    "compressions": ("spec", "weight_bytes", "ratio_to_dense", "bits_per_weight"),
+    "targets": ("task", "metric", "higher_is_better"),
+    "prompts": ("id", "kind"),
+    "cells": ("compression", "prompt", "task", "value"),
+}
+SUMMARY_KEYS_BY_PROMPT_KIND = {"none": (), "hard": ("name",), "soft": ("source", "trained_at")}
+SUMMARY_NUMBERS = {"summary": ("wall_seconds",), "compressions": ("weight_bytes", "ratio_to_dense", "bits_per_weight"),
+                   "cells": ("value",)}
+SUMMARY_OPTIONAL_NUMBERS = {"cells": ("stderr", "delta")}
 CONFIG_FILE = "config.json"
 CELLS_DIR = "cells"
 SUMMARY_FILE = "summary.json"
@@ -39,7 +54,7 @@ ENVIRONMENT_FILE = "environment.json"
 VOLATILE_FIELDS = ("seconds", "memory", "lm_eval", "environment", "checksum")
 
 
-class RunFolderError(ValueError):
+class RunFolderError(UserError):
     """A run folder that cannot be used as asked (one-line message)."""
 
 

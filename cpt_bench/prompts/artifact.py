@@ -18,8 +18,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 
-from cpt_bench.assets.cache import json_bytes, sha256_of, write_bytes_atomic, write_files_atomic
+from cpt_bench.errors import UserError
+from cpt_bench.files import json_bytes, replacing_folder, sha256_of, write_bytes_atomic, write_files_atomic
 from cpt_bench.prompts.target import describe_target, same_embeddings
 from cpt_bench.provenance import environment_record
 
@@ -40,7 +39,7 @@ PEFT_TENSOR_KEY = "prompt_embeddings"  # the key PEFT 0.21 writes for a PromptTu
 REQUIRED_FIELDS = ("sha256", "n_virtual_tokens", "hidden_size", "model", "tokenizer", "compression")
 
 
-class PromptArtifactError(ValueError):
+class PromptArtifactError(UserError):
     """A prompt folder is missing, corrupt or does not fit the target model (one-line message)."""
 
 
@@ -89,7 +88,7 @@ def _read_meta(path: Path) -> dict[str, Any]:
     """``prompt.json``, refused in one line unless it is a JSON object of our format with every needed field."""
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise PromptArtifactError(f"{path} is not valid JSON ({error}); the prompt folder is damaged") from error
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
@@ -142,7 +141,7 @@ def export_peft(prompt_folder: Path, out_folder: Path, base_model: str | None = 
 
     ``lm_eval --model hf --model_args pretrained=BASE,peft=OUT`` and ``PeftModel.from_pretrained`` load
     it. ``base_model`` (default: the model name in ``prompt.json``) is only recorded in the config.
-    The folder is built beside ``out_folder`` and renamed into place when complete.
+    The folder is built beside ``out_folder`` and takes its place when complete (``files.replacing_folder``).
     """
     from peft import PromptTuningConfig, TaskType
 
@@ -153,15 +152,8 @@ def export_peft(prompt_folder: Path, out_folder: Path, base_model: str | None = 
         num_transformer_submodules=1, num_attention_heads=meta["model"]["num_attention_heads"],
         num_layers=meta["model"]["num_layers"], base_model_name_or_path=base_model or meta["model"]["name"],
         inference_mode=True)
-    out_folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_folder.parent, prefix=f".{out_folder.name}.", suffix=".building"))
-    try:
+    with replacing_folder(out_folder) as tmp:
         config.save_pretrained(str(tmp))
         write_bytes_atomic(tmp / PEFT_WEIGHTS, save({PEFT_TENSOR_KEY: prompt.embeddings}))
-        if out_folder.exists():
-            shutil.rmtree(out_folder)
-        tmp.rename(out_folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_folder
 

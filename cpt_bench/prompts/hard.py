@@ -7,6 +7,8 @@ text, so a typo in a name silently becomes a (short) text prompt; check ``HARD_P
 
 from __future__ import annotations
 
+from cpt_bench.errors import UserError
+
 HARD_PROMPTS: dict[str, str] = {
     # The sentence in the paper's public code.
     "paper": ("The weight matrix inside the language model contains errors. "
@@ -18,7 +20,7 @@ HARD_PROMPTS: dict[str, str] = {
 }
 
 
-class HardPromptError(ValueError):
+class HardPromptError(UserError):
     """A hard prompt that cannot be used (one-line message)."""
 
 

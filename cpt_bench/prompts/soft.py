@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from cpt_bench.assets.cache import write_bytes_atomic
 from cpt_bench.assets.corpora import load_split
+from cpt_bench.errors import UserError
+from cpt_bench.files import write_bytes_atomic
 from cpt_bench.perplexity import DOCUMENT_SEPARATOR
 from cpt_bench.prompts.artifact import save_prompt
 from cpt_bench.prompts.target import describe_target
@@ -43,7 +44,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 MAX_LR = 10.0  # far above any useful rate; beyond ~1e37 AdamW's step overflows float32 inside torch
 
 
-class SoftPromptError(ValueError):
+class SoftPromptError(UserError):
     """Bad soft-prompt settings or inputs (one-line message)."""
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cpt_bench.assets.cache import write_text_atomic
+from cpt_bench.files import write_text_atomic
 from cpt_bench.report.leaderboard import write_leaderboard
 from cpt_bench.report.tables import (
     Summary,
@@ -129,7 +129,7 @@ def _html(summary: Summary, sections: list[_Section], plots: list[Plot]) -> str:
 def write_report(summary: dict[str, Any], out_dir: Path) -> list[Path]:
     """Write ``report.md``, ``report.tex``, ``report.html`` and the PNGs they show into ``out_dir``; return the paths.
 
-    ``summary`` is a parsed ``summary.json`` (format ``cpt_bench.matrix_summary/1``); ``ValueError`` when malformed.
+    ``summary`` is a parsed ``summary.json`` (format ``store.SUMMARY_FORMAT``); ``tables.ReportError`` when malformed.
     """
     from cpt_bench.report.plots import write_plots  # matplotlib loads only when a report is written
 

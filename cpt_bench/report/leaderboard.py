@@ -11,10 +11,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from cpt_bench.assets.cache import write_text_atomic
+from cpt_bench.files import write_text_atomic
 from cpt_bench.report.tables import (
     COMPRESSION_HEADERS,
     MISSING,
+    ReportError,
     Summary,
     Table,
     compression_columns,
@@ -36,7 +37,7 @@ def load_runs(results_dir: Path) -> list[Summary]:
     """The summaries of ``results_dir/*/summary.json`` sorted by run name, then folder; folders without one skipped."""
     paths = sorted(results_dir.glob("*/summary.json"))
     if not paths:
-        raise ValueError(f"{results_dir}: no */summary.json found (expected run folders written by the matrix runner)")
+        raise ReportError(f"{results_dir}: no */summary.json found (expected run folders written by the matrix runner)")
     runs = [(load_summary(path), path.parent.name) for path in paths]
     runs.sort(key=lambda run: (str(run[0]["name"]), run[1]))
     return [Summary(raw, origin=folder) for raw, folder in runs]
@@ -74,7 +75,7 @@ def leaderboard_table(runs: list[Summary]) -> Table:
 
 
 def write_leaderboard(results_dir: Path) -> list[Path]:
-    """Write ``results_dir/LEADERBOARD.md`` and ``LEADERBOARD.html``; ``ValueError`` naming a malformed summary."""
+    """Write ``results_dir/LEADERBOARD.md`` and ``LEADERBOARD.html``; ``ReportError`` naming a malformed summary."""
     table = leaderboard_table(load_runs(results_dir))
     markdown = f"# {TITLE}\n\n{NOTE}\n\n{to_markdown(table)}\n"
     note = re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(NOTE))

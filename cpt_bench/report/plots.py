@@ -22,13 +22,12 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import LogFormatter  # noqa: E402
 
-from cpt_bench.assets.cache import write_bytes_atomic  # noqa: E402
+from cpt_bench.files import write_bytes_atomic  # noqa: E402
 from cpt_bench.report.tables import (  # noqa: E402
     MISSING,
     Grid,
     Summary,
     format_number,
-    is_in_domain,
     is_perplexity,
     level_grids,
     prompt_label,
@@ -65,18 +64,12 @@ def _save(figure: Figure, path: Path) -> None:
     write_bytes_atomic(path, buffer.getvalue())
 
 
-def _line_label(prompt: dict[str, Any], target: dict[str, Any]) -> str:
-    """One line per prompt across every level it was applied at (soft prompts: transfer across levels)."""
-    label = prompt_label(prompt)
-    return f"{label} (in-domain)" if prompt["kind"] == "soft" and is_in_domain(prompt, target) else label
-
-
 def metric_series(summary: Summary, target: dict[str, Any]) -> dict[str, list[tuple[float, float, float]]]:
     """Line label -> points (stored weight MB, value, stderr or nan) by increasing MB; none, hard, then soft lines."""
     series: dict[str, list[tuple[float, float, float]]] = {}
     order: dict[str, int] = {}
-    for prompt in summary.prompts:
-        label = _line_label(prompt, target)
+    for prompt in summary.prompts:  # one line per prompt across every level it was applied at
+        label = prompt_label(prompt, target)
         order[label] = _LINE_ORDER[prompt["kind"]]
         for compression in summary.compressions:
             cell = summary.cell(compression["spec"], prompt["id"], target["task"])

@@ -18,27 +18,27 @@ from typing import Any
 
 from tabulate import LATEX_ESCAPE_RULES, tabulate
 
-FORMAT = "cpt_bench.matrix_summary/1"
+from cpt_bench.errors import UserError
+from cpt_bench.matrix.store import (
+    SUMMARY_FORMAT,
+    SUMMARY_KEYS_BY_PROMPT_KIND,
+    SUMMARY_NUMBERS,
+    SUMMARY_OPTIONAL_NUMBERS,
+    SUMMARY_REQUIRED_KEYS,
+)
+
 MISSING = "–"
-_EXPECTED = f"expected a {FORMAT} summary written by the matrix runner"
-_REQUIRED_KEYS = {
-    "summary": ("format", "name", "model", "wall_seconds", "machine", "environment", "compressions", "targets",
-                "prompts", "cells"),
-    "compressions": ("spec", "weight_bytes", "ratio_to_dense", "bits_per_weight"),
-    "targets": ("task", "metric", "higher_is_better"),
-    "prompts": ("id", "kind"),
-    "cells": ("compression", "prompt", "task", "value"),
-}
-_KEYS_BY_PROMPT_KIND = {"none": (), "hard": ("name",), "soft": ("source", "trained_at")}
-_NUMBERS = {"summary": ("wall_seconds",), "compressions": ("weight_bytes", "ratio_to_dense", "bits_per_weight"),
-            "cells": ("value",)}
-_OPTIONAL_NUMBERS = {"cells": ("stderr", "delta")}
+_EXPECTED = f"expected a {SUMMARY_FORMAT} summary written by the matrix runner"
 _LATEX_UNICODE = {"±": r"$\pm$", "Δ": r"$\Delta$", "–": "--", "×": r"$\times$", "↑": r"$\uparrow$",
                   "↓": r"$\downarrow$"}
 
 
+class ReportError(UserError):
+    """A summary (or results folder) that cannot be reported; the one-line message names the file."""
+
+
 def _fail(origin: str, problem: str) -> None:
-    raise ValueError(f"{origin}: {problem} ({_EXPECTED})")
+    raise ReportError(f"{origin}: {problem} ({_EXPECTED})")
 
 
 def _is_number(value: Any) -> bool:
@@ -49,11 +49,11 @@ def _check_entry(entry: Any, section: str, where: str, origin: str) -> None:
     """``entry`` is an object with the keys and numeric fields that ``section`` requires."""
     if not isinstance(entry, dict):
         _fail(origin, f"{where} is not an object")
-    required = _REQUIRED_KEYS[section] + _KEYS_BY_PROMPT_KIND.get(entry.get("kind"), ())
+    required = SUMMARY_REQUIRED_KEYS[section] + SUMMARY_KEYS_BY_PROMPT_KIND.get(entry.get("kind"), ())
     if missing := [key for key in required if key not in entry]:
         _fail(origin, f"{where} lacks {', '.join(map(repr, missing))}")
-    numbers = [key for key in _NUMBERS.get(section, ()) if not _is_number(entry[key])]
-    numbers += [key for key in _OPTIONAL_NUMBERS.get(section, ()) if entry.get(key) is not None
+    numbers = [key for key in SUMMARY_NUMBERS.get(section, ()) if not _is_number(entry[key])]
+    numbers += [key for key in SUMMARY_OPTIONAL_NUMBERS.get(section, ()) if entry.get(key) is not None
                 and not _is_number(entry[key])]
     if numbers:
         _fail(origin, f"{where} has non-numeric {', '.join(map(repr, numbers))}")
@@ -68,10 +68,10 @@ def _unique(raw: dict[str, Any], section: str, key: str, origin: str) -> set[str
 
 
 def validate_summary(raw: Any, origin: str) -> None:
-    """Raise ``ValueError`` naming ``origin`` (a path or label) unless ``raw`` is a usable summary."""
+    """Raise ``ReportError`` naming ``origin`` (a path or label) unless ``raw`` is a usable summary."""
     if not isinstance(raw, dict):
         _fail(origin, "not a JSON object")
-    if raw.get("format") != FORMAT:
+    if raw.get("format") != SUMMARY_FORMAT:
         _fail(origin, f"format is {raw.get('format')!r}")
     _check_entry(raw, "summary", "the summary", origin)
     for section in ("compressions", "targets", "prompts", "cells"):
@@ -79,7 +79,7 @@ def validate_summary(raw: Any, origin: str) -> None:
             _fail(origin, f"{section!r} is not a non-empty list")
         for index, entry in enumerate(raw[section]):
             _check_entry(entry, section, f"{section}[{index}]", origin)
-    if kinds := sorted({str(p["kind"]) for p in raw["prompts"]} - set(_KEYS_BY_PROMPT_KIND)):
+    if kinds := sorted({str(p["kind"]) for p in raw["prompts"]} - set(SUMMARY_KEYS_BY_PROMPT_KIND)):
         _fail(origin, f"prompts have unknown kind {', '.join(kinds)}")
     known = {"compression": _unique(raw, "compressions", "spec", origin),
              "prompt": _unique(raw, "prompts", "id", origin), "task": _unique(raw, "targets", "task", origin)}
@@ -97,13 +97,13 @@ def validate_summary(raw: Any, origin: str) -> None:
 
 
 def load_summary(path: Path) -> dict[str, Any]:
-    """Read and validate a ``summary.json``; ``ValueError`` naming ``path`` when missing or malformed."""
+    """Read and validate a ``summary.json``; ``ReportError`` naming ``path`` when missing or malformed."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ValueError(f"{path}: no such file ({_EXPECTED})") from None
+        raise ReportError(f"{path}: no such file ({_EXPECTED})") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: unreadable JSON, {exc} ({_EXPECTED})") from None
+        raise ReportError(f"{path}: unreadable JSON, {exc} ({_EXPECTED})") from None
     validate_summary(raw, str(path))
     return raw
 
