@@ -144,7 +144,10 @@ def replacing_folder(target: Path) -> Iterator[Path]:
             os.rename(tmp, target)
         _fsync_folder(target.parent)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.is_symlink():  # the old target was a link: it was exchanged, not what it points to
+            tmp.unlink()
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def exchange_paths(a: Path, b: Path) -> None:
