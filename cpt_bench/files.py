@@ -133,8 +133,13 @@ def replacing_folder(target: Path) -> Iterator[Path]:
     the parent folder fsynced. When the block raises, the temp folder is removed and ``target`` is untouched.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=FOLDER_TEMP_SUFFIX))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=FOLDER_TEMP_SUFFIX))
+    except FileExistsError:  # a file where a parent folder should be
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(target)) from None
+    except OSError as error:  # name the folder asked for, not the temp folder beside it
+        raise _with_path(error, target) from None
     try:
         yield tmp
         os.chmod(tmp, _FOLDER_MODE)  # mkdtemp creates 0700

@@ -38,7 +38,7 @@ from .conftest import TINY_SEQLEN_TOKENS, build_tiny_tokenizer
 from .prompt_helpers import save_random_prompt
 
 Invocation = list[str] | Callable[[], object]
-LEFTOVER = re.compile(r"\.tmp$|\.building$|^\.staging-")  # cpt_bench.files' temp files / folders, compress_into
+LEFTOVER = re.compile(r"\.tmp$|\.building$")  # cpt_bench.files' temp files and folders
 
 
 @dataclass
@@ -395,7 +395,8 @@ CASES = [
          r"soft prompt setting steps must be a positive integer, got -5"),
     Case("prompt-tokens-zero", _train("--n-virtual-tokens", "0"),
          r"soft prompt setting n_virtual_tokens must be a positive integer, got 0"),
-    Case("prompt-resume-without-checkpoint", _train("--resume"), r"--resume: no checkpoint at .*checkpoint\.pt; start without --resume"),
+    Case("prompt-resume-without-checkpoint", _train("--resume"),
+         r"--resume: no checkpoint at .*checkpoint\.pt; start without --resume"),
     Case("prompt-lr-too-large", _train("--lr", "1e38"), r"soft prompt setting lr must be a positive number at most "
          r"10, got 1e\+38"),
     Case("prompt-training-diverges", _diverging_training,
@@ -542,16 +543,17 @@ def _assert_reported_as_bug(caught: pytest.ExceptionInfo, capsys) -> None:
 
 def test_a_library_error_through_our_code_keeps_its_traceback_and_gets_the_bug_note(shared, tmp_path, monkeypatch,
                                                                                      capsys):
-    from cpt_bench.compress import compress_to_dir
+    from cpt_bench.compress import CalibrationSettings, Spec, compress_to_folder
 
     model, _, _, cache = shared
     monkeypatch.setenv("CPT_BENCH_CACHE", str(cache))
-    monkeypatch.setattr("cpt_bench.compress.pipeline.compress_model", _library_value_error)
+    monkeypatch.setattr("cpt_bench.compress.checkpoints.compress_model", _library_value_error)
     with pytest.raises(ValueError) as caught:  # cpt-bench
         cli.main(["compress", "--model", str(model), "--spec", "rtn-w8", "--out", str(tmp_path / "a")])
     _assert_reported_as_bug(caught, capsys)
 
-    monkeypatch.setattr("lm_eval.__main__.cli_evaluate", lambda: compress_to_dir(str(model), "rtn-w8", tmp_path / "b"))
+    monkeypatch.setattr("lm_eval.__main__.cli_evaluate", lambda: compress_to_folder(
+        str(model), Spec.parse("rtn-w8"), CalibrationSettings(), tmp_path / "b"))
     with pytest.raises(ValueError) as caught:  # cpt-lm-eval, the error raised below our code
         lmeval_cli.main()
     _assert_reported_as_bug(caught, capsys)
