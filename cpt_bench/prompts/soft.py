@@ -30,10 +30,9 @@ import torch
 from tqdm.auto import tqdm
 
 from cpt_bench.assets.cache import write_bytes_atomic
-from cpt_bench.assets.corpora import load_split
-from cpt_bench.perplexity import DOCUMENT_SEPARATOR
 from cpt_bench.prompts.artifact import save_prompt
 from cpt_bench.prompts.target import describe_target
+from cpt_bench.tokens import corpus_stream
 
 log = logging.getLogger(__name__)
 
@@ -137,12 +136,6 @@ def initial_prompt(model: torch.nn.Module, tokenizer, config: SoftPromptConfig) 
         raise SoftPromptError(f"init_text {config.init_text!r} has no tokens")
     generator = torch.Generator().manual_seed(config.seed)
     return INITIALISERS[config.init](weight, config.n_virtual_tokens, generator, token_ids)
-
-
-def corpus_tokens(corpus: str, split: str, tokenizer) -> torch.Tensor:
-    """The split's documents joined with the paper's separator and tokenized: [n_tokens] int64."""
-    text = DOCUMENT_SEPARATOR.join(doc["text"] for doc in load_split(corpus, split))
-    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
 def validation_windows(tokens: torch.Tensor, config: SoftPromptConfig) -> torch.Tensor:
@@ -292,11 +285,11 @@ def train_soft_prompt(model: torch.nn.Module, tokenizer, config: SoftPromptConfi
     for param in model.parameters():
         param.requires_grad_(False)
     device = model.get_input_embeddings().weight.device
-    train_tokens = corpus_tokens(source, "train", tokenizer)
+    train_tokens = corpus_stream(source, "train", tokenizer).ids
     if train_tokens.numel() < config.seqlen:
         raise SoftPromptError(f"train split of {source!r} has {train_tokens.numel()} tokens, fewer than seqlen "
                               f"{config.seqlen}")
-    windows = validation_windows(corpus_tokens(source, "validation", tokenizer), config)
+    windows = validation_windows(corpus_stream(source, "validation", tokenizer).ids, config)
     target = describe_target(model, tokenizer, model_name)
 
     def finish(stopped: str) -> Path:
