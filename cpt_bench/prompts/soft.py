@@ -270,14 +270,25 @@ def _stop_diverged(state: _State, finish: Callable[[str], Path], what: str) -> N
                            f"(step {state.best_step}) in {folder}")
 
 
+def prompt_improved(meta: dict) -> bool:
+    """Whether a trained prompt (its ``prompt.json``) beat its initialisation: a best validation loss after step 0.
+
+    A prompt that never did is its initialisation, stored under a trained prompt's name. ``prompt.json`` files
+    written before ``improved`` was recorded are judged by their best step (the same test).
+    """
+    return meta.get("improved", meta["best"]["step"] > 0)
+
+
 def train_soft_prompt(model: torch.nn.Module, tokenizer, config: SoftPromptConfig, source: str, out_dir: Path, *,
                       model_name: str, compression: str = "dense", resume: bool = False,
                       on_eval: Callable[[dict[str, float]], None] | None = None) -> Path:
     """Learn a soft prompt for the frozen ``model`` on corpus ``source``; write the artifact to ``out_dir``.
 
     ``out_dir`` receives ``checkpoint.pt`` after every evaluation and, at the end, ``prompt.safetensors``
-    + ``prompt.json`` holding the best prompt (see ``artifact``). ``resume`` continues from the
-    checkpoint with identical settings. ``on_eval(record)`` is called after each evaluation and checkpoint.
+    + ``prompt.json`` holding the best prompt (see ``artifact``); ``prompt.json``'s ``improved`` is false, and a
+    warning is logged, when no evaluation after step 0 beat the initial prompt (which is then what is saved).
+    ``resume`` continues from the checkpoint with identical settings. ``on_eval(record)`` is called after each
+    evaluation and checkpoint.
     Raises ``TrainingDiverged`` (after saving the best prompt so far) when the loss becomes NaN / inf, and
     ``SoftPromptError`` when it is not finite even before training (a broken model or compression).
     """
@@ -296,8 +307,12 @@ def train_soft_prompt(model: torch.nn.Module, tokenizer, config: SoftPromptConfi
         best = {"step": state.best_step, "val_loss": state.best_val_loss, "val_ppl": math.exp(state.best_val_loss)}
         training = {"source": {"corpus": source, "train_tokens": train_tokens.numel(),
                                "validation_tokens": windows.numel()},
-                    "hyperparameters": asdict(config), "curve": state.curve, "best": best, "stopped": stopped,
-                    "train_seconds": state.train_seconds}
+                    "hyperparameters": asdict(config), "curve": state.curve, "best": best,
+                    "improved": state.best_step > 0, "stopped": stopped, "train_seconds": state.train_seconds}
+        if not training["improved"]:
+            log.warning("soft prompt on %s (%s) never beat its initialisation in %d steps: the saved prompt is the "
+                        "untrained one (validation ppl %.2f at step 0); raise lr or steps", source, compression,
+                        state.step, best["val_ppl"])
         return save_prompt(out_dir, state.best_prompt, target, compression, training)
 
     if resume:
