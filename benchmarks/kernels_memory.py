@@ -33,16 +33,14 @@ DEFAULT_MODES = ("simulated fp32", "simulated bf16", "real int4/int8 bf16")
 
 def evaluate(folder: str, mode: str, dtype_name: str, windows: int, seqlen: int) -> dict:
     """Load the compressed folder in ``mode`` and measure token perplexity; seconds and peak RSS in bytes."""
-    from cpt_bench.assets.corpora import load_split
+    from cpt_bench.assets.model import load_tokenizer
     from cpt_bench.compress import load_checkpoint
-    from cpt_bench.perplexity import DOCUMENT_SEPARATOR, load_tokenizer
+    from cpt_bench.tokens import corpus_stream
 
     started = time.perf_counter()
     model, modes = load_checkpoint(folder, mode, getattr(torch, dtype_name))
     load_seconds = time.perf_counter() - started
-    text = DOCUMENT_SEPARATOR.join(doc["text"] for doc in load_split("wikipedia", "test"))
-    tokens = load_tokenizer(folder)(text, add_special_tokens=False)["input_ids"][: windows * seqlen]
-    ids = torch.tensor(tokens).reshape(windows, seqlen)
+    ids = corpus_stream("wikipedia", "test", load_tokenizer(folder)).ids[: windows * seqlen].reshape(windows, seqlen)
     started = time.perf_counter()
     total_nll = 0.0
     with torch.inference_mode():

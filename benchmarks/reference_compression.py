@@ -194,14 +194,12 @@ def option_differences(request: dict, true_sequential: bool) -> list[str]:
 def evaluation_ids(tokenizer, windows: int, seqlen: int) -> torch.Tensor:
     """``[windows, seqlen]``: the first non-overlapping windows of the wikipedia test split (``"\\n\\n"``-joined,
     no special tokens), as ``benchmarks/kernels_memory.py``."""
-    from cpt_bench.assets.corpora import load_split
-    from cpt_bench.perplexity import DOCUMENT_SEPARATOR
+    from cpt_bench.tokens import corpus_stream
 
-    text = DOCUMENT_SEPARATOR.join(doc["text"] for doc in load_split("wikipedia", "test"))
-    tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+    tokens = corpus_stream("wikipedia", "test", tokenizer).ids
     if len(tokens) < windows * seqlen:
         raise ValueError(f"the wikipedia test split has {len(tokens)} tokens, fewer than {windows} x {seqlen}")
-    return torch.tensor(tokens[: windows * seqlen]).reshape(windows, seqlen)
+    return tokens[: windows * seqlen].reshape(windows, seqlen)
 
 
 def token_perplexity(model: torch.nn.Module, ids: torch.Tensor) -> float:

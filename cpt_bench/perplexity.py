@@ -18,37 +18,35 @@ import math
 
 from lm_eval.api.task import ConfigurableTask
 
-from cpt_bench.assets.model import resolve_model
+from cpt_bench.assets.model import load_tokenizer
 from cpt_bench.errors import UserError
+from cpt_bench.tokens import TokenStream, corpus_stream
 
 DEFAULT_SEQLEN_TOKENS = 1024
-DOCUMENT_SEPARATOR = "\n\n"  # how the paper joins WikiText-2 test documents
+# The windows only read the tokenizer, so one copy per model serves every perplexity task of a process (each
+# matrix cell loads its task again; the embedded model's tokenizer takes ~1 s to load). The cache lives here,
+# not in tasks/loaders.py, because lm-eval executes that file afresh for every task it loads.
+_window_tokenizer = functools.lru_cache(maxsize=4)(load_tokenizer)
 
 
 class TaskInputError(UserError):
     """A task was configured with values it cannot use (one-line message)."""
 
 
-@functools.lru_cache(maxsize=4)
-def load_tokenizer(name_or_path: str):
-    """The tokenizer of a model name or path (``embedded`` resolves to the cached default)."""
-    from transformers import AutoTokenizer
+def token_windows(stream: TokenStream, tokenizer, seqlen_tokens: int,
+                  add_special_tokens: bool | None = None) -> list[dict]:
+    """Cut a token stream into consecutive windows of ``seqlen_tokens`` tokens; the last partial window is dropped.
 
-    return AutoTokenizer.from_pretrained(resolve_model(name_or_path))
-
-
-def token_windows(text: str, tokenizer, seqlen_tokens: int, add_special_tokens: bool | None = None) -> list[dict]:
-    """Cut ``text`` into consecutive windows of ``seqlen_tokens`` tokens; the last partial window is dropped.
-
-    Returns ``[{"window": i, "text": str, "n_tokens": int}]``. Each window's text is the exact
-    character span of its tokens, so the windows concatenate back to a prefix of ``text``.
+    ``stream`` must carry offsets (``token_stream(..., with_offsets=True)``). Returns
+    ``[{"window": i, "text": str, "n_tokens": int}]``. Each window's text is the exact character span of
+    its tokens, so the windows concatenate back to a prefix of ``stream.text``.
     ``n_tokens`` is recounted by encoding the window text the way lm-eval's HFLM will (with the
     tokenizer's default special tokens unless ``add_special_tokens`` is given), since a merge across
     a window boundary can shift a count by one.
     """
     if seqlen_tokens <= 0:
         raise TaskInputError(f"seqlen must be a positive number of tokens, got {seqlen_tokens}")
-    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    offsets = stream.offsets
     n_windows = len(offsets) // seqlen_tokens
     if n_windows == 0:
         raise TaskInputError(f"text of {len(offsets)} tokens is shorter than one window of {seqlen_tokens}")
@@ -57,9 +55,17 @@ def token_windows(text: str, tokenizer, seqlen_tokens: int, add_special_tokens: 
     encode_kwargs = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
     windows = []
     for index, (start, end) in enumerate(zip(starts, ends, strict=True)):
-        span = text[start:end]
+        span = stream.text[start:end]
         windows.append({"window": index, "text": span, "n_tokens": len(tokenizer.encode(span, **encode_kwargs))})
     return windows
+
+
+def corpus_windows(corpus: str, split: str, tokenizer_name: str, seqlen_tokens: int,
+                   add_special_tokens: bool | None = None) -> list[dict]:
+    """``token_windows`` of a built-in corpus split, cut with the tokenizer of model ``tokenizer_name``."""
+    tokenizer = _window_tokenizer(tokenizer_name)
+    return token_windows(corpus_stream(corpus, split, tokenizer, with_offsets=True), tokenizer, seqlen_tokens,
+                         add_special_tokens)
 
 
 def rolling_results(doc: dict, results: list[float]) -> dict[str, tuple[float, int]]:

@@ -24,15 +24,8 @@ from lm_eval.tasks.winogrande.preprocess_winogrande import doc_to_choice as wino
 from lm_eval.tasks.winogrande.preprocess_winogrande import doc_to_target as winogrande_doc_to_target
 from lm_eval.tasks.winogrande.preprocess_winogrande import doc_to_text as winogrande_doc_to_text
 
-from cpt_bench.assets.corpora import load_split
 from cpt_bench.assets.zeroshot import load_zeroshot
-from cpt_bench.perplexity import (
-    DOCUMENT_SEPARATOR,
-    TaskInputError,
-    load_tokenizer,
-    rolling_results,
-    token_windows,
-)
+from cpt_bench.perplexity import TaskInputError, corpus_windows, rolling_results
 
 __all__ = [
     "hellaswag_process_docs", "winogrande_doc_to_choice", "winogrande_doc_to_target", "winogrande_doc_to_text",
@@ -60,6 +53,5 @@ def perplexity_windows(corpus: str, split: str = "test", seqlen: int = 1024, pre
             f"perplexity task on {corpus!r} needs the model's tokenizer to cut token windows: "
             "pass model_args pretrained=... (or tokenizer=...), or metadata {'pretrained': ...}"
         )
-    text = DOCUMENT_SEPARATOR.join(doc["text"] for doc in load_split(corpus, split))
-    windows = token_windows(text, load_tokenizer(str(source)), int(seqlen), add_bos_token)
+    windows = corpus_windows(corpus, split, str(source), int(seqlen), add_bos_token)
     return datasets.DatasetDict({split: datasets.Dataset.from_list(windows)})

@@ -21,9 +21,10 @@ from cpt_bench.compress import (
     memory_table,
     read_manifest,
 )
-from cpt_bench.compress.calibration import corpus_calibration_ids, corpus_tokens
+from cpt_bench.compress.calibration import corpus_calibration_ids
 from cpt_bench.compress.cli_commands import add_compress_parser
 from cpt_bench.compress.sequential import compressible_linears
+from cpt_bench.tokens import corpus_stream
 
 from .compress_helpers import _one_thread  # noqa: F401  (_one_thread: autouse fixture)
 
@@ -65,7 +66,7 @@ def counted(monkeypatch):
 
 
 def test_calibration_windows_come_from_the_train_split(filled_fake_cache, tokenizer):
-    tokens = corpus_tokens("wikipedia", tokenizer)
+    tokens = corpus_stream("wikipedia", "train", tokenizer).ids
     ids = corpus_calibration_ids(tokenizer, SETTINGS)
     assert ids.shape == (4, 32) and ids.dtype == torch.int64
     stream = tokens.tolist()
@@ -77,7 +78,7 @@ def test_calibration_windows_come_from_the_train_split(filled_fake_cache, tokeni
 
 
 def test_too_short_corpus_is_a_one_line_error(filled_fake_cache, tokenizer):
-    n_tokens = corpus_tokens("wikipedia", tokenizer).numel()
+    n_tokens = len(corpus_stream("wikipedia", "train", tokenizer))
     with pytest.raises(CalibrationError) as caught:
         corpus_calibration_ids(tokenizer, CalibrationSettings(n_windows=2, seqlen=n_tokens))
     message = str(caught.value)

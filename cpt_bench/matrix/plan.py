@@ -149,7 +149,7 @@ def _with_artifacts(config: MatrixConfig, cells: tuple[Cell, ...], soft_prompts:
 
 
 def parse_shard(text: str) -> tuple[int, int]:
-    """``i/n`` (0 <= i < n) -> ``(i, n)``; raises ValueError naming the text."""
+    """``i/n`` (0 <= i < n) -> ``(i, n)``; raises ``UserError`` naming the text."""
     match = re.fullmatch(r"(\d+)/(\d+)", text or "")
     if not match or not 0 <= int(match[1]) < int(match[2]):
         raise UserError(f"shard {text!r}: expected i/n with 0 <= i < n, e.g. 0/2 and 1/2")

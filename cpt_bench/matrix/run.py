@@ -155,8 +155,12 @@ def _memory_account(job: GroupJob, lm) -> dict[str, Any]:
 
 
 def _prompt_block(lm, job: GroupJob) -> dict[str, Any]:
-    """The prompt's provenance: what the adapter applied plus, for soft prompts, how it was trained."""
+    """The prompt's provenance: what the adapter applied plus, for soft prompts, how it was trained.
+
+    ``untrained``: the soft prompt never beat its initialisation (see ``check_prompt_trained``).
+    """
     from cpt_bench.prompts.artifact import read_prompt
+    from cpt_bench.prompts.soft import prompt_improved
 
     block = dict(lm.prompt_info)
     if job.prompt_folder:
@@ -164,8 +168,27 @@ def _prompt_block(lm, job: GroupJob) -> dict[str, Any]:
         block.update(path=str(Path(job.prompt_folder).relative_to(job.run_dir)),
                      source=meta["source"]["corpus"], train_seconds=round(meta["train_seconds"], 1),
                      best_val_ppl=meta["best"]["val_ppl"], best_step=meta["best"]["step"],
-                     hyperparameters=meta["hyperparameters"])
+                     untrained=not prompt_improved(meta), hyperparameters=meta["hyperparameters"])
     return block
+
+
+def check_prompt_trained(folder: Path, prompt_id: str, required: bool) -> bool:
+    """Whether the soft prompt in ``folder`` beat its initialisation; warn when it did not, or, when
+    ``required`` (``prompts.soft.require_improvement``), raise a one-line ``SoftPromptError`` naming it."""
+    from cpt_bench.prompts.artifact import read_prompt
+    from cpt_bench.prompts.soft import SoftPromptError, prompt_improved
+
+    meta = read_prompt(Path(folder)).meta
+    if prompt_improved(meta):
+        return True
+    problem = (f"soft prompt {prompt_id} (source {meta['source']['corpus']}, trained at {meta['compression']}) "
+               f"never beat its initialisation: validation ppl {meta['curve'][0]['val_ppl']:.2f} at step 0 stayed "
+               "the best")
+    if required:
+        raise SoftPromptError(f"{problem}; prompts.soft.require_improvement is set: raise prompts.soft.training.lr "
+                              "or steps, or unset it to use the prompt flagged as untrained")
+    log.warning("%s; its cells are flagged prompt.untrained", problem)
+    return False
 
 
 def evaluate_group(job: GroupJob, on_cell: Callable[[str], None] | None = None) -> list[str]:

@@ -24,7 +24,7 @@ from typing import Any
 
 from cpt_bench.errors import UserError
 from cpt_bench.files import write_json_atomic, write_text_atomic
-from cpt_bench.matrix.config import MatrixConfig
+from cpt_bench.matrix.config import ConfigError, MatrixConfig, config_from_dict
 from cpt_bench.matrix.lock import LOCK_FILE
 from cpt_bench.matrix.plan import Plan, family
 
@@ -46,6 +46,7 @@ SUMMARY_KEYS_BY_PROMPT_KIND = {"none": (), "hard": ("name",), "soft": ("source",
 SUMMARY_NUMBERS = {"summary": ("wall_seconds",), "compressions": ("weight_bytes", "ratio_to_dense", "bits_per_weight"),
                    "cells": ("value",)}
 SUMMARY_OPTIONAL_NUMBERS = {"cells": ("stderr", "delta")}
+SUMMARY_OPTIONAL_FLAGS = {"prompts": ("untrained",)}  # absent in summaries written before the flag existed
 CONFIG_FILE = "config.json"
 CELLS_DIR = "cells"
 SUMMARY_FILE = "summary.json"
@@ -98,7 +99,7 @@ def prepare(run_dir: Path, config: MatrixConfig, config_text: str, resume: bool)
         if not resume:
             raise RunFolderError(f"run folder {run_dir} already holds a run; pass --resume to continue it or "
                                  "choose another --out")
-        stored = json.loads(stored_path.read_text(encoding="utf-8"))
+        stored = _current_form(json.loads(stored_path.read_text(encoding="utf-8")), run_dir)
         difference = first_difference(stored, wanted)
         if difference:
             raise RunFolderError(f"--resume: run folder {run_dir} was made from another config (differs at "
@@ -111,6 +112,16 @@ def prepare(run_dir: Path, config: MatrixConfig, config_text: str, resume: bool)
         raise RunFolderError(f"output folder {run_dir} exists, is not empty and holds no run; choose another --out")
     write_text_atomic(run_dir / "config.yaml", config_text)
     write_json_atomic(run_dir / CONFIG_FILE, wanted)
+
+
+def _current_form(stored: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """A stored ``config.json`` as this version writes it: keys added since the run started get their defaults
+    (which keep the older behaviour), so adding a setting does not orphan existing run folders."""
+    try:
+        return _json_roundtrip(config_from_dict(stored).to_dict())
+    except ConfigError as error:
+        raise RunFolderError(f"--resume: the config stored in {run_dir / CONFIG_FILE} is not valid for this version "
+                             f"of cpt_bench ({error}); choose another --out") from None
 
 
 def start_session(run_dir: Path, environment: dict[str, Any]) -> int:
@@ -261,7 +272,8 @@ def _prompt_summary(record: dict[str, Any]) -> dict[str, Any]:
         summary["name"] = choice["hard"]
     if choice["kind"] == "soft":
         summary.update(source=choice["source"], trained_at=choice["trained_at"],
-                       train_seconds=prompt.get("train_seconds"), best_val_ppl=prompt.get("best_val_ppl"))
+                       train_seconds=prompt.get("train_seconds"), best_val_ppl=prompt.get("best_val_ppl"),
+                       untrained=prompt.get("untrained"))
     return summary
 
 

@@ -29,12 +29,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from cpt_bench.assets.corpora import load_split
 from cpt_bench.errors import UserError
 from cpt_bench.files import write_bytes_atomic
-from cpt_bench.perplexity import DOCUMENT_SEPARATOR
 from cpt_bench.prompts.artifact import save_prompt
 from cpt_bench.prompts.target import describe_target
+from cpt_bench.tokens import corpus_stream
 
 log = logging.getLogger(__name__)
 
@@ -138,12 +137,6 @@ def initial_prompt(model: torch.nn.Module, tokenizer, config: SoftPromptConfig) 
         raise SoftPromptError(f"init_text {config.init_text!r} has no tokens")
     generator = torch.Generator().manual_seed(config.seed)
     return INITIALISERS[config.init](weight, config.n_virtual_tokens, generator, token_ids)
-
-
-def corpus_tokens(corpus: str, split: str, tokenizer) -> torch.Tensor:
-    """The split's documents joined with the paper's separator and tokenized: [n_tokens] int64."""
-    text = DOCUMENT_SEPARATOR.join(doc["text"] for doc in load_split(corpus, split))
-    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
 def validation_windows(tokens: torch.Tensor, config: SoftPromptConfig) -> torch.Tensor:
@@ -278,14 +271,25 @@ def _stop_diverged(state: _State, finish: Callable[[str], Path], what: str) -> N
                            f"(step {state.best_step}) in {folder}")
 
 
+def prompt_improved(meta: dict) -> bool:
+    """Whether a trained prompt (its ``prompt.json``) beat its initialisation: a best validation loss after step 0.
+
+    A prompt that never did is its initialisation, stored under a trained prompt's name. ``prompt.json`` files
+    written before ``improved`` was recorded are judged by their best step (the same test).
+    """
+    return meta.get("improved", meta["best"]["step"] > 0)
+
+
 def train_soft_prompt(model: torch.nn.Module, tokenizer, config: SoftPromptConfig, source: str, out_dir: Path, *,
                       model_name: str, compression: str = "dense", resume: bool = False,
                       on_eval: Callable[[dict[str, float]], None] | None = None) -> Path:
     """Learn a soft prompt for the frozen ``model`` on corpus ``source``; write the artifact to ``out_dir``.
 
     ``out_dir`` receives ``checkpoint.pt`` after every evaluation and, at the end, ``prompt.safetensors``
-    + ``prompt.json`` holding the best prompt (see ``artifact``). ``resume`` continues from the
-    checkpoint with identical settings. ``on_eval(record)`` is called after each evaluation and checkpoint.
+    + ``prompt.json`` holding the best prompt (see ``artifact``); ``prompt.json``'s ``improved`` is false, and a
+    warning is logged, when no evaluation after step 0 beat the initial prompt (which is then what is saved).
+    ``resume`` continues from the checkpoint with identical settings. ``on_eval(record)`` is called after each
+    evaluation and checkpoint.
     Raises ``TrainingDiverged`` (after saving the best prompt so far) when the loss becomes NaN / inf, and
     ``SoftPromptError`` when it is not finite even before training (a broken model or compression).
     """
@@ -293,19 +297,23 @@ def train_soft_prompt(model: torch.nn.Module, tokenizer, config: SoftPromptConfi
     for param in model.parameters():
         param.requires_grad_(False)
     device = model.get_input_embeddings().weight.device
-    train_tokens = corpus_tokens(source, "train", tokenizer)
+    train_tokens = corpus_stream(source, "train", tokenizer).ids
     if train_tokens.numel() < config.seqlen:
         raise SoftPromptError(f"train split of {source!r} has {train_tokens.numel()} tokens, fewer than seqlen "
                               f"{config.seqlen}")
-    windows = validation_windows(corpus_tokens(source, "validation", tokenizer), config)
+    windows = validation_windows(corpus_stream(source, "validation", tokenizer).ids, config)
     target = describe_target(model, tokenizer, model_name)
 
     def finish(stopped: str) -> Path:
         best = {"step": state.best_step, "val_loss": state.best_val_loss, "val_ppl": math.exp(state.best_val_loss)}
         training = {"source": {"corpus": source, "train_tokens": train_tokens.numel(),
                                "validation_tokens": windows.numel()},
-                    "hyperparameters": asdict(config), "curve": state.curve, "best": best, "stopped": stopped,
-                    "train_seconds": state.train_seconds}
+                    "hyperparameters": asdict(config), "curve": state.curve, "best": best,
+                    "improved": state.best_step > 0, "stopped": stopped, "train_seconds": state.train_seconds}
+        if not training["improved"]:
+            log.warning("soft prompt on %s (%s) never beat its initialisation in %d steps: the saved prompt is the "
+                        "untrained one (validation ppl %.2f at step 0); raise lr or steps", source, compression,
+                        state.step, best["val_ppl"])
         return save_prompt(out_dir, state.best_prompt, target, compression, training)
 
     if resume:

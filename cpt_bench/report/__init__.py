@@ -14,9 +14,11 @@ from typing import TYPE_CHECKING, Any
 from cpt_bench.files import write_text_atomic
 from cpt_bench.report.leaderboard import write_leaderboard
 from cpt_bench.report.tables import (
+    UNTRAINED_NOTE,
     Summary,
     Table,
     html_page,
+    is_untrained,
     latex_text,
     level_grids,
     load_summary,
@@ -41,6 +43,12 @@ _PLOT_NOTE = ("Lines: metric against stored weight size, one line per prompt ove
               "(a soft prompt's points away from its own level are transfers across levels); error bars are one "
               "standard error. Heatmaps: red is worse, green better, scaled per column for source × target grids "
               "and over the grid for level grids.")
+
+
+def _legend(summary: Summary) -> str:
+    """The legend, with the untrained-prompt note when a prompt of the run carries the flag."""
+    untrained = any(is_untrained(prompt) for prompt in summary.prompts)
+    return f"{_LEGEND} {UNTRAINED_NOTE}" if untrained else _LEGEND
 
 
 @dataclass(frozen=True)
@@ -82,7 +90,7 @@ def _environment(summary: Summary) -> str:
 
 
 def _markdown(summary: Summary, sections: list[_Section], plots: list[Plot]) -> str:
-    lines = [f"# {_title(summary)}", "", *(f"- {fact}" for fact in _facts(summary)), "", _LEGEND, ""]
+    lines = [f"# {_title(summary)}", "", *(f"- {fact}" for fact in _facts(summary)), "", _legend(summary), ""]
     for section in sections:
         lines += [f"## {section.heading}", "", section.intro, ""]
         for table in section.tables:
@@ -98,7 +106,8 @@ def _latex(summary: Summary, sections: list[_Section], plots: list[Plot]) -> str
                 r"\usepackage[margin=2cm,landscape]{geometry}", r"\usepackage{booktabs}", r"\usepackage{adjustbox}",
                 r"\usepackage{graphicx}", r"\begin{document}"]
     lines = [*preamble, rf"\section*{{{latex_text(_title(summary))}}}", r"\begin{itemize}",
-             *(rf"\item {latex_text(fact)}" for fact in _facts(summary)), r"\end{itemize}", latex_text(_LEGEND), ""]
+             *(rf"\item {latex_text(fact)}" for fact in _facts(summary)), r"\end{itemize}",
+             latex_text(_legend(summary)), ""]
     for section in sections:
         lines += [rf"\section{{{latex_text(section.heading)}}}", latex_text(section.intro), ""]
         lines += [block for table in section.tables for block in (to_latex(table), "")]
@@ -115,7 +124,7 @@ def _latex(summary: Summary, sections: list[_Section], plots: list[Plot]) -> str
 def _html(summary: Summary, sections: list[_Section], plots: list[Plot]) -> str:
     escape = html.escape
     body = [f"<h1>{escape(_title(summary))}</h1>", "<ul>", *(f"<li>{escape(fact)}</li>" for fact in _facts(summary)),
-            "</ul>", f"<p>{escape(_LEGEND)}</p>"]
+            "</ul>", f"<p>{escape(_legend(summary))}</p>"]
     for section in sections:
         body += [f"<h2>{escape(section.heading)}</h2>", f"<p>{escape(section.intro)}</p>"]
         body += [block for table in section.tables for block in (f"<h3>{escape(table.title)}</h3>", to_html(table))]

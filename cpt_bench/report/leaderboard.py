@@ -15,12 +15,14 @@ from cpt_bench.files import write_text_atomic
 from cpt_bench.report.tables import (
     COMPRESSION_HEADERS,
     MISSING,
+    UNTRAINED_NOTE,
     ReportError,
     Summary,
     Table,
     compression_columns,
     format_entry,
     html_page,
+    is_untrained,
     load_summary,
     prompt_label,
     to_html,
@@ -76,9 +78,12 @@ def leaderboard_table(runs: list[Summary]) -> Table:
 
 def write_leaderboard(results_dir: Path) -> list[Path]:
     """Write ``results_dir/LEADERBOARD.md`` and ``LEADERBOARD.html``; ``ReportError`` naming a malformed summary."""
-    table = leaderboard_table(load_runs(results_dir))
-    markdown = f"# {TITLE}\n\n{NOTE}\n\n{to_markdown(table)}\n"
-    note = re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(NOTE))
+    runs = load_runs(results_dir)
+    table = leaderboard_table(runs)
+    untrained = any(is_untrained(prompt) for run in runs for prompt in run.prompts)
+    text = f"{NOTE} {UNTRAINED_NOTE}" if untrained else NOTE
+    markdown = f"# {TITLE}\n\n{text}\n\n{to_markdown(table)}\n"
+    note = re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(text))
     page = html_page(TITLE, [f"<h1>{TITLE}</h1>", f"<p>{note}</p>", to_html(table)])
     paths = [results_dir / "LEADERBOARD.md", results_dir / "LEADERBOARD.html"]
     for path, text in zip(paths, (markdown, page), strict=True):

@@ -23,6 +23,7 @@ from cpt_bench.matrix.store import (
     SUMMARY_FORMAT,
     SUMMARY_KEYS_BY_PROMPT_KIND,
     SUMMARY_NUMBERS,
+    SUMMARY_OPTIONAL_FLAGS,
     SUMMARY_OPTIONAL_NUMBERS,
     SUMMARY_REQUIRED_KEYS,
 )
@@ -57,6 +58,8 @@ def _check_entry(entry: Any, section: str, where: str, origin: str) -> None:
                 and not _is_number(entry[key])]
     if numbers:
         _fail(origin, f"{where} has non-numeric {', '.join(map(repr, numbers))}")
+    if flags := [key for key in SUMMARY_OPTIONAL_FLAGS.get(section, ()) if entry.get(key) not in (None, True, False)]:
+        _fail(origin, f"{where} has non-boolean {', '.join(map(repr, flags))}")
 
 
 def _unique(raw: dict[str, Any], section: str, key: str, origin: str) -> set[str]:
@@ -168,13 +171,23 @@ def is_in_domain(prompt: dict[str, Any], target: dict[str, Any]) -> bool:
     return prompt["kind"] == "soft" and prompt["source"] == target.get("domain")
 
 
+UNTRAINED_NOTE = ("(untrained) marks a soft prompt that never beat its initialisation on validation (best at step "
+                  "0): its cells measure the initial prompt.")
+
+
+def is_untrained(prompt: dict[str, Any]) -> bool:
+    """A soft prompt flagged as never having beaten its initialisation (unknown in older summaries: False)."""
+    return prompt.get("untrained") is True
+
+
 def prompt_label(prompt: dict[str, Any], target: dict[str, Any] | None = None) -> str:
-    """``none``, ``hard:<name>`` or ``soft:<source>@<trained_at>`` (+ `` (in-domain)`` for ``target``'s domain)."""
+    """``none``, ``hard:<name>`` or ``soft:<source>@<trained_at>``, + `` (untrained)`` for a soft prompt that never
+    beat its initialisation and `` (in-domain)`` for ``target``'s domain."""
     if prompt["kind"] == "none":
         return "none"
     if prompt["kind"] == "hard":
         return f"hard:{prompt['name']}"
-    label = f"soft:{prompt['source']}@{prompt['trained_at']}"
+    label = f"soft:{prompt['source']}@{prompt['trained_at']}" + (" (untrained)" if is_untrained(prompt) else "")
     return f"{label} (in-domain)" if target is not None and is_in_domain(prompt, target) else label
 
 

@@ -1,0 +1,49 @@
+"""Running text as one token stream: the single place where documents are joined and tokenized.
+
+Calibration (``compress.calibration``), soft-prompt training (``prompts.soft``), the perplexity tasks
+(``perplexity.token_windows``) and the benchmarks all read a corpus split the way the GPTQ reference code
+reads WikiText-2: the documents joined with ``"\\n\\n"`` into one string, tokenized once. The stream holds
+no special tokens (no BOS / EOS between or around documents): whoever cuts windows out of it decides what,
+if anything, precedes a window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from cpt_bench.assets.corpora import load_split
+
+DOCUMENT_SEPARATOR = "\n\n"  # how the GPTQ reference code joins WikiText-2 documents
+
+
+@dataclass(frozen=True)
+class TokenStream:
+    """Token ids of a joined text, the text itself and, when asked for, each token's character span.
+
+    ``ids``: ``[N]`` int64. ``offsets``: ``N`` ``(start, end)`` character offsets into ``text`` (None unless
+    requested; they need a fast tokenizer).
+    """
+
+    ids: torch.Tensor
+    text: str
+    offsets: list[tuple[int, int]] | None = None
+
+    def __len__(self) -> int:
+        return self.ids.numel()
+
+
+def token_stream(documents: Iterable[str], tokenizer, separator: str = DOCUMENT_SEPARATOR,
+                 with_offsets: bool = False) -> TokenStream:
+    """Join ``documents`` with ``separator`` and tokenize the result once, without special tokens."""
+    text = separator.join(documents)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=with_offsets)
+    offsets = [tuple(span) for span in encoded["offset_mapping"]] if with_offsets else None
+    return TokenStream(torch.tensor(encoded["input_ids"], dtype=torch.int64), text, offsets)
+
+
+def corpus_stream(corpus: str, split: str, tokenizer, with_offsets: bool = False) -> TokenStream:
+    """The token stream of one split of a built-in corpus (``assets.corpora``), documents in id order."""
+    return token_stream((doc["text"] for doc in load_split(corpus, split)), tokenizer, with_offsets=with_offsets)
