@@ -55,7 +55,8 @@ from cpt_bench.errors import UserError
 
 KINDS = ("text", "jsonl", "csv", "parquet", "hf", "lmeval")
 OPTIONS = ("field", "config", "separator")
-SEPARATORS = {"blank_line": "\n\n", "newline": "\n", "space": " "}
+DOCUMENT_SEPARATOR = "\n\n"  # how the GPTQ reference code joins WikiText-2 documents: the default
+SEPARATORS = {"blank_line": DOCUMENT_SEPARATOR, "newline": "\n", "space": " "}
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 _SPEC_RE = re.compile(r"(?P<kind>[a-z]+):(?P<location>[^?]+)(?:\?(?P<options>.*))?")
 _KEY_HEX = 12

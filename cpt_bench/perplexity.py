@@ -62,7 +62,7 @@ def token_windows(stream: TokenStream, tokenizer, seqlen_tokens: int,
 
 def corpus_windows(corpus: str, split: str, tokenizer_name: str, seqlen_tokens: int,
                    add_special_tokens: bool | None = None) -> list[dict]:
-    """``token_windows`` of a built-in corpus split, cut with the tokenizer of model ``tokenizer_name``."""
+    """``token_windows`` of a split of a corpus spec (``cpt_bench.corpus``), cut with ``tokenizer_name``'s tokenizer."""
     tokenizer = _window_tokenizer(tokenizer_name)
     return token_windows(corpus_stream(corpus, split, tokenizer, with_offsets=True), tokenizer, seqlen_tokens,
                          add_special_tokens)

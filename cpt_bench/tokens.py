@@ -2,7 +2,8 @@
 
 Calibration (``compress.calibration``), soft-prompt training (``prompts.soft``), the perplexity tasks
 (``perplexity.token_windows``) and the benchmarks all read a corpus split the way the GPTQ reference code
-reads WikiText-2: the documents joined with ``"\\n\\n"`` into one string, tokenized once. The stream holds
+reads WikiText-2: the documents joined with their corpus's separator (``"\\n\\n"`` unless the corpus spec says
+otherwise, ``cpt_bench.corpus``) into one string, tokenized once. The stream holds
 no special tokens (no BOS / EOS between or around documents): whoever cuts windows out of it decides what,
 if anything, precedes a window.
 """
@@ -14,9 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cpt_bench.assets.corpora import load_split
-
-DOCUMENT_SEPARATOR = "\n\n"  # how the GPTQ reference code joins WikiText-2 documents
+from cpt_bench.corpus import DOCUMENT_SEPARATOR, CorpusSpec, load_split, parse_corpus
 
 
 @dataclass(frozen=True)
@@ -44,6 +43,7 @@ def token_stream(documents: Iterable[str], tokenizer, separator: str = DOCUMENT_
     return TokenStream(torch.tensor(encoded["input_ids"], dtype=torch.int64), text, offsets)
 
 
-def corpus_stream(corpus: str, split: str, tokenizer, with_offsets: bool = False) -> TokenStream:
-    """The token stream of one split of a built-in corpus (``assets.corpora``), documents in id order."""
-    return token_stream((doc["text"] for doc in load_split(corpus, split)), tokenizer, with_offsets=with_offsets)
+def corpus_stream(corpus: str | CorpusSpec, split: str, tokenizer, with_offsets: bool = False) -> TokenStream:
+    """The token stream of one split of a corpus (a spec, ``cpt_bench.corpus``), joined by its separator."""
+    spec = parse_corpus(corpus)
+    return token_stream((doc["text"] for doc in load_split(spec, split)), tokenizer, spec.separator, with_offsets)

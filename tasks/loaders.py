@@ -39,14 +39,20 @@ def zeroshot(name: str, **_run_metadata) -> datasets.DatasetDict:
     return datasets.DatasetDict({split: datasets.Dataset.from_list(rows)})
 
 
-def perplexity_windows(corpus: str, split: str = "test", seqlen: int = 1024, pretrained: str | None = None,
-                       tokenizer: str | None = None, add_bos_token: bool | None = None,
+def perplexity_windows(corpus: str | None = None, split: str = "test", seqlen: int = 1024,
+                       pretrained: str | None = None, tokenizer: str | None = None, add_bos_token: bool | None = None,
                        **_run_metadata) -> datasets.DatasetDict:
     """Non-overlapping ``seqlen``-token windows of a corpus split, one document per window.
+
+    ``corpus`` is a corpus spec (``cpt_bench.corpus``): the task's ``dataset_kwargs`` for ``cpt_ppl_<name>``,
+    the run's metadata for ``cpt_ppl_corpus`` (``--metadata '{"corpus": "text:notes/"}'``).
 
     The windows depend on the model's tokenizer, taken from the run's ``tokenizer`` or
     ``pretrained`` model argument (``--metadata '{"seqlen": 2048}'`` selects the window length).
     """
+    if not corpus:
+        raise TaskInputError("task cpt_ppl_corpus needs a corpus spec: pass --metadata '{\"corpus\": \"text:DIR\"}' "
+                             "(or jsonl:FILE, hf:DATASET, lmeval:TASK, a built-in name; see cpt_bench.corpus)")
     source = tokenizer or pretrained
     if not source:
         raise TaskInputError(

@@ -129,7 +129,7 @@ BAD_CONFIGS = [
     ("trained_at_not_a_level", {"prompts": {"soft": {"sources": ["wikipedia"], "trained_at": ["rtn-w3g64"]}}},
      r"^prompts\.soft\.trained_at\[0\]: got 'rtn-w3g64', expected one of compression\.specs \(dense\)"),
     ("unknown_source", {"prompts": {"soft": {"sources": ["klingon"], "trained_at": ["dense"]}}},
-     r"^prompts\.soft\.sources\[0\]: got 'klingon', expected one of wikipedia"),
+     r"^prompts\.soft\.sources\[0\]: corpus 'klingon' is not a corpus spec: expected a built-in corpus \(wikipedia"),
     ("zero_steps", {"prompts": {"soft": {"sources": ["wikipedia"], "trained_at": ["dense"],
                                          "training": {"steps": 0}}}},
      r"^prompts\.soft\.training: soft prompt setting steps must be a positive integer"),

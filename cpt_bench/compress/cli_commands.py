@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cpt_bench.assets.corpora import CORPORA
 from cpt_bench.compress.spec import CalibrationSettings
 
 _DEFAULTS = CalibrationSettings()
@@ -18,8 +17,10 @@ def cmd_compress(args: argparse.Namespace) -> None:
     from cpt_bench.compress.export import export_gptq
     from cpt_bench.compress.spec import Spec
     from cpt_bench.compress.storage import memory_table, read_manifest
+    from cpt_bench.corpus import parse_corpus
 
     spec = Spec.parse(args.spec)
+    parse_corpus(args.corpus, "--corpus")
     settings = CalibrationSettings(n_windows=args.n_windows, seqlen=args.seqlen, seed=args.seed,
                                    corpus=args.corpus)
     if spec.is_dense:
@@ -42,8 +43,8 @@ def add_compress_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     parser.add_argument("--model", default="embedded", help="'embedded', a local folder or a Hugging Face id")
     parser.add_argument("--spec", required=True, help="compression spec, e.g. gptq-w4g64 or sparsegpt-50+gptq-w4g64")
     parser.add_argument("--out", type=Path, default=None, help="write here instead of the cache")
-    parser.add_argument("--corpus", default=_DEFAULTS.corpus, choices=sorted(CORPORA),
-                        help="calibration corpus (train split)")
+    parser.add_argument("--corpus", default=_DEFAULTS.corpus, help="calibration corpus spec (train split), e.g. "
+                        "wikipedia, c4, text:DIR, jsonl:FILE?field=body, hf:DATASET (see cpt_bench.corpus)")
     parser.add_argument("--n-windows", type=int, default=_DEFAULTS.n_windows, help="calibration windows")
     parser.add_argument("--seqlen", type=int, default=_DEFAULTS.seqlen, help="tokens per calibration window")
     parser.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="seed for drawing the windows")

@@ -20,8 +20,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
-from cpt_bench.assets.corpora import CORPORA
 from cpt_bench.compress.quant import CompressedLinear
+from cpt_bench.corpus import parse_corpus
 from cpt_bench.errors import UserError
 
 BITS = (2, 3, 4, 8)
@@ -239,7 +239,7 @@ class CalibrationSettings:
         dampening: fraction of ``mean(diag(H))`` added to each Hessian's diagonal.
         block_size: columns per GPTQ/SparseGPT lazy-update block (a multiple of group size and N:M ``m``).
         true_sequential: calibrate each group of Linears on the outputs of the already compressed ones.
-        corpus: the corpus (``assets.corpora.CORPORA``) whose train split calibration windows come from.
+        corpus: the corpus spec (``cpt_bench.corpus``) whose train split calibration windows come from.
     """
 
     n_windows: int = 128
@@ -258,12 +258,12 @@ class CalibrationSettings:
             ("seed", _is_int(self.seed) and self.seed >= 0, "a non-negative integer"),
             ("dampening", _is_number(self.dampening) and 0 < self.dampening <= 1, "a number in (0, 1]"),
             ("true_sequential", isinstance(self.true_sequential, bool), "a bool"),
-            ("corpus", isinstance(self.corpus, str) and self.corpus in CORPORA, f"one of {', '.join(CORPORA)}"),
         )
         for name, valid, expected in rules:
             if not valid:
                 value = getattr(self, name)
                 raise SpecError(f"calibration setting {name} must be {expected}, got {value!r}")
+        self.corpus = str(parse_corpus(self.corpus, "calibration setting corpus"))
 
 
 def _is_int(value: object) -> bool:

@@ -34,13 +34,14 @@ from typing import Any
 
 import yaml
 
-from cpt_bench.assets.corpora import CORPORA
 from cpt_bench.compress.spec import CalibrationSettings, Spec
+from cpt_bench.corpus import parse_corpus
 from cpt_bench.errors import UserError
 from cpt_bench.prompts.hard import HARD_PROMPTS
 from cpt_bench.prompts.soft import SoftPromptConfig
 
 PPL_TASK_PREFIX = "cpt_ppl_"
+CORPUS_TASK = "cpt_ppl_corpus"  # token perplexity of any corpus spec (tasks/cpt_ppl_corpus.yaml)
 PPL_METRIC = "token_perplexity"
 DEFAULT_ACCURACY_METRIC = "acc"
 DEVICES = ("cpu", "cuda", "auto")
@@ -57,19 +58,33 @@ class Target:
     """One target: an lm-eval task (ours in tasks/ or a built-in), its example limit and the metric reported.
 
     ``limit``: windows for ``cpt_ppl_*`` tasks, items otherwise (None: all). ``metric``: default
-    ``token_perplexity`` for ``cpt_ppl_*`` tasks, else ``acc``.
+    ``token_perplexity`` for ``cpt_ppl_*`` tasks, else ``acc``. ``corpus``: the corpus spec (``cpt_bench.corpus``)
+    that the ``cpt_ppl_corpus`` task scores, required there and nowhere else.
     """
 
     task: str
     limit: int | None = None
     metric: str | None = None
+    corpus: str | None = None
 
     def __post_init__(self) -> None:
         _require(bool(self.task), "task", self.task, "a task name such as cpt_ppl_wikipedia or cpt_piqa")
         _require(self.limit is None or self.limit >= 2, "limit", self.limit,
                  "an integer >= 2 (stderr needs two examples) or null for all")
+        _require((self.corpus is not None) == (self.task == CORPUS_TASK), "corpus", self.corpus,
+                 f"a corpus spec exactly when the task is {CORPUS_TASK}")
+        if self.corpus is not None:
+            try:
+                object.__setattr__(self, "corpus", str(parse_corpus(self.corpus)))
+            except UserError as error:
+                raise ConfigError(f"corpus: {error}") from None
         if self.metric is None:
             object.__setattr__(self, "metric", PPL_METRIC if self.is_perplexity else DEFAULT_ACCURACY_METRIC)
+
+    @property
+    def name(self) -> str:
+        """The target's identity in cells and results: the task, with its corpus for ``cpt_ppl_corpus``."""
+        return f"{self.task}@{self.corpus}" if self.corpus else self.task
 
     @property
     def is_perplexity(self) -> bool:
@@ -77,8 +92,10 @@ class Target:
 
     @property
     def domain(self) -> str | None:
-        """The corpus a ``cpt_ppl_<corpus>`` task reads (a soft prompt from it is in-domain), else None."""
-        return self.task[len(PPL_TASK_PREFIX):] if self.is_perplexity else None
+        """The corpus a perplexity target reads (a soft prompt from it is in-domain), else None."""
+        if not self.is_perplexity:
+            return None
+        return self.corpus or self.task[len(PPL_TASK_PREFIX):]
 
 
 @dataclass(frozen=True)
@@ -114,8 +131,13 @@ class SoftPrompts:
     require_improvement: bool = False
 
     def __post_init__(self) -> None:
+        canonical = []
         for index, source in enumerate(self.sources):
-            _require(source in CORPORA, f"sources[{index}]", source, f"one of {', '.join(CORPORA)}")
+            try:
+                canonical.append(str(parse_corpus(source)))
+            except UserError as error:
+                raise ConfigError(f"sources[{index}]: {error}") from None
+        object.__setattr__(self, "sources", canonical)
         for index, text in enumerate(self.trained_at):
             try:
                 Spec.parse(text)
@@ -168,8 +190,8 @@ class MatrixConfig:
             _require(getattr(self, key) > 0, key, getattr(self, key), "a positive integer")
         _require(self.seed >= 0, "seed", self.seed, "a non-negative integer")
         _require(len(self.targets) > 0, "targets", self.targets, "a non-empty list of {task: ..., limit: ...}")
-        tasks = [target.task for target in self.targets]
-        _require(len(set(tasks)) == len(tasks), "targets", tasks, "tasks without repeats")
+        names = [target.name for target in self.targets]
+        _require(len(set(names)) == len(names), "targets", names, "targets without repeats")
         for index, spec in enumerate(self.prompts.soft.trained_at):
             _require(str(Spec.parse(spec)) in self.compression.specs, f"prompts.soft.trained_at[{index}]", spec,
                      f"one of compression.specs ({', '.join(self.compression.specs)})")

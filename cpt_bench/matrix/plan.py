@@ -79,12 +79,12 @@ class Cell:
 
     @property
     def id(self) -> str:
-        return safe_name(f"{self.compression}__{self.prompt.id}__{self.target.task}")
+        return safe_name(f"{self.compression}__{self.prompt.id}__{self.target.name}")
 
     def record(self) -> dict:
         """The cell's identity as plain data (stored with its result)."""
         return {"id": self.id, "compression": self.compression, "prompt": self.prompt.id,
-                "prompt_choice": asdict(self.prompt), "task": self.target.task, "limit": self.target.limit,
+                "prompt_choice": asdict(self.prompt), "task": self.target.name, "limit": self.target.limit,
                 "metric": self.target.metric, "dataset_relation": self.dataset_relation,
                 "compression_relation": self.compression_relation}
 
@@ -195,7 +195,7 @@ def describe(plan: Plan, parameters: int = REFERENCE_PARAMETERS) -> str:
              f"(compression, prompt) groups",
              f"artifacts: {len(plan.compressed)} compressed checkpoints ({', '.join(plan.compressed) or 'none'}), "
              f"{len(plan.soft_prompts)} soft prompts ({', '.join(p.id for p in plan.soft_prompts) or 'none'})",
-             f"targets: {', '.join(f'{t.task} ({t.metric}, limit {t.limit})' for t in config.targets)}"]
+             f"targets: {', '.join(f'{t.name} ({t.metric}, limit {t.limit})' for t in config.targets)}"]
     for compression in config.compression.specs:
         here = [cell for cell in plan.cells if cell.compression == compression]
         prompts = list(dict.fromkeys(cell.prompt.id for cell in here))

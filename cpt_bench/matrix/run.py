@@ -53,12 +53,13 @@ def resolved_device(config: MatrixConfig) -> str:
     return resolve_device(config.device, "device")
 
 
-def task_manager(config: MatrixConfig):
-    """lm-eval's TaskManager over our tasks/ folder, with the model and window length our loaders need."""
+def task_manager(config: MatrixConfig, target: Target | None = None):
+    """lm-eval's TaskManager over our tasks/ folder, with the model, window length and (for ``cpt_ppl_corpus``
+    targets) corpus our loaders need."""
     from cpt_bench.assets.model import resolve_model
     from cpt_bench.lmeval.tasks import task_manager as shared_manager
 
-    return shared_manager(resolve_model(config.model), config.ppl_seqlen)
+    return shared_manager(resolve_model(config.model), config.ppl_seqlen, target.corpus if target else None)
 
 
 # --- artifacts ---------------------------------------------------------------------------------------------------
@@ -196,7 +197,6 @@ def evaluate_group(job: GroupJob, on_cell: Callable[[str], None] | None = None) 
     from lm_eval import simple_evaluate
 
     lm = _load_lm(job)
-    manager = task_manager(job.config)
     compression = store.compression_block(job.compression, job.config.kernels, job.compressed_folder,
                                           _memory_account(job, lm))
     prompt = _prompt_block(lm, job)
@@ -204,9 +204,10 @@ def evaluate_group(job: GroupJob, on_cell: Callable[[str], None] | None = None) 
     for cell in job.cells:
         reset_peak_memory()
         started = time.perf_counter()
+        manager = task_manager(job.config, cell.target)
         with quiet_lm_eval():
-            output = simple_evaluate(model=lm, tasks=[cell.target.task], task_manager=manager,
-                                     limit=cell.target.limit, log_samples=True, **job.config.seeds())
+            output = simple_evaluate(model=lm, tasks=[cell.target.task], task_manager=manager, limit=cell.target.limit,
+                                     log_samples=True, **job.config.seeds())
         value, stderr, higher = metric_value(output, cell.target)
         record = {"format": store.CELL_FORMAT, "cell": cell.record(),
                   "metric": {"name": cell.target.metric, "value": value, "stderr": stderr,

@@ -253,8 +253,8 @@ def summarise(plan: Plan, cells: dict[str, dict[str, Any]], sessions: list[dict[
         "wall_seconds": round(wall_seconds, 1), "machine": machine, "sessions": len(sessions),
         "environment": environment,
         "compressions": [compressions[spec] for spec in config.compression.specs if spec in compressions],
-        "targets": [{"task": t.task, "metric": t.metric, "domain": t.domain,
-                     "higher_is_better": _higher_is_better(records, t.task)} for t in config.targets],
+        "targets": [{"task": t.name, "metric": t.metric, "domain": t.domain,
+                     "higher_is_better": _higher_is_better(records, t.name)} for t in config.targets],
         "prompts": list(prompts.values()),
         "cells": flat,
     }

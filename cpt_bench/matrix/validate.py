@@ -7,7 +7,8 @@
 - windows fit the model's context (lm-eval's own ``resolve_max_length``): soft-prompt training windows plus the
   prompt, perplexity windows plus the longest prompt applied, calibration windows;
 - the corpora are long enough: the calibration corpus's train split for one calibration window, each soft-prompt
-  source's train and validation splits for one training window.
+  source's train and validation splits for one training window, each perplexity target's test split for one
+  window.
 
 It returns the facts the dry run's estimate needs (context, parameter count).
 """
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from cpt_bench.compress.spec import Spec
 from cpt_bench.matrix.config import ConfigError, MatrixConfig
 from cpt_bench.matrix.plan import Plan
+from cpt_bench.tokens import corpus_stream
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,6 @@ def _needs_calibration(plan: Plan) -> bool:
 
 def _check_corpora(plan: Plan, tokenizer) -> None:
     from cpt_bench.compress.calibration import corpus_calibration_ids
-    from cpt_bench.prompts.soft import corpus_tokens
 
     config = plan.config
     calibration = config.compression.calibration
@@ -111,7 +112,15 @@ def _check_corpora(plan: Plan, tokenizer) -> None:
     seqlen = config.prompts.soft.training.seqlen
     for source in sorted({prompt.source for prompt in plan.soft_prompts}):
         for split in ("train", "validation"):
-            n_tokens = corpus_tokens(source, split, tokenizer).numel()
-            if n_tokens < seqlen:
-                raise ConfigError(f"prompts.soft.sources: the {split} split of {source!r} has {n_tokens} tokens, "
-                                  f"fewer than one training window (prompts.soft.training.seqlen {seqlen})")
+            _check_length(source, split, tokenizer, seqlen, "prompts.soft.sources",
+                          f"one training window (prompts.soft.training.seqlen {seqlen})")
+    for target in config.targets:
+        if target.is_perplexity:
+            _check_length(target.domain, "test", tokenizer, config.ppl_seqlen, f"targets: {target.name}",
+                          f"one perplexity window (ppl_seqlen {config.ppl_seqlen})")
+
+
+def _check_length(corpus: str, split: str, tokenizer, tokens: int, where: str, what: str) -> None:
+    n_tokens = len(corpus_stream(corpus, split, tokenizer))
+    if n_tokens < tokens:
+        raise ConfigError(f"{where}: the {split} split of {corpus!r} has {n_tokens} tokens, fewer than {what}")

@@ -10,7 +10,6 @@ import argparse
 from dataclasses import fields
 from pathlib import Path
 
-from cpt_bench.assets.corpora import CORPORA
 from cpt_bench.prompts.soft import INITIALISERS, PRECISIONS, SoftPromptConfig
 
 _DEFAULTS = SoftPromptConfig()
@@ -20,16 +19,18 @@ _CHOICES = {"init": sorted(INITIALISERS), "precision": list(PRECISIONS)}
 
 def cmd_train(args: argparse.Namespace) -> None:
     """Load the model (compressed when asked), train, print where the prompt went and its best validation ppl."""
+    from cpt_bench.corpus import parse_corpus
     from cpt_bench.models import load_model, parse_compression, resolve_device
     from cpt_bench.prompts.artifact import read_prompt
     from cpt_bench.prompts.soft import CHECKPOINT, SoftPromptError, train_soft_prompt
 
     config = SoftPromptConfig(**{f.name: getattr(args, f.name) for f in fields(SoftPromptConfig)})
+    source = str(parse_corpus(args.source, "--source"))
     compression = parse_compression(args.compression, "--compression")
     if args.resume and not (args.out / CHECKPOINT).is_file():
         raise SoftPromptError(f"--resume: no checkpoint at {args.out / CHECKPOINT}; start without --resume")
     loaded = load_model(args.model, compression, device=resolve_device(args.device, "--device"))
-    folder = train_soft_prompt(loaded.model, loaded.tokenizer, config, args.source, args.out, model_name=args.model,
+    folder = train_soft_prompt(loaded.model, loaded.tokenizer, config, source, args.out, model_name=args.model,
                                compression=loaded.compression, resume=args.resume)
     best = read_prompt(folder).meta["best"]
     print(f"soft prompt: {folder} (best validation token perplexity {best['val_ppl']:.3f} at step {best['step']})")
@@ -60,7 +61,8 @@ def add_prompt_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     train.add_argument("--model", default="embedded", help="'embedded', a local folder or a Hugging Face id")
     train.add_argument("--compression", default=None, help="compression spec, e.g. gptq-w3g64 (default calibration, "
                        "cached), or a folder from 'cpt-bench compress --out' (default: dense)")
-    train.add_argument("--source", required=True, choices=sorted(CORPORA), help="training corpus (train split; "
+    train.add_argument("--source", required=True, help="training corpus spec, e.g. wikipedia, text:DIR, "
+                       "jsonl:FILE, hf:DATASET, lmeval:TASK (see cpt_bench.corpus; train split; "
                        "validation on its validation split)")
     train.add_argument("--out", type=Path, required=True, help="folder for the prompt and its checkpoint")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (same settings)")
