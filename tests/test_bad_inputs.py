@@ -226,6 +226,71 @@ def _foreign_prompt(kind: str) -> Callable[[Path, Inputs], Callable[[], object]]
     return run
 
 
+def _before_loading(make: Callable[[Path, Inputs], Invocation]) -> Callable[[Path, Inputs], Invocation]:
+    """``make``'s invocation, with every way of loading weights made to fail loudly: the error must come first."""
+
+    def run(tmp: Path, inputs: Inputs) -> Invocation:
+        def loaded(*args, **kwargs):
+            raise AssertionError("weights were loaded before the bad input was refused")
+
+        for target in ("lm_eval.models.huggingface.HFLM.__init__", "cpt_bench.models.load_model",
+                       "cpt_bench.lmeval.adapter.load_model", "transformers.AutoModelForCausalLM.from_pretrained"):
+            inputs.monkeypatch.setattr(target, loaded)
+        return make(tmp, inputs)
+
+    return run
+
+
+def _adapter_on_device(device: str) -> Callable[[Path, Inputs], Callable[[], object]]:
+    """``--model cpt --model_args pretrained=...,hard_prompt=paper,device=DEVICE`` on a machine without CUDA."""
+    from cpt_bench.lmeval.adapter import CptLM
+
+    def run(tmp: Path, inputs: Inputs) -> Callable[[], object]:
+        inputs.monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        return partial(CptLM.create_from_arg_string, f"pretrained={inputs.model},hard_prompt=paper,device={device}",
+                       {"batch_size": 1})
+
+    return run
+
+
+def _compression_named_like_a_folder(tmp: Path, inputs: Inputs) -> Callable[[], object]:
+    """``compression=rtn-w8`` while the working folder holds a checkpoint folder called ``rtn-w8``."""
+    shutil.copytree(inputs.compressed, tmp / "rtn-w8")
+    inputs.monkeypatch.chdir(tmp)
+    return _adapter(compression="rtn-w8")(tmp, inputs)
+
+
+def _checkpoint_of_another_model(tmp: Path, inputs: Inputs) -> Callable[[], object]:
+    """The tiny model's checkpoint paired with a copy of the model whose weights differ."""
+    from transformers import AutoModelForCausalLM
+
+    other = inputs.copy(inputs.model, tmp)
+    model = AutoModelForCausalLM.from_pretrained(other)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)
+    model.save_pretrained(other)
+    return _replace_model_arg(_adapter(compression="{compressed}")(tmp, inputs), inputs, other)
+
+
+def _replace_model_arg(invocation: Callable[[], object], inputs: Inputs, folder: Path) -> Callable[[], object]:
+    arg_string, extra = invocation.args
+    return partial(invocation.func, arg_string.replace(f"pretrained={inputs.model}", f"pretrained={folder}"), extra)
+
+
+def _matrix(*extra: str, **overrides) -> Callable[[Path, Inputs], list[str]]:
+    """``cpt-bench matrix CONFIG *extra`` on a tiny config of the tiny model (``tests/test_matrix.py``), the
+    filled fake cache as the cache."""
+    from .test_matrix import tiny_config, write_config
+
+    def run(tmp: Path, inputs: Inputs) -> list[str]:
+        inputs.monkeypatch.setenv("CPT_BENCH_CACHE", str(inputs.cache))
+        filled = {key: value.format(tmp=tmp) if isinstance(value, str) else value for key, value in overrides.items()}
+        config = tiny_config(inputs.model) | filled
+        return ["matrix", str(write_config(tmp, config)), *extra]
+
+    return run
+
+
 def _disk_full_compress(tmp: Path, inputs: Inputs) -> list[str]:
     """Recompressing into an existing checkpoint folder when the disk fills while writing the weights."""
     out = inputs.copy(inputs.compressed, tmp)
@@ -420,6 +485,36 @@ CASES = [
     Case("adapter-hard-prompt-empty", _adapter(hard_prompt=""), r"hard prompt is empty"),
     Case("adapter-prompt-fills-the-context", _adapter(soft_prompt="{prompt}", max_length="5"),
          r"a prompt of 5 tokens leaves no room in a context of 5 tokens"),
+    # arguments and files checked before anything loads (issue 10)
+    Case("adapter-model-arg-misspelt", _before_loading(_adapter(compresion="rtn-w8")),
+         r"unknown model_arg 'compresion' for the cpt model \(did you mean 'compression'\?\); accepted: .*compression"),
+    Case("adapter-cuda-without-cuda", _adapter_on_device("cuda"),
+         r"device 'cuda': CUDA is not available on this machine; use cpu \(or auto\)"),
+    Case("adapter-prompt-folder-missing-before-loading", _before_loading(_adapter(soft_prompt="{tmp}/no-such-prompt")),
+         r"no-such-prompt is not a prompt folder: prompt\.safetensors is missing"),
+    Case("adapter-compression-both-spec-and-folder", _compression_named_like_a_folder,
+         r"compression 'rtn-w8' is both a compression spec and an existing path; write \./rtn-w8 for the folder"),
+    Case("adapter-compression-folder-without-manifest", _adapter(compression="{tmp}"),
+         r"compression '.*' is a folder without compression\.json; expected a compressed checkpoint folder"),
+    Case("adapter-checkpoint-of-another-model", _checkpoint_of_another_model,
+         r"checkpoint .* was compressed from model '.*' \(weights [0-9a-f]{12}\), not from '.*'"),
+    Case("train-source-not-a-corpus", _before_loading(_train("--source", "wikipedai")),
+         r"--source 'wikipedai' is not a corpus spec: expected a built-in corpus"),
+    Case("train-compression-not-a-spec", _before_loading(_train("--compression", "gptq-w5")),
+         r"--compression 'gptq-w5' is neither a compressed checkpoint folder nor a valid spec"),
+    Case("matrix-out-cannot-be-created", _matrix("--out", "/proc/forbidden/run"),
+         r"--out /proc/forbidden/run: cannot create the run folder \(.*\); expected a folder that exists or can be "
+         r"created"),
+    Case("matrix-dry-run-model-missing", _matrix("--dry-run", model="{tmp}/no-such-model"),
+         r"could not load model '.*no-such-model': expected 'embedded', a model folder or a Hugging Face id"),
+    Case("matrix-dry-run-task-unknown", _matrix("--dry-run", targets=[{"task": "cpt_ppl_klingon", "limit": 2}]),
+         r"targets\[0\]\.task: unknown task 'cpt_ppl_klingon'"),
+    Case("matrix-dry-run-prompt-longer-than-context",
+         _matrix("--dry-run", prompts={"soft": {"sources": ["wikipedia"], "trained_at": ["rtn-w4g32"],
+                                                "training": {"n_virtual_tokens": 500, "seqlen": 16}}}),
+         r"prompts\.soft\.training: n_virtual_tokens 500 \+ seqlen 16 exceed model .*'s context of 512 tokens"),
+    Case("matrix-dry-run-ppl-window-and-prompt-exceed-context", _matrix("--dry-run", ppl_seqlen=500),
+         r"ppl_seqlen: 500 tokens plus the longest prompt \(\d+ tokens\) exceed model .*'s context of 512 tokens"),
     # output folders and disks
     Case("out-not-writable", _read_only_out, r"cannot (write|access) .*locked/out.*: Permission denied",
          needs_non_root=True),
