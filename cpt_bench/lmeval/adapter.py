@@ -87,18 +87,18 @@ MODEL_CONSTRUCTOR_ARGS = ("attn_implementation", "low_cpu_mem_usage", "cache_dir
                           "use_safetensors", "device_map", "quantization_config")
 
 
-def accepted_model_args() -> list[str]:
+def _accepted_model_args() -> tuple[str, ...]:
     """Every model_arg the ``cpt`` model takes: its own, HFLM's, and ``MODEL_CONSTRUCTOR_ARGS``."""
     names = set(MODEL_CONSTRUCTOR_ARGS)
     for function in (CptLM.__init__, HFLM.__init__):
         names |= {name for name, parameter in inspect.signature(function).parameters.items()
-                  if name != "self" and parameter.kind is not inspect.Parameter.VAR_KEYWORD}
-    return sorted(names)
+                  if name != "self" and parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD}
+    return tuple(sorted(names))
 
 
 def check_model_args(extra: dict[str, Any]) -> None:
     """Refuse an unknown model_arg in one line naming it, the closest accepted name and the accepted ones."""
-    accepted = accepted_model_args()
+    accepted = ACCEPTED_MODEL_ARGS
     for name in extra:
         if name not in accepted:
             close = difflib.get_close_matches(name, accepted, n=1)
@@ -223,3 +223,6 @@ class CptLM(HFLM):
     def get_model_info(self) -> dict[str, Any]:
         """HFLM's model info plus the prompt and the memory record (lm-eval stores it in results['config'])."""
         return {**super().get_model_info(), "prompt": self.prompt_info, "memory": self.memory_record()}
+
+
+ACCEPTED_MODEL_ARGS = _accepted_model_args()
