@@ -111,12 +111,28 @@ def test_shards_are_disjoint_whole_groups_covering_the_plan():
 
 def test_shipped_configs_validate_and_plan(capsys):
     shipped = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
-    assert {path.stem for path in shipped} >= {"default", "paper"}
+    assert {path.stem for path in shipped} >= {"default", "paper", "paper-opt"}
     for path in shipped:
         assert make_plan(load_config(path)).cells
     assert main(["matrix", str(Path(__file__).parents[1] / "configs" / "default.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "48 cells in 16 (compression, prompt) groups" in out and "estimated time" in out
+
+
+@pytest.mark.parametrize("name, model", [("paper", "huggyllama/llama-7b"), ("paper-opt", "facebook/opt-6.7b")])
+def test_paper_configs_state_the_papers_protocol(name, model, capsys):
+    """The plan of the paper's protocol, printed without the model or the Hub (``tox -e paper``)."""
+    assert main(["matrix", str(Path(__file__).parents[1] / "configs" / f"{name}.yaml"), "--plan-only"]) == 0
+    out = capsys.readouterr().out
+    for protocol in (f"model {model} (bfloat16, cuda", "calibration: 128 x 2048 tokens of c4 (train)",
+                     "gptq-w3-actorder, gptq-w4-actorder, sparsegpt-50, sparsegpt-75, sparsegpt-50+gptq-w4",
+                     "soft-c4@gptq-w3-actorder, soft-c4@sparsegpt-75, soft-c4@sparsegpt-50+gptq-w4",
+                     "100 tokens, init vocab, AdamW lr 0.001 weight decay 1e-05, 500 warmup then linear decay, "
+                     "30000 steps of batch 2 x 1024 tokens, clip 1.0",
+                     "targets (perplexity windows of 1024 tokens): cpt_ppl_corpus@wikitext2 (token_perplexity, limit "
+                     "None), cpt_ppl_corpus@ptb (token_perplexity, limit None), cpt_ppl_corpus@c4 (token_perplexity, "
+                     "limit 256)", "not checked"):
+        assert protocol in out, protocol
 
 
 BAD_CONFIGS = [

@@ -12,7 +12,7 @@ def cmd_matrix(args: argparse.Namespace) -> None:
     """Run the matrix (or print its plan) and say where the results went."""
     from cpt_bench.matrix.run import run_matrix
 
-    run_dir = run_matrix(args.config, args.out, args.resume, args.shard, args.executor, args.dry_run)
+    run_dir = run_matrix(args.config, args.out, args.resume, args.shard, args.executor, args.dry_run, args.plan_only)
     if run_dir is not None:
         summary = run_dir / "summary.json"
         done = f"summary {summary}, report {run_dir / 'report'}" if summary.is_file() else "not complete"
@@ -37,7 +37,10 @@ def add_matrix_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="continue the run in --out (same config); starts it when there is none")
     matrix.add_argument("--shard", default=None, help="i/n: run the i-th of n disjoint parts (array jobs)")
     matrix.add_argument("--executor", choices=EXECUTORS, default="local", help="local (default) or ray")
-    matrix.add_argument("--dry-run", action="store_true", help="print the plan, counts and a time estimate")
+    matrix.add_argument("--dry-run", action="store_true", help="check the plan as the run does first (model, tasks, "
+                        "windows against the context, corpora), then print it with a time estimate")
+    matrix.add_argument("--plan-only", action="store_true", help="print the plan without looking anything up "
+                        "(for a config meant for another machine, e.g. configs/paper.yaml offline)")
     matrix.set_defaults(run=cmd_matrix)
 
     merge = subparsers.add_parser("merge", help="merge shard run folders of one config into one run")

@@ -186,20 +186,35 @@ def estimate_seconds(plan: Plan, parameters: int = REFERENCE_PARAMETERS) -> dict
     return {"compression": compress, "soft_prompts": prompts, "cells": cells, "total": compress + prompts + cells}
 
 
-def describe(plan: Plan, parameters: int = REFERENCE_PARAMETERS) -> str:
-    """The ``--dry-run`` text: counts, artifacts, cells per compression level, and the time estimate for a model of
-    ``parameters`` parameters."""
-    estimate = estimate_seconds(plan, parameters)
+def describe(plan: Plan, parameters: int | None = REFERENCE_PARAMETERS) -> str:
+    """The ``--dry-run`` text: the protocol (calibration, prompt training, targets), every artifact, the cells per
+    compression level, and the time estimate for a model of ``parameters`` parameters (None: no estimate, the
+    plan was not checked against the model)."""
     config = plan.config
-    lines = [f"matrix {config.name!r}: model {config.model}, {len(plan.cells)} cells in {len(plan.groups())} "
-             f"(compression, prompt) groups",
+    calibration, training = config.compression.calibration, config.prompts.soft.training
+    lines = [f"matrix {config.name!r}: model {config.model} ({config.dtype}, {config.device}, {config.kernels} "
+             f"kernels), {len(plan.cells)} cells in {len(plan.groups())} (compression, prompt) groups",
+             f"calibration: {calibration.n_windows} x {calibration.seqlen} tokens of {calibration.corpus} (train), "
+             f"seed {calibration.seed}, dampening {calibration.dampening}, block {calibration.block_size}, "
+             f"true-sequential {calibration.true_sequential}",
              f"artifacts: {len(plan.compressed)} compressed checkpoints ({', '.join(plan.compressed) or 'none'}), "
-             f"{len(plan.soft_prompts)} soft prompts ({', '.join(p.id for p in plan.soft_prompts) or 'none'})",
-             f"targets: {', '.join(f'{t.name} ({t.metric}, limit {t.limit})' for t in config.targets)}"]
+             f"{len(plan.soft_prompts)} soft prompts ({', '.join(p.id for p in plan.soft_prompts) or 'none'})"]
+    if plan.soft_prompts:
+        lines.append(f"soft prompts: {training.n_virtual_tokens} tokens, init {training.init}, AdamW lr {training.lr} "
+                     f"weight decay {training.weight_decay}, {training.warmup_steps} warmup then linear decay, "
+                     f"{training.steps} steps of batch {training.batch_size} x {training.seqlen} tokens, clip "
+                     f"{training.max_grad_norm}, validation every {training.eval_every} steps on "
+                     f"{training.eval_windows} windows (best kept)")
+    lines.append(f"targets (perplexity windows of {config.ppl_seqlen} tokens): "
+                 + ", ".join(f"{t.name} ({t.metric}, limit {t.limit})" for t in config.targets))
     for compression in config.compression.specs:
         here = [cell for cell in plan.cells if cell.compression == compression]
         prompts = list(dict.fromkeys(cell.prompt.id for cell in here))
         lines.append(f"  {compression}: {len(here)} cells; prompts {', '.join(prompts)}")
+    if parameters is None:
+        lines.append("not checked: the model, tasks and corpora were not looked at (--plan-only); no time estimate")
+        return "\n".join(lines)
+    estimate = estimate_seconds(plan, parameters)
     lines.append("checked: model, tasks, window lengths against the context, corpus lengths (as the run does first)")
     lines.append(f"estimated time on 2 CPU cores (rough: the embedded model's measured rates scaled to "
                  f"{parameters / 1e6:.0f}M parameters, time taken as proportional; a GPU is far faster): "

@@ -308,8 +308,9 @@ def default_run_dir(config: MatrixConfig, shard: tuple[int, int] | None) -> Path
 
 
 def run_matrix(config_path: Path, out: Path | None = None, resume: bool = False, shard: str | None = None,
-               executor: str = "local", dry_run: bool = False) -> Path | None:
-    """Run (or with ``dry_run`` only print the plan of) the matrix in ``config_path``; returns the run folder.
+               executor: str = "local", dry_run: bool = False, plan_only: bool = False) -> Path | None:
+    """Run the matrix in ``config_path``; returns the run folder. ``dry_run``: only check the plan as the run does
+    first and print it; ``plan_only``: only print it (nothing looked up: for a config meant for another machine).
 
     When every cell of the (shard's) plan is done, writes ``summary.json`` and the report.
     """
@@ -318,6 +319,9 @@ def run_matrix(config_path: Path, out: Path | None = None, resume: bool = False,
     shard_numbers = parse_shard(shard) if shard else None
     if shard_numbers:
         plan = shard_plan(plan, *shard_numbers)
+    if plan_only:
+        print(describe(plan, None))
+        return None
     facts = validate_plan(plan, task_manager(config))
     if dry_run:
         print(describe(plan, facts.parameters))
