@@ -35,6 +35,29 @@ def cmd_assets(args: argparse.Namespace) -> None:
     print(tabulate(rows, headers=["asset", "status", "MB", "seconds"]))
 
 
+def cmd_corpus(args: argparse.Namespace) -> None:
+    """Prepare a corpus spec and print its splits (documents, words, and tokens of ``--model``'s tokenizer);
+    ``--export DIR`` writes every document as a text file."""
+    from cpt_bench.corpus import export_text, load_split, parse_corpus
+    from cpt_bench.tokens import corpus_stream
+
+    spec = parse_corpus(args.spec, "corpus")
+    tokenizer = None
+    if args.model:
+        from cpt_bench.assets.model import load_tokenizer
+
+        tokenizer = load_tokenizer(args.model)
+    rows = []
+    for split in ("train", "validation", "test"):
+        docs = load_split(spec, split)
+        tokens = len(corpus_stream(spec, split, tokenizer)) if tokenizer else "-"
+        rows.append([split, len(docs), sum(len(doc["text"].split()) for doc in docs), tokens])
+    print(f"corpus {spec} (documents joined with {spec.separator!r})")
+    print(tabulate(rows, headers=["split", "documents", "words", "tokens"]))
+    if args.export:
+        print(f"wrote {export_text(spec, args.export)} text files to {args.export}")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     """Evaluate one model on cpt_bench tasks and write a run folder."""
     from lm_eval.utils import make_table
@@ -70,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     evaluate.add_argument("--out", type=Path, default=None, help="run folder (default: runs/evaluate-<time>)")
     evaluate.set_defaults(run=cmd_evaluate)
+
+    corpus = commands.add_parser("corpus", help="check a corpus spec: its splits and sizes (and export it as text)")
+    corpus.add_argument("spec", help="a corpus spec: wikipedia, c4, text:DIR, jsonl:FILE?field=body, hf:DATASET, "
+                        "lmeval:TASK (see cpt_bench.corpus)")
+    corpus.add_argument("--model", default=None, help="count tokens with this model's tokenizer ('embedded', ...)")
+    corpus.add_argument("--export", type=Path, default=None, metavar="DIR",
+                        help="write every document as DIR/<split>/<n>.txt (a text: corpus of your own to edit)")
+    corpus.set_defaults(run=cmd_corpus)
 
     add_compress_parser(commands)
     add_prompt_parser(commands)

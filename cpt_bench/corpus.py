@@ -192,6 +192,21 @@ def load_split(spec: str | CorpusSpec, split: str) -> list[dict]:
         return [json.loads(line) for line in handle]
 
 
+def export_text(spec: str | CorpusSpec, out: Path) -> int:
+    """Write every document of every split as ``out/<split>/<index>.txt`` (UTF-8; atomically, the folder replaced
+    whole); returns how many. ``text:OUT`` then reads them back, split anew by document."""
+    from cpt_bench.files import replacing_folder
+
+    count = 0
+    with replacing_folder(Path(out)) as folder:
+        for split in SPLITS:
+            (folder / split).mkdir()
+            for index, doc in enumerate(load_split(spec, split)):
+                (folder / split / f"{index:06d}.txt").write_text(doc["text"] + "\n", encoding="utf-8")
+                count += 1
+    return count
+
+
 def prepare(spec: str | CorpusSpec) -> Path:
     """The cache folder holding ``{train,validation,test}.jsonl`` of a corpus, prepared when missing or stale."""
     spec = parse_corpus(spec)

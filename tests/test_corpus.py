@@ -127,3 +127,24 @@ def test_presets_offline_say_how_to_provide_the_data(corpus_cache, monkeypatch):
     with pytest.raises(CorpusError, match=r"dataset 'wikitext' is not available here .*save_to_disk\(DIR\)") as caught:
         load_split("wikitext2", "test")
     assert "\n" not in str(caught.value)
+
+
+def test_corpus_command_prints_the_splits_and_exports_text_files(corpus_cache, tmp_path, tiny_model_dir, capsys):
+    from cpt_bench.cli import main
+
+    rows = [{"body": text} for text in _texts(random.Random(6), 20)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    spec = f"jsonl:{tmp_path / 'd.jsonl'}?field=body"
+    assert main(["corpus", spec, "--model", str(tiny_model_dir), "--export", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert f"corpus {spec}" in out and "wrote 20 text files" in out
+    assert [line.split()[:2] for line in out.splitlines() if line.split()[:1] in (["train"], ["test"])] == [
+        ["train", "16"], ["test", "2"]]
+    exported = _splits(f"text:{tmp_path / 'out'}")
+    assert sorted(d["text"] for docs in exported.values() for d in docs) == sorted(r["body"] for r in rows)
+    assert main(["corpus", "wikipedai"]) == 2
+    assert capsys.readouterr().err.strip() == ("cpt-bench: error: corpus 'wikipedai' is not a corpus spec: expected "
+                                               "a built-in corpus (wikipedia, boolq_passages, shakespeare, milton), a "
+                                               "preset (wikitext2, ptb, c4), or KIND:PATH_OR_NAME[?field=..&config=..&"
+                                               "separator=blank_line|newline|space] with KIND one of text, jsonl, "
+                                               "csv, parquet, hf, lmeval")

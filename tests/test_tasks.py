@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import lm_eval
@@ -132,3 +137,39 @@ def test_seqlen_metadata_changes_the_windows(filled_fake_cache, tiny_model_dir):
     long = list(_task_dict(["cpt_ppl_shakespeare"], tiny_model_dir, seqlen=64)["cpt_ppl_shakespeare"].eval_docs)
     assert len(long) == len(short) // 2 or len(long) == (len(short) - 1) // 2
     assert all(abs(doc["n_tokens"] - 64) <= 1 for doc in long)
+
+
+def _ppl_table(cli: str, model_args: str, corpus: str, out: Path, cache: Path) -> str:
+    """``cli --tasks cpt_ppl_corpus --metadata {corpus, seqlen}`` on the tiny model; the printed results table."""
+    env = {**os.environ, "CPT_BENCH_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    metadata = json.dumps({"corpus": corpus, "seqlen": TINY_SEQLEN_TOKENS})
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / cli), "--model", model_args.split(":")[0], "--model_args",
+         model_args.split(":", 1)[1], "--tasks", "cpt_ppl_corpus", "--metadata", metadata, "--include_path",
+         str(TASKS_DIR), "--batch_size", "4", "--device", "cpu", "--output_path", str(out)],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return "\n".join(line for line in done.stdout.splitlines() if line.startswith("|"))
+
+
+def test_the_corpus_task_scores_a_text_folder_the_same_through_lm_eval_and_cpt_lm_eval(tiny_model_dir, tmp_path):
+    """``cpt_ppl_corpus`` on a ``text:`` folder of one's own: plain lm_eval (hf), cpt-lm-eval (hf) and the cpt
+    model print one table, with token perplexity among lm-eval's rolling metrics."""
+    import random
+
+    from . import fakes
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    rng = random.Random(5)
+    for index in range(20):
+        (notes / f"{index:02d}.txt").write_text("\n\n".join(fakes.paragraph(rng) for _ in range(3)))
+    corpus, cache = f"text:{notes}", tmp_path / "cache"
+    plain = _ppl_table("lm_eval", f"hf:pretrained={tiny_model_dir},dtype=float32", corpus, tmp_path / "a", cache)
+    ours = _ppl_table("cpt-lm-eval", f"hf:pretrained={tiny_model_dir},dtype=float32", corpus, tmp_path / "b", cache)
+    adapter = _ppl_table("cpt-lm-eval", f"cpt:pretrained={tiny_model_dir},dtype=float32", corpus, tmp_path / "c",
+                         cache)
+    assert plain == ours == adapter
+    assert "cpt_ppl_corpus" in plain and re.search(r"\|token_perplexity\s*\|↓\s*\|\s*[0-9.]+\|", plain), plain
+    for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
+        assert metric in plain
