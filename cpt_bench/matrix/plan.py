@@ -20,12 +20,17 @@ from cpt_bench.compress.spec import Spec
 from cpt_bench.errors import UserError
 from cpt_bench.matrix.config import MatrixConfig, Target, hard_prompt_label
 
-# Rough speeds of the embedded model on 2 CPU cores (measured, see README), for --dry-run estimates only.
-EVAL_TOKENS_PER_SECOND = 430.0
-ITEM_SECONDS = 0.12  # one multiple-choice item (2-4 short continuations)
-CALIBRATION_TOKENS_PER_SECOND = 180.0  # GPTQ / SparseGPT, Hessians and the algorithm included
-UNCALIBRATED_SECONDS = 20.0  # RTN / magnitude: pack and write
-TRAIN_TOKENS_PER_SECOND = 140.0  # soft-prompt forward + backward
+# Speeds of the embedded model on 2 idle CPU cores, for --dry-run estimates only (README, "Time estimates"). Taken
+# from the committed runs made with nothing else running (results/default/summary.json cell seconds, README
+# timings): a perplexity cell of 8 x 512 tokens 9.6 s, a PIQA cell of 100 items 17.5 s, a default soft prompt's
+# 20480 training tokens ~110 s, SparseGPT 93 s on 16 x 512 calibration tokens, RTN / magnitude 4-6 s.
+# benchmarks/plan_rates.py measures each constant directly; its only run so far shared the 2 cores with five other
+# jobs (load average 5-6.6) and came out 2.5-13x slower (calibration 32x): rough figures under load, not used here.
+EVAL_TOKENS_PER_SECOND = 520.0  # lm-eval rolling loglikelihood, 512-token windows, batch 8 (1024-token ones: ~390)
+ITEM_SECONDS = 0.155  # one multiple-choice item (2-4 short continuations)
+CALIBRATION_TOKENS_PER_SECOND = 90.0  # GPTQ / SparseGPT at 16 x 512 tokens: load, Hessians, algorithm, writing
+UNCALIBRATED_SECONDS = 5.0  # RTN / magnitude: load, pack and write
+TRAIN_TOKENS_PER_SECOND = 200.0  # soft-prompt forward + backward
 CELL_OVERHEAD_SECONDS = 2.0  # lm-eval task set-up per cell
 MODEL_LOAD_SECONDS = 4.0  # one (compression, prompt) group
 REFERENCE_PARAMETERS = 134_515_008  # SmolLM2-135M-Instruct (tied embeddings once), the model the rates are of
