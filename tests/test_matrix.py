@@ -119,6 +119,18 @@ def test_shipped_configs_validate_and_plan(capsys):
     assert "48 cells in 16 (compression, prompt) groups" in out and "estimated time" in out
 
 
+def test_dry_run_estimate_scales_with_the_models_size():
+    """The estimate is the embedded model's rates scaled by parameter count, and says so."""
+    from cpt_bench.matrix.plan import CELL_OVERHEAD_SECONDS, REFERENCE_PARAMETERS, describe, estimate_seconds
+
+    plan = make_plan(config_from_dict(planning_config()))
+    small, large = estimate_seconds(plan), estimate_seconds(plan, 8 * REFERENCE_PARAMETERS)
+    overhead = CELL_OVERHEAD_SECONDS * len(plan.cells)  # lm-eval's per-cell set-up does not scale
+    assert large["compression"] == pytest.approx(8 * small["compression"])
+    assert large["cells"] - overhead == pytest.approx(8 * (small["cells"] - overhead))
+    assert "scaled to 1076M parameters" in describe(plan, 8 * REFERENCE_PARAMETERS)
+
+
 @pytest.mark.parametrize("name, model", [("paper", "huggyllama/llama-7b"), ("paper-opt", "facebook/opt-6.7b")])
 def test_paper_configs_state_the_papers_protocol(name, model, capsys):
     """The plan of the paper's protocol, printed without the model or the Hub (``tox -e paper``)."""
