@@ -379,8 +379,6 @@ def test_untrained_prompt_check_warns_or_fails_in_one_line(untrained_run, caplog
     assert "\n" not in str(caught.value)
 
 
-@pytest.mark.xfail(strict=True, reason="needs build_prompt to call check_prompt_trained (the lead wires it); "
-                                       "drop this mark then")
 def test_require_improvement_stops_the_run_at_an_untrained_prompt(matrix_env, tiny_model_dir, tmp_path, capsys):
     config = write_config(tmp_path, untrained_config(tiny_model_dir, require_improvement=True))
     assert main(["matrix", str(config), "--out", str(tmp_path / "run")]) == 2

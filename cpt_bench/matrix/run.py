@@ -85,14 +85,14 @@ def build_prompt(config: MatrixConfig, run_dir: Path, prompt: PromptChoice, comp
     from cpt_bench.prompts.soft import CHECKPOINT, train_soft_prompt
 
     folder = prompt_folder(run_dir, prompt)
-    if (folder / METADATA).is_file():
-        read_prompt(folder)  # verifies the stored tensor against its checksum
-        return str(folder)
-    loaded = load_model(config.model, CheckpointFolder(Path(compressed_folder)) if compressed_folder else None,
-                        mode=config.kernels, dtype=getattr(torch, config.dtype), device=resolved_device(config))
-    train_soft_prompt(loaded.model, loaded.tokenizer, config.prompts.soft.training, prompt.source, folder,
-                      model_name=config.model, compression=loaded.compression,
-                      resume=(folder / CHECKPOINT).is_file())
+    if not (folder / METADATA).is_file():
+        loaded = load_model(config.model, CheckpointFolder(Path(compressed_folder)) if compressed_folder else None,
+                            mode=config.kernels, dtype=getattr(torch, config.dtype), device=resolved_device(config))
+        train_soft_prompt(loaded.model, loaded.tokenizer, config.prompts.soft.training, prompt.source, folder,
+                          model_name=config.model, compression=loaded.compression,
+                          resume=(folder / CHECKPOINT).is_file())
+    read_prompt(folder)  # verifies the stored tensor against its checksum
+    check_prompt_trained(folder, prompt.id, config.prompts.soft.require_improvement)
     return str(folder)
 
 
