@@ -11,6 +11,7 @@ original grid and look lossless. Use group size 64 (or per-channel) to measure r
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -181,6 +182,13 @@ def model_fingerprint(model: str | os.PathLike | Any) -> str:
     weights = sorted({path for pattern in WEIGHT_PATTERNS for path in folder.glob(pattern)})
     if not weights:
         raise ModelError(f"model folder {folder} has no weight files ({', '.join(WEIGHT_PATTERNS)})")
-    record = {"config.json": sha256_of(folder / "config.json")} | {path.name: sha256_of(path) for path in weights}
-    digest.update(json.dumps(record, sort_keys=True).encode())
-    return digest.hexdigest()
+    files = [folder / "config.json", *weights]
+    return _folder_fingerprint(tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+
+
+@functools.lru_cache(maxsize=16)
+def _folder_fingerprint(files: tuple[tuple[str, int, int], ...]) -> str:
+    """sha256 over the files' sha256s, by name; memoised per (path, size, mtime) since hashing a 7B model's
+    weights takes a minute and every matrix group checks its checkpoint's base model."""
+    record = {Path(path).name: sha256_of(Path(path)) for path, _, _ in files}
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
