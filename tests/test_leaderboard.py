@@ -31,7 +31,6 @@ CONFIG: dict[str, Any] = {
     "name": "submitted", "model": "embedded", "ppl_seqlen": 256,
     "compression": {"specs": ["dense", "rtn-w3g64", "sparsegpt-50"]},
     "prompts": {"hard": ["paper"], "soft": {"sources": ["wikipedia"], "trained_at": ["rtn-w3g64"]}},
-    "transfer": {"datasets": True, "compression_levels": False, "compression_types": False},
     "targets": [{"task": "cpt_ppl_wikipedia", "limit": 4}, {"task": "cpt_piqa", "limit": 10, "metric": "acc"}],
 }
 ENVIRONMENT = {"versions": {"cpt_bench": "0.1.0", "torch": "2.13.0+cpu"}, "git": {"commit": "c0ffee" * 6 + "beef",
