@@ -24,7 +24,6 @@ from cpt_bench.matrix.store import CONFIG_FILE
 from cpt_bench.report.tables import ReportError
 
 CONFIG_YAML = "config.yaml"
-SUBMISSION_FILE = "submission.json"
 # The cpt adapter puts every prompt (soft or hard) before the request's tokens, the only position it implements.
 PROMPT_POSITION = "prompt before the input"
 _LINE_KEY = re.compile(r"^(include|num_fewshot):\s*(\S+)\s*$", re.MULTILINE)
@@ -76,19 +75,13 @@ def task_fewshot(task: str) -> int | None:
     return 0
 
 
-def recorded_fewshot(folder: Path) -> dict[str, int]:
-    """Few-shot per task recorded by a submission (``submission.json``), empty for a run committed without one."""
-    path = folder / SUBMISSION_FILE
-    return json.loads(path.read_text(encoding="utf-8")).get("fewshot", {}) if path.is_file() else {}
-
-
-def run_protocols(folder: Path, targets: list[dict[str, Any]]) -> dict[str, Protocol]:
-    """The protocol of each of a run's targets (summary ``targets`` entries), by task."""
+def run_protocols(folder: Path, targets: list[dict[str, Any]], recorded: dict[str, int]) -> dict[str, Protocol]:
+    """The protocol of each of a run's targets (summary ``targets`` entries), by task; ``recorded``: few-shot per
+    task from the cells (a submission's ``fewshot``), else read from the task's definition."""
     config = run_config(folder)
     limits = {target.name: target.limit for target in config.targets}
     if missing := [t["task"] for t in targets if t["task"] not in limits]:
         raise ReportError(f"{folder}: the config has no target {', '.join(missing)} of its summary")
-    recorded = recorded_fewshot(folder)
     return {t["task"]: Protocol(config.ppl_seqlen if t["task"].startswith(PPL_TASK_PREFIX) else None,
                                 limits[t["task"]], recorded.get(t["task"], task_fewshot(t["task"])))
             for t in targets}

@@ -29,7 +29,8 @@ from cpt_bench.files import write_json_atomic
 from cpt_bench.matrix import store
 from cpt_bench.matrix.config import MatrixConfig
 from cpt_bench.matrix.plan import make_plan
-from cpt_bench.report.protocol import CONFIG_YAML, SUBMISSION_FILE, run_config
+from cpt_bench.report.leaderboard import SUBMISSION_FILE
+from cpt_bench.report.protocol import CONFIG_YAML, run_config
 from cpt_bench.report.tables import ReportError, load_summary
 
 SUBMISSION_FORMAT = "cpt_bench.submission/1"
