@@ -22,7 +22,14 @@ from cpt_bench.matrix import store
 from cpt_bench.matrix.config import config_from_dict
 from cpt_bench.matrix.plan import make_plan
 from cpt_bench.report.board_page import page
-from cpt_bench.report.leaderboard import build_board, load_runs, markdown, pareto_flags, write_leaderboard
+from cpt_bench.report.leaderboard import (
+    build_board,
+    load_runs,
+    markdown,
+    pareto_flags,
+    row_fields,
+    write_leaderboard,
+)
 from cpt_bench.report.protocol import Protocol, task_fewshot
 from cpt_bench.report.submit import SubmissionError, add_run
 from cpt_bench.report.tables import ReportError
@@ -145,6 +152,10 @@ def test_rows_are_ranked_with_gap_closed_and_memory_beside_each_number(tmp_path)
     assert cells[5:] == ["45.00 ± 0.50", "+25.00", "38%", "100.4", "0.373", "3072", "★"]
     accuracy = next(rows for c, rows in board.columns if c.task == "cpt_piqa")
     assert [r.cell["value"] for r in accuracy] == sorted((r.cell["value"] for r in accuracy), reverse=True)
+    # PIQA: 0.65 dense, 0.55 at rtn-w3g64, stderr 0.05 each: a 0.10 gap is under 2 x 0.071, so its share is noise
+    soft = next(r for r in accuracy if r.compression["spec"] == "rtn-w3g64" and r.prompt["kind"] == "soft")
+    assert soft.gap_closed == pytest.approx(-0.025 / 0.10) and not soft.gap_resolved
+    assert row_fields(next(c for c, _ in board.columns if c.task == "cpt_piqa"), soft)["gap closed"] == "n/s"
 
 
 def test_pareto_flags_keep_points_no_other_beats_on_both():

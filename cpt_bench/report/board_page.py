@@ -122,7 +122,7 @@ def _sort_keys(column: Column, row: Row, rank: int) -> dict[str, str]:
         return "" if value is None else repr(float(value))
 
     return {"rank": str(rank), "value ± stderr": number(row.cell["value"]), "Δ vs dense": number(row.cell.get("delta")),
-            "gap closed": number(row.gap_closed), "stored MB": number(row.stored_mb),
+            "gap closed": number(row.gap_closed if row.gap_resolved else None), "stored MB": number(row.stored_mb),
             "ratio to dense": number(row.compression["ratio_to_dense"]), "peak MiB": number(row.peak_mib)}
 
 
