@@ -5,7 +5,7 @@ few-shot, prompt position), so numbers measured under different protocols never 
 one ranked table (best value first, then smaller stored size): a row per (run, model, compression, prompt) with a
 cell on that task, its value ± stderr beside the gap its prompt closed, the stored size, the ratio to dense, the
 measured peak memory and whether it lies on the Pareto frontier of quality against stored MB. A last table says
-where each run came from (machine, commit, versions, submission). ``page`` renders the HTML page.
+where each run came from (machine, platform, commit, versions, submission). ``page`` renders the HTML page.
 """
 
 from __future__ import annotations
@@ -252,7 +252,7 @@ def run_sessions(run: Run) -> list[dict[str, Any]]:
 def provenance_fields(run: Run) -> dict[str, str]:
     """Where a run came from, by header of the runs table."""
     sessions = run_sessions(run)
-    hosts = ", ".join(dict.fromkeys(str((s.get("hardware") or {}).get("platform", "unknown")) for s in sessions))
+    platforms = ", ".join(dict.fromkeys(str((s.get("hardware") or {}).get("platform", "unknown")) for s in sessions))
     started = ", ".join(dict.fromkeys(str(s.get("started", "unknown")) for s in sessions))
     if run.submission is None:
         source = "committed with the repository"
@@ -260,7 +260,7 @@ def provenance_fields(run: Run) -> dict[str, str]:
         source = (f"submitted {run.submission['added']} from {run.submission['source']}, "
                   f"{run.submission['cells_verified']} cell checksums verified")
     return {"run": run.name, "folder": run.folder.name, "model": run.model, "machine": str(run.summary.raw["machine"]),
-            "host": hosts, "commit": _commits(sessions), "versions": _versions(sessions), "started": started,
+            "platform": platforms, "commit": _commits(sessions), "versions": _versions(sessions), "started": started,
             "source": source}
 
 
