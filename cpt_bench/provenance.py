@@ -44,6 +44,7 @@ def hardware() -> dict[str, Any]:
     import torch
 
     record = {
+        "host": platform.node(),
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),

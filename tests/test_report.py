@@ -55,10 +55,21 @@ def _check_golden(path: Path) -> None:
         f"{path.name} differs from {golden}; if intended, rerun with CPT_BENCH_UPDATE_GOLDEN=1 and review the diff")
 
 
+def _config(summary: dict[str, Any]) -> dict[str, Any]:
+    """A config the summary's run could have come from: the leaderboard reads each target's protocol from it."""
+    targets = [{"task": t["task"], "metric": t["metric"], "limit": 8 if t["task"].startswith("cpt_ppl") else 100}
+               for t in summary.get("targets", [])]  # .get: malformed summaries are written too
+    return {"name": summary["name"], "model": summary["model"], "ppl_seqlen": 512,
+            "compression": {"specs": [c["spec"] for c in summary.get("compressions", [])]}, "targets": targets}
+
+
 def _write_run(results: Path, folder: str, summary: Any) -> Path:
+    """A results run folder: ``summary.json`` and, for a summary given as data, its ``config.yaml``."""
     (results / folder).mkdir(parents=True)
     text = summary if isinstance(summary, str) else json.dumps(summary)
     (results / folder / "summary.json").write_text(text, encoding="utf-8")
+    if not isinstance(summary, str):
+        (results / folder / "config.yaml").write_text(json.dumps(_config(summary)), encoding="utf-8")
     return results / folder
 
 
@@ -92,7 +103,7 @@ def test_leaderboard_over_two_runs_matches_golden(tmp_path):
     assert [path.name for path in paths] == ["LEADERBOARD.md", "LEADERBOARD.html"]
     _check_golden(paths[0])
     page = paths[1].read_text(encoding="utf-8")
-    assert page.startswith("<!DOCTYPE html>") and "cpt_piqa (acc_norm)" in page and "soft:wikipedia@rtn-w3g64" in page
+    assert page.startswith("<!DOCTYPE html>") and "cpt_piqa: acc_norm" in page and "soft:wikipedia@rtn-w3g64" in page
 
 
 def test_leaderboard_names_a_malformed_summary(tmp_path):

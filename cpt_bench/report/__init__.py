@@ -1,6 +1,9 @@
 """Reports of transfer-matrix runs: ``write_report`` turns one ``summary.json`` into markdown, LaTeX, HTML and PNGs;
-``write_leaderboard`` collects every run under ``results/``. ``tables`` builds the tables (and documents the
-layout), ``plots`` the figures; ``cli_commands`` adds ``cpt-bench report`` and ``cpt-bench leaderboard``.
+``write_leaderboard`` collects every run under ``results/``, one ranked table per (task, metric, protocol).
+``tables`` builds the tables (and documents the layout), ``plots`` the figures, ``protocol`` reads how each target
+was scored, ``leaderboard`` and ``board_page`` write the leaderboard (markdown; a self-contained HTML page),
+``submit`` verifies and adds a run made elsewhere; ``cli_commands`` adds ``cpt-bench report`` and
+``cpt-bench leaderboard [--add RUN_DIR]``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 ``add_report_parser``.
 
 ``report RUN`` turns ``RUN/summary.json`` (written by the matrix runner) into tables and plots;
-``leaderboard`` collects every ``results/*/summary.json`` into ``results/LEADERBOARD.md`` and ``.html``.
+``leaderboard`` collects every ``results/*/summary.json`` into ``results/LEADERBOARD.md`` and ``.html``;
+``leaderboard --add RUN_DIR`` first verifies a run folder made elsewhere and copies it in (``report.submit``).
 """
 
 from __future__ import annotations
@@ -21,9 +22,13 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> None:
-    """Write the leaderboard of every run under the results folder and print each written path."""
+    """Add ``--add`` run folders (verified), then write the leaderboard of every run under the results folder and
+    print each written path."""
     from cpt_bench.report import write_leaderboard
+    from cpt_bench.report.submit import add_run
 
+    for run_dir in args.add:
+        print(add_run(run_dir, args.results))
     for path in write_leaderboard(args.results):
         print(path)
 
@@ -38,5 +43,8 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> list[argparse.A
     leaderboard = subparsers.add_parser("leaderboard", help="collect results/*/summary.json into LEADERBOARD.md/.html")
     leaderboard.add_argument("--results", type=Path, default=Path("results"),
                              help="folder of run folders (default: results)")
+    leaderboard.add_argument("--add", type=Path, action="append", default=[], metavar="RUN_DIR",
+                             help="verify a finished run folder (schema, cell checksums, protocol) and copy it into "
+                                  "the results folder first; repeatable")
     leaderboard.set_defaults(run=cmd_leaderboard)
     return [report, leaderboard]

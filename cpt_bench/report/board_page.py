@@ -1,0 +1,295 @@
+"""The leaderboard as one self-contained HTML page: inline CSS, inline JavaScript, inline SVG, no network.
+
+Per column (task, metric, protocol): a Pareto view (quality against stored MB, one marker per row, better drawn
+upwards, the frontier as a staircase) beside the ranked table. Headers sort the table (numbers by value, missing
+last); the selects at the top filter every table and plot by model, compression family, prompt kind and run, and
+the frontier is redrawn over the markers still shown. The runs table at the bottom says where each row came from.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import re
+
+from matplotlib.ticker import LogLocator, MaxNLocator
+
+from cpt_bench.report.leaderboard import (
+    ROW_HEADERS,
+    RUNS_TITLE,
+    TITLE,
+    Board,
+    Column,
+    Row,
+    board_note,
+    provenance_fields,
+    row_fields,
+)
+from cpt_bench.report.tables import is_perplexity
+
+FILTERS = (("model", "model"), ("family", "compression family"), ("kind", "prompt kind"), ("run", "run"))
+KIND_COLOURS = {"none": "#666666", "hard": "#e08214", "soft": "#2166ac"}
+_WIDTH, _HEIGHT = 460, 320
+_LEFT, _RIGHT, _TOP, _BOTTOM = 62, 16, 28, 46
+_NUMERIC = {"rank", "value ± stderr", "Δ vs dense", "gap closed", "stored MB", "ratio to dense", "peak MiB"}
+
+_STYLE = """
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.5em 2em;color:#222;background:#fafafa}
+h1{margin:0 0 .3em}h2{font-size:1.1em;margin:1.6em 0 .2em}p.note{max-width:70em;font-size:.9em;color:#444}
+p.protocol{margin:.1em 0 .6em;font-size:.9em;color:#444}
+.filters{position:sticky;top:0;z-index:2;background:#eef2f7;border:1px solid #ccd;padding:.5em .8em;border-radius:6px;
+ display:flex;gap:1.2em;flex-wrap:wrap;align-items:center}
+.filters label{font-size:.9em}.filters select{margin-left:.3em}
+.column{display:flex;gap:1.2em;align-items:flex-start;flex-wrap:wrap}
+table{border-collapse:collapse;background:#fff;font-size:.85em}
+th,td{border:1px solid #ccc;padding:2px 7px;white-space:nowrap}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+thead th{background:#e4e8ee;cursor:pointer;user-select:none;position:relative;padding-right:16px}
+thead th[aria-sort=ascending]::after{content:"▲";position:absolute;right:3px;font-size:.7em}
+thead th[aria-sort=descending]::after{content:"▼";position:absolute;right:3px;font-size:.7em}
+tbody tr:nth-child(even){background:#f6f7f9}tbody tr:hover{background:#fff3c4}
+tr.pareto td:last-child{color:#b8860b;font-weight:bold}
+svg.pareto{background:#fff;border:1px solid #ccc;flex:none}svg text{font-size:11px;fill:#333}
+svg .grid{stroke:#e6e6e6}svg .axis{stroke:#666}svg .frontier{fill:none;stroke:#b8860b;stroke-width:2}
+svg circle.point{stroke:#fff;stroke-width:1;opacity:.85}span.shown{font-size:.85em;color:#666}
+table.runs td{white-space:normal;max-width:40em}
+"""
+
+_SCRIPT = """
+(function () {
+  const selects = Array.from(document.querySelectorAll("select.filter"));
+  const matches = (el) => selects.every((s) => s.value === "" || el.dataset[s.dataset.key] === s.value);
+  function frontier(svg) {
+    const points = [];
+    svg.querySelectorAll("circle.point").forEach((c) => {
+      const shown = matches(c);
+      c.style.display = shown ? "" : "none";
+      if (shown) points.push([+c.getAttribute("cx"), +c.getAttribute("cy")]);
+    });
+    points.sort((a, b) => a[0] - b[0] || a[1] - b[1]);  // smaller first; on screen up is better
+    const front = [];
+    for (const p of points) if (!front.length || p[1] < front[front.length - 1][1]) front.push(p);
+    const path = [];
+    front.forEach((p, i) => { if (i) path.push([p[0], front[i - 1][1]]); path.push(p); });
+    svg.querySelector("polyline.frontier").setAttribute("points", path.map((p) => p.join(",")).join(" "));
+  }
+  function apply() {
+    document.querySelectorAll("section.board").forEach((section) => {
+      const rows = Array.from(section.querySelectorAll("tbody tr"));
+      rows.forEach((tr) => { tr.hidden = !matches(tr); });
+      const shown = rows.filter((tr) => !tr.hidden).length;
+      section.querySelector("span.shown").textContent = shown + " of " + rows.length + " rows shown";
+      frontier(section.querySelector("svg.pareto"));
+    });
+  }
+  function sortBy(th) {
+    const table = th.closest("table"), index = Array.from(th.parentNode.children).indexOf(th);
+    const ascending = th.getAttribute("aria-sort") !== "ascending";
+    table.querySelectorAll("thead th").forEach((h) => h.removeAttribute("aria-sort"));
+    th.setAttribute("aria-sort", ascending ? "ascending" : "descending");
+    const key = (tr) => tr.children[index].dataset.sort;
+    const numeric = th.dataset.type === "number", body = table.tBodies[0];
+    const rows = Array.from(body.rows).sort((a, b) => {
+      const x = key(a), y = key(b);
+      if (numeric) {
+        if (x === "" || y === "") return (x === "") - (y === "");  // missing values last either way
+        return ascending ? x - y : y - x;
+      }
+      return ascending ? x.localeCompare(y) : y.localeCompare(x);
+    });
+    rows.forEach((tr) => body.appendChild(tr));
+  }
+  selects.forEach((s) => s.addEventListener("change", apply));
+  document.querySelectorAll("table.board thead th").forEach((th) => th.addEventListener("click", () => sortBy(th)));
+  apply();
+})();
+"""
+
+
+def _attributes(values: dict[str, str]) -> str:
+    return "".join(f' {name}="{html.escape(value)}"' for name, value in values.items())
+
+
+def _data(row: Row) -> dict[str, str]:
+    """The ``data-*`` attributes the filters read."""
+    return {"data-model": row.run.model, "data-family": row.family, "data-kind": row.prompt["kind"],
+            "data-run": row.run.name}
+
+
+def _sort_keys(column: Column, row: Row, rank: int) -> dict[str, str]:
+    """Machine-readable sort key of each numeric header ('' when missing)."""
+    def number(value: float | None) -> str:
+        return "" if value is None else repr(float(value))
+
+    return {"rank": str(rank), "value ± stderr": number(row.cell["value"]), "Δ vs dense": number(row.cell.get("delta")),
+            "gap closed": number(row.gap_closed if row.gap_resolved else None), "stored MB": number(row.stored_mb),
+            "ratio to dense": number(row.compression["ratio_to_dense"]), "peak MiB": number(row.peak_mib)}
+
+
+def _row_html(column: Column, row: Row, rank: int) -> str:
+    fields = {"rank": str(rank), **row_fields(column, row)}
+    keys = _sort_keys(column, row, rank)
+    cells = []
+    for header, text in fields.items():
+        content = html.escape(text)
+        if header == "run":
+            link = row.run.report_link()
+            content = f'<a href="{html.escape(link)}">{content}</a>' if link else content
+            content += f' <a href="#run-{html.escape(row.run.folder.name)}" title="where this run came from">(i)</a>'
+        attributes = {"class": "num", "data-sort": keys[header]} if header in _NUMERIC else {"data-sort": text}
+        cells.append(f"<td{_attributes(attributes)}>{content}</td>")
+    classes = {"class": "pareto"} if row.pareto else {}
+    return f"<tr{_attributes({**_data(row), **classes})}>{''.join(cells)}</tr>"
+
+
+class _Axes:
+    """Data to SVG coordinates: x stored MB (linear), y the metric (log for perplexities) with better upwards."""
+
+    def __init__(self, column: Column, rows: list[Row]) -> None:
+        self.log = is_perplexity(column.metric) and all(row.cell["value"] > 0 for row in rows)
+        xs = [row.stored_mb for row in rows]
+        ys = [self._y(row.cell["value"]) for row in rows]
+        self.x_range = _padded(min(xs), max(xs))
+        self.y_range = _padded(min(ys), max(ys))
+        self.up = column.higher_is_better
+
+    def _y(self, value: float) -> float:
+        return math.log10(value) if self.log else value
+
+    def px(self, megabytes: float) -> float:
+        low, high = self.x_range
+        return _LEFT + (megabytes - low) / (high - low) * (_WIDTH - _LEFT - _RIGHT)
+
+    def py(self, value: float) -> float:
+        low, high = self.y_range
+        share = (self._y(value) - low) / (high - low)
+        share = share if self.up else 1.0 - share
+        return _HEIGHT - _BOTTOM - share * (_HEIGHT - _TOP - _BOTTOM)
+
+    def x_ticks(self) -> list[float]:
+        low, high = self.x_range
+        return [t for t in MaxNLocator(nbins=5).tick_values(low, high) if low <= t <= high]
+
+    def y_ticks(self) -> list[float]:
+        low, high = self.y_range
+        if self.log:
+            ticks = LogLocator(base=10, subs=(1.0, 2.0, 5.0)).tick_values(10**low, 10**high)
+            ticks = [t for t in ticks if low <= math.log10(t) <= high]
+            if len(ticks) >= 3:
+                return ticks
+            low, high = 10**low, 10**high  # a narrow log range: evenly spaced values read better
+            return [t for t in MaxNLocator(nbins=5).tick_values(low, high) if low <= t <= high]
+        return [t for t in MaxNLocator(nbins=5).tick_values(low, high) if low <= t <= high]
+
+
+def _padded(low: float, high: float) -> tuple[float, float]:
+    """The range with 6% margins (1 unit around a single value)."""
+    margin = (high - low) * 0.06 if high > low else 1.0
+    return low - margin, high + margin
+
+
+def _svg_text(x: float, y: float, text: str, anchor: str = "middle", extra: str = "") -> str:
+    return f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}"{extra}>{html.escape(text)}</text>'
+
+
+def _frontier_points(axes: _Axes, rows: list[Row]) -> str:
+    """The staircase through the Pareto rows, by increasing stored MB (the page's script redraws it on filter)."""
+    front = sorted({(axes.px(r.stored_mb), axes.py(r.cell["value"])) for r in rows if r.pareto})
+    path: list[tuple[float, float]] = []
+    for index, point in enumerate(front):
+        if index:
+            path.append((point[0], front[index - 1][1]))
+        path.append(point)
+    return " ".join(f"{x:.1f},{y:.1f}" for x, y in path)
+
+
+def pareto_svg(column: Column, rows: list[Row]) -> str:
+    """Quality against stored MB of one column's rows, better upwards, frontier drawn; markers coloured by kind."""
+    axes = _Axes(column, rows)
+    right, bottom = _WIDTH - _RIGHT, _HEIGHT - _BOTTOM
+    parts = [f'<svg class="pareto" xmlns="http://www.w3.org/2000/svg" width="{_WIDTH}" height="{_HEIGHT}" '
+             f'viewBox="0 0 {_WIDTH} {_HEIGHT}" role="img" '
+             f'aria-label="{html.escape(column.title())} against stored MB">']
+    for tick in axes.x_ticks():
+        x = axes.px(tick)
+        parts += [f'<line class="grid" x1="{x:.1f}" y1="{_TOP}" x2="{x:.1f}" y2="{bottom}"/>',
+                  _svg_text(x, bottom + 14, f"{tick:g}")]
+    for tick in axes.y_ticks():
+        y = axes.py(tick)
+        parts += [f'<line class="grid" x1="{_LEFT}" y1="{y:.1f}" x2="{right}" y2="{y:.1f}"/>',
+                  _svg_text(_LEFT - 5, y + 4, f"{tick:g}", "end")]
+    better = "higher" if column.higher_is_better else "lower"
+    scale = ", log scale" if axes.log else ""
+    parts += [f'<rect class="axis" x="{_LEFT}" y="{_TOP}" width="{right - _LEFT}" height="{bottom - _TOP}" '
+              'fill="none"/>',
+              _svg_text((_LEFT + right) / 2, _HEIGHT - 10, "stored weight MB (smaller is better)"),
+              _svg_text(14, (_TOP + bottom) / 2, f"{column.metric} ({better} is better, up{scale})", "middle",
+                        f' transform="rotate(-90 14 {(_TOP + bottom) / 2:.1f})"'),
+              f'<polyline class="frontier" points="{_frontier_points(axes, rows)}"/>']
+    for row in rows:
+        title = (f"{row.run.name} · {row.run.model} · {row.compression['spec']} · {row_fields(column, row)['prompt']}:"
+                 f" {row_fields(column, row)['value ± stderr']} at {row.stored_mb:.1f} MB")
+        parts.append(f'<circle class="point" cx="{axes.px(row.stored_mb):.1f}" cy="{axes.py(row.cell["value"]):.1f}" '
+                     f'r="5" fill="{KIND_COLOURS[row.prompt["kind"]]}"{_attributes(_data(row))}>'
+                     f"<title>{html.escape(title)}</title></circle>")
+    legend_x = _LEFT + 6
+    for index, (kind, colour) in enumerate(KIND_COLOURS.items()):
+        x = legend_x + index * 86
+        parts += [f'<circle cx="{x + 4}" cy="{_TOP - 12}" r="4" fill="{colour}"/>',
+                  _svg_text(x + 12, _TOP - 8, f"{kind} prompt" if kind != "none" else "no prompt", "start")]
+    frontier_x = legend_x + len(KIND_COLOURS) * 86
+    parts += [f'<line class="frontier" x1="{frontier_x}" y1="{_TOP - 12}" x2="{frontier_x + 18}" y2="{_TOP - 12}"/>',
+              _svg_text(frontier_x + 22, _TOP - 8, "Pareto frontier", "start"), "</svg>"]
+    return "".join(parts)
+
+
+def _table(headers: list[str], rows: list[str], classes: str) -> str:
+    head = "".join(f'<th data-type="{"number" if h in _NUMERIC else "text"}">{html.escape(h)}</th>' for h in headers)
+    return f'<table class="{classes}"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def _section(index: int, column: Column, rows: list[Row]) -> str:
+    table = _table(ROW_HEADERS, [_row_html(column, row, rank) for rank, row in enumerate(rows, start=1)], "board")
+    return (f'<section class="board" id="column-{index}"><h2>{html.escape(column.title())}</h2>'
+            f'<p class="protocol">protocol: {html.escape(column.protocol.label())} · <span class="shown"></span></p>'
+            f'<div class="column">{pareto_svg(column, rows)}{table}</div></section>')
+
+
+def _filters(board: Board) -> str:
+    values: dict[str, list[str]] = {key: [] for key, _ in FILTERS}
+    for _, rows in board.columns:
+        for row in rows:
+            for key, _ in FILTERS:
+                value = _data(row)[f"data-{key}"]
+                if value not in values[key]:
+                    values[key].append(value)
+    parts = []
+    for key, label in FILTERS:
+        options = "".join(f'<option value="{html.escape(v)}">{html.escape(v)}</option>' for v in values[key])
+        parts.append(f'<label>{html.escape(label)}<select class="filter" data-key="{key}" name="{key}">'
+                     f'<option value="">all</option>{options}</select></label>')
+    return f'<div class="filters"><strong>Filter</strong>{"".join(parts)}</div>'
+
+
+def _runs(board: Board) -> str:
+    rows = []
+    for run in board.runs:
+        fields = provenance_fields(run)
+        cells = "".join(f"<td>{html.escape(text)}</td>" for text in fields.values())
+        rows.append(f'<tr id="run-{html.escape(run.folder.name)}">{cells}</tr>')
+    headers = "".join(f"<th>{html.escape(h)}</th>" for h in provenance_fields(board.runs[0]))
+    return (f"<h2>{html.escape(RUNS_TITLE)}</h2><table class=\"runs\"><thead><tr>{headers}</tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table>")
+
+
+def page(board: Board) -> str:
+    """The whole page; every resource inline, so it works opened from disk without a network."""
+    note = re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(board_note(board)))
+    body = [f"<h1>{html.escape(TITLE)}</h1>", f'<p class="note">{note} Click a header to sort; hover a marker for '
+            "its row.</p>", _filters(board),
+            *(_section(index, column, rows) for index, (column, rows) in enumerate(board.columns)), _runs(board)]
+    head = ['<!DOCTYPE html>', '<html lang="en">', "<head>", '<meta charset="utf-8">',
+            '<meta name="viewport" content="width=device-width, initial-scale=1">',
+            f"<title>{html.escape(TITLE)}</title>", f"<style>{_STYLE}</style>", "</head>", "<body>"]
+    return "\n".join([*head, *body, f"<script>{_SCRIPT}</script>", "</body>", "</html>"]) + "\n"
+

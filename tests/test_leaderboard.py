@@ -1,0 +1,256 @@
+"""The leaderboard: columns by (task, metric, protocol), gap closed and memory beside each number, the Pareto
+frontier, the self-contained page, and ``leaderboard --add`` on fixture run folders (accepted and refused).
+
+``make_run_folder`` writes a run folder the way the matrix runner does (``store.prepare``, sessions, checksummed
+cells, ``store.summarise``) with made-up numbers, so a submission can be verified without evaluating anything.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from cpt_bench.cli import main
+from cpt_bench.files import write_json_atomic
+from cpt_bench.matrix import store
+from cpt_bench.matrix.config import config_from_dict
+from cpt_bench.matrix.plan import make_plan
+from cpt_bench.report.board_page import page
+from cpt_bench.report.leaderboard import (
+    build_board,
+    load_runs,
+    markdown,
+    pareto_flags,
+    row_fields,
+    write_leaderboard,
+)
+from cpt_bench.report.protocol import Protocol, task_fewshot
+from cpt_bench.report.submit import SubmissionError, add_run
+from cpt_bench.report.tables import ReportError
+
+CONFIG: dict[str, Any] = {
+    "name": "submitted", "model": "embedded", "ppl_seqlen": 256,
+    "compression": {"specs": ["dense", "rtn-w3g64", "sparsegpt-50"]},
+    "prompts": {"hard": ["paper"], "soft": {"sources": ["wikipedia"], "trained_at": ["rtn-w3g64"]}},
+    "targets": [{"task": "cpt_ppl_wikipedia", "limit": 4}, {"task": "cpt_piqa", "limit": 10, "metric": "acc"}],
+}
+ENVIRONMENT = {"versions": {"cpt_bench": "0.1.0", "torch": "2.13.0+cpu"}, "git": {"commit": "c0ffee" * 6 + "beef",
+               "dirty": False}, "hardware": {"cpu_count": 4, "machine": "x86_64", "platform": "Linux-test-host"},
+               "seeds": {"random_seed": 0}, "argv": ["cpt-bench", "matrix"], "shard": None, "executor": "local"}
+# Made-up numbers: perplexity (lower better) and accuracy of each level without prompt, and what prompts add.
+_BASE = {"cpt_ppl_wikipedia": {"dense": 20.0, "rtn-w3g64": 60.0, "sparsegpt-50": 40.0},
+         "cpt_piqa": {"dense": 0.65, "rtn-w3g64": 0.55, "sparsegpt-50": 0.60}}
+_PROMPT_EFFECT = {"none": 0.0, "hard": 0.02, "soft": -0.25}
+
+
+def config_with(**changes: Any) -> dict[str, Any]:
+    config = copy.deepcopy(CONFIG)
+    config.update(changes)
+    return config
+
+
+def _value(task: str, compression: str, kind: str) -> float:
+    base = _BASE[task][compression]
+    return base * (1.0 + _PROMPT_EFFECT[kind]) if task.startswith("cpt_ppl") else base + _PROMPT_EFFECT[kind] / 10
+
+
+def _record(cell: Any, seqlen: int) -> dict[str, Any]:
+    task, kind = cell.target.name, cell.prompt.kind
+    stored = {"dense": 269_000_000, "rtn-w3g64": 100_400_000, "sparsegpt-50": 176_100_000}[cell.compression]
+    memory = {"stored_bytes": stored, "compressed_bits_per_weight": 16.0 * stored / 269_000_000,
+              "ratio_to_dense_fp16": stored / 269_000_000}
+    prompt = {"n_tokens": None if kind == "none" else 20}
+    if kind == "soft":
+        prompt.update(train_seconds=12.5, best_val_ppl=70.0, untrained=False)
+    return {"format": store.CELL_FORMAT, "cell": cell.record(),
+            "metric": {"name": cell.target.metric, "value": _value(task, cell.compression, kind),
+                       "stderr": 0.5 if task.startswith("cpt_ppl") else 0.05,
+                       "higher_is_better": not task.startswith("cpt_ppl")},
+            "compression": store.compression_block(cell.compression, "simulated", None, memory), "prompt": prompt,
+            "memory": {"peak_memory_bytes": 3 * 2**30}, "seconds": 1.0,
+            "lm_eval": {"n-shot": {task: 0}, "configs": {task: {"metadata": {"seqlen": seqlen}}}},
+            "environment": {"seeds": {"random_seed": 0}, "device": "cpu"}}
+
+
+def make_run_folder(folder: Path, config_data: dict[str, Any]) -> Path:
+    """A finished run folder of ``config_data`` as the matrix runner leaves it (config, sessions, cells, summary)."""
+    folder.mkdir(parents=True)
+    config = config_from_dict(config_data)
+    plan = make_plan(config)
+    store.prepare(folder, config, yaml.safe_dump(config_data), resume=False)
+    store.end_session(folder, store.start_session(folder, ENVIRONMENT), 42.0)
+    for cell in plan.cells:
+        store.write_cell(folder, _record(cell, config.ppl_seqlen))
+    write_json_atomic(folder / store.SUMMARY_FILE, store.summarise(plan, store.read_cells(folder),
+                                                                   store.read_sessions(folder)))
+    return folder
+
+
+def _results_with(tmp_path: Path, *configs: dict[str, Any]) -> Path:
+    """A results folder holding one committed-style run (summary.json and config.yaml) per config."""
+    results = tmp_path / "results"
+    for config in configs:
+        run = make_run_folder(tmp_path / "runs" / config["name"], config)
+        (results / config["name"]).mkdir(parents=True)
+        for name in (store.SUMMARY_FILE, "config.yaml"):
+            (results / config["name"] / name).write_bytes((run / name).read_bytes())
+    return results
+
+
+def _columns(results: Path) -> dict[tuple[str, Protocol], set[str]]:
+    board = build_board(load_runs(results))
+    return {(column.task, column.protocol): {row.run.name for row in rows} for column, rows in board.columns}
+
+
+def test_runs_differing_only_in_protocol_never_share_a_column(tmp_path):
+    results = _results_with(tmp_path, config_with(name="short"), config_with(name="long", ppl_seqlen=512))
+    columns = _columns(results)
+    assert columns == {("cpt_ppl_wikipedia", Protocol(256, 4, 0)): {"short"},
+                       ("cpt_ppl_wikipedia", Protocol(512, 4, 0)): {"long"},
+                       ("cpt_piqa", Protocol(None, 10, 0)): {"short", "long"}}  # the window length is no PIQA setting
+    text = markdown(build_board(load_runs(results)))
+    assert "## cpt_ppl_wikipedia: token_perplexity ↓; protocol: 4 windows of 256 tokens, 0-shot, prompt before" in text
+    assert "## cpt_ppl_wikipedia: token_perplexity ↓; protocol: 4 windows of 512 tokens, 0-shot" in text
+    assert "## cpt_piqa: acc ↑; protocol: 10 items, 0-shot, prompt before the input" in text
+
+
+def test_item_limit_and_fewshot_are_protocol_too(tmp_path):
+    more_items = config_with(name="more", targets=[{"task": "cpt_piqa", "limit": 20}])
+    results = _results_with(tmp_path, config_with(name="base"), more_items)
+    assert {key for key in _columns(results) if key[0] == "cpt_piqa"} == {
+        ("cpt_piqa", Protocol(None, 10, 0)), ("cpt_piqa", Protocol(None, 20, 0))}
+    (results / "more" / "submission.json").write_text(json.dumps({"fewshot": {"cpt_piqa": 5}}), encoding="utf-8")
+    assert ("cpt_piqa", Protocol(None, 20, 5)) in _columns(results)
+
+
+def test_fewshot_of_our_tasks_is_read_from_their_definition():
+    assert task_fewshot("cpt_piqa") == 0 and task_fewshot("cpt_ppl_corpus@text:x.txt") == 0
+    assert task_fewshot("hellaswag") is None  # not ours: the task's own default, unknown here
+    assert Protocol(None, None, None).label() == "all items, few-shot: task default, prompt before the input"
+
+
+def test_rows_are_ranked_with_gap_closed_and_memory_beside_each_number(tmp_path):
+    results = _results_with(tmp_path, config_with())
+    board = build_board(load_runs(results))
+    column, rows = next((c, r) for c, r in board.columns if c.task == "cpt_ppl_wikipedia")
+    values = [row.cell["value"] for row in rows]
+    assert values == sorted(values)  # perplexity: lowest first
+    soft = next(r for r in rows if r.compression["spec"] == "rtn-w3g64" and r.prompt["kind"] == "soft")
+    assert soft.gap_closed == pytest.approx((60.0 - 45.0) / (60.0 - 20.0))
+    text = markdown(board)
+    header = "| rank | run | model | compression | prompt | value ± stderr | Δ vs dense | gap closed | stored MB | " \
+             "ratio to dense | peak MiB | Pareto |"
+    assert re.sub(r" +", " ", header) in re.sub(r" +", " ", text)
+    line = next(line for line in text.splitlines() if "soft:wikipedia@rtn-w3g64" in line and "rtn-w3g64  " in line)
+    cells = [cell.strip() for cell in line.strip("|").split("|")]
+    assert cells[5:] == ["45.00 ± 0.50", "+25.00", "38%", "100.4", "0.373", "3072", "★"]
+    accuracy = next(rows for c, rows in board.columns if c.task == "cpt_piqa")
+    assert [r.cell["value"] for r in accuracy] == sorted((r.cell["value"] for r in accuracy), reverse=True)
+    # PIQA: 0.65 dense, 0.55 at rtn-w3g64, stderr 0.05 each: a 0.10 gap is under 2 x 0.071, so its share is noise
+    soft = next(r for r in accuracy if r.compression["spec"] == "rtn-w3g64" and r.prompt["kind"] == "soft")
+    assert soft.gap_closed == pytest.approx(-0.025 / 0.10) and not soft.gap_resolved
+    assert row_fields(next(c for c, _ in board.columns if c.task == "cpt_piqa"), soft)["gap closed"] == "n/s"
+
+
+def test_pareto_flags_keep_points_no_other_beats_on_both():
+    points = [(100.0, 5.0), (100.0, 6.0), (170.0, 4.0), (269.0, 4.0), (269.0, 1.0), (90.0, 9.0)]
+    assert pareto_flags(points) == [True, False, True, False, True, True]
+
+
+def test_a_run_folder_without_its_config_is_a_report_error(tmp_path):
+    results = _results_with(tmp_path, config_with())
+    (results / "submitted" / "config.yaml").unlink()
+    with pytest.raises(ReportError, match=re.escape(f"{results / 'submitted'}: neither config.json nor config.yaml")):
+        write_leaderboard(results)
+
+
+def test_page_is_self_contained_with_filters_plots_and_report_links(tmp_path):
+    results = _results_with(tmp_path, config_with(name="short"), config_with(name="long", ppl_seqlen=512))
+    (results / "short" / "report").mkdir()
+    (results / "short" / "report" / "report.html").write_text("<html></html>", encoding="utf-8")
+    text = page(build_board(load_runs(results)))
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", text), "the page must not fetch anything"
+    assert text.count('<svg class="pareto"') == 3 and text.count('<section class="board"') == 3
+    assert '<a href="short/report/report.html">short</a>' in text and '<a href="long/report' not in text
+    for key in ("model", "family", "kind", "run"):
+        assert f'data-key="{key}"' in text
+    assert 'class="frontier" points="' in text and 'points=""' not in text
+
+
+def _refusal(run: Path, results: Path, problem: str) -> None:
+    with pytest.raises(SubmissionError, match=problem) as caught:
+        add_run(run, results)
+    assert "\n" not in str(caught.value)
+    assert not (results / "submitted").exists()
+
+
+def test_add_copies_a_verified_run_and_the_page_says_where_it_came_from(tmp_path, capsys):
+    run = make_run_folder(tmp_path / "elsewhere" / "run", config_with())
+    results = _results_with(tmp_path, config_with(name="committed", ppl_seqlen=512))
+    assert main(["leaderboard", "--results", str(results), "--add", str(run)]) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed == [str(results / "submitted"), str(results / "LEADERBOARD.md"), str(results / "LEADERBOARD.html")]
+    folder = results / "submitted"
+    assert {p.name for p in folder.iterdir()} == {"summary.json", "config.json", "config.yaml", "environment.json",
+                                                  "submission.json", "report"}
+    submission = json.loads((folder / "submission.json").read_text(encoding="utf-8"))
+    assert submission["cells_verified"] == len(list((run / "cells").glob("*.json"))) > 0
+    assert submission["fewshot"] == {"cpt_ppl_wikipedia": 0, "cpt_piqa": 0} and submission["source"] == str(run)
+    html = (results / "LEADERBOARD.html").read_text(encoding="utf-8")
+    assert '<a href="submitted/report/report.html">submitted</a>' in html
+    runs = html[html.index('<tr id="run-submitted">'):]
+    runs = runs[:runs.index("</tr>")]
+    assert "Linux-test-host" in runs and "c0ffeec0ffee" in runs and "torch 2.13.0+cpu" in runs
+    assert f"from {run}" in runs and "cell checksums verified" in runs
+    assert "committed with the repository" in html
+    assert main(["leaderboard", "--results", str(results), "--add", str(run)]) == 2  # the name is taken
+    assert "already exists" in capsys.readouterr().err
+
+
+def _rewrite_cell(run: Path, change, keep_checksum: bool) -> None:
+    """Change the first perplexity cell record of ``run``, recomputing its checksum unless ``keep_checksum``."""
+    path = sorted((run / "cells").glob("*cpt_ppl_wikipedia.json"))[0]
+    record = json.loads(path.read_text(encoding="utf-8"))
+    change(record)
+    if not keep_checksum:
+        record["checksum"] = store.checksum(record)
+    path.write_text(json.dumps(record), encoding="utf-8")
+
+
+def test_add_refuses_a_cell_changed_after_it_was_written(tmp_path, capsys):
+    run = make_run_folder(tmp_path / "run", config_with())
+    _rewrite_cell(run, lambda record: record["metric"].update(value=1.0), keep_checksum=True)
+    _refusal(run, tmp_path / "results", "checksum mismatch")
+    assert main(["leaderboard", "--results", str(tmp_path / "results"), "--add", str(run)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "checksum mismatch" in error
+
+
+@pytest.mark.parametrize(("damage", "problem"), [
+    (lambda run: _rewrite_cell(run, lambda r: r["cell"].update(limit=3), keep_checksum=False),
+     "evaluated under another protocol than its config states \\(differs at limit\\)"),
+    (lambda run: _rewrite_cell(run, lambda r: r["lm_eval"]["n-shot"].update({r["cell"]["task"]: 5}), False),
+     "were run with different few-shot counts \\[0, 5\\]"),
+    (lambda run: _rewrite_cell(run, lambda r: r["lm_eval"]["configs"][r["cell"]["task"]]["metadata"].update(
+        seqlen=2048), False), "scored windows of 2048 tokens, its config states ppl_seqlen 256"),
+    (lambda run: sorted((run / "cells").glob("*.json"))[0].unlink(), "cells of its config have no record"),
+    (lambda run: (run / "summary.json").write_text(
+        (run / "summary.json").read_text(encoding="utf-8").replace('"value": 20.0', '"value": 19.0', 1),
+        encoding="utf-8"), "differs from what its verified cells give \\(at cells\\[0\\].value\\)"),
+    (lambda run: (run / "summary.json").write_text("{}", encoding="utf-8"), "format is None"),
+    (lambda run: (run / "config.json").unlink(), "config.json: no such file"),
+])
+def test_add_refuses_a_run_that_fails_verification_in_one_line(tmp_path, damage, problem):
+    run = make_run_folder(tmp_path / "run", config_with())
+    damage(run)
+    _refusal(run, tmp_path / "results", problem)
+
+
+def test_add_of_a_missing_folder_names_it(tmp_path):
+    _refusal(tmp_path / "nowhere", tmp_path / "results", "nowhere: no such run folder")

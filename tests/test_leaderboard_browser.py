@@ -1,0 +1,161 @@
+"""The HTML leaderboard in a real browser: Debian's headless Chromium driven by Selenium through Debian's
+chromedriver loads the page from disk, sorts columns, filters rows and checks what is shown.
+
+``.ci/run`` installs the packages (``chromium``, ``chromium-driver``) when missing and sets
+``CPT_BENCH_REQUIRE_BROWSER=1`` once they are there, which turns a missing browser into a failure; without it
+(a machine where they cannot be installed) the test skips and says what is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cpt_bench.report.leaderboard import write_leaderboard
+
+from .test_leaderboard import _results_with, config_with
+
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+REQUIRED = os.environ.get("CPT_BENCH_REQUIRE_BROWSER") == "1"
+
+
+def _missing() -> str | None:
+    """What keeps the browser test from running, None when nothing does."""
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (pip install -e '.[test]')"
+    if shutil.which("chromium") is None:
+        return "no chromium on PATH (apt-get install chromium)"
+    if not CHROMEDRIVER.is_file():
+        return f"no {CHROMEDRIVER} (apt-get install chromium-driver)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    missing = _missing()
+    if missing:
+        if REQUIRED:
+            pytest.fail(f"CPT_BENCH_REQUIRE_BROWSER=1 but {missing}")
+        pytest.skip(f"browser test needs Debian's Chromium and chromedriver and selenium: {missing}")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--window-size=1600,1200"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def page_url(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("board")
+    results = _results_with(root, config_with(name="short"), config_with(name="other", model="other-model"),
+                            config_with(name="long", ppl_seqlen=512))
+    return write_leaderboard(results)[1].resolve().as_uri()
+
+
+def _section(driver, protocol: str):
+    """The section of the column whose protocol line contains ``protocol``."""
+    from selenium.webdriver.common.by import By
+
+    return next(section for section in driver.find_elements(By.CSS_SELECTOR, "section.board")
+                if protocol in section.find_element(By.CSS_SELECTOR, "p.protocol").text)
+
+
+def _shown(section, header: str) -> list[str]:
+    """The text of column ``header`` in the rows the section shows, top to bottom."""
+    from selenium.webdriver.common.by import By
+
+    headers = [th.text for th in section.find_elements(By.CSS_SELECTOR, "thead th")]
+    index = headers.index(header)
+    return [row.find_elements(By.TAG_NAME, "td")[index].text
+            for row in section.find_elements(By.CSS_SELECTOR, "tbody tr") if row.is_displayed()]
+
+
+def _click_header(section, header: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    next(th for th in section.find_elements(By.CSS_SELECTOR, "thead th") if th.text == header).click()
+
+
+def _choose(driver, key: str, value: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    Select(driver.find_element(By.CSS_SELECTOR, f'select[data-key="{key}"]')).select_by_value(value)
+
+
+def test_page_loads_with_a_table_and_a_plot_per_column(browser, page_url):
+    from selenium.webdriver.common.by import By
+
+    browser.get(page_url)
+    sections = browser.find_elements(By.CSS_SELECTOR, "section.board")
+    titles = [section.find_element(By.TAG_NAME, "h2").text for section in sections]
+    assert titles == ["cpt_ppl_wikipedia: token_perplexity ↓"] * 2 + ["cpt_piqa: acc ↑"]
+    protocols = [section.find_element(By.CSS_SELECTOR, "p.protocol").text for section in sections]
+    assert [text.split(", ")[0] for text in protocols] == ["protocol: 4 windows of 512 tokens",
+                                                           "protocol: 4 windows of 256 tokens", "protocol: 10 items"]
+    assert protocols[1].endswith("18 of 18 rows shown")  # two runs of 9 wikipedia cells under the short protocol
+    assert set(_shown(sections[1], "run")) == {"short (i)", "other (i)"}
+    assert set(_shown(sections[0], "run")) == {"long (i)"}
+    circles = sections[1].find_elements(By.CSS_SELECTOR, "svg.pareto circle.point")
+    assert len(circles) == 18 and all(circle.is_displayed() for circle in circles)
+
+
+def test_sorting_a_column_orders_the_rows_both_ways(browser, page_url):
+    browser.get(page_url)
+    section = _section(browser, "256 tokens")
+    ranked = [float(text.split(" ± ")[0]) for text in _shown(section, "value ± stderr")]
+    assert ranked == sorted(ranked)  # ranked best (lowest perplexity) first
+    _click_header(section, "stored MB")
+    sizes = [float(text) for text in _shown(section, "stored MB")]
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
+    _click_header(section, "stored MB")
+    assert [float(text) for text in _shown(section, "stored MB")] == sorted(sizes, reverse=True)
+    _click_header(section, "gap closed")
+    gaps = _shown(section, "gap closed")
+    known = [int(text.rstrip("%")) for text in gaps if text != "–"]
+    assert known == sorted(known) and gaps[len(known):] == ["–"] * (len(gaps) - len(known))  # missing last
+    _click_header(section, "compression")
+    names = _shown(section, "compression")
+    assert names == sorted(names)
+
+
+def test_filters_hide_rows_and_markers_and_redraw_the_frontier(browser, page_url):
+    from selenium.webdriver.common.by import By
+
+    browser.get(page_url)
+    section = _section(browser, "256 tokens")
+    frontier = section.find_element(By.CSS_SELECTOR, "polyline.frontier").get_attribute("points")
+    _choose(browser, "kind", "none")  # the frontier without prompts runs through the unprompted markers only
+    unprompted = {(c.get_attribute("cx"), c.get_attribute("cy")) for c in section.find_elements(
+        By.CSS_SELECTOR, "svg.pareto circle.point") if c.is_displayed()}
+    redrawn = section.find_element(By.CSS_SELECTOR, "polyline.frontier").get_attribute("points")
+    assert redrawn != frontier and len(unprompted) == 3  # three levels, the same in both runs
+    corners = [tuple(point.split(",")) for point in redrawn.split()]
+    assert set(corners[::2]) <= {(f"{float(x):g}", f"{float(y):g}") for x, y in unprompted}
+    _choose(browser, "kind", "soft")
+    prompts = _shown(section, "prompt")
+    assert prompts and all(text.startswith("soft:") for text in prompts)
+    assert len(prompts) == 2 * 3  # one soft prompt applied at three levels, in two runs
+    assert section.find_element(By.CSS_SELECTOR, "p.protocol").text.endswith(f"{len(prompts)} of 18 rows shown")
+    shown = [c for c in section.find_elements(By.CSS_SELECTOR, "svg.pareto circle.point") if c.is_displayed()]
+    assert len(shown) == len(prompts)
+    _choose(browser, "model", "other-model")
+    assert set(_shown(section, "model")) == {"other-model"} and len(_shown(section, "prompt")) == 3
+    assert _shown(_section(browser, "512 tokens"), "model") == []  # the long run is another model
+    _choose(browser, "family", "pruning")
+    assert _shown(section, "compression") == ["sparsegpt-50"]
+    _choose(browser, "kind", "")
+    _choose(browser, "model", "")
+    _choose(browser, "family", "")
+    assert len(_shown(section, "prompt")) == 18
