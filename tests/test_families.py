@@ -1,9 +1,10 @@
 """Every supported decoder-only family, as a tiny random model: compression, storage, kernels, export and prompts.
 
-Families: Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 (text-only), Phi-3, OPT, GPT-2 (``Conv1D`` layers, weight
-``[in, out]``) and GPT-NeoX, each hidden 32, 2 layers, with the tiny BPE tokenizer of ``conftest`` (it adds no
-BOS and has no pad token). Gemma's embedding layer scales its rows by sqrt(hidden): the prompt tests catch a
-prompt built from raw rows. The ``after_bos`` tests use the same tokenizer made to add a BOS token.
+Families: Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 (text-only), Phi-3, OPT (also with embeddings narrower
+than its layers, as opt-350m), GPT-2 (``Conv1D`` layers, weight ``[in, out]``) and GPT-NeoX, each hidden 32,
+2 layers, with the tiny BPE tokenizer of ``conftest`` (it adds no BOS and has no pad token; Qwen2's tokenizer
+class gives it one). Gemma's embedding layer scales its rows by sqrt(hidden): the prompt tests catch a prompt
+built from raw rows. The ``after_bos`` tests use the same tokenizer made to add a BOS token.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,6 +84,9 @@ FAMILIES = {  # name -> (model class, config class, config fields besides the to
     "opt": (tf.OPTForCausalLM, tf.OPTConfig, {"hidden_size": HIDDEN, "ffn_dim": 2 * HIDDEN, "num_hidden_layers": LAYERS,
                                               "num_attention_heads": HEADS, "max_position_embeddings": 256,
                                               "word_embed_proj_dim": HIDDEN}),
+    "opt_projected": (tf.OPTForCausalLM, tf.OPTConfig,  # like opt-350m: embeddings narrower than the layers
+                      {"hidden_size": HIDDEN, "ffn_dim": 2 * HIDDEN, "num_hidden_layers": LAYERS,
+                       "num_attention_heads": HEADS, "max_position_embeddings": 256, "word_embed_proj_dim": 16}),
     "gpt2": (tf.GPT2LMHeadModel, tf.GPT2Config, {"n_embd": HIDDEN, "n_layer": LAYERS, "n_head": HEADS,
                                                  "n_positions": 256}),
     "gpt_neox": (tf.GPTNeoXForCausalLM, tf.GPTNeoXConfig, {"hidden_size": HIDDEN, "intermediate_size": 2 * HIDDEN,
@@ -383,3 +388,22 @@ def test_tokenizer_without_a_pad_token(tiny_model_dir, tmp_path):
     by_cache, by_concat = (_scores(_cpt(tiny_model_dir, soft_prompt=str(prompt), prefix_cache=on))
                            for on in (True, False))
     assert all(map(math.isfinite, by_cache)) and by_cache == pytest.approx(by_concat, abs=TOLERANCE)
+
+
+# --- a small matrix run -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["gpt2", "gemma3"])
+def test_a_small_matrix_runs_on_the_family(name, tiny_tokenizer, _filled_fake_cache, tmp_path, monkeypatch):
+    """Compression, hard and soft prompts and both kinds of targets through ``run_matrix`` (GPT-2: Conv1D layers;
+    Gemma 3: scaled embeddings and sliding-window layers)."""
+    from cpt_bench.matrix import store
+    from cpt_bench.matrix.run import run_matrix
+
+    from .test_matrix import tiny_config, write_config
+
+    shutil.copytree(_filled_fake_cache, tmp_path / "cache")
+    monkeypatch.setenv("CPT_BENCH_CACHE", str(tmp_path / "cache"))
+    folder = save_family(name, tiny_tokenizer, tmp_path / name).folder
+    targets = [{"task": "cpt_piqa", "limit": 2}]
+    cells = store.read_cells(run_matrix(write_config(tmp_path, tiny_config(folder, targets=targets)), tmp_path / "run"))
+    assert len(cells) == 6 and all(math.isfinite(cell["metric"]["value"]) for cell in cells.values())
