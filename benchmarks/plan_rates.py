@@ -76,21 +76,23 @@ def timed_group(config, run_dir: Path, compression: str, folder: str | None,
 
 def compress_seconds(model: str, spec: str, out: Path, n_windows: int) -> float:
     """Wall seconds of compressing ``model`` to ``spec`` into ``out`` (the matrix's compression stage)."""
-    from cpt_bench.compress.cache import compress_to_dir
-    from cpt_bench.compress.sequential import CalibrationSettings
+    from cpt_bench.compress.checkpoints import compress_to_folder
+    from cpt_bench.compress.spec import CalibrationSettings, Spec
 
     started = time.perf_counter()
-    compress_to_dir(model, spec, out, CalibrationSettings(n_windows=n_windows, **CALIBRATION))
+    compress_to_folder(model, Spec.parse(spec), CalibrationSettings(n_windows=n_windows, **CALIBRATION), out,
+                       progress=False)
     return time.perf_counter() - started
 
 
 def training_seconds(model: str, folder: Path) -> list[float]:
     """Recorded training seconds of soft prompts trained for each of ``TRAIN_STEPS`` steps (one evaluation each)."""
+    from cpt_bench.models import load_model
     from cpt_bench.prompts.artifact import read_prompt
     from cpt_bench.prompts.soft import SoftPromptConfig, train_soft_prompt
-    from cpt_bench.prompts.target import load_target
 
-    lm, tokenizer, label = load_target(model)
+    loaded = load_model(model, device="cpu")
+    lm, tokenizer, label = loaded.model, loaded.tokenizer, loaded.compression
     seconds = []
     for steps in TRAIN_STEPS:
         config = SoftPromptConfig(**TRAINING, steps=steps, eval_every=steps)

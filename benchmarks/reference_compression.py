@@ -322,10 +322,10 @@ def run_benchmark(args: argparse.Namespace) -> None:
     """Draw the shared calibration and evaluation ids, score dense, compare every spec, print and save."""
     from safetensors.torch import save_file
 
-    from cpt_bench.assets.cache import write_json_atomic
     from cpt_bench.assets.model import load_tokenizer, model_folder
     from cpt_bench.compress import CalibrationSettings
     from cpt_bench.compress.calibration import corpus_calibration_ids
+    from cpt_bench.files import write_json_atomic
     from cpt_bench.provenance import hardware
 
     torch.set_num_threads(args.threads)

@@ -9,7 +9,7 @@ import torch
 from lm_eval.api.instance import Instance
 
 from cpt_bench.prompts.artifact import save_prompt
-from cpt_bench.prompts.target import describe_target
+from cpt_bench.prompts.target import describe_target, hidden_size
 
 from . import fakes
 
@@ -20,7 +20,7 @@ def save_random_prompt(folder: Path, model, tokenizer, n_tokens: int = N_PROMPT_
     """A prompt folder with random embeddings (scaled like the model's embedding rows) for ``model``."""
     generator = torch.Generator().manual_seed(seed)
     scale = model.get_input_embeddings().weight.std().item()
-    embeddings = torch.randn(n_tokens, model.config.hidden_size, generator=generator) * scale * 3
+    embeddings = torch.randn(n_tokens, hidden_size(model), generator=generator) * scale * 3
     training = {"source": {"corpus": "none"}, "hyperparameters": {"seed": seed}, "curve": [], "train_seconds": 0.0}
     return save_prompt(folder, embeddings, describe_target(model, tokenizer, str(model.name_or_path)), "dense",
                        training)

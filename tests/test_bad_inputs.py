@@ -337,8 +337,8 @@ def _diverging_training(tmp: Path, inputs: Inputs) -> list[str]:
 
     real, training_calls = soft.prompted_loss, []
 
-    def poisoned(model, prompt, ids):
-        loss = real(model, prompt, ids)
+    def poisoned(model, prompt, ids, *args):
+        loss = real(model, prompt, ids, *args)
         if torch.is_grad_enabled():
             training_calls.append(1)
             return loss * math.nan if len(training_calls) == 3 else loss

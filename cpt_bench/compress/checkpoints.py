@@ -31,6 +31,7 @@ from cpt_bench.assets.cache import ensure_entry
 from cpt_bench.assets.model import load_causal_lm, load_tokenizer, model_fingerprint, model_folder
 from cpt_bench.compress.calibration import corpus_calibration_ids
 from cpt_bench.compress.kernels import swap_in_kernels
+from cpt_bench.compress.layers import state_weight
 from cpt_bench.compress.sequential import compress_model
 from cpt_bench.compress.spec import CalibrationSettings, Spec, SpecError
 from cpt_bench.compress.storage import StorageError, check_fits, read_checkpoint, save_compressed
@@ -172,7 +173,8 @@ def _load_on_cpu(folder: str | os.PathLike, mode: str, dtype: torch.dtype,
     check_fits(checkpoint, model, str(folder))
     state = {name: _cast(tensor, dtype) for name, tensor in checkpoint.tensors.items()}
     if mode == "simulated":
-        state |= {f"{name}.weight": layer.weight().to(dtype) for name, layer in checkpoint.layers.items()}
+        state |= {f"{name}.weight": state_weight(model.get_submodule(name), layer.weight().to(dtype))
+                  for name, layer in checkpoint.layers.items()}
         modes = dict.fromkeys(checkpoint.layers, "simulated")
     model.load_state_dict(state, strict=False, assign=True)
     if mode == "real":

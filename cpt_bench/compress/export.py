@@ -1,6 +1,7 @@
 """Export a GPTQ-quantized compressed folder in the standard GPTQ checkpoint format.
 
-Per quantized Linear ``<m>`` with weight ``[out, in]``, ``bits`` per code and ``n_groups`` groups:
+Per quantized Linear ``<m>`` with weight ``[out, in]``, ``bits`` per code and ``n_groups`` groups (GPT-2's
+``Conv1D`` layers too: the format is the same for both, and GPTQ loaders replace either by a quantized Linear):
 
 * ``<m>.qweight`` int32 ``[in * bits / 32, out]``: each output column's ``in`` codes packed along the input
   dimension, 32 codes per ``bits`` words, code ``i`` at bit ``bits * i`` of the little-endian bit stream

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from cpt_bench.compress.layers import state_weight
 from cpt_bench.compress.quant import CompressedLinear
 from cpt_bench.errors import UserError
 
@@ -148,7 +149,8 @@ class LowBitLinear(nn.Module):
 
 def swap_in_kernels(model: nn.Module, layers: dict[str, CompressedLinear], dtype: torch.dtype,
                     fallback: bool = False) -> dict[str, str]:
-    """Replace each compressed Linear of ``model`` (by module name) with a ``LowBitLinear``.
+    """Replace each compressed Linear (or GPT-2 ``Conv1D``: the same product) of ``model``, by module name, with a
+    ``LowBitLinear``.
 
     Args:
         model: the model whose Linears named in ``layers`` are replaced (their weights may be on ``meta``).
@@ -168,7 +170,8 @@ def swap_in_kernels(model: nn.Module, layers: dict[str, CompressedLinear], dtype
         except UnsupportedLayerError as error:
             if not fallback:
                 raise
-            module.weight = nn.Parameter(layer.weight().to("cpu", module.weight.dtype), requires_grad=False)
+            weight = state_weight(module, layer.weight().to("cpu", module.weight.dtype))
+            module.weight = nn.Parameter(weight, requires_grad=False)
             modes[name] = f"simulated ({error})"
             continue
         model.set_submodule(name, real)

@@ -1,18 +1,21 @@
 """Compress a Hugging Face decoder-only causal LM layer by layer from calibration windows.
 
-The inputs of the first decoder layer are captured for every calibration window (with the keyword
-arguments the model passes it: rotary ``position_embeddings``, ``attention_mask``, ``position_ids``...).
+The inputs of the first decoder layer are captured for every calibration window, and the other arguments the
+model passes each decoder layer (rotary ``position_embeddings``, ``attention_mask``, ``position_ids``...: they
+differ between layers in models mixing sliding-window and global attention).
 Each decoder layer is then calibrated on its inputs: forward hooks accumulate the Hessian of each of its
 Linear layers, the Linears are compressed in place, and the compressed layer's outputs become the next
 layer's inputs. True-sequential mode (default) compresses the Linears in the order they consume inputs,
 grouping those that read the same tensor (Llama: q,k,v -> o -> gate,up -> down) and re-running the layer
 between groups, so later Linears are calibrated on the outputs of the compressed earlier ones.
-Only Linears inside decoder layers are compressed; embeddings, norms and ``lm_head`` stay dense.
+Only Linears (and GPT-2's transposed ``Conv1D``) inside decoder layers are compressed, found across model
+families by ``layers``; embeddings, norms and ``lm_head`` stay dense.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -20,43 +23,23 @@ from tqdm.auto import tqdm
 
 from cpt_bench.compress.baselines import magnitude, rtn, wanda
 from cpt_bench.compress.gptq import Hessian, check_block_size, gptq_layer
+from cpt_bench.compress.layers import (
+    compressible_linears,
+    decoder_layers,
+    in_features,
+    layer_linears,
+    set_weight,
+    weight_of,
+)
 from cpt_bench.compress.quant import CompressedLinear
 from cpt_bench.compress.sparsegpt import sparsegpt_layer
 from cpt_bench.compress.spec import CalibrationSettings, CompressionResult, LayerReport, Spec
-
-_LAYER_PATHS = ("model.layers", "model.decoder.layers")
-
-
-def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The module path and list of decoder layers: ``model.layers`` (Llama-like) or ``model.decoder.layers``
-    (OPT)."""
-    for path in _LAYER_PATHS:
-        try:
-            return path, model.get_submodule(path)
-        except AttributeError:
-            continue
-    raise ValueError(f"{type(model).__name__} has no decoder layers at {' or '.join(_LAYER_PATHS)}")
-
-
-def compressible_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """The Linear modules inside decoder layers, by full module name, in layer order."""
-    path, layers = decoder_layers(model)
-    linears: dict[str, nn.Linear] = {}
-    for index, layer in enumerate(layers):
-        linears.update(_layer_linears(f"{path}.{index}", layer))
-    return linears
-
-
-def _layer_linears(prefix: str, layer: nn.Module) -> dict[str, nn.Linear]:
-    """The Linear modules of one decoder layer, named ``<prefix>.<name in layer>``."""
-    modules = layer.named_modules()
-    return {f"{prefix}.{name}": module for name, module in modules if isinstance(module, nn.Linear)}
 
 
 def check_model(model: nn.Module, spec: Spec, settings: CalibrationSettings | None = None) -> None:
     """Refuse a spec whose group size or N:M ``m`` does not fit the model's layers or GPTQ/SparseGPT's
     ``settings.block_size``; raises ``SpecError`` or ``ValueError`` with a one-line message."""
-    spec.check_fits({name: module.in_features for name, module in compressible_linears(model).items()})
+    spec.check_fits({name: in_features(module) for name, module in compressible_linears(model).items()})
     if settings is not None and spec.methods & {"gptq", "sparsegpt"}:
         check_block_size(settings.block_size, spec.quantization and spec.quantization.group_size,
                          spec.pruning and spec.pruning.m)
@@ -82,7 +65,7 @@ def compress_model(model: nn.Module, spec: Spec, calibration_ids: torch.Tensor |
     """Compress the decoder-layer Linears of ``model`` in place by ``spec``.
 
     Args:
-        model: a Hugging Face decoder-only causal LM (Llama-like or OPT).
+        model: a Hugging Face decoder-only causal LM whose decoder layers ``layers.decoder_layers`` finds.
         spec: the recipe; ``dense`` returns the model untouched.
         calibration_ids: ``[n_windows, seqlen]`` int64 token ids; needed when ``spec.needs_calibration``.
         settings: calibration settings (defaults if None); must match ``calibration_ids``' shape.
@@ -121,29 +104,30 @@ def _compress_layers(model: nn.Module, spec: Spec, ids: torch.Tensor | None, set
                      progress: bool, result: CompressionResult) -> None:
     path, layers = decoder_layers(model)
     calibrated = spec.needs_calibration
-    inputs, kwargs = _capture_layer_inputs(model, layers[0], ids) if calibrated else ([], {})
+    inputs, calls = _capture_layer_inputs(model, layers, ids) if calibrated else ([], [])
     for index, layer in enumerate(tqdm(layers, desc=f"compress {spec}", unit="layer", disable=not progress)):
-        linears = _layer_linears(f"{path}.{index}", layer)
+        linears = layer_linears(f"{path}.{index}", layer)
         if not calibrated:
             for name, module in linears.items():
                 _compress_into(module, name, spec, None, settings, result)
             continue
+        call = calls[index]
         groups = [list(linears)]
         if settings.true_sequential:
-            groups = _input_groups(layer, linears, inputs[0], kwargs)
+            groups = _input_groups(layer, linears, inputs[0], call)
         for group in groups:
-            hessians = _accumulate_hessians(layer, {name: linears[name] for name in group}, inputs, kwargs,
+            hessians = _accumulate_hessians(layer, {name: linears[name] for name in group}, inputs, call,
                                             stop_after=group[-1] if settings.true_sequential else None)
             for name in group:
                 _compress_into(linears[name], name, spec, hessians[name].matrix, settings, result)
-        inputs = [_run_layer(layer, hidden, kwargs) for hidden in inputs]
+        inputs = [_run_layer(layer, hidden, call) for hidden in inputs]
 
 
-def _compress_into(module: nn.Linear, name: str, spec: Spec, hessian: torch.Tensor | None,
+def _compress_into(module: nn.Module, name: str, spec: Spec, hessian: torch.Tensor | None,
                    settings: CalibrationSettings, result: CompressionResult) -> None:
     started = time.perf_counter()
-    compressed = compress_linear(module.weight.data, spec, hessian, settings)
-    module.weight.data.copy_(compressed.weight())
+    compressed = compress_linear(weight_of(module), spec, hessian, settings)
+    set_weight(module, compressed.weight())
     result.layers[name] = compressed
     result.reports.append(LayerReport(name, str(spec), compressed.error, time.perf_counter() - started))
 
@@ -152,24 +136,40 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass once it has recorded what it needs."""
 
 
-def _capture_layer_inputs(model: nn.Module, first_layer: nn.Module,
-                          ids: torch.Tensor) -> tuple[list[torch.Tensor], dict]:
-    """Hidden states ``[1, seqlen, hidden]`` entering ``first_layer`` per window, and its keyword arguments.
+@dataclass
+class _LayerCall:
+    """The arguments a decoder layer receives besides its hidden states: positional ones after them (GPT-2 passes
+    its cache and mask so) and keyword ones (rotary ``position_embeddings``, ``attention_mask``, ...)."""
 
-    All windows have the same length, so the keyword arguments (position embeddings, masks) of the first
-    window serve every window.
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+
+def _capture_layer_inputs(model: nn.Module, layers: nn.ModuleList,
+                          ids: torch.Tensor) -> tuple[list[torch.Tensor], list[_LayerCall]]:
+    """Hidden states ``[1, seqlen, hidden]`` entering the first layer per window, and each layer's other arguments.
+
+    Layers may get different arguments (Gemma, Qwen: a sliding-window mask or local rotary embeddings on some
+    layers), so every layer's are recorded, from one forward of the first window that stops before the last
+    layer runs. All windows have the same length, so the first window's arguments serve every window.
     """
     inputs: list[torch.Tensor] = []
-    kwargs: dict = {}
+    calls: list[_LayerCall] = []
 
-    def hook(module: nn.Module, args: tuple, layer_kwargs: dict) -> None:
-        layer_kwargs = dict(layer_kwargs)
-        inputs.append(args[0] if args else layer_kwargs.pop("hidden_states"))
-        kwargs.update(layer_kwargs)
-        raise _Stop
+    def hook(index: int):
+        def record(module: nn.Module, args: tuple, layer_kwargs: dict) -> None:
+            layer_kwargs = dict(layer_kwargs)
+            hidden = args[0] if args else layer_kwargs.pop("hidden_states")
+            if index == 0:
+                inputs.append(hidden)
+            if len(calls) == index:
+                calls.append(_LayerCall(tuple(args[1:]), layer_kwargs))
+            if len(inputs) > 1 or index == len(layers) - 1:
+                raise _Stop
+        return record
 
     device = next(model.parameters()).device
-    handle = first_layer.register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [layer.register_forward_pre_hook(hook(index), with_kwargs=True) for index, layer in enumerate(layers)]
     try:
         for window in ids:
             try:
@@ -177,17 +177,18 @@ def _capture_layer_inputs(model: nn.Module, first_layer: nn.Module,
             except _Stop:
                 pass
     finally:
-        handle.remove()
-    return inputs, kwargs
+        for handle in handles:
+            handle.remove()
+    return inputs, calls
 
 
-def _run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    output = layer(hidden, **kwargs)
+def _run_layer(layer: nn.Module, hidden: torch.Tensor, call: _LayerCall) -> torch.Tensor:
+    output = layer(hidden, *call.args, **call.kwargs)
     return output[0] if isinstance(output, tuple) else output
 
 
-def _input_groups(layer: nn.Module, linears: dict[str, nn.Linear], hidden: torch.Tensor,
-                  kwargs: dict) -> list[list[str]]:
+def _input_groups(layer: nn.Module, linears: dict[str, nn.Module], hidden: torch.Tensor,
+                  call: _LayerCall) -> list[list[str]]:
     """Group the Linears by the input tensor they read, groups in the order the forward reaches them."""
     groups: dict[tuple, list[str]] = {}
     seen: list[torch.Tensor] = []  # keeps inputs alive so that no two share an address by reuse
@@ -200,7 +201,7 @@ def _input_groups(layer: nn.Module, linears: dict[str, nn.Linear], hidden: torch
 
     handles = [module.register_forward_pre_hook(hook(name)) for name, module in linears.items()]
     try:
-        _run_layer(layer, hidden, kwargs)
+        _run_layer(layer, hidden, call)
     finally:
         for handle in handles:
             handle.remove()
@@ -210,13 +211,13 @@ def _input_groups(layer: nn.Module, linears: dict[str, nn.Linear], hidden: torch
     return list(groups.values())
 
 
-def _accumulate_hessians(layer: nn.Module, linears: dict[str, nn.Linear], inputs: list[torch.Tensor],
-                         kwargs: dict, stop_after: str | None = None) -> dict[str, Hessian]:
+def _accumulate_hessians(layer: nn.Module, linears: dict[str, nn.Module], inputs: list[torch.Tensor],
+                         call: _LayerCall, stop_after: str | None = None) -> dict[str, Hessian]:
     """Run ``layer`` on every input with hooks accumulating each Linear's ``H = 2 X X^T / n``.
 
     ``stop_after``: the Linear after which the rest of the forward is skipped (the group's last called).
     """
-    hessians = {name: Hessian(module.in_features, module.weight.device) for name, module in linears.items()}
+    hessians = {name: Hessian(in_features(module), module.weight.device) for name, module in linears.items()}
 
     def hook(name: str):
         def accumulate(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -229,7 +230,7 @@ def _accumulate_hessians(layer: nn.Module, linears: dict[str, nn.Linear], inputs
     try:
         for hidden in inputs:
             try:
-                _run_layer(layer, hidden, kwargs)
+                _run_layer(layer, hidden, call)
             except _Stop:
                 pass
     finally:

@@ -1,7 +1,8 @@
 """Save and load a compressed model as a deployment would store it, with an honest memory account.
 
 ``out_dir/model.safetensors`` holds, for each compressed Linear weight ``<w>`` (``<module name>.weight``, a
-prefix no state-dict tensor can have):
+prefix no state-dict tensor can have), in the ``[rows = out, cols = in]`` orientation of ``nn.Linear`` also for
+GPT-2's ``Conv1D`` (whose own state-dict weight is ``[in, out]``; loading transposes it back, ``layers.state_weight``):
 
 * ``<w>.codes``: integer codes bit-packed little-endian into uint8 (8-bit codes are plain uint8);
   for a pruned layer only the kept weights' codes, in row-major order;

@@ -9,6 +9,9 @@ since lm-eval has no plugin discovery). Extra model_args:
 - ``hard_prompt=NAME_OR_TEXT``: a registered text prompt (``cpt_bench.prompts.hard``) or literal text.
 - ``prefix_cache=true|false`` (default true): compute the prompt's key/value cache once and reuse it
   for every batch, or concatenate the prompt embeddings to every batch.
+- ``prompt_position=after_bos|first`` (``cpt_bench.prompts.position``): where the prompt sits. A soft prompt sits
+  where it was trained (its ``prompt.json``; a different value is refused); a hard prompt by default after BOS
+  when the tokenizer adds one, else first.
 - ``compression=SPEC|DIR``: evaluate the model as compressed (``cpt_bench.models.load_model``; a spec is
   compressed with the default calibration and cached on first use, a folder must be a checkpoint of this very
   model from ``cpt-bench compress --out``); ``compression_mode=simulated|real`` (default simulated: dequantized
@@ -19,12 +22,16 @@ Bad model_args (an unknown name, both prompts, an empty one, a flag that is not 
 missing or damaged prompt folder) are refused before any weight loads, and a model that is missing or not a
 causal LM before HFLM loads it, all with one-line errors that ``cpt-lm-eval`` prints as one line.
 
-The prompt precedes every request's tokens (as lm-eval encoded them, prefix / BOS token included) and is
-never scored: logits are returned for the request positions only. ``max_length`` (given or the model's)
-is the whole context, prompt included; lm-eval sees ``max_length - prompt length`` so its windows and
-truncation leave room for the prompt. lm-eval right-pads loglikelihood batches, so padding sits after
-every real token and an all-ones attention mask over prompt + inputs is exact for the real tokens;
-positions continue after the prompt (the model derives them from the cache length / mask).
+The prompt is never scored: logits are returned for the request positions only. With ``first`` it precedes
+every request's tokens (as lm-eval encoded them, prefix / BOS token included). With ``after_bos`` the model
+reads BOS, the prompt, then the request without its first token when that is BOS (lm-eval starts requests with
+it when the tokenizer adds one), or the whole request when it is not (a rolling window past the first): the
+*prefix* (BOS embedding + prompt) is the same for every request, so its key/value cache is computed once, and the
+logits at the BOS position of a request are the prefix's last logits. ``max_length`` (given or the model's)
+is the whole context, prefix included; lm-eval sees ``max_length - prefix length`` so its windows and
+truncation leave room for the prefix. lm-eval right-pads loglikelihood batches, so padding sits after
+every real token and an all-ones attention mask over prefix + inputs is exact for the real tokens;
+positions continue after the prefix (the model derives them from the cache length / mask).
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from cpt_bench.errors import UserError
 from cpt_bench.models import Compression, load_model, parse_compression, resolve_device
 from cpt_bench.prompts.artifact import SoftPrompt, check_prompt_fits, read_prompt
 from cpt_bench.prompts.hard import hard_prompt_text
+from cpt_bench.prompts.position import AFTER_BOS, check_position, recorded_position, resolve_position
 from cpt_bench.provenance import peak_memory
 
 
@@ -64,10 +72,16 @@ def _as_bool(value: bool | str, name: str) -> bool:
     raise PromptAdapterError(f"{name} must be true or false, got {value!r}")
 
 
-def _check_prompt_args(soft_prompt: str | None, hard_prompt: str | None) -> None:
-    """Refuse both prompts at once, and an empty one (``soft_prompt=`` on a command line)."""
+def _check_prompt_args(soft_prompt: str | None, hard_prompt: str | None, prompt_position: str | None) -> None:
+    """Refuse both prompts at once, an empty one (``soft_prompt=`` on a command line), and a position that is
+    unknown or given without a prompt."""
     if soft_prompt is not None and hard_prompt is not None:
         raise PromptAdapterError("give soft_prompt or hard_prompt, not both")
+    if prompt_position is not None:
+        check_position(prompt_position)
+        if soft_prompt is None and hard_prompt is None:
+            raise PromptAdapterError(f"prompt_position {prompt_position!r} is given without soft_prompt or "
+                                     "hard_prompt")
     if soft_prompt == "":
         raise PromptAdapterError("soft_prompt is empty: expected a prompt folder written by 'cpt-bench prompt train'")
     if hard_prompt is not None:
@@ -113,15 +127,18 @@ class CptLM(HFLM):
 
     def __init__(self, pretrained: str = "embedded", soft_prompt: str | None = None, hard_prompt: str | None = None,
                  allow_cross_model: bool | str = False, prefix_cache: bool | str = True,
-                 compression: str | Compression = None, compression_mode: str = "simulated",
-                 device: str | None = None, **kwargs):
+                 prompt_position: str | None = None, compression: str | Compression = None,
+                 compression_mode: str = "simulated", device: str | None = None, **kwargs):
         # Set before HFLM's init, which reads max_length while loading.
         self._prompt: torch.Tensor | None = None  # [n, hidden], model dtype and device
-        self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer [1, heads, n, head_dim]
+        self._prefix: torch.Tensor | None = None  # [n_prefix, hidden]: BOS's embedding (after_bos), then the prompt
+        self._bos: int | None = None  # after_bos: the BOS id a request's first token is compared with
+        self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer [1, heads, n_prefix, dim]
+        self._prefix_logits: torch.Tensor | None = None  # [1, 1, vocab]: logits at the prefix's last position
         self.prompt_info: dict[str, Any] = {"kind": "none", "n_tokens": 0}
         # Every argument and file is checked before any weight loads.
         check_model_args(kwargs)
-        _check_prompt_args(soft_prompt, hard_prompt)
+        _check_prompt_args(soft_prompt, hard_prompt, prompt_position)
         allow_cross_model = _as_bool(allow_cross_model, "allow_cross_model")
         prefix_cache = _as_bool(prefix_cache, "prefix_cache")
         if compression_mode not in MODES:
@@ -144,16 +161,22 @@ class CptLM(HFLM):
             raise ModelError(f"could not load model {name!r}: {first_line(error)}") from error
         self.prompt_info["compression"] = label
         if stored_prompt is not None or hard_prompt is not None:
-            self._set_prompt(stored_prompt, soft_prompt, hard_prompt, allow_cross_model, prefix_cache)
+            self._set_prompt(stored_prompt, soft_prompt, hard_prompt, allow_cross_model, prefix_cache,
+                             prompt_position)
 
     def _set_prompt(self, prompt: SoftPrompt | None, soft_prompt: str | None, hard_prompt: str | None,
-                    allow_cross_model: bool, prefix_cache: bool) -> None:
+                    allow_cross_model: bool, prefix_cache: bool, prompt_position: str | None) -> None:
         """Apply the read soft ``prompt`` (from folder ``soft_prompt``) or the text ``hard_prompt``."""
         if self.backend != "causal":
             raise PromptAdapterError(f"prompts need a causal (decoder-only) model, this one is {self.backend}")
         weight = self.model.get_input_embeddings().weight
         if prompt is not None:
             check_prompt_fits(prompt, self.model, self.tokenizer, allow_cross_model)
+            trained = recorded_position(prompt.meta)
+            if prompt_position not in (None, trained):
+                raise PromptAdapterError(f"prompt_position {prompt_position!r}: soft prompt {soft_prompt} was "
+                                         f"trained {trained}; leave prompt_position out to use it so")
+            prompt_position = trained
             embeddings = prompt.embeddings
             self.prompt_info = {**self.prompt_info, "kind": "soft", "path": str(soft_prompt),
                                 "sha256": prompt.meta["sha256"], "trained_on": prompt.meta["compression"]}
@@ -163,47 +186,80 @@ class CptLM(HFLM):
             with torch.no_grad():
                 embeddings = self.model.get_input_embeddings()(ids)
             self.prompt_info = {**self.prompt_info, "kind": "hard", "text": text}
-        self.prompt_info["n_tokens"] = int(embeddings.shape[0])
+        position = resolve_position(prompt_position, self.tokenizer)
+        self.prompt_info |= {"n_tokens": int(embeddings.shape[0]), "position": position}
         self._prompt = embeddings.detach().to(weight.device, weight.dtype)
+        self._prefix = self._prompt
+        if position == AFTER_BOS:
+            self._bos = self.tokenizer.bos_token_id
+            with torch.no_grad():
+                bos = self.model.get_input_embeddings()(torch.tensor([self._bos], device=weight.device))
+            self._prefix = torch.cat([bos.to(weight.dtype), self._prompt])
         if self.max_length <= 0:
-            raise PromptAdapterError(f"a prompt of {self._prompt.shape[0]} tokens leaves no room in a context of "
+            raise PromptAdapterError(f"a prompt of {self._prefix.shape[0]} tokens leaves no room in a context of "
                                      f"{super().max_length} tokens")
         if prefix_cache:
             self._cache_arg = _cache_argument(self.model)
-            self._prefix_kv = self._prompt_key_values()
+            self._prefix_kv, self._prefix_logits = self._prefix_key_values()
 
     @property
     def max_length(self) -> int:
-        """Tokens lm-eval may place in one window: the model's context (or ``max_length``) minus the prompt."""
-        return super().max_length - (0 if self._prompt is None else self._prompt.shape[0])
+        """Tokens lm-eval may place in one window: the model's context (or ``max_length``) minus the prefix."""
+        return super().max_length - (0 if self._prefix is None else self._prefix.shape[0])
 
     def _autocast(self) -> torch.autocast:
         """The same mixed-precision context HFLM's own ``_model_call`` uses."""
         return torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
                               enabled=self.mixed_precision_dtype is not None)
 
-    def _prompt_key_values(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """One forward over the prompt: per layer (keys, values), each [1, kv_heads, n, head_dim]."""
+    def _prefix_key_values(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """One forward over the prefix: per layer (keys, values), each [1, kv_heads, n_prefix, head_dim], and the
+        logits at its last position [1, 1, vocab].
+
+        The cache is built without the model's config, so that sliding-window layers (Gemma, Mistral) keep every
+        prefix position too: a cache built from them with the config (``_model_call``) then counts the prefix's
+        true length, from which it derives positions and window masks.
+        """
         with torch.no_grad(), self._autocast():
-            out = self.model(inputs_embeds=self._prompt[None], use_cache=True)
-        cache = out.cache if self._cache_arg == "cache" else out.past_key_values
-        return [(keys, values) for keys, values, *_ in cache]
+            cache = DynamicCache()
+            out = self.model(inputs_embeds=self._prefix[None], use_cache=True, **{self._cache_arg: cache})
+        return [(keys, values) for keys, values, *_ in cache], out.logits[:, -1:]
 
     def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None,
                     labels: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [batch, seq, vocab] for ``inps`` [batch, seq] (right-padded), conditioned on the prompt."""
         if self._prompt is None:
             return super()._model_call(inps, attn_mask, labels)
-        batch, n_prompt = inps.shape[0], self._prompt.shape[0]
-        mask = torch.ones(batch, n_prompt + inps.shape[1], dtype=torch.long, device=inps.device)
+        inps, dropped = self._without_bos(inps)
+        batch, n_prefix = inps.shape[0], self._prefix.shape[0]
+        mask = torch.ones(batch, n_prefix + inps.shape[1], dtype=torch.long, device=inps.device)
         with torch.no_grad(), self._autocast():
             if self._prefix_kv is None:
-                embeds = torch.cat([self._prompt.expand(batch, -1, -1), self.model.get_input_embeddings()(inps)], 1)
-                return self.model(inputs_embeds=embeds, attention_mask=mask).logits[:, n_prompt:]
-            # A fresh cache per call: forward appends to it. Expanded views cost no copy of the prompt's states.
-            cache = DynamicCache(ddp_cache_data=[(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
-                                                 for k, v in self._prefix_kv], config=self.model.config)
-            return self.model(input_ids=inps, attention_mask=mask, use_cache=True, **{self._cache_arg: cache}).logits
+                embeds = torch.cat([self._prefix.expand(batch, -1, -1), self.model.get_input_embeddings()(inps)], 1)
+                logits = self.model(inputs_embeds=embeds, attention_mask=mask).logits
+                last, logits = logits[:, n_prefix - 1: n_prefix], logits[:, n_prefix:]
+            else:
+                # A fresh cache per call: forward appends to it. Expanded views cost no copy of the prefix's states.
+                cache = DynamicCache(ddp_cache_data=[(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
+                                                     for k, v in self._prefix_kv], config=self.model.config)
+                logits = self.model(input_ids=inps, attention_mask=mask, use_cache=True,
+                                    **{self._cache_arg: cache}).logits
+                last = self._prefix_logits
+        if dropped is None or not dropped.any():
+            return logits
+        # A request whose BOS went into the prefix: its BOS position's logits are the prefix's last ones.
+        shifted = torch.cat([last.expand(batch, -1, -1).to(logits.dtype), logits[:, :-1]], 1)
+        return torch.where(dropped[:, None, None], shifted, logits)
+
+    def _without_bos(self, inps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``after_bos``: the requests with a leading BOS moved out (it is in the prefix; the row shifts left and
+        repeats its last token at the end, which is never read), and which rows had one ``[batch]`` bool.
+        ``first``: the requests as they are, and None."""
+        if self._bos is None:
+            return inps, None
+        dropped = inps[:, 0] == self._bos
+        shifted = torch.cat([inps[:, 1:], inps[:, -1:]], 1)
+        return torch.where(dropped[:, None], shifted, inps), dropped
 
     def _model_generate(self, *args, **kwargs) -> torch.Tensor:
         if self._prompt is not None:

@@ -3,8 +3,9 @@
 Folder layout:
 - ``prompt.safetensors``: one tensor ``prompt`` of shape ``[n_virtual_tokens, hidden_size]``, float32;
 - ``prompt.json``: what it fits (model / tokenizer names and fingerprints, hidden size), the compression
-  spec it was trained on (``dense`` when none), the source corpus, hyperparameters, loss curve, training
-  time, provenance, and the sha256 of ``prompt.safetensors`` (verified on every load).
+  spec it was trained on (``dense`` when none), where the prompt sits (``prompt_position``, see ``position``;
+  absent in prompts written before it was recorded, which sit ``first``), the source corpus, hyperparameters,
+  loss curve, training time, provenance, and the sha256 of ``prompt.safetensors`` (verified on every load).
 
 Both files are replaced together or not at all (``write_files_atomic``), so a failed save keeps the old pair.
 
@@ -27,6 +28,7 @@ from safetensors.torch import load_file, save
 
 from cpt_bench.errors import UserError
 from cpt_bench.files import json_bytes, replacing_folder, sha256_of, write_bytes_atomic, write_files_atomic
+from cpt_bench.prompts.position import FIRST, recorded_position
 from cpt_bench.prompts.target import describe_target, same_embeddings
 from cpt_bench.provenance import environment_record
 
@@ -140,13 +142,18 @@ def export_peft(prompt_folder: Path, out_folder: Path, base_model: str | None = 
     """Write a PEFT PromptTuning adapter (``adapter_config.json`` + ``adapter_model.safetensors``).
 
     ``lm_eval --model hf --model_args pretrained=BASE,peft=OUT`` and ``PeftModel.from_pretrained`` load
-    it. ``base_model`` (default: the model name in ``prompt.json``) is only recorded in the config.
+    it. ``base_model`` (default: the model name in ``prompt.json``) is only recorded in the config. PEFT puts the
+    prompt first, so a prompt trained ``after_bos`` is refused (one line).
     The folder is built beside ``out_folder`` and takes its place when complete (``files.replacing_folder``).
     """
     from peft import PromptTuningConfig, TaskType
 
     prompt = read_prompt(prompt_folder)
     meta, out_folder = prompt.meta, Path(out_folder)
+    if recorded_position(meta) != FIRST:
+        raise PromptArtifactError(f"prompt {prompt_folder} sits after the BOS token ({recorded_position(meta)}), "
+                                  "but a PEFT PromptTuning adapter puts it before every token and would score "
+                                  f"differently; only prompts trained with prompt_position {FIRST} export")
     config = PromptTuningConfig(
         task_type=TaskType.CAUSAL_LM, num_virtual_tokens=meta["n_virtual_tokens"], token_dim=meta["hidden_size"],
         num_transformer_submodules=1, num_attention_heads=meta["model"]["num_attention_heads"],

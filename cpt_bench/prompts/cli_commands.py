@@ -10,11 +10,12 @@ import argparse
 from dataclasses import fields
 from pathlib import Path
 
+from cpt_bench.prompts.position import POSITIONS
 from cpt_bench.prompts.soft import INITIALISERS, PRECISIONS, SoftPromptConfig
 
 _DEFAULTS = SoftPromptConfig()
-_TYPES_OF_NONE_DEFAULTS = {"patience": int, "init_text": str}
-_CHOICES = {"init": sorted(INITIALISERS), "precision": list(PRECISIONS)}
+_TYPES_OF_NONE_DEFAULTS = {"patience": int, "init_text": str, "prompt_position": str}
+_CHOICES = {"init": sorted(INITIALISERS), "precision": list(PRECISIONS), "prompt_position": list(POSITIONS)}
 
 
 def cmd_train(args: argparse.Namespace) -> None:

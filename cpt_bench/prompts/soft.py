@@ -1,18 +1,20 @@
 """Soft-prompt learning on a frozen (possibly compressed) causal LM, as in the paper's code.
 
-The prompt is a ``[n_virtual_tokens, hidden_size]`` float32 parameter prepended to every window as
-input embeddings; its positions carry label -100, so only the window's tokens are scored (the first one
-conditioned on the prompt alone). Training uses random ``seqlen``-token windows of a corpus's train
-split, AdamW with a linear schedule after warmup and gradient clipping; every ``eval_every`` steps the
-token perplexity of the first ``eval_windows`` non-overlapping windows of the validation split is
-measured, the best prompt kept, and a checkpoint written atomically (``resume`` continues the same
-curve exactly).
+The prompt is a ``[n_virtual_tokens, hidden_size]`` float32 parameter inserted into every window as input
+embeddings (the space the model's embedding layer outputs), at ``prompt_position`` (``prompts.position``):
+before the window (``first``) or after its leading BOS token (``after_bos``, the default when the tokenizer adds
+BOS: windows then start with BOS). The prompt's positions (and the BOS token's) carry label -100, so only the
+window's tokens are scored (the first one conditioned on the prompt alone). Training uses random
+``seqlen``-token windows of a corpus's train split, AdamW with a linear schedule after warmup and gradient
+clipping; every ``eval_every`` steps the token perplexity of the first ``eval_windows`` non-overlapping windows
+of the validation split is measured, the best prompt kept, and a checkpoint written atomically (``resume``
+continues the same curve exactly).
 
 Why our own loop rather than PEFT's PromptTuning model: PEFT's initialisations (RANDOM, TEXT,
 SAMPLE_VOCAB) lack the paper's "first n rows of the embedding matrix", and training a plain tensor
 keeps the forward identical to the one ``cpt_bench.lmeval.adapter`` evaluates (prompt embeddings
-concatenated before the token embeddings), with checkpoints free of PEFT's state-dict naming and no
-wrapping of compressed models. The result is interchangeable with PEFT: ``artifact.export_peft``
+inserted among the token embeddings), with checkpoints free of PEFT's state-dict naming and no
+wrapping of compressed models. A prompt trained ``first`` is interchangeable with PEFT: ``artifact.export_peft``
 writes a PromptTuning adapter, and the tests check both score identically.
 """
 
@@ -32,6 +34,7 @@ from tqdm.auto import tqdm
 from cpt_bench.errors import UserError
 from cpt_bench.files import write_bytes_atomic
 from cpt_bench.prompts.artifact import save_prompt
+from cpt_bench.prompts.position import META_KEY, POSITIONS, lead_ids, resolve_position
 from cpt_bench.prompts.target import describe_target
 from cpt_bench.tokens import corpus_stream
 
@@ -52,12 +55,12 @@ class TrainingDiverged(SoftPromptError):
 
 
 def _init_vocab(weight: torch.Tensor, n: int, generator: torch.Generator, token_ids: list[int]) -> torch.Tensor:
-    """The first ``n`` rows of the token embedding matrix (the paper's code)."""
+    """The embeddings of the first ``n`` token ids (the paper's code: the first rows of the embedding matrix)."""
     return weight[:n].clone()
 
 
 def _init_sample(weight: torch.Tensor, n: int, generator: torch.Generator, token_ids: list[int]) -> torch.Tensor:
-    """``n`` rows of the embedding matrix drawn uniformly at random (with replacement, seeded)."""
+    """The embeddings of ``n`` token ids drawn uniformly at random (with replacement, seeded)."""
     return weight[torch.randint(0, weight.shape[0], (n,), generator=generator)].clone()
 
 
@@ -68,11 +71,13 @@ def _init_text(weight: torch.Tensor, n: int, generator: torch.Generator, token_i
 
 
 def _init_random(weight: torch.Tensor, n: int, generator: torch.Generator, token_ids: list[int]) -> torch.Tensor:
-    """Gaussian rows with the embedding matrix's standard deviation (seeded)."""
+    """Gaussian rows with the token embeddings' standard deviation (seeded)."""
     return torch.randn(n, weight.shape[1], generator=generator) * weight.std()
 
 
-# Each: (embedding weight [vocab, hidden] float32 CPU, n, seeded generator, init_text token ids) -> [n, hidden]
+# Each: (the embedding of every token id [vocab, hidden] float32 CPU, n, seeded generator, init_text token ids)
+# -> [n, hidden]. Embeddings are the embedding layer's outputs, the space prompts live in: Gemma's layer scales
+# its weight rows by sqrt(hidden_size), so raw rows would be off by that factor.
 INITIALISERS: dict[str, Callable[[torch.Tensor, int, torch.Generator, list[int]], torch.Tensor]] = {
     "vocab": _init_vocab, "sample": _init_sample, "text": _init_text, "random": _init_random}
 
@@ -82,6 +87,8 @@ class SoftPromptConfig:
     """Soft-prompt training settings; defaults follow the paper except ``steps`` / ``eval_every`` (CPU scale).
 
     ``patience``: evaluations without a better validation loss before stopping (None: never stop early).
+    ``prompt_position``: ``after_bos`` or ``first`` (``prompts.position``); None: ``after_bos`` when the
+    tokenizer adds a BOS token, else ``first``.
     ``precision``: ``auto`` = bf16 autocast on a CUDA device that supports it, else fp32; ``bf16`` forces
     autocast (also on CPU); ``fp32`` disables it. ``seqlen`` and ``eval_windows`` are in tokens / windows.
     """
@@ -101,6 +108,7 @@ class SoftPromptConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     precision: str = "auto"
+    prompt_position: str | None = None
 
     def __post_init__(self) -> None:
         positive = ("n_virtual_tokens", "steps", "batch_size", "seqlen", "eval_every", "eval_windows")
@@ -121,15 +129,26 @@ class SoftPromptConfig:
         self._check(self.precision in PRECISIONS, "precision", f"one of {list(PRECISIONS)}")
         self._check((self.init == "text") == bool(self.init_text), "init_text",
                     "given (non-empty) exactly when init is 'text'")
+        self._check(self.prompt_position is None or self.prompt_position in POSITIONS, "prompt_position",
+                    f"one of {list(POSITIONS)} or None (the tokenizer's default)")
 
     def _check(self, ok: bool, name: str, expected: str) -> None:
         if not ok:
             raise SoftPromptError(f"soft prompt setting {name} must be {expected}, got {getattr(self, name)!r}")
 
 
+def token_embeddings(model: torch.nn.Module, chunk: int = 8192) -> torch.Tensor:
+    """The embedding layer's output for every token id, ``[vocab, hidden]`` float32 on CPU (computed ``chunk``
+    ids at a time on the model's device); equal to the embedding matrix except where the layer scales it."""
+    embedding = model.get_input_embeddings()
+    ids = torch.arange(embedding.weight.shape[0], device=embedding.weight.device)
+    with torch.no_grad():
+        return torch.cat([embedding(part).to("cpu", torch.float32) for part in ids.split(chunk)])
+
+
 def initial_prompt(model: torch.nn.Module, tokenizer, config: SoftPromptConfig) -> torch.Tensor:
     """The untrained prompt [n_virtual_tokens, hidden] float32 on CPU, per ``config.init`` and ``config.seed``."""
-    weight = model.get_input_embeddings().weight.detach().to("cpu", torch.float32)
+    weight = token_embeddings(model)
     if config.init == "vocab" and config.n_virtual_tokens > weight.shape[0]:
         raise SoftPromptError(f"init 'vocab' needs n_virtual_tokens <= vocabulary size {weight.shape[0]}")
     token_ids = tokenizer(config.init_text, add_special_tokens=False)["input_ids"] if config.init == "text" else []
@@ -139,22 +158,35 @@ def initial_prompt(model: torch.nn.Module, tokenizer, config: SoftPromptConfig) 
     return INITIALISERS[config.init](weight, config.n_virtual_tokens, generator, token_ids)
 
 
-def validation_windows(tokens: torch.Tensor, config: SoftPromptConfig) -> torch.Tensor:
-    """The first ``eval_windows`` non-overlapping windows (fewer if the split is short): [k, seqlen]."""
-    count = min(config.eval_windows, tokens.numel() // config.seqlen)
+def validation_windows(tokens: torch.Tensor, config: SoftPromptConfig, lead: list[int] | None = None) -> torch.Tensor:
+    """The first ``eval_windows`` non-overlapping windows (fewer if the split is short): [k, seqlen].
+
+    ``lead``: token ids starting every window (``[BOS]`` for ``after_bos``), followed by ``seqlen - len(lead)``
+    text tokens.
+    """
+    lead = lead or []
+    width = config.seqlen - len(lead)
+    count = min(config.eval_windows, tokens.numel() // width)
     if count == 0:
-        raise SoftPromptError(f"validation text of {tokens.numel()} tokens is shorter than one window of "
-                              f"{config.seqlen}")
-    return tokens[: count * config.seqlen].view(count, config.seqlen)
+        raise SoftPromptError(f"validation text of {tokens.numel()} tokens is shorter than one window of {width}")
+    return _with_lead(tokens[: count * width].view(count, width), lead)
 
 
-def prompted_loss(model: torch.nn.Module, prompt: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token NLL (nats) of ``ids`` [batch, seqlen] after ``prompt`` [n, hidden]; prompt never scored."""
+def _with_lead(windows: torch.Tensor, lead: list[int]) -> torch.Tensor:
+    """``windows [k, w]`` with the ``lead`` ids in front: ``[k, len(lead) + w]``."""
+    if not lead:
+        return windows
+    return torch.cat([torch.tensor(lead, dtype=windows.dtype).expand(windows.shape[0], -1), windows], dim=1)
+
+
+def prompted_loss(model: torch.nn.Module, prompt: torch.Tensor, ids: torch.Tensor, n_lead: int = 0) -> torch.Tensor:
+    """Mean next-token NLL (nats) of ``ids`` [batch, seqlen] with ``prompt`` [n, hidden] inserted after the first
+    ``n_lead`` tokens (0: before every token; 1: after BOS); the prompt and those tokens are never scored."""
     batch, n_prompt = ids.shape[0], prompt.shape[0]
     embeds = model.get_input_embeddings()(ids)
-    embeds = torch.cat([prompt.to(embeds.dtype).expand(batch, -1, -1), embeds], dim=1)
-    labels = torch.cat([torch.full((batch, n_prompt), IGNORE_INDEX, device=ids.device), ids], dim=1)
-    return model(inputs_embeds=embeds, labels=labels).loss
+    embeds = torch.cat([embeds[:, :n_lead], prompt.to(embeds.dtype).expand(batch, -1, -1), embeds[:, n_lead:]], dim=1)
+    unscored = torch.full((batch, n_lead + n_prompt), IGNORE_INDEX, device=ids.device)
+    return model(inputs_embeds=embeds, labels=torch.cat([unscored, ids[:, n_lead:]], dim=1)).loss
 
 
 def _autocast(device: torch.device, precision: str) -> torch.autocast:
@@ -163,13 +195,14 @@ def _autocast(device: torch.device, precision: str) -> torch.autocast:
 
 
 def validation_loss(model: torch.nn.Module, prompt: torch.Tensor, windows: torch.Tensor,
-                    config: SoftPromptConfig) -> float:
-    """Mean token NLL (nats) over ``windows`` [k, seqlen]; exp of it is the token perplexity."""
+                    config: SoftPromptConfig, n_lead: int = 0) -> float:
+    """Mean token NLL (nats) over ``windows`` [k, seqlen] (their first ``n_lead`` tokens before the prompt, not
+    scored); exp of it is the token perplexity."""
     device = prompt.device
     total = 0.0
     with torch.no_grad(), _autocast(device, config.precision):
         for batch in windows.split(config.batch_size):
-            total += prompted_loss(model, prompt, batch.to(device)).item() * batch.shape[0]
+            total += prompted_loss(model, prompt, batch.to(device), n_lead).item() * batch.shape[0]
     return total / windows.shape[0]
 
 
@@ -228,12 +261,15 @@ def _load_checkpoint(path: Path, config: SoftPromptConfig, device: torch.device)
     return state
 
 
-def _train_step(model: torch.nn.Module, state: _State, tokens: torch.Tensor, config: SoftPromptConfig) -> float:
-    """One optimizer step on a random batch of windows; returns the loss (NaN / inf when it diverged)."""
-    starts = torch.randint(0, tokens.numel() - config.seqlen + 1, (config.batch_size,), generator=state.generator)
-    ids = torch.stack([tokens[s: s + config.seqlen] for s in starts.tolist()]).to(state.prompt.device)
+def _train_step(model: torch.nn.Module, state: _State, tokens: torch.Tensor, config: SoftPromptConfig,
+                lead: list[int]) -> float:
+    """One optimizer step on a random batch of windows (``lead`` ids, then text tokens); returns the loss (NaN /
+    inf when it diverged)."""
+    width = config.seqlen - len(lead)
+    starts = torch.randint(0, tokens.numel() - width + 1, (config.batch_size,), generator=state.generator)
+    ids = _with_lead(torch.stack([tokens[s: s + width] for s in starts.tolist()]), lead).to(state.prompt.device)
     with _autocast(state.prompt.device, config.precision):
-        loss = prompted_loss(model, state.prompt, ids)
+        loss = prompted_loss(model, state.prompt, ids, len(lead))
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_([state.prompt], config.max_grad_norm)
@@ -246,9 +282,9 @@ def _train_step(model: torch.nn.Module, state: _State, tokens: torch.Tensor, con
 
 
 def _evaluate(model: torch.nn.Module, state: _State, windows: torch.Tensor, config: SoftPromptConfig,
-              train_losses: list[float]) -> dict[str, float]:
+              train_losses: list[float], n_lead: int) -> dict[str, float]:
     """Measure validation loss, append to the curve, keep the best prompt; returns the curve entry."""
-    val_loss = validation_loss(model, state.prompt.detach(), windows, config)
+    val_loss = validation_loss(model, state.prompt.detach(), windows, config, n_lead)
     record = {"step": state.step, "val_loss": val_loss, "val_ppl": math.exp(val_loss),
               "train_loss": sum(train_losses) / len(train_losses) if train_losses else None,
               "lr": state.scheduler.get_last_lr()[0]}
@@ -297,12 +333,14 @@ def train_soft_prompt(model: torch.nn.Module, tokenizer, config: SoftPromptConfi
     for param in model.parameters():
         param.requires_grad_(False)
     device = model.get_input_embeddings().weight.device
+    position = resolve_position(config.prompt_position, tokenizer)
+    lead = lead_ids(position, tokenizer)
     train_tokens = corpus_stream(source, "train", tokenizer).ids
     if train_tokens.numel() < config.seqlen:
         raise SoftPromptError(f"train split of {source!r} has {train_tokens.numel()} tokens, fewer than seqlen "
                               f"{config.seqlen}")
-    windows = validation_windows(corpus_stream(source, "validation", tokenizer).ids, config)
-    target = describe_target(model, tokenizer, model_name)
+    windows = validation_windows(corpus_stream(source, "validation", tokenizer).ids, config, lead)
+    target = describe_target(model, tokenizer, model_name) | {META_KEY: position}  # saved into prompt.json
 
     def finish(stopped: str) -> Path:
         best = {"step": state.best_step, "val_loss": state.best_val_loss, "val_ppl": math.exp(state.best_val_loss)}
@@ -320,7 +358,7 @@ def train_soft_prompt(model: torch.nn.Module, tokenizer, config: SoftPromptConfi
         state = _load_checkpoint(out_dir / CHECKPOINT, config, device)
     else:
         state = _new_state(initial_prompt(model, tokenizer, config), config, device)
-        initial = _evaluate(model, state, windows, config, [])["val_loss"]
+        initial = _evaluate(model, state, windows, config, [], len(lead))["val_loss"]
         if not math.isfinite(initial):
             raise SoftPromptError(f"the validation loss before any training is {initial}: model {model_name!r} "
                                   f"({compression}) computes non-finite values, so no prompt can be trained on it")
@@ -331,7 +369,7 @@ def train_soft_prompt(model: torch.nn.Module, tokenizer, config: SoftPromptConfi
     stopped = "completed"
     while state.step < config.steps:
         started = time.perf_counter()
-        loss = _train_step(model, state, train_tokens, config)
+        loss = _train_step(model, state, train_tokens, config, lead)
         state.step += 1
         if not math.isfinite(loss):
             _stop_diverged(state, finish, f"the training loss or gradient is {loss}")
@@ -339,7 +377,7 @@ def train_soft_prompt(model: torch.nn.Module, tokenizer, config: SoftPromptConfi
         progress.update(1)
         progress.set_postfix(loss=f"{loss:.3f}", val_ppl=f"{state.curve[-1]['val_ppl']:.2f}")
         if state.step % config.eval_every == 0 or state.step == config.steps:
-            record = _evaluate(model, state, windows, config, train_losses)
+            record = _evaluate(model, state, windows, config, train_losses, len(lead))
             if not math.isfinite(record["val_loss"]):
                 _stop_diverged(state, finish, f"the validation loss is {record['val_loss']}")
             train_losses = []
