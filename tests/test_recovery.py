@@ -10,6 +10,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -18,10 +19,12 @@ from cpt_bench import corpus, stats
 from cpt_bench.cli import main
 from cpt_bench.matrix import paired, store
 from cpt_bench.matrix.config import ConfigError, config_from_dict
-from cpt_bench.matrix.plan import make_plan, prompt_training
+from cpt_bench.matrix.plan import describe, make_plan, prompt_training
 from cpt_bench.matrix.run import build_prompt, run_matrix
 from cpt_bench.prompts.artifact import read_prompt
 from cpt_bench.prompts.soft import initial_prompt
+from cpt_bench.report.recovery import format_comparison, format_gap
+from cpt_bench.report.tables import format_entry
 from tests.compress_helpers import _one_thread  # noqa: F401  (autouse)
 from tests.test_matrix import TRAINING, tiny_config, write_config
 
@@ -53,13 +56,8 @@ def test_seeds_and_controls_expand_to_their_cells():
     cell = next(c for c in plan.cells if c.prompt.id == "soft-wikipedia@rtn-w4g32#s1" and c.target.task == "cpt_piqa"
                 and c.compression == "rtn-w4g32")
     assert cell.id == "rtn-w4g32__soft-wikipedia@rtn-w4g32-s1__cpt_piqa"
-    assert "4 soft prompts" in _describe(plan) and "3 control prompts (init@rtn-w4g32, random@" in _describe(plan)
-
-
-def _describe(plan) -> str:
-    from cpt_bench.matrix.plan import describe
-
-    return describe(plan)
+    text = describe(plan)
+    assert "4 soft prompts" in text and "3 control prompts (init@rtn-w4g32, random@" in text
 
 
 def test_seeded_initialisation_gets_an_init_control_per_seed_and_one_seed_keeps_the_old_ids():
@@ -76,6 +74,47 @@ def test_controls_follow_the_targets_their_level_keeps():
     plan = make_plan(config_from_dict(recovery_plan_config(controls=["init"])
                                       | {"transfer": {"datasets": False}}))
     assert {c.target.task for c in plan.cells if c.prompt.control} == {"cpt_ppl_wikipedia"}
+
+
+def _fake_records(plan, seed: int = 0) -> dict[str, dict]:
+    """Stored-cell stand-ins with random per-example values: perplexity windows or 0 / 1 items."""
+    rng = np.random.default_rng(seed)
+    records = {}
+    for cell in plan.cells:
+        k = cell.target.limit
+        block = {"doc_ids": list(range(k)), "doc_hashes": [f"{i:012x}" for i in range(k)]}
+        if cell.target.is_perplexity:
+            block.update(loglikelihood=(-rng.uniform(50, 80, k)).tolist(), n_tokens=[20] * k)
+        else:
+            block.update(scores=rng.integers(0, 2, k).astype(float).tolist())
+        records[cell.id] = {"examples": block}
+    return records
+
+
+def test_comparisons_pair_each_cell_with_its_counterparts():
+    config = config_from_dict(recovery_plan_config(seeds=[0, 1], controls=["init"],
+                                                   trained_at=["rtn-w4g32", "rtn-w3g32"]))
+    plan = make_plan(config)
+    found = paired.cell_comparisons(plan, _fake_records(plan))
+
+    def against(compression, prompt, task, key):
+        block = found[f"{compression}__{prompt}__{task}"]
+        return block[key]["against"] if key in block else None
+
+    ppl, piqa = "cpt_ppl_wikipedia", "cpt_piqa"
+    assert against("rtn-w4g32", "soft-shakespeare@rtn-w4g32-s0", ppl, "vs_in_domain") == \
+        f"rtn-w4g32__soft-wikipedia@rtn-w4g32-s0__{ppl}"  # another corpus: the target's own
+    assert against("rtn-w3g32", "soft-wikipedia@rtn-w4g32-s1", ppl, "vs_in_domain") == \
+        f"rtn-w3g32__soft-wikipedia@rtn-w3g32-s1__{ppl}"  # another level: the prompt learned at this one
+    assert against("rtn-w3g32", "soft-shakespeare@rtn-w4g32-s0", piqa, "vs_in_domain") == \
+        f"rtn-w3g32__soft-shakespeare@rtn-w3g32-s0__{piqa}"  # zero-shot: the same corpus at this level
+    assert against("rtn-w4g32", "soft-wikipedia@rtn-w4g32-s0", ppl, "vs_in_domain") is None  # in-domain itself
+    assert against("rtn-w4g32", "soft-wikipedia@rtn-w4g32-s0", piqa, "vs_init") == f"rtn-w4g32__init@rtn-w4g32__{piqa}"
+    assert against("rtn-w3g32", "soft-wikipedia@rtn-w4g32-s0", piqa, "vs_init") is None  # init only at its level
+    assert against("dense", "soft-wikipedia@rtn-w4g32-s0", ppl, "vs_dense") == f"dense__none__{ppl}"
+    assert "gap_closed" not in found[f"dense__soft-wikipedia@rtn-w4g32-s0__{ppl}"]  # dense has no gap
+    assert "gap_closed" in found[f"rtn-w3g32__init@rtn-w3g32__{ppl}"]
+    assert f"dense__none__{ppl}" not in found  # the reference of everything else
 
 
 @pytest.mark.parametrize(("soft", "message"), [
@@ -194,11 +233,24 @@ def test_report_shows_paired_tables_seeds_and_the_significance_legend(recovery_r
     report = (recovery_run / "report" / "report.md").read_text()
     assert "## Paired comparisons per compression level" in report and "## Training seeds" in report
     assert "* marks a difference whose paired 95% CI excludes zero" in report
-    assert "### rtn-w4g32, cpt_ppl_wikipedia (token_perplexity): each prompt against the others" in report
+    assert "### rtn-w4g32, cpt_ppl_wikipedia (token_perplexity): prompts compared pairwise, 95% CI" in report
     assert "| init@rtn-w4g32 " in report and "| random@rtn-w4g32#s1 " in report
     assert "soft:wikipedia@rtn-w4g32 over 2 training seeds" in report and "mean ± sd (2 seeds)" in report
     assert re.search(r"\| soft:wikipedia@rtn-w4g32#s0 \(in-domain\) +\| +\d+\.\d\d ± \d+\.\d\d \|", report)
     assert (recovery_run / "report" / "report.tex").read_text().count(r"\#s1") > 0
+
+
+def test_entries_mark_differences_whose_ci_excludes_zero():
+    target = {"task": "cpt_ppl_wikipedia", "metric": "token_perplexity", "higher_is_better": False}
+    cell = {"value": 50.0, "stderr": 2.0, "delta": 30.0, "vs_dense": {"estimate": 0.9, "significant": True}}
+    assert format_entry(cell, target, with_delta=True) == "50.00 ± 2.00 (Δ +30.00*)"
+    cell["vs_dense"]["significant"] = False
+    assert format_entry(cell, target, with_delta=True) == "50.00 ± 2.00 (Δ +30.00)"
+    change = {"scale": "log_ppl", "estimate": math.log(0.5), "ci": [math.log(0.4), math.log(0.6)], "significant": True}
+    assert format_comparison(change) == "-50.0% [-60.0%, -40.0%]*"
+    accuracy = {"scale": "difference", "estimate": 0.02, "ci": [-0.01, 0.05], "significant": False}
+    assert format_comparison(accuracy) == "+0.020 [-0.010, +0.050]"
+    assert format_gap({"estimate": 0.344, "ci": [0.281, 0.402]}) == "34% [28%, 40%]"
 
 
 def test_compare_prints_the_paired_and_unpaired_estimates(recovery_run, capsys):

@@ -61,9 +61,10 @@ class Examples:
 
 
 def examples_record(samples: list[dict[str, Any]], target: Target) -> dict[str, Any] | None:
-    """The compact ``examples`` block of a cell from lm-eval's logged ``samples`` of its task; None when the
-    metric has no numeric per-sample value."""
-    key = target.metric.split(",")[0]
+    """The compact ``examples`` block of a cell from lm-eval's logged ``samples`` of its task (those of the metric's
+    filter, ``none`` unless the metric names one); None when the metric has no numeric per-sample value."""
+    key, _, filter_name = target.metric.partition(",")
+    samples = [s for s in samples if s.get("filter", "none") == (filter_name or "none")]
     record: dict[str, Any] = {"doc_ids": [int(s["doc_id"]) for s in samples],
                               "doc_hashes": [str(s.get("doc_hash", ""))[:HASH_DIGITS] for s in samples]}
     if target.is_perplexity:
@@ -167,29 +168,37 @@ def _in_domain_reference(cell: Cell) -> PromptChoice | None:
     return None if reference == prompt else reference
 
 
+def _counterparts(plan: Plan, cell: Cell) -> dict[str, tuple[str, PromptChoice]]:
+    """The (compression, prompt) that each comparison of ``cell`` is made against, where it has one."""
+    found = {}
+    if cell.prompt != NO_PROMPT:
+        found["vs_none"] = (cell.compression, NO_PROMPT)
+    if (cell.compression, cell.prompt) != ("dense", NO_PROMPT):
+        found["vs_dense"] = ("dense", NO_PROMPT)
+    if cell.prompt.is_learned and cell.compression_relation == "same":
+        found["vs_init"] = (cell.compression, control_for(plan.config, cell.prompt, "init"))
+    reference = _in_domain_reference(cell)
+    if reference is not None:
+        found["vs_in_domain"] = (cell.compression, reference)
+    return found
+
+
 def cell_comparisons(plan: Plan, records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per cell id, the comparisons of the module docstring that its run holds (cells with kept examples only)."""
-    index = {(cell.compression, cell.prompt, cell.target.name): cell.id for cell in plan.cells}
-    examples = {cell_id: cell_examples(record) for cell_id, record in records.items()}
+    examples = {cell.id: cell_examples(records[cell.id]) for cell in plan.cells if cell.id in records}
+    index = {(cell.compression, cell.prompt, cell.target.name): cell.id for cell in plan.cells
+             if examples.get(cell.id) is not None}
     found: dict[str, dict[str, Any]] = {}
     for cell in plan.cells:
-        mine = examples.get(cell.id)
+        mine, task = examples.get(cell.id), cell.target.name
         if mine is None:
             continue
-        task = cell.target.name
-        others = {"vs_none": (cell.compression, NO_PROMPT) if cell.prompt != NO_PROMPT else None,
-                  "vs_dense": ("dense", NO_PROMPT) if (cell.compression, cell.prompt) != ("dense", NO_PROMPT) else None,
-                  "vs_init": (cell.compression, control_for(plan.config, cell.prompt, "init"))
-                  if cell.prompt.is_learned and cell.compression_relation == "same" else None,
-                  "vs_in_domain": (cell.compression, reference) if (reference := _in_domain_reference(cell)) else None}
         block = {}
-        for key, other in others.items():
-            other_id = index.get((*other, task)) if other else None
-            if other_id and examples.get(other_id) is not None:
-                block[key] = comparison(examples[other_id], mine, other_id)
+        for key, (compression, prompt) in _counterparts(plan, cell).items():
+            if (other := index.get((compression, prompt, task))) is not None:
+                block[key] = comparison(examples[other], mine, other)
         compressed, dense = index.get((cell.compression, NO_PROMPT, task)), index.get(("dense", NO_PROMPT, task))
-        if cell.prompt != NO_PROMPT and cell.compression != "dense" and compressed and dense \
-                and examples.get(compressed) is not None and examples.get(dense) is not None:
+        if cell.prompt != NO_PROMPT and cell.compression != "dense" and compressed and dense:
             gap = gap_closed(examples[compressed], mine, examples[dense])
             if gap is not None:
                 block[GAP_CLOSED_KEY] = gap

@@ -137,8 +137,6 @@ def control_for(config: MatrixConfig, prompt: PromptChoice, kind: str) -> Prompt
 def _relations(prompt: PromptChoice, compression: str, target: Target) -> tuple[str | None, str | None]:
     if prompt.kind != "soft":
         return None, None
-    if prompt.control:
-        return None, "same"
     dataset = "in-domain" if prompt.source == target.domain else "cross-dataset"
     if prompt.trained_at == compression:
         level = "same"

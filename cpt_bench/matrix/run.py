@@ -1,8 +1,8 @@
 """Run a matrix: build the artifacts once, evaluate every pending cell through lm-eval, write each at once.
 
 Stages: compressed checkpoints (the shared compression cache, keyed by model, spec and calibration) ->
-soft prompts (trained in the run folder, resumable from their checkpoints) -> cells, grouped by
-(compression, prompt) so that each prompted model is loaded once. Every finished cell is written
+soft prompts (trained in the run folder, resumable from their checkpoints) and their controls -> cells, grouped
+by (compression, prompt) so that each prompted model is loaded once. Every finished cell is written
 atomically before the next starts, so a killed run loses at most the cell in flight and ``--resume``
 redoes nothing else. Executors:
 

@@ -88,7 +88,7 @@ def recovery_tables(summary: Summary) -> list[Table]:
                 continue
             headers, rows = _without_empty_columns(["prompt", "value ± stderr", *(h for _, h in COMPARISON_COLUMNS)],
                                                    rows, keep=2)
-            title = f"{spec}, {target['task']} ({target['metric']}): each prompt against the others, paired, 95% CI"
+            title = f"{spec}, {target['task']} ({target['metric']}): prompts compared pairwise, 95% CI"
             tables.append(Table(title, headers, rows))
     return tables
 

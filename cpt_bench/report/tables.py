@@ -28,6 +28,7 @@ from cpt_bench.matrix.store import (
     SUMMARY_OPTIONAL_NUMBERS,
     SUMMARY_REQUIRED_KEYS,
 )
+from cpt_bench.stats import SMALL_DISCORDANT
 
 MISSING = "–"
 _EXPECTED = f"expected a {SUMMARY_FORMAT} summary written by the matrix runner"
@@ -176,7 +177,8 @@ def format_entry(cell: dict[str, Any] | None, target: dict[str, Any], with_delta
 SIGNIFICANT_MARK = "*"
 SIGNIFICANT_NOTE = ("* marks a difference whose paired 95% CI excludes zero (perplexity: the change of log token "
                     "perplexity over the shared windows; accuracy: per-item differences, McNemar's exact test where "
-                    "fewer than 25 items disagree); Δ carries it for the comparison with dense without prompt.")
+                    f"fewer than {SMALL_DISCORDANT} items disagree); Δ carries it for the comparison with dense "
+                    "without prompt.")
 
 
 def has_paired_statistics(summary: Summary) -> bool:
