@@ -138,3 +138,12 @@ def test_estimators_refuse_misaligned_inputs():
         stats.paired_difference([1, 0], [1])
     one = stats.paired_difference([1], [0])
     assert one.stderr is None and one.ci is None and not one.excludes_zero
+
+
+def test_cell_perplexity_stderr_is_the_delta_method_on_the_ratio_estimator():
+    from cpt_bench.perplexity import perplexity_with_stderr
+
+    value, stderr = perplexity_with_stderr(list(zip(LL_A, COUNTS, strict=True)))
+    assert value == pytest.approx(math.exp(31 / 12))
+    assert stderr == pytest.approx(math.exp(31 / 12) * math.sqrt(362 / 13824))
+    assert perplexity_with_stderr([(-10.0, 4)]) == (pytest.approx(math.exp(2.5)), None)
