@@ -142,7 +142,7 @@ class Compression:
 
 @dataclass(frozen=True)
 class SoftPrompts:
-    """Soft prompts: one per (source corpus, compression level it is trained at).
+    """Soft prompts: one per (source corpus, compression level it is trained at, training seed).
 
     A prompt whose validation loss never beat its initialisation is still applied, its cells flagged
     ``prompt.untrained``; ``require_improvement`` makes such a prompt stop the run instead. ``seeds``: one prompt

@@ -214,8 +214,8 @@ def estimate_seconds(plan: Plan, parameters: int = REFERENCE_PARAMETERS) -> dict
     training = config.prompts.soft.training
     train_tokens = training.steps * training.batch_size * training.seqlen
     eval_tokens = (training.steps // training.eval_every + 1) * training.eval_windows * training.seqlen
-    prompts = sum(prompt.is_learned for prompt in plan.soft_prompts) * scale * (train_tokens / TRAIN_TOKENS_PER_SECOND
-                                                + eval_tokens / EVAL_TOKENS_PER_SECOND)
+    trained = sum(prompt.is_learned for prompt in plan.soft_prompts)  # controls need no training
+    prompts = trained * scale * (train_tokens / TRAIN_TOKENS_PER_SECOND + eval_tokens / EVAL_TOKENS_PER_SECOND)
     cells = MODEL_LOAD_SECONDS * scale * len(plan.groups())
     for cell in plan.cells:
         limit = cell.target.limit or 1000
