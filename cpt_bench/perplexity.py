@@ -20,6 +20,7 @@ from lm_eval.api.task import ConfigurableTask
 
 from cpt_bench.assets.model import load_tokenizer
 from cpt_bench.errors import UserError
+from cpt_bench.stats import log_perplexity
 from cpt_bench.tokens import TokenStream, corpus_stream
 
 DEFAULT_SEQLEN_TOKENS = 1024
@@ -91,18 +92,11 @@ def perplexity_with_stderr(pairs: list[tuple[float, int]]) -> tuple[float, float
 
     ``pairs``: per window (loglikelihood in nats, count of tokens / words / bytes). lm-eval reports no
     stderr for weighted perplexities, so we estimate one: the mean negative loglikelihood per unit is a
-    ratio estimator r = sum(x_i) / sum(n_i) whose variance over k windows is
-    sum((x_i - r n_i)^2) / (k (k - 1) mean(n)^2), and by the delta method se(exp r) = exp(r) se(r).
+    ratio estimator r (``stats.log_perplexity``, which gives the formula), and by the delta method
+    se(exp r) = exp(r) se(r).
     """
     if not pairs:
         raise ValueError("perplexity of no windows")
-    nll = [-loglikelihood for loglikelihood, _ in pairs]
-    counts = [count for _, count in pairs]
-    rate = sum(nll) / sum(counts)
-    perplexity = math.exp(rate)
-    k = len(pairs)
-    if k < 2:
-        return perplexity, None
-    mean_count = sum(counts) / k
-    variance = sum((x - rate * n) ** 2 for x, n in zip(nll, counts, strict=True)) / (k * (k - 1) * mean_count**2)
-    return perplexity, perplexity * math.sqrt(variance)
+    rate = log_perplexity([loglikelihood for loglikelihood, _ in pairs], [count for _, count in pairs])
+    perplexity = math.exp(rate.estimate)
+    return perplexity, None if rate.stderr is None else perplexity * rate.stderr

@@ -392,7 +392,15 @@ def test_a_run_folder_from_before_a_new_setting_still_resumes(untrained_run, mat
     old = tmp_path / "old"
     shutil.copytree(untrained_run, old)
     stored = json.loads((old / "config.json").read_text())
-    del stored["prompts"]["soft"]["require_improvement"]  # as written before the setting existed
+    for key in ("require_improvement", "seeds", "controls"):  # as written before the settings existed
+        del stored["prompts"]["soft"][key]
     (old / "config.json").write_text(json.dumps(stored))
+    soft_cell = f"dense__{UNTRAINED_PROMPT}__cpt_ppl_wikipedia"
+    record = store.read_cells(old)[soft_cell]
+    del record["examples"], record["cell"]["prompt_choice"]["seed"], record["cell"]["prompt_choice"]["control"]
+    store.write_cell(old, record)  # a cell as written before per-example values were kept
+    (old / "summary.json").unlink()
     config = write_config(tmp_path, untrained_config(tiny_model_dir))
     assert run_matrix(config, old, resume=True) == old and (old / "summary.json").is_file()
+    cells = {cell["id"]: cell for cell in json.loads((old / "summary.json").read_text())["cells"]}
+    assert "vs_none" not in cells[soft_cell] and "vs_dense" not in cells[soft_cell]  # nothing to pair it with

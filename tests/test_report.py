@@ -127,6 +127,8 @@ def test_leaderboard_without_runs_is_a_report_error(tmp_path):
     (lambda s: s["cells"].append(dict(s["cells"][0])), "cells\\[37\\] repeats dense / none / cpt_ppl_wikipedia"),
     (lambda s: s["prompts"][2].pop("trained_at"), "prompts\\[2\\] lacks 'trained_at'"),
     (lambda s: s["prompts"][2].update(untrained="yes"), "prompts\\[2\\] has non-boolean 'untrained'"),
+    (lambda s: s["cells"][3].update(vs_none={"estimate": "big"}),
+     "cells\\[3\\] has 'vs_none' without a numeric 'estimate'"),
 ])
 def test_malformed_summary_is_a_one_line_report_error_naming_the_file(tmp_path, change, problem):
     summary = _summary()

@@ -1,4 +1,4 @@
-"""The ``cpt-bench matrix`` and ``cpt-bench merge`` subcommands; ``cpt_bench.cli`` registers them."""
+"""The ``cpt-bench matrix``, ``merge`` and ``compare`` subcommands; ``cpt_bench.cli`` registers them."""
 
 from __future__ import annotations
 
@@ -28,8 +28,17 @@ def cmd_merge(args: argparse.Namespace) -> None:
           f"{f'summary {summary}' if summary else 'cells still missing, no summary'}")
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    """Print the paired comparison of two cells of a run, with the unpaired one for contrast."""
+    from cpt_bench.matrix.paired import describe_comparison
+    from cpt_bench.matrix.store import read_run_cell
+
+    first, second = (read_run_cell(args.run_dir, cell_id) for cell_id in (args.cell_a, args.cell_b))
+    print(describe_comparison(first, second))
+
+
 def add_matrix_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``matrix`` and ``merge`` to ``cpt-bench``; each parser's ``run`` default runs it."""
+    """Add ``matrix``, ``merge`` and ``compare`` to ``cpt-bench``; each parser's ``run`` default runs it."""
     matrix = subparsers.add_parser("matrix", help="evaluate every compression x prompt x target cell of a config")
     matrix.add_argument("config", type=Path, help="YAML config, e.g. configs/default.yaml")
     matrix.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<config name>)")
@@ -47,3 +56,9 @@ def add_matrix_parser(subparsers: argparse._SubParsersAction) -> None:
     merge.add_argument("out", type=Path, help="the merged run folder")
     merge.add_argument("shards", type=Path, nargs="+", help="shard run folders")
     merge.set_defaults(run=cmd_merge)
+
+    compare = subparsers.add_parser("compare", help="paired difference of two cells of a run (B - A), with its CI")
+    compare.add_argument("run_dir", type=Path, metavar="RUN", help="run folder written by 'cpt-bench matrix'")
+    compare.add_argument("cell_a", metavar="CELL_A", help="cell id, e.g. rtn-w3g64__none__cpt_ppl_wikipedia")
+    compare.add_argument("cell_b", metavar="CELL_B", help="cell id of the same task")
+    compare.set_defaults(run=cmd_compare)

@@ -13,10 +13,32 @@ Example (``configs/default.yaml`` is the full one)::
         sources: [wikipedia, shakespeare]
         trained_at: [rtn-w3g64]
         training: {n_virtual_tokens: 20, steps: 40, lr: 0.03}
+        seeds: [0, 1, 2]          # optional: one prompt per seed
+        controls: [init, random]  # optional: untrained control prompts beside the learned ones
     transfer: {datasets: true, compression_levels: true, compression_types: true}
     targets:
       - {task: cpt_ppl_wikipedia, limit: 8}
       - {task: cpt_piqa, limit: 100, metric: acc_norm}
+
+Training seeds (``prompts.soft.seeds``): each seed trains its own prompt per (source, level), the seed setting both
+the data order and any random initialisation (``SoftPromptConfig.seed``, which the list replaces; without the
+list ``training.seed`` is the one seed). Prompt ids carry the seed only when there is more than one:
+``soft-wikipedia@rtn-w3g64#s1`` (cell ids and folders spell ``#`` as ``-``).
+
+Control prompts (``prompts.soft.controls``, ``cpt_bench.prompts.controls``): untrained soft prompts evaluated beside
+the learned ones, so that the report can say whether a gain is learned recovery or any extra context would do:
+
+- ``init``: the untrained starting prompt, same length, initialisation and seed. It depends on neither the source
+  corpus (every initialiser reads only the embedding table, the settings and the seed) nor, for the unseeded
+  initialisers ``vocab`` and ``text``, the seed, so there is one per level (``init@rtn-w3g64``), and one per seed
+  (``init@rtn-w3g64#s1``) only for ``sample`` / ``random`` initialisation with several seeds; it is the control of
+  every learned prompt of its level (and seed), with no duplicate evaluations.
+- ``random``: random vectors with the embedding table's mean row norm, length ``n_virtual_tokens``, one per seed
+  (``random@rtn-w3g64``, ``random@rtn-w3g64#s1``).
+
+A control is evaluated at its own level only (an untrained prompt's transfers say nothing its own-level cells do
+not), on every target that a learned prompt of that level is evaluated on there. Its artifact is a prompt folder
+(``RUN/prompts/<id>``) the ``cpt`` adapter applies like any other (``soft_prompt=DIR``).
 
 Why our own small validator rather than pydantic: errors must be one line naming the key path
 (``prompts.soft.training.steps``) and what was expected, and the leaf checks (compression grammar,
@@ -37,6 +59,7 @@ import yaml
 from cpt_bench.compress.spec import CalibrationSettings, Spec
 from cpt_bench.corpus import parse_corpus
 from cpt_bench.errors import UserError
+from cpt_bench.prompts.controls import CONTROL_KINDS
 from cpt_bench.prompts.hard import HARD_PROMPTS
 from cpt_bench.prompts.soft import SoftPromptConfig
 
@@ -119,16 +142,20 @@ class Compression:
 
 @dataclass(frozen=True)
 class SoftPrompts:
-    """Soft prompts: one per (source corpus, compression level it is trained at).
+    """Soft prompts: one per (source corpus, compression level it is trained at, training seed).
 
     A prompt whose validation loss never beat its initialisation is still applied, its cells flagged
-    ``prompt.untrained``; ``require_improvement`` makes such a prompt stop the run instead.
+    ``prompt.untrained``; ``require_improvement`` makes such a prompt stop the run instead. ``seeds``: one prompt
+    per training seed (empty: ``training.seed`` alone); ``controls``: ``init`` / ``random`` control prompts (see
+    the module docstring).
     """
 
     sources: list[str] = field(default_factory=list)
     trained_at: list[str] = field(default_factory=list)
     training: SoftPromptConfig = field(default_factory=SoftPromptConfig)
     require_improvement: bool = False
+    seeds: list[int] = field(default_factory=list)
+    controls: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         canonical = []
@@ -145,6 +172,18 @@ class SoftPrompts:
                 raise ConfigError(f"trained_at[{index}]: {error}") from None
         _require(bool(self.sources) == bool(self.trained_at), "trained_at", self.trained_at,
                  "given exactly when sources are (a prompt needs both)")
+        _require(all(seed >= 0 for seed in self.seeds) and len(set(self.seeds)) == len(self.seeds), "seeds",
+                 self.seeds, "distinct non-negative integers")
+        _require(not self.seeds or self.training.seed == 0, "seeds", self.seeds,
+                 f"either seeds or training.seed, not both (training.seed is {self.training.seed})")
+        _require(all(kind in CONTROL_KINDS for kind in self.controls) and len(set(self.controls)) == len(self.controls),
+                 "controls", self.controls, f"distinct control kinds out of {', '.join(CONTROL_KINDS)}")
+        _require(not self.controls or bool(self.sources), "controls", self.controls,
+                 "given only with soft prompts (sources and trained_at)")
+
+    def training_seeds(self) -> list[int]:
+        """The seeds prompts are trained with: ``seeds``, else ``training.seed`` alone."""
+        return self.seeds or [self.training.seed]
 
 
 @dataclass(frozen=True)

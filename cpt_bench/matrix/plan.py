@@ -1,24 +1,28 @@
 """Expand a ``MatrixConfig`` into cells (compression x prompt x target) and the artifacts they share.
 
-Artifacts: one compressed checkpoint per non-dense compression level that a cell or a prompt needs, and
-one soft prompt per (source corpus, level it is trained at). Each is built once and reused by every cell.
-Prompts per compression level C and target T:
+Artifacts: one compressed checkpoint per non-dense compression level that a cell or a prompt needs, one soft
+prompt per (source corpus, level it is trained at, training seed), and the control prompts of each level
+(``config`` module docstring). Each is built once and reused by every cell. Prompts per compression level C and
+target T:
 
 - ``none`` and every hard prompt, always;
 - a soft prompt learned on source S at level C': kept when C' == C and S is T's corpus (in-domain), or
   when the transfer it makes is enabled: ``datasets`` (S is not T's corpus; zero-shot targets have no
   corpus, so every soft prompt transfers to them), ``compression_levels`` (C' != C, same family) and
-  ``compression_types`` (another family; dense is its own family).
+  ``compression_types`` (another family; dense is its own family);
+- a control prompt of level C' only at C == C', on the targets that some learned prompt of C' is kept on at C'.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from cpt_bench.compress.spec import Spec
 from cpt_bench.errors import UserError
 from cpt_bench.matrix.config import MatrixConfig, Target, hard_prompt_label
+from cpt_bench.prompts.controls import control_depends_on_seed
+from cpt_bench.prompts.soft import SoftPromptConfig
 
 # Speeds of the embedded model on 2 idle CPU cores, for --dry-run estimates only (README, "Time estimates"). Taken
 # from the committed runs made with nothing else running (results/default/summary.json cell seconds, README
@@ -53,20 +57,32 @@ def safe_name(text: str) -> str:
 
 @dataclass(frozen=True)
 class PromptChoice:
-    """A prompt applied in cells. ``kind``: none | hard | soft; soft prompts name their source and level."""
+    """A prompt applied in cells. ``kind``: none | hard | soft; soft prompts name their level and, unless they are
+    controls, their source. ``seed``: the training seed, set only when the config trains several (it is then part
+    of the id); ``control``: ``init`` / ``random`` for an untrained control prompt (no source)."""
 
     kind: str
     hard: str | None = None  # registered name or literal text
     source: str | None = None
     trained_at: str | None = None
+    seed: int | None = None
+    control: str | None = None
 
     @property
     def id(self) -> str:
+        suffix = "" if self.seed is None else f"#s{self.seed}"
         if self.kind == "hard":
             return f"hard-{hard_prompt_label(self.hard)}"
+        if self.control:
+            return f"{self.control}@{self.trained_at}{suffix}"
         if self.kind == "soft":
-            return f"soft-{self.source}@{self.trained_at}"
+            return f"soft-{self.source}@{self.trained_at}{suffix}"
         return "none"
+
+    @property
+    def is_learned(self) -> bool:
+        """A soft prompt that is trained (not a control)."""
+        return self.kind == "soft" and self.control is None
 
 
 NO_PROMPT = PromptChoice("none")
@@ -101,7 +117,7 @@ class Plan:
     config: MatrixConfig
     cells: tuple[Cell, ...]
     compressed: tuple[str, ...]  # non-dense specs to compress, config order
-    soft_prompts: tuple[PromptChoice, ...]  # to train, config order
+    soft_prompts: tuple[PromptChoice, ...]  # to build: learned prompts (trained), then controls; config order
 
     def groups(self) -> dict[tuple[str, PromptChoice], list[Cell]]:
         """Cells by (compression, prompt): each group shares one loaded, prompted model."""
@@ -109,6 +125,18 @@ class Plan:
         for cell in self.cells:
             grouped.setdefault((cell.compression, cell.prompt), []).append(cell)
         return grouped
+
+
+def prompt_training(config: MatrixConfig, prompt: PromptChoice) -> SoftPromptConfig:
+    """The soft-prompt settings that build ``prompt`` (a learned or control prompt): ``training`` at its seed."""
+    training = config.prompts.soft.training
+    return training if prompt.seed is None else replace(training, seed=prompt.seed)
+
+
+def control_for(config: MatrixConfig, prompt: PromptChoice, kind: str) -> PromptChoice:
+    """The ``kind`` control of learned ``prompt``: of its level and, where the control depends on it, its seed."""
+    seeded = control_depends_on_seed(kind, config.prompts.soft.training)
+    return PromptChoice("soft", trained_at=prompt.trained_at, seed=prompt.seed if seeded else None, control=kind)
 
 
 def _relations(prompt: PromptChoice, compression: str, target: Target) -> tuple[str | None, str | None]:
@@ -132,9 +160,11 @@ def _wanted(config: MatrixConfig, dataset: str | None, level: str | None) -> boo
 def make_plan(config: MatrixConfig) -> Plan:
     """Every wanted cell of ``config`` and the artifacts they need, each listed once."""
     soft = config.prompts.soft
-    soft_prompts = tuple(PromptChoice("soft", source=source, trained_at=str(Spec.parse(level)))
-                         for level in soft.trained_at for source in soft.sources)
-    prompts = (NO_PROMPT, *(PromptChoice("hard", hard=text) for text in config.prompts.hard), *soft_prompts)
+    seeds = soft.training_seeds()
+    learned = tuple(PromptChoice("soft", source=source, trained_at=str(Spec.parse(level)),
+                                 seed=seed if len(seeds) > 1 else None)
+                    for level in soft.trained_at for source in soft.sources for seed in seeds)
+    prompts = (NO_PROMPT, *(PromptChoice("hard", hard=text) for text in config.prompts.hard), *learned)
     cells = []
     for compression in config.compression.specs:
         for prompt in prompts:
@@ -142,7 +172,15 @@ def make_plan(config: MatrixConfig) -> Plan:
                 dataset, level = _relations(prompt, compression, target)
                 if _wanted(config, dataset, level):
                     cells.append(Cell(compression, prompt, target, dataset, level))
-    return _with_artifacts(config, tuple(cells), soft_prompts)
+    controls = tuple(dict.fromkeys(control_for(config, prompt, kind) for prompt in learned for kind in soft.controls))
+    for control in controls:
+        kept = {cell.target for cell in cells if cell.prompt.is_learned and cell.compression == control.trained_at
+                and cell.prompt.trained_at == control.trained_at}
+        cells += [Cell(control.trained_at, control, target, None, "same") for target in config.targets
+                  if target in kept]
+    order = {spec: index for index, spec in enumerate(config.compression.specs)}
+    cells.sort(key=lambda cell: order[cell.compression])  # stable: within a level, prompts then targets in order
+    return _with_artifacts(config, tuple(cells), learned + controls)
 
 
 def _with_artifacts(config: MatrixConfig, cells: tuple[Cell, ...], soft_prompts: tuple[PromptChoice, ...]) -> Plan:
@@ -181,8 +219,8 @@ def estimate_seconds(plan: Plan, parameters: int = REFERENCE_PARAMETERS) -> dict
     training = config.prompts.soft.training
     train_tokens = training.steps * training.batch_size * training.seqlen
     eval_tokens = (training.steps // training.eval_every + 1) * training.eval_windows * training.seqlen
-    prompts = len(plan.soft_prompts) * scale * (train_tokens / TRAIN_TOKENS_PER_SECOND
-                                                + eval_tokens / EVAL_TOKENS_PER_SECOND)
+    trained = sum(prompt.is_learned for prompt in plan.soft_prompts)  # controls need no training
+    prompts = trained * scale * (train_tokens / TRAIN_TOKENS_PER_SECOND + eval_tokens / EVAL_TOKENS_PER_SECOND)
     cells = MODEL_LOAD_SECONDS * scale * len(plan.groups())
     for cell in plan.cells:
         limit = cell.target.limit or 1000
@@ -197,14 +235,17 @@ def describe(plan: Plan, parameters: int | None = REFERENCE_PARAMETERS) -> str:
     plan was not checked against the model)."""
     config = plan.config
     calibration, training = config.compression.calibration, config.prompts.soft.training
+    learned = [prompt for prompt in plan.soft_prompts if prompt.is_learned]
+    controls = [prompt for prompt in plan.soft_prompts if not prompt.is_learned]
     lines = [f"matrix {config.name!r}: model {config.model} ({config.dtype}, {config.device}, {config.kernels} "
              f"kernels), {len(plan.cells)} cells in {len(plan.groups())} (compression, prompt) groups",
              f"calibration: {calibration.n_windows} x {calibration.seqlen} tokens of {calibration.corpus} (train), "
              f"seed {calibration.seed}, dampening {calibration.dampening}, block {calibration.block_size}, "
              f"true-sequential {calibration.true_sequential}",
              f"artifacts: {len(plan.compressed)} compressed checkpoints ({', '.join(plan.compressed) or 'none'}), "
-             f"{len(plan.soft_prompts)} soft prompts ({', '.join(p.id for p in plan.soft_prompts) or 'none'})"]
-    if plan.soft_prompts:
+             f"{len(learned)} soft prompts ({', '.join(p.id for p in learned) or 'none'})"
+             + (f", {len(controls)} control prompts ({', '.join(p.id for p in controls)})" if controls else "")]
+    if learned:
         lines.append(f"soft prompts: {training.n_virtual_tokens} tokens, init {training.init}, AdamW lr {training.lr} "
                      f"weight decay {training.weight_decay}, {training.warmup_steps} warmup then linear decay, "
                      f"{training.steps} steps of batch {training.batch_size} x {training.seqlen} tokens, clip "

@@ -1,8 +1,8 @@
 """Run a matrix: build the artifacts once, evaluate every pending cell through lm-eval, write each at once.
 
 Stages: compressed checkpoints (the shared compression cache, keyed by model, spec and calibration) ->
-soft prompts (trained in the run folder, resumable from their checkpoints) -> cells, grouped by
-(compression, prompt) so that each prompted model is loaded once. Every finished cell is written
+soft prompts (trained in the run folder, resumable from their checkpoints) and their controls -> cells, grouped
+by (compression, prompt) so that each prompted model is loaded once. Every finished cell is written
 atomically before the next starts, so a killed run loses at most the cell in flight and ``--resume``
 redoes nothing else. Executors:
 
@@ -33,7 +33,18 @@ from cpt_bench.lmeval.quiet import logging_through_tqdm, quiet_lm_eval
 from cpt_bench.matrix import store
 from cpt_bench.matrix.config import ConfigError, MatrixConfig, Target, load_config
 from cpt_bench.matrix.lock import RunLock
-from cpt_bench.matrix.plan import Cell, Plan, PromptChoice, describe, make_plan, parse_shard, safe_name, shard_plan
+from cpt_bench.matrix.paired import examples_record
+from cpt_bench.matrix.plan import (
+    Cell,
+    Plan,
+    PromptChoice,
+    describe,
+    make_plan,
+    parse_shard,
+    prompt_training,
+    safe_name,
+    shard_plan,
+)
 from cpt_bench.matrix.validate import validate_plan
 from cpt_bench.perplexity import perplexity_with_stderr
 from cpt_bench.provenance import environment_record, peak_memory, reset_peak_memory
@@ -42,7 +53,8 @@ log = logging.getLogger(__name__)
 
 EXECUTORS = ("local", "ray")
 PROMPTS_DIR = "prompts"
-# lm-eval output keys not kept in a cell: per-sample logs (large) and the session's environment dump.
+# lm-eval output keys not kept in a cell: per-sample logs (large; the cell's ``examples`` keep what pairing needs,
+# see ``paired``) and the session's environment dump.
 _DROPPED_LM_EVAL_KEYS = ("samples", "pretty_env_info")
 
 
@@ -77,22 +89,30 @@ def prompt_folder(run_dir: Path, prompt: PromptChoice) -> Path:
 
 
 def build_prompt(config: MatrixConfig, run_dir: Path, prompt: PromptChoice, compressed_folder: str | None) -> str:
-    """Train soft prompt ``prompt`` at its level (resuming its checkpoint) unless it is already complete."""
+    """Build prompt ``prompt`` at its level unless it is already complete: train a learned one (resuming its
+    checkpoint) with its seed's settings, or write a control (``prompts.controls``)."""
     import torch
 
     from cpt_bench.models import CheckpointFolder, load_model
     from cpt_bench.prompts.artifact import METADATA, read_prompt
+    from cpt_bench.prompts.controls import write_control_prompt
     from cpt_bench.prompts.soft import CHECKPOINT, train_soft_prompt
 
     folder = prompt_folder(run_dir, prompt)
     if not (folder / METADATA).is_file():
         loaded = load_model(config.model, CheckpointFolder(Path(compressed_folder)) if compressed_folder else None,
                             mode=config.kernels, dtype=getattr(torch, config.dtype), device=resolved_device(config))
-        train_soft_prompt(loaded.model, loaded.tokenizer, config.prompts.soft.training, prompt.source, folder,
-                          model_name=config.model, compression=loaded.compression,
-                          resume=(folder / CHECKPOINT).is_file())
+        training = prompt_training(config, prompt)
+        if prompt.control:
+            write_control_prompt(loaded.model, loaded.tokenizer, training, prompt.control, folder,
+                                 model_name=config.model, compression=loaded.compression)
+        else:
+            train_soft_prompt(loaded.model, loaded.tokenizer, training, prompt.source, folder,
+                              model_name=config.model, compression=loaded.compression,
+                              resume=(folder / CHECKPOINT).is_file())
     read_prompt(folder)  # verifies the stored tensor against its checksum
-    check_prompt_trained(folder, prompt.id, config.prompts.soft.require_improvement)
+    if not prompt.control:  # a control is its initialisation by design
+        check_prompt_trained(folder, prompt.id, config.prompts.soft.require_improvement)
     return str(folder)
 
 
@@ -158,7 +178,8 @@ def _memory_account(job: GroupJob, lm) -> dict[str, Any]:
 def _prompt_block(lm, job: GroupJob) -> dict[str, Any]:
     """The prompt's provenance: what the adapter applied plus, for soft prompts, how it was trained.
 
-    ``untrained``: the soft prompt never beat its initialisation (see ``check_prompt_trained``).
+    ``untrained``: the soft prompt never beat its initialisation (see ``check_prompt_trained``); ``control``: the
+    kind of a control prompt (untrained by design).
     """
     from cpt_bench.prompts.artifact import read_prompt
     from cpt_bench.prompts.soft import prompt_improved
@@ -168,8 +189,12 @@ def _prompt_block(lm, job: GroupJob) -> dict[str, Any]:
         meta = read_prompt(Path(job.prompt_folder)).meta
         block.update(path=str(Path(job.prompt_folder).relative_to(job.run_dir)),
                      source=meta["source"]["corpus"], train_seconds=round(meta["train_seconds"], 1),
-                     best_val_ppl=meta["best"]["val_ppl"], best_step=meta["best"]["step"],
-                     untrained=not prompt_improved(meta), hyperparameters=meta["hyperparameters"])
+                     hyperparameters=meta["hyperparameters"])
+        if job.prompt.control:
+            block.update(control=job.prompt.control)
+        else:
+            block.update(best_val_ppl=meta["best"]["val_ppl"], best_step=meta["best"]["step"],
+                         untrained=not prompt_improved(meta))
     return block
 
 
@@ -212,6 +237,7 @@ def evaluate_group(job: GroupJob, on_cell: Callable[[str], None] | None = None) 
         record = {"format": store.CELL_FORMAT, "cell": cell.record(),
                   "metric": {"name": cell.target.metric, "value": value, "stderr": stderr,
                              "higher_is_better": higher},
+                  "examples": examples_record(output["samples"][cell.target.task], cell.target),
                   "compression": compression, "prompt": prompt,
                   "memory": {**lm.memory_record(), **peak_memory()},
                   "seconds": round(time.perf_counter() - started, 2),

@@ -9,7 +9,8 @@ Layout::
                                time of every session that worked on the run (start, resumes, merged shards)
     RUN/run.lock               held while a runner writes (``lock.RunLock``)
     RUN/prompts/<prompt id>/   soft prompts trained for the run (checkpointed, resumable)
-    RUN/cells/<cell id>.json   one result per cell, written atomically when the cell finishes
+    RUN/cells/<cell id>.json   one result per cell, written atomically when the cell finishes, with its
+                               per-window / per-item values (``examples``, see ``paired``)
     RUN/summary.json           all cells flattened for reports (``cpt_bench.report``), once every cell is done
 """
 
@@ -26,7 +27,8 @@ from cpt_bench.errors import UserError
 from cpt_bench.files import write_json_atomic, write_text_atomic
 from cpt_bench.matrix.config import ConfigError, MatrixConfig, config_from_dict
 from cpt_bench.matrix.lock import LOCK_FILE
-from cpt_bench.matrix.plan import Plan, family
+from cpt_bench.matrix.paired import COMPARISON_KEYS, GAP_CLOSED_KEY, cell_comparisons
+from cpt_bench.matrix.plan import Plan, family, safe_name
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +47,11 @@ SUMMARY_REQUIRED_KEYS = {
 SUMMARY_KEYS_BY_PROMPT_KIND = {"none": (), "hard": ("name",), "soft": ("source", "trained_at")}
 SUMMARY_NUMBERS = {"summary": ("wall_seconds",), "compressions": ("weight_bytes", "ratio_to_dense", "bits_per_weight"),
                    "cells": ("value",)}
-SUMMARY_OPTIONAL_NUMBERS = {"cells": ("stderr", "delta")}
+SUMMARY_OPTIONAL_NUMBERS = {"cells": ("stderr", "delta"), "prompts": ("seed",)}
 SUMMARY_OPTIONAL_FLAGS = {"prompts": ("untrained",)}  # absent in summaries written before the flag existed
+# A cell's paired comparisons (``paired.cell_comparisons``), each an object with a numeric ``estimate``; absent in
+# summaries written before they existed and where the run lacks the other cell.
+SUMMARY_OPTIONAL_COMPARISONS = {"cells": (*COMPARISON_KEYS, GAP_CLOSED_KEY)}
 CONFIG_FILE = "config.json"
 CELLS_DIR = "cells"
 SUMMARY_FILE = "summary.json"
@@ -169,6 +174,22 @@ def read_cell(path: Path) -> dict[str, Any] | None:
     return None
 
 
+def read_run_cell(run_dir: Path, cell_id: str) -> dict[str, Any]:
+    """The finished cell ``cell_id`` of run folder ``run_dir`` (``#`` in prompt ids may be spelt as in the ids or
+    as in the cell files); ``RunFolderError`` naming the run or the cell when either is unknown."""
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise RunFolderError(f"run folder {run_dir} not found ({CONFIG_FILE} missing); expected a folder written by "
+                             "'cpt-bench matrix'")
+    path = cell_path(run_dir, safe_name(cell_id))
+    record = read_cell(path) if path.is_file() else None
+    if record is None:
+        known = sorted(path.stem for path in (run_dir / CELLS_DIR).glob("*.json"))
+        examples = ", ".join(known[:3]) + (", ..." if len(known) > 3 else "")
+        raise RunFolderError(f"cell {cell_id!r} is not a finished cell of run {run_dir}; expected one of its "
+                             f"{len(known)} cell ids ({examples or 'none yet'}), as in {run_dir / CELLS_DIR}")
+    return record
+
+
 def read_cells(run_dir: Path) -> dict[str, dict[str, Any]]:
     """Every valid finished cell of a run folder, by cell id."""
     cells = {}
@@ -223,7 +244,8 @@ def merge(out_dir: Path, inputs: list[Path]) -> dict[str, dict[str, Any]]:
 
 
 def summarise(plan: Plan, cells: dict[str, dict[str, Any]], sessions: list[dict[str, Any]]) -> dict[str, Any]:
-    """The run summary (``SUMMARY_FORMAT``): compressions with memory, targets, prompts, flattened cells.
+    """The run summary (``SUMMARY_FORMAT``): compressions with memory, targets, prompts, flattened cells with their
+    paired comparisons (``paired.cell_comparisons``; the per-example values stay in the cells).
 
     ``wall_seconds`` sums the recorded sessions; ``environment`` is the first session's.
     """
@@ -244,7 +266,9 @@ def summarise(plan: Plan, cells: dict[str, dict[str, Any]], sessions: list[dict[
     prompts = {"none": {"id": "none", "kind": "none"}}
     for record in records:
         prompts.setdefault(record["cell"]["prompt"], _prompt_summary(record))
-    flat = [_flat_cell(record, dense.get(record["cell"]["task"])) for record in records]
+    comparisons = cell_comparisons(plan, cells)
+    flat = [{**_flat_cell(record, dense.get(record["cell"]["task"])), **comparisons.get(record["cell"]["id"], {})}
+            for record in records]
     hardware = environment.get("hardware", {})
     machine = (f"{hardware.get('cpu_count')} CPU cores {hardware.get('machine', '')}, "
                f"{hardware.get('cuda_device') or 'no GPU'}")
@@ -274,6 +298,10 @@ def _prompt_summary(record: dict[str, Any]) -> dict[str, Any]:
         summary.update(source=choice["source"], trained_at=choice["trained_at"],
                        train_seconds=prompt.get("train_seconds"), best_val_ppl=prompt.get("best_val_ppl"),
                        untrained=prompt.get("untrained"))
+        if choice.get("seed") is not None:
+            summary["seed"] = choice["seed"]
+        if choice.get("control"):
+            summary["control"] = choice["control"]
     return summary
 
 

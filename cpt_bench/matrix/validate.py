@@ -110,7 +110,7 @@ def _check_corpora(plan: Plan, tokenizer) -> None:
     if _needs_calibration(plan):
         corpus_calibration_ids(tokenizer, calibration)  # raises CalibrationError when the split is too short
     seqlen = config.prompts.soft.training.seqlen
-    for source in sorted({prompt.source for prompt in plan.soft_prompts}):
+    for source in sorted({prompt.source for prompt in plan.soft_prompts if prompt.is_learned}):
         for split in ("train", "validation"):
             _check_length(source, split, tokenizer, seqlen, "prompts.soft.sources",
                           f"one training window (prompts.soft.training.seqlen {seqlen})")

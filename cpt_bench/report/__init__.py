@@ -16,10 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 from cpt_bench.files import write_text_atomic
 from cpt_bench.report.leaderboard import write_leaderboard
+from cpt_bench.report.recovery import recovery_tables, seed_tables
 from cpt_bench.report.tables import (
+    SIGNIFICANT_NOTE,
     UNTRAINED_NOTE,
     Summary,
     Table,
+    has_paired_statistics,
     html_page,
     is_untrained,
     latex_text,
@@ -49,9 +52,14 @@ _PLOT_NOTE = ("Lines: metric against stored weight size, one line per prompt ove
 
 
 def _legend(summary: Summary) -> str:
-    """The legend, with the untrained-prompt note when a prompt of the run carries the flag."""
-    untrained = any(is_untrained(prompt) for prompt in summary.prompts)
-    return f"{_LEGEND} {UNTRAINED_NOTE}" if untrained else _LEGEND
+    """The legend, with the untrained-prompt note when a prompt of the run carries the flag and the significance
+    note when its cells carry paired comparisons."""
+    notes = [_LEGEND]
+    if any(is_untrained(prompt) for prompt in summary.prompts):
+        notes.append(UNTRAINED_NOTE)
+    if has_paired_statistics(summary):
+        notes.append(SIGNIFICANT_NOTE)
+    return " ".join(notes)
 
 
 @dataclass(frozen=True)
@@ -61,7 +69,18 @@ class _Section:
     tables: list[Table]
 
 
+_PAIRED_INTRO = ("For each compression level and target: every prompt applied there against no prompt at that level "
+                 "(perplexity: % change of token perplexity; accuracy: difference), the share of the gap to dense it "
+                 "closes, (C - P) / (C - D), with a paired-bootstrap CI over the windows or items, learned prompts "
+                 "against their untrained init control, and transferred prompts against the prompt learned at this "
+                 "level on the target's own corpus; 95% CIs in brackets, * where the CI excludes zero.")
+_SEEDS_INTRO = ("For each soft prompt trained with several seeds (data order and initial noise): each seed's value and "
+                "paired comparisons, then the mean and sample standard deviation across seeds.")
+
+
 def _sections(summary: Summary) -> list[_Section]:
+    optional = [_Section("Paired comparisons per compression level", _PAIRED_INTRO, recovery_tables(summary)),
+                _Section("Training seeds", _SEEDS_INTRO, seed_tables(summary))]
     return [
         _Section("Results per target", "One table per target task: a row per compression level, a column per prompt "
                  "evaluated on that task.", results_tables(summary)),
@@ -72,6 +91,7 @@ def _sections(summary: Summary) -> list[_Section]:
                  "the level each was trained at) applied at every level (columns) on the target of the corpus' own "
                  "domain, else the first target; the none row is each level without prompt.",
                  [grid.table() for grid in level_grids(summary)]),
+        *(section for section in optional if section.tables),
         _Section("Prompts", "Tokens: prompt length; train seconds and best validation perplexity of soft prompts.",
                  [prompts_table(summary)]),
     ]

@@ -23,10 +23,12 @@ from cpt_bench.matrix.store import (
     SUMMARY_FORMAT,
     SUMMARY_KEYS_BY_PROMPT_KIND,
     SUMMARY_NUMBERS,
+    SUMMARY_OPTIONAL_COMPARISONS,
     SUMMARY_OPTIONAL_FLAGS,
     SUMMARY_OPTIONAL_NUMBERS,
     SUMMARY_REQUIRED_KEYS,
 )
+from cpt_bench.stats import SMALL_DISCORDANT
 
 MISSING = "–"
 _EXPECTED = f"expected a {SUMMARY_FORMAT} summary written by the matrix runner"
@@ -60,6 +62,9 @@ def _check_entry(entry: Any, section: str, where: str, origin: str) -> None:
         _fail(origin, f"{where} has non-numeric {', '.join(map(repr, numbers))}")
     if flags := [key for key in SUMMARY_OPTIONAL_FLAGS.get(section, ()) if entry.get(key) not in (None, True, False)]:
         _fail(origin, f"{where} has non-boolean {', '.join(map(repr, flags))}")
+    if bad := [key for key in SUMMARY_OPTIONAL_COMPARISONS.get(section, ()) if entry.get(key) is not None
+               and not (isinstance(entry[key], dict) and _is_number(entry[key].get("estimate")))]:
+        _fail(origin, f"{where} has {', '.join(map(repr, bad))} without a numeric 'estimate'")
 
 
 def _unique(raw: dict[str, Any], section: str, key: str, origin: str) -> set[str]:
@@ -86,9 +91,10 @@ def validate_summary(raw: Any, origin: str) -> None:
         _fail(origin, f"prompts have unknown kind {', '.join(kinds)}")
     known = {"compression": _unique(raw, "compressions", "spec", origin),
              "prompt": _unique(raw, "prompts", "id", origin), "task": _unique(raw, "targets", "task", origin)}
-    soft = [(p["source"], p["trained_at"]) for p in raw["prompts"] if p["kind"] == "soft"]
+    soft = [(p["source"], p["trained_at"], p.get("seed"), p.get("control")) for p in raw["prompts"]
+            if p["kind"] == "soft"]
     if len(set(soft)) != len(soft):
-        _fail(origin, "two soft prompts share a (source, trained_at) pair")
+        _fail(origin, "two soft prompts share a (source, trained_at, seed, control)")
     seen = set()
     for index, cell in enumerate(raw["cells"]):
         if unknown := [f"{k} {cell[k]!r}" for k in ("compression", "prompt", "task") if cell[k] not in known[k]]:
@@ -121,7 +127,8 @@ class Summary:
         self.targets: list[dict[str, Any]] = raw["targets"]
         self.prompts: list[dict[str, Any]] = raw["prompts"]
         self.none_prompts = [p for p in self.prompts if p["kind"] == "none"]
-        self.soft_prompts = [p for p in self.prompts if p["kind"] == "soft"]
+        self.soft_prompts = [p for p in self.prompts if p["kind"] == "soft" and not p.get("control")]  # learned
+        self.controls = [p for p in self.prompts if p["kind"] == "soft" and p.get("control")]
         self._cells = {(c["compression"], c["prompt"], c["task"]): c for c in raw["cells"]}
 
     def cell(self, compression: str, prompt: str, task: str) -> dict[str, Any] | None:
@@ -162,13 +169,26 @@ def format_entry(cell: dict[str, Any] | None, target: dict[str, Any], with_delta
     if cell.get("stderr") is not None:
         text += f" ± {format_number(cell['stderr'], metric)}"
     if with_delta and cell.get("delta") is not None:
-        text += f" (Δ {format_number(cell['delta'], metric, signed=True)})"
+        mark = SIGNIFICANT_MARK if (cell.get("vs_dense") or {}).get("significant") else ""
+        text += f" (Δ {format_number(cell['delta'], metric, signed=True)}{mark})"
     return text
 
 
+SIGNIFICANT_MARK = "*"
+SIGNIFICANT_NOTE = ("* marks a difference whose paired 95% CI excludes zero (perplexity: the change of log token "
+                    "perplexity over the shared windows; accuracy: per-item differences, McNemar's exact test where "
+                    f"fewer than {SMALL_DISCORDANT} items disagree); Δ carries it for the comparison with dense "
+                    "without prompt.")
+
+
+def has_paired_statistics(summary: Summary) -> bool:
+    """Whether the summary's cells carry paired comparisons (summaries before them do not)."""
+    return any(key in cell for cell in summary.raw["cells"] for key in SUMMARY_OPTIONAL_COMPARISONS["cells"])
+
+
 def is_in_domain(prompt: dict[str, Any], target: dict[str, Any]) -> bool:
-    """A soft prompt trained on the target's own domain."""
-    return prompt["kind"] == "soft" and prompt["source"] == target.get("domain")
+    """A learned soft prompt trained on the target's own domain."""
+    return prompt["kind"] == "soft" and not prompt.get("control") and prompt["source"] == target.get("domain")
 
 
 UNTRAINED_NOTE = ("(untrained) marks a soft prompt that never beat its initialisation on validation (best at step "
@@ -187,8 +207,16 @@ def prompt_label(prompt: dict[str, Any], target: dict[str, Any] | None = None) -
         return "none"
     if prompt["kind"] == "hard":
         return f"hard:{prompt['name']}"
-    label = f"soft:{prompt['source']}@{prompt['trained_at']}" + (" (untrained)" if is_untrained(prompt) else "")
+    if prompt.get("control"):
+        return f"{prompt['control']}@{prompt['trained_at']}{seed_suffix(prompt)}"
+    label = (f"soft:{prompt['source']}@{prompt['trained_at']}{seed_suffix(prompt)}"
+             + (" (untrained)" if is_untrained(prompt) else ""))
     return f"{label} (in-domain)" if target is not None and is_in_domain(prompt, target) else label
+
+
+def seed_suffix(prompt: dict[str, Any]) -> str:
+    """``#s<seed>`` for a prompt of a run with several training seeds, else empty."""
+    return "" if prompt.get("seed") is None else f"#s{prompt['seed']}"
 
 
 def direction(target: dict[str, Any]) -> str:
@@ -272,7 +300,7 @@ def source_target_grids(summary: Summary) -> list[Grid]:
         prompts = [*summary.none_prompts, *soft]
         cells = [[summary.cell(spec, p["id"], t["task"]) for t in summary.targets] for p in prompts]
         grids.append(Grid(f"heatmap-sources-at-{spec}", f"Soft prompts trained and applied at {spec}: source × target",
-                          "prompt source", [p.get("source", "none") for p in prompts],
+                          "prompt source", [p.get("source", "none") + seed_suffix(p) for p in prompts],
                           [_target_label(t) for t in summary.targets], summary.targets, cells))
     return grids
 
@@ -286,7 +314,7 @@ def level_grids(summary: Summary) -> list[Grid]:
         prompts = [*summary.none_prompts, *(p for p in summary.soft_prompts if p["source"] == source)]
         cells = [[summary.cell(spec, p["id"], target["task"]) for spec in specs] for p in prompts]
         title = f"{source} soft prompts on {_target_label(target)}: trained at (rows) × applied at (columns)"
-        rows = [p.get("trained_at", "none") for p in prompts]
+        rows = [p.get("trained_at", "none") + seed_suffix(p) for p in prompts]
         grids.append(Grid(f"heatmap-levels-{source}", title, "trained at", rows, specs, [target] * len(specs), cells))
     return grids
 
@@ -296,7 +324,10 @@ def prompts_table(summary: Summary) -> Table:
     def field(prompt: dict[str, Any], key: str, spec: str = "") -> str:
         return MISSING if prompt.get(key) is None else format(prompt[key], spec)
 
-    rows = [[prompt_label(p), p["kind"], field(p, "source"), field(p, "trained_at"), field(p, "n_tokens"),
+    def kind(prompt: dict[str, Any]) -> str:
+        return f"{prompt['control']} control" if prompt.get("control") else prompt["kind"]
+
+    rows = [[prompt_label(p), kind(p), field(p, "source"), field(p, "trained_at"), field(p, "n_tokens"),
              field(p, "train_seconds", ".1f"), field(p, "best_val_ppl", ".2f")] for p in summary.prompts]
     headers = ["prompt", "kind", "trained on", "trained at", "tokens", "train seconds", "best validation ppl"]
     return Table("Prompts: kind, training corpus and level, length, training cost", headers, rows, label_columns=4)

@@ -1,0 +1,251 @@
+"""Paired comparisons of matrix cells: the per-example values a cell keeps, the comparisons the tables make, and the
+text of ``cpt-bench compare`` (estimators: ``cpt_bench.stats``).
+
+A cell record's ``examples`` block (``examples_record``, from lm-eval's logged samples) holds per window / item, in
+lm-eval's document order: ``doc_ids``; ``doc_hashes``, the first ``HASH_DIGITS`` hex digits of lm-eval's hash of
+the document, so that pairing checks that two cells scored the same text; and ``loglikelihood`` + ``n_tokens``
+(perplexity targets: summed log-likelihood in nats and tokens per window) or ``scores`` (the target metric per
+item, e.g. 0 / 1 for ``acc``). Two cells are paired over the documents they share.
+
+The summary's comparisons of a cell (``cell_comparisons``), each against a cell of the same task:
+
+- ``vs_none``: a prompted cell against the unprompted cell of its level;
+- ``vs_dense``: every cell but the dense unprompted one against the dense unprompted cell (the tables' Δ);
+- ``vs_init``: a learned soft prompt at its own level against its ``init`` control (``plan.control_for``);
+- ``vs_in_domain``: a transferred learned prompt (trained on another corpus, or at another level) against the prompt
+  learned at this level on the target's own corpus (zero-shot targets, which have none: on the same corpus), with
+  the same seed;
+- ``gap_closed``: a prompted cell at a compressed level: ``(C - P) / (C - D)`` with its paired-bootstrap CI.
+
+A comparison (``comparison``): ``against`` (the other cell's id), ``scale`` (``log_ppl``: the change of log token
+perplexity, this cell minus the other; ``difference``: of the per-item metric), ``estimate``, ``stderr``, ``ci``,
+``n`` (shared examples) and ``significant``; for 0 / 1 metrics also ``discordant`` ([right only in the other, right
+only in this]) and ``mcnemar_p``. ``significant``: the 95% CI excludes zero, except for 0 / 1 metrics with fewer
+than ``stats.SMALL_DISCORDANT`` discordant items, where McNemar's exact p < 0.05 decides.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from cpt_bench import stats
+from cpt_bench.errors import UserError
+from cpt_bench.matrix.config import Target
+from cpt_bench.matrix.plan import NO_PROMPT, Cell, Plan, PromptChoice, control_for
+
+HASH_DIGITS = 12
+ALPHA = 0.05
+COMPARISON_KEYS = ("vs_none", "vs_dense", "vs_init", "vs_in_domain")
+GAP_CLOSED_KEY = "gap_closed"
+
+
+class PairingError(UserError):
+    """Two cells that cannot be paired (other tasks, no shared documents, no kept examples); one-line message."""
+
+
+@dataclass(frozen=True)
+class Examples:
+    """A cell's per-example values: ``values`` are summed log-likelihoods with token ``counts`` (perplexity) or
+    per-item scores (``counts`` None), aligned with ``doc_ids`` and ``doc_hashes``."""
+
+    doc_ids: list[int]
+    doc_hashes: list[str]
+    values: list[float]
+    counts: list[float] | None
+
+    @property
+    def is_perplexity(self) -> bool:
+        return self.counts is not None
+
+
+def examples_record(samples: list[dict[str, Any]], target: Target) -> dict[str, Any] | None:
+    """The compact ``examples`` block of a cell from lm-eval's logged ``samples`` of its task (those of the metric's
+    filter, ``none`` unless the metric names one); None when the metric has no numeric per-sample value."""
+    key, _, filter_name = target.metric.partition(",")
+    samples = [s for s in samples if s.get("filter", "none") == (filter_name or "none")]
+    record: dict[str, Any] = {"doc_ids": [int(s["doc_id"]) for s in samples],
+                              "doc_hashes": [str(s.get("doc_hash", ""))[:HASH_DIGITS] for s in samples]}
+    if target.is_perplexity:
+        record["loglikelihood"] = [float(s[key][0]) for s in samples]
+        record["n_tokens"] = [int(s[key][1]) for s in samples]
+        return record
+    scores = [s.get(key) for s in samples]
+    if not all(isinstance(score, int | float) for score in scores):
+        return None
+    record["scores"] = [float(score) for score in scores]
+    return record
+
+
+def cell_examples(record: dict[str, Any]) -> Examples | None:
+    """The ``Examples`` of a stored cell record, None for cells written before they were kept."""
+    block = record.get("examples")
+    if not block:
+        return None
+    if "loglikelihood" in block:
+        return Examples(block["doc_ids"], block["doc_hashes"], block["loglikelihood"], block["n_tokens"])
+    return Examples(block["doc_ids"], block["doc_hashes"], block["scores"], None)
+
+
+def align(*examples: Examples) -> list[Examples]:
+    """The examples restricted to the documents all of them share, in the first one's order.
+
+    Raises ``PairingError`` when a shared document id carries different texts (hashes) or none is shared.
+    """
+    maps = [dict(zip(e.doc_ids, range(len(e.doc_ids)), strict=True)) for e in examples]
+    shared = [doc for doc in examples[0].doc_ids if all(doc in m for m in maps[1:])]
+    if not shared:
+        raise PairingError("the cells share no windows or items (different limits or tasks)")
+    aligned = []
+    for e, positions in zip(examples, maps, strict=True):
+        index = [positions[doc] for doc in shared]
+        aligned.append(Examples(shared, [e.doc_hashes[i] for i in index], [e.values[i] for i in index],
+                                None if e.counts is None else [e.counts[i] for i in index]))
+    for e in aligned[1:]:
+        for doc, mine, theirs in zip(shared, aligned[0].doc_hashes, e.doc_hashes, strict=True):
+            if mine and theirs and mine != theirs:
+                raise PairingError(f"document {doc} differs between the cells (hash {mine} vs {theirs}): they scored "
+                                   "different texts")
+    return aligned
+
+
+def paired_estimate(a: Examples, b: Examples) -> stats.Estimate:
+    """B - A over aligned examples: change of log perplexity, or mean per-item difference."""
+    if a.is_perplexity:
+        return stats.paired_log_ppl_change(a.values, a.counts, b.values, b.counts)
+    return stats.paired_difference(a.values, b.values)
+
+
+def unpaired_estimate(a: Examples, b: Examples) -> stats.Estimate:
+    """B - A as if the two cells had scored independent samples (for contrast)."""
+    if a.is_perplexity:
+        return stats.unpaired_log_ppl_change(a.values, a.counts, b.values, b.counts)
+    return stats.unpaired_difference(a.values, b.values)
+
+
+def comparison(a: Examples, b: Examples, against: str) -> dict[str, Any]:
+    """The stored comparison of cell B (these examples ``b``) against cell ``against`` (examples ``a``)."""
+    a, b = align(a, b)
+    estimate = paired_estimate(a, b)
+    record: dict[str, Any] = {"against": against, "scale": "log_ppl" if a.is_perplexity else "difference",
+                              **_estimate_fields(estimate), "significant": estimate.excludes_zero}
+    counts = None if a.is_perplexity else stats.discordant(a.values, b.values)
+    if counts is not None:
+        p = stats.mcnemar_exact(*counts)
+        record.update(discordant=list(counts), mcnemar_p=p)
+        if sum(counts) < stats.SMALL_DISCORDANT:
+            record["significant"] = p < ALPHA
+    return record
+
+
+def gap_closed(compressed: Examples, prompted: Examples, dense: Examples) -> dict[str, Any] | None:
+    """The stored gap closed by ``prompted`` at the level of ``compressed``, relative to ``dense``; None when the
+    level has no gap on these examples."""
+    compressed, prompted, dense = align(compressed, prompted, dense)
+    counts = compressed.counts
+    if counts is not None and (prompted.counts != counts or dense.counts != counts):
+        return None  # token counts differ: the windows are not the same text
+    estimate = stats.gap_closed(compressed.values, prompted.values, dense.values, counts)
+    if estimate is None:
+        return None
+    return {**_estimate_fields(estimate), "method": "paired bootstrap", "resamples": stats.BOOTSTRAP_RESAMPLES,
+            "seed": stats.BOOTSTRAP_SEED}
+
+
+def _estimate_fields(estimate: stats.Estimate) -> dict[str, Any]:
+    return {"estimate": estimate.estimate, "stderr": estimate.stderr,
+            "ci": None if estimate.ci is None else list(estimate.ci), "n": estimate.n}
+
+
+def _in_domain_reference(cell: Cell) -> PromptChoice | None:
+    """The learned prompt a transferred learned prompt's cell is compared with (module docstring), or None."""
+    prompt = cell.prompt
+    if not prompt.is_learned or (cell.dataset_relation != "cross-dataset" and cell.compression_relation == "same"):
+        return None
+    reference = PromptChoice("soft", source=cell.target.domain or prompt.source, trained_at=cell.compression,
+                             seed=prompt.seed)
+    return None if reference == prompt else reference
+
+
+def _counterparts(plan: Plan, cell: Cell) -> dict[str, tuple[str, PromptChoice]]:
+    """The (compression, prompt) that each comparison of ``cell`` is made against, where it has one."""
+    found = {}
+    if cell.prompt != NO_PROMPT:
+        found["vs_none"] = (cell.compression, NO_PROMPT)
+    if (cell.compression, cell.prompt) != ("dense", NO_PROMPT):
+        found["vs_dense"] = ("dense", NO_PROMPT)
+    if cell.prompt.is_learned and cell.compression_relation == "same":
+        found["vs_init"] = (cell.compression, control_for(plan.config, cell.prompt, "init"))
+    reference = _in_domain_reference(cell)
+    if reference is not None:
+        found["vs_in_domain"] = (cell.compression, reference)
+    return found
+
+
+def cell_comparisons(plan: Plan, records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per cell id, the comparisons of the module docstring that its run holds (cells with kept examples only)."""
+    examples = {cell.id: cell_examples(records[cell.id]) for cell in plan.cells if cell.id in records}
+    index = {(cell.compression, cell.prompt, cell.target.name): cell.id for cell in plan.cells
+             if examples.get(cell.id) is not None}
+    found: dict[str, dict[str, Any]] = {}
+    for cell in plan.cells:
+        mine, task = examples.get(cell.id), cell.target.name
+        if mine is None:
+            continue
+        block = {}
+        for key, (compression, prompt) in _counterparts(plan, cell).items():
+            if (other := index.get((compression, prompt, task))) is not None:
+                block[key] = comparison(examples[other], mine, other)
+        compressed, dense = index.get((cell.compression, NO_PROMPT, task)), index.get(("dense", NO_PROMPT, task))
+        if cell.prompt != NO_PROMPT and cell.compression != "dense" and compressed and dense:
+            gap = gap_closed(examples[compressed], mine, examples[dense])
+            if gap is not None:
+                block[GAP_CLOSED_KEY] = gap
+        if block:
+            found[cell.id] = block
+    return found
+
+
+# --- cpt-bench compare --------------------------------------------------------------------------------------------
+
+def _interval(ci: tuple[float, float] | None, transform=float, digits: int = 4) -> str:
+    return "n/a" if ci is None else f"[{transform(ci[0]):.{digits}f}, {transform(ci[1]):.{digits}f}]"
+
+
+def _line(label: str, what: str, estimate: stats.Estimate) -> str:
+    stderr = "n/a" if estimate.stderr is None else f"{estimate.stderr:.4f}"
+    return f"{label}{what} = {estimate.estimate:+.4f}, stderr {stderr}, 95% CI {_interval(estimate.ci)}"
+
+
+def describe_comparison(record_a: dict[str, Any], record_b: dict[str, Any]) -> str:
+    """The text ``cpt-bench compare`` prints for cells A and B (stored records): paired and unpaired B - A."""
+    cell_a, cell_b = record_a["cell"], record_b["cell"]
+    if cell_a["task"] != cell_b["task"]:
+        raise PairingError(f"cells {cell_a['id']} and {cell_b['id']} score different tasks ({cell_a['task']} vs "
+                           f"{cell_b['task']}); expected two cells of one task")
+    examples = []
+    for cell, record in ((cell_a, record_a), (cell_b, record_b)):
+        found = cell_examples(record)
+        if found is None:
+            raise PairingError(f"cell {cell['id']} keeps no per-example values (written by an older cpt_bench); "
+                               "delete its file and --resume the run to evaluate it again")
+        examples.append(found)
+    a, b = align(*examples)
+    metric = record_b["metric"]["name"]
+    unit = "windows" if a.is_perplexity else "items"
+    what = f"change in log {metric} (B - A)" if a.is_perplexity else f"difference in {metric} (B - A)"
+    paired, unpaired = paired_estimate(a, b), unpaired_estimate(a, b)
+    lines = [f"{cell_b['task']} ({metric}), {len(a.doc_ids)} shared {unit}",
+             f"  A {cell_a['id']}: {record_a['metric']['value']:.4f}",
+             f"  B {cell_b['id']}: {record_b['metric']['value']:.4f}"]
+    stored = comparison(a, b, cell_a["id"])
+    verdict = "differs at 95%" if stored["significant"] else "no difference at 95%"
+    line = _line("paired:   ", what, paired)
+    if a.is_perplexity:
+        line += f"; perplexity ratio B / A {math.exp(paired.estimate):.4f} {_interval(paired.ci, math.exp)}"
+    if "mcnemar_p" in stored:
+        only_a, only_b = stored["discordant"]
+        line += f"; McNemar exact: {only_a} right only in A, {only_b} only in B, p = {stored['mcnemar_p']:.4g}"
+    lines += [f"{line}; {verdict}", _line("unpaired: ", what, unpaired) + " (as if the cells had independent samples)"]
+    return "\n".join(lines)

@@ -1,0 +1,63 @@
+"""Control prompts: untrained soft prompts that tell learned recovery apart from "any extra context".
+
+- ``init``: the starting point of soft-prompt training, ``soft.initial_prompt`` under the same settings (length,
+  initialisation, seed): what a learned prompt would be had it learned nothing.
+- ``random``: ``n_virtual_tokens`` random directions (seeded Gaussian rows, normalised) scaled to the mean L2 norm
+  of the embedding table's rows: vectors of a token's size that mean nothing.
+
+Each is written as an ordinary prompt folder (``artifact.save_prompt``), so the ``cpt`` lm-eval adapter applies it
+as ``soft_prompt=DIR`` exactly like a trained one; ``prompt.json`` records ``kind`` (``init`` / ``random``), the
+settings and seed, and no training (``train_seconds`` 0, no curve).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from cpt_bench.prompts.artifact import save_prompt
+from cpt_bench.prompts.position import META_KEY, resolve_position
+from cpt_bench.prompts.soft import SoftPromptConfig, initial_prompt, token_embeddings
+from cpt_bench.prompts.target import describe_target
+
+CONTROL_KINDS = ("init", "random")
+# Which control kinds depend on ``SoftPromptConfig.seed`` given the initialisation: ``init`` only through a seeded
+# initialiser, ``random`` always.
+SEEDED_INITIALISERS = ("sample", "random")
+
+
+def control_depends_on_seed(kind: str, config: SoftPromptConfig) -> bool:
+    """Whether control ``kind`` changes with the training seed (``init`` with vocab / text rows does not)."""
+    return kind == "random" or config.init in SEEDED_INITIALISERS
+
+
+def random_prompt(model: torch.nn.Module, config: SoftPromptConfig) -> torch.Tensor:
+    """``[n_virtual_tokens, hidden]`` float32 CPU: seeded random directions with the embedding rows' mean norm."""
+    weight = token_embeddings(model)  # the embedding layer's outputs (Gemma scales them), as prompts are
+    generator = torch.Generator().manual_seed(config.seed)
+    directions = torch.randn(config.n_virtual_tokens, weight.shape[1], generator=generator)
+    return directions / directions.norm(dim=1, keepdim=True) * weight.norm(dim=1).mean()
+
+
+def control_prompt(model: torch.nn.Module, tokenizer, config: SoftPromptConfig, kind: str) -> torch.Tensor:
+    """The ``kind`` control's embeddings ``[n_virtual_tokens, hidden]`` float32 on CPU."""
+    if kind == "init":
+        return initial_prompt(model, tokenizer, config)
+    if kind == "random":
+        return random_prompt(model, config)
+    raise ValueError(f"unknown control kind {kind!r}; expected one of {', '.join(CONTROL_KINDS)}")
+
+
+def write_control_prompt(model: torch.nn.Module, tokenizer, config: SoftPromptConfig, kind: str, out_dir: Path, *,
+                         model_name: str, compression: str = "dense") -> Path:
+    """Write the ``kind`` control of a soft prompt trained with ``config`` on ``model`` as a prompt folder."""
+    embeddings = control_prompt(model, tokenizer, config, kind)
+    record = {"kind": kind, "source": {"corpus": None}, "hyperparameters": asdict(config), "curve": [],
+              "train_seconds": 0.0}
+    if kind == "random":
+        record["row_norm"] = float(embeddings.norm(dim=1).mean())
+    target = describe_target(model, tokenizer, model_name) | {META_KEY: resolve_position(config.prompt_position,
+                                                                                         tokenizer)}
+    return save_prompt(Path(out_dir), embeddings, target, compression, record)

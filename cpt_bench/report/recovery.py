@@ -1,0 +1,146 @@
+"""Paired-comparison tables of a run summary (from the cells' comparisons, ``matrix.paired``).
+
+- ``recovery_tables``: per compression level and target, every prompt applied there against no prompt at that
+  level, the gap it closes, against its ``init`` control (learned prompts at their own level) and, for transfers,
+  against the prompt learned at this level on the target's own corpus: learned recovery versus any extra context.
+- ``seed_tables``: per learned prompt trained with several seeds, each seed's value and paired comparisons, then
+  their mean and spread (sample standard deviation) across seeds.
+
+Perplexity comparisons read as the change of token perplexity in percent, ``exp(Δ log ppl) - 1``; accuracy ones as
+the per-item difference; gap closed in percent. Brackets hold the 95% CI; ``*`` marks a difference whose CI excludes
+zero (McNemar's exact test decides where few items disagree, see ``matrix.paired``).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+from cpt_bench.report.tables import (
+    MISSING,
+    SIGNIFICANT_MARK,
+    Summary,
+    Table,
+    format_entry,
+    format_number,
+    prompt_label,
+)
+
+COMPARISON_COLUMNS = (("vs_none", "vs none"), ("gap_closed", "gap closed"), ("vs_init", "vs init"),
+                      ("vs_in_domain", "vs in-domain"))
+SEED_COLUMNS = COMPARISON_COLUMNS[:3]
+
+
+def _percent_change(log_change: float) -> float:
+    return (math.exp(log_change) - 1) * 100
+
+
+def _comparison_number(comparison: dict[str, Any], value: float) -> str:
+    if comparison.get("scale") == "log_ppl":
+        return f"{_percent_change(value):+.1f}%"
+    return f"{value + 0.0:+.3f}"
+
+
+def format_comparison(comparison: dict[str, Any] | None) -> str:
+    """``+x [lo, hi]*``: a paired comparison (perplexity: % change of perplexity; accuracy: difference), ``–`` if
+    absent."""
+    if comparison is None:
+        return MISSING
+    text = _comparison_number(comparison, comparison["estimate"])
+    if comparison.get("ci"):
+        low, high = (_comparison_number(comparison, bound) for bound in comparison["ci"])
+        text += f" [{low}, {high}]"
+    return text + (SIGNIFICANT_MARK if comparison.get("significant") else "")
+
+
+def format_gap(gap: dict[str, Any] | None) -> str:
+    """``34% [28%, 40%]``: the gap closed with its bootstrap CI, ``–`` if absent."""
+    if gap is None:
+        return MISSING
+    text = f"{gap['estimate'] * 100:.0f}%"
+    return text + (f" [{gap['ci'][0] * 100:.0f}%, {gap['ci'][1] * 100:.0f}%]" if gap.get("ci") else "")
+
+
+def _format(key: str, cell: dict[str, Any] | None) -> str:
+    if cell is None:
+        return MISSING
+    return format_gap(cell.get(key)) if key == "gap_closed" else format_comparison(cell.get(key))
+
+
+def _without_empty_columns(headers: list[str], rows: list[list[str]], keep: int) -> tuple[list[str], list[list[str]]]:
+    """Drop the value columns after the first ``keep`` that are ``–`` in every row."""
+    used = [index for index in range(len(headers)) if index < keep or any(row[index] != MISSING for row in rows)]
+    return [headers[i] for i in used], [[row[i] for i in used] for row in rows]
+
+
+def recovery_tables(summary: Summary) -> list[Table]:
+    """Per (compression level, target) with compared prompted cells: a row per prompt (module docstring)."""
+    tables = []
+    for compression in summary.compressions:
+        spec = compression["spec"]
+        for target in summary.targets:
+            cells = [(p, summary.cell(spec, p["id"], target["task"])) for p in summary.prompts if p["kind"] != "none"]
+            rows = [[prompt_label(p, target), format_entry(cell, target),
+                     *(_format(key, cell) for key, _ in COMPARISON_COLUMNS)]
+                    for p, cell in cells if cell is not None and any(key in cell for key, _ in COMPARISON_COLUMNS)]
+            if not rows:
+                continue
+            headers, rows = _without_empty_columns(["prompt", "value ± stderr", *(h for _, h in COMPARISON_COLUMNS)],
+                                                   rows, keep=2)
+            title = f"{spec}, {target['task']} ({target['metric']}): prompts compared pairwise, 95% CI"
+            tables.append(Table(title, headers, rows))
+    return tables
+
+
+def _seed_groups(summary: Summary) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Learned prompts trained with several seeds, by (source, trained_at)."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for prompt in summary.soft_prompts:
+        if prompt.get("seed") is not None:
+            groups.setdefault((prompt["source"], prompt["trained_at"]), []).append(prompt)
+    return {key: prompts for key, prompts in groups.items() if len(prompts) > 1}
+
+
+def _spread(values: list[float], render) -> str:
+    """``mean ± sd`` over seeds (sd: sample standard deviation), ``–`` with fewer than two values."""
+    if len(values) < 2:
+        return MISSING
+    return f"{render(statistics.mean(values))} ± {render(statistics.stdev(values)).lstrip('+')}"
+
+
+def _mean_row(cells: list[dict[str, Any]], target: dict[str, Any]) -> list[str]:
+    metric = target["metric"]
+    row = [f"mean ± sd ({len(cells)} seeds)", _spread([c["value"] for c in cells], lambda v: format_number(v, metric))]
+    for key, _ in SEED_COLUMNS:
+        found = [c[key] for c in cells if c.get(key)]
+        if key == "gap_closed":
+            row.append(_spread([g["estimate"] * 100 for g in found], lambda v: f"{v:.0f}%"))
+        elif found and found[0].get("scale") == "log_ppl":
+            row.append(_spread([_percent_change(c["estimate"]) for c in found], lambda v: f"{v:+.1f}%"))
+        else:
+            row.append(_spread([c["estimate"] for c in found], lambda v: f"{v + 0.0:+.3f}"))
+    return row
+
+
+def seed_tables(summary: Summary) -> list[Table]:
+    """Per learned prompt with several seeds: per (level applied at, target) a row per seed, then mean ± sd."""
+    tables = []
+    for (source, trained_at), prompts in _seed_groups(summary).items():
+        rows = []
+        for compression in summary.compressions:
+            spec = compression["spec"]
+            for target in summary.targets:
+                found = [(p, summary.cell(spec, p["id"], target["task"])) for p in prompts]
+                found = [(p, cell) for p, cell in found if cell is not None]
+                if not found:
+                    continue
+                label = [spec, target["task"]]
+                rows += [[*label, f"seed {p['seed']}", format_entry(cell, target),
+                          *(_format(key, cell) for key, _ in SEED_COLUMNS)] for p, cell in found]
+                rows.append([*label, *_mean_row([cell for _, cell in found], target)])
+        headers = ["applied at", "target", "seed", "value ± stderr", *(h for _, h in SEED_COLUMNS)]
+        headers, rows = _without_empty_columns(headers, rows, keep=4)
+        title = f"soft:{source}@{trained_at} over {len(prompts)} training seeds: each seed, then mean ± sd"
+        tables.append(Table(title, headers, rows, label_columns=3))
+    return tables
