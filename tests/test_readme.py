@@ -92,7 +92,7 @@ class Ran:
     started: float
     stdout: str = ""
     seconds: float = 0.0
-    error: AssertionError | None = None
+    error: Exception | None = None
 
 
 def lm_eval_values(stdout: str) -> dict[tuple[str, str], float]:
@@ -399,8 +399,12 @@ class Workspace:
         return ran
 
     def _execute(self, form: SmallForm, ran: Ran) -> None:
-        done = subprocess.run(["bash", "-c", form.command], cwd=self.root, env=self.env, capture_output=True,
-                              text=True, timeout=COMMAND_TIMEOUT_S)
+        try:
+            done = subprocess.run(["bash", "-c", form.command], cwd=self.root, env=self.env, capture_output=True,
+                                  text=True, timeout=COMMAND_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            ran.error = AssertionError(f"`{form.command}` did not finish in {COMMAND_TIMEOUT_S} s")
+            return
         ran.stdout, ran.seconds = done.stdout, time.time() - ran.started
         print(f"[{ran.seconds:7.1f} s] {form.command}")
         if done.returncode != 0:
@@ -409,12 +413,11 @@ class Workspace:
             return
         try:
             form.check(ran)
-        except AssertionError as error:
+            if form.export:
+                name, pattern = form.export
+                self.env[name] = re.search(pattern, ran.stdout)[1]
+        except Exception as error:  # a failed check or output not as expected: this small form's failure
             ran.error = error
-            return
-        if form.export:
-            name, pattern = form.export
-            self.env[name] = re.search(pattern, ran.stdout)[1]
 
 
 @pytest.fixture(scope="module")
