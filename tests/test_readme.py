@@ -1,0 +1,454 @@
+"""Every command shown in README.md runs in CI, in a small form, so README cannot drift from what works.
+
+``SMALL_FORMS`` maps each command of README's ```bash blocks to the command CI runs for it: the same command with
+small limits, on a small matrix config derived from configs/default.yaml, or, for the two tox environments, the
+commands tox.ini gives them. ``RUN_BY_CI`` holds the commands that are CI itself (.ci/run). The unit test fails
+when a README command has no entry (or an entry's command left README); the e2e tests run every small form as a
+subprocess with the installed console scripts, in a workspace under tmp (relative paths such as ``runs/d`` and
+``tasks`` resolve there; compressed checkpoints go to a cache overlay there), and check what each prints or writes.
+"""
+
+from __future__ import annotations
+
+import configparser
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+FENCE = re.compile(r"^```bash\n(.*?)^```", re.MULTILINE | re.DOTALL)
+COMMAND_TIMEOUT_S = 1200
+TINY_CONFIG, TINY_CELLS = "configs/tiny.yaml", 12  # 2 levels x (none, hard, soft) x 2 targets
+UNPROMPTED_CONFIG, UNPROMPTED_CELLS = "configs/tiny-unprompted.yaml", 2  # 2 levels x no prompt x 1 target
+RAY_RELATIVE_TOLERANCE = 0.02  # Ray workers run 1 thread, the local runner 2: float reductions differ slightly
+
+
+# --- README's commands ---------------------------------------------------------------------------------------------
+
+def split_commands(line: str) -> list[str]:
+    """The commands of one shell line: split at ``&&``, the ``#`` comment dropped, blanks outside quotes
+    collapsed to one space. README's blocks are one-liners, so quotes are all the shell syntax that matters
+    here (a full shell parser would be a new dependency for a few lines)."""
+    commands, current, quote = [], "", None
+    index = 0
+    while index < len(line):
+        char = line[index]
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char == "#" and (not current or current[-1] == " "):
+            break
+        elif line.startswith("&&", index):
+            commands.append(current)
+            current, index = "", index + 2
+            continue
+        elif char.isspace():
+            char = "" if current.endswith(" ") else " "
+        current += char
+        index += 1
+    commands.append(current)
+    return [command.strip() for command in commands if command.strip()]
+
+
+def readme_commands(text: str) -> list[str]:
+    """Every distinct command of the ```bash blocks of a README, in order (``\\`` continuations joined)."""
+    commands: list[str] = []
+    for block in FENCE.findall(text):
+        for line in block.replace("\\\n", " ").splitlines():
+            commands += [command for command in split_commands(line) if command not in commands]
+    return commands
+
+
+def tox_commands(env: str, posargs: str | None = None) -> list[str]:
+    """The commands of tox.ini's ``testenv:<env>``, ``{posargs:DEFAULT}`` replaced by ``posargs`` (or DEFAULT)."""
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(REPO / "tox.ini", encoding="utf-8")
+    lines = parser[f"testenv:{env}"]["commands"].strip().splitlines()
+    return [re.sub(r"\{posargs:([^}]*)\}", lambda m: posargs or m[1], line.strip()) for line in lines]
+
+
+# --- the small forms and what each must show ---------------------------------------------------------------------
+
+@dataclass
+class Ran:
+    """One small form's run: the workspace it ran in, the runs of the small forms it needs (by README command),
+    when it started (epoch s), its stdout, its wall time (s) and why it failed (None when it passed)."""
+
+    command: str
+    root: Path
+    needed: dict[str, Ran]
+    started: float
+    stdout: str = ""
+    seconds: float = 0.0
+    error: Exception | None = None
+
+
+def lm_eval_values(stdout: str) -> dict[tuple[str, str], float]:
+    """(task, metric) -> value from the results tables lm-eval prints (rows without a number are skipped)."""
+    values, task = {}, ""
+    for line in stdout.splitlines():
+        cells = [cell.strip() for cell in line.split("|")]
+        if not line.startswith("|") or len(cells) < 8:
+            continue
+        task = cells[1].lstrip("- ").strip() or task
+        try:
+            values[task, cells[5]] = float(cells[7])
+        except ValueError:
+            continue
+    return values
+
+
+def table_lines(stdout: str) -> list[str]:
+    return [line for line in stdout.splitlines() if line.startswith("|")]
+
+
+def group_members(group: str) -> list[str]:
+    return yaml.safe_load((REPO / "tasks" / f"{group}.yaml").read_text(encoding="utf-8"))["task"]
+
+
+def read_cells(run_dir: Path) -> dict[str, dict]:
+    from cpt_bench.matrix import store
+
+    return store.read_cells(run_dir)
+
+
+def check_run(ran: Ran, run: str, n_cells: int) -> dict[str, dict]:
+    """A matrix (or shard) ran to the end in ``run``: its cells, a summary and a report; returns the cells."""
+    assert re.search(rf"run folder \S*{re.escape(run)}: summary \S+summary.json", ran.stdout), ran.stdout
+    cells = read_cells(ran.root / run)
+    assert len(cells) == n_cells, sorted(cells)
+    assert "cpt_ppl_wikipedia: token_perplexity" in (ran.root / run / "report" / "report.md").read_text("utf-8")
+    return cells
+
+
+def check_dry_run(ran: Ran) -> None:
+    assert "matrix 'default': model embedded, 48 cells" in ran.stdout, ran.stdout  # README: "= 48 cells"
+    assert "artifacts:" in ran.stdout and "estimated time" in ran.stdout
+    assert not (ran.root / "runs" / "default").exists()
+
+
+def check_matrix_run(ran: Ran) -> None:
+    cells = check_run(ran, "runs/d", TINY_CELLS)
+    assert "cpt_piqa: acc" in (ran.root / "runs/d/report/report.md").read_text("utf-8")
+    values = {cell_id: record["metric"]["value"] for cell_id, record in cells.items()}
+    assert 1 < values["dense__none__cpt_ppl_wikipedia"] < 1000, values
+    assert all(0 <= value <= 1 for cell_id, value in values.items() if cell_id.endswith("cpt_piqa")), values
+
+
+def check_shard(ran: Ran) -> None:
+    check_run(ran, "runs/p0", 1)  # a shard summarises and reports its own cells
+
+
+def check_merge(ran: Ran) -> None:
+    from cpt_bench.matrix import store
+
+    assert "merged 2 run folders into runs/merged: summary" in ran.stdout, ran.stdout
+    merged, single = read_cells(ran.root / "runs/merged"), read_cells(ran.root / "runs/d")
+    assert len(merged) == UNPROMPTED_CELLS and set(merged) <= set(single), sorted(merged)
+    for cell_id, record in merged.items():  # README: merged shards give the same numbers as one run
+        assert store.comparable(record) == store.comparable(single[cell_id]), cell_id
+
+
+def check_ray(ran: Ran) -> None:
+    ray_cells, local_cells = check_run(ran, "runs/tiny-unprompted", UNPROMPTED_CELLS), read_cells(ran.root / "runs/d")
+    assert set(ray_cells) <= set(local_cells)
+    for cell_id, record in ray_cells.items():
+        assert record["metric"]["value"] == pytest.approx(local_cells[cell_id]["metric"]["value"],
+                                                          rel=RAY_RELATIVE_TOLERANCE), cell_id
+
+
+def check_report(ran: Ran) -> None:
+    written = [ran.root / line for line in ran.stdout.split()]
+    assert {"report.md", "report.tex", "report.html"} <= {path.name for path in written}, ran.stdout
+    assert any(path.suffix == ".png" for path in written) and all(path.is_file() for path in written)
+    assert "### cpt_ppl_wikipedia: token_perplexity" in (ran.root / "runs/d/report/report.md").read_text("utf-8")
+
+
+def check_leaderboard(ran: Ran) -> None:
+    assert ran.stdout.split() == ["results/LEADERBOARD.md", "results/LEADERBOARD.html"], ran.stdout
+    for name in ("LEADERBOARD.md", "LEADERBOARD.html"):  # the committed leaderboard is what the command writes
+        assert (ran.root / "results" / name).read_bytes() == (REPO / "results" / name).read_bytes(), name
+
+
+def check_paper_plan(ran: Ran) -> None:
+    assert re.search(r"matrix 'paper': model huggyllama/llama-7b, \d+ cells", ran.stdout), ran.stdout
+    assert "estimated time" in ran.stdout
+
+
+def check_model_path(ran: Ran) -> None:
+    assert (Path(ran.stdout.strip()) / "config.json").is_file(), ran.stdout
+
+
+def check_zero_shot_table(ran: Ran) -> None:
+    values = lm_eval_values(ran.stdout)
+    for task in group_members("cpt_zeroshot"):
+        assert 0 <= values[task, "acc"] <= 1, (task, ran.stdout)
+
+
+def check_same_table_as_lm_eval(ran: Ran) -> None:
+    check_zero_shot_table(ran)  # README: "The first two print the same table"
+    assert table_lines(ran.stdout) == table_lines(ran.needed[LM_EVAL_HF].stdout)
+
+
+def check_adapter_table(ran: Ran) -> None:
+    values, plain_values = lm_eval_values(ran.stdout), lm_eval_values(ran.needed[LM_EVAL_HF].stdout)
+    for task in group_members("cpt_ppl"):
+        assert values[task, "token_perplexity"] > 1, (task, ran.stdout)
+    for task in group_members("cpt_zeroshot"):  # the adapter without compression or prompt is the plain model
+        assert values[task, "acc"] == plain_values[task, "acc"], task
+
+
+def check_compress(ran: Ran) -> None:
+    folder = Path(re.search(r"compressed checkpoint: (\S+)", ran.stdout)[1])
+    assert folder.parent == ran.root / "cache" / "compressed" and (folder / "compression.json").is_file()
+    total = next(line for line in ran.stdout.splitlines() if line.startswith("total"))
+    assert total.split()[-1] == "0.423", ran.stdout  # README's compression table: gptq-w4g64 stores 0.423
+
+
+def check_prompt_train(ran: Ran) -> None:
+    found = re.search(r"soft prompt: (\S+) \(best validation token perplexity ([0-9.]+) at step (\d+)\)", ran.stdout)
+    assert found and Path(found[1]) == Path("runs/prompt-w3") and float(found[2]) > 1, ran.stdout
+    assert (ran.root / "runs/prompt-w3").is_dir()
+
+
+def check_export_peft(ran: Ran) -> None:
+    assert "PEFT PromptTuning adapter: runs/prompt-w3-peft" in ran.stdout, ran.stdout
+    config = json.loads((ran.root / "runs/prompt-w3-peft/adapter_config.json").read_text(encoding="utf-8"))
+    assert config["peft_type"] == "PROMPT_TUNING" and config["num_virtual_tokens"] == 20
+
+
+def check_prompted_perplexity(ran: Ran) -> None:
+    assert lm_eval_values(ran.stdout)["cpt_ppl_wikipedia", "token_perplexity"] > 1, ran.stdout
+
+
+def check_demo(ran: Ran) -> None:
+    assert "cache:" in ran.stdout and re.search(r"run folder \S*runs/d: summary", ran.stdout), ran.stdout
+    cells = list((ran.root / "runs/d/cells").glob("*.json"))
+    assert len(cells) == TINY_CELLS
+    assert all(path.stat().st_mtime < ran.started for path in cells)  # README: finished cells are never redone
+
+
+@dataclass(frozen=True)
+class SmallForm:
+    """What CI runs for one README command: ``command`` (bash, in the workspace; ``$MODEL`` and ``$COMPRESSED``
+    are set by the small forms that export them), ``check(ran)`` (assertions on its output and files), the README
+    commands whose small forms must run first, and an optional ``(variable, regex)`` exported from its stdout."""
+
+    command: str
+    check: Callable[[Ran], None]
+    needs: tuple[str, ...] = ()
+    export: tuple[str, str] | None = None
+
+
+MODEL_LINE = 'MODEL=$(python -c "from cpt_bench.assets.model import embedded_model_path; print(embedded_model_path())")'
+MATRIX_RUN = "cpt-bench matrix configs/default.yaml --out runs/d"
+SHARD = "cpt-bench matrix configs/paper.yaml --shard 0/4 --out runs/p0"
+LM_EVAL_HF = "lm_eval --model hf --model_args pretrained=$MODEL --tasks cpt_zeroshot --include_path tasks --limit 50"
+COMPRESS = "cpt-bench compress --model embedded --spec gptq-w4g64 --n-windows 32 --seqlen 512"
+PROMPT_TRAIN = ("cpt-bench prompt train --model embedded --compression gptq-w3g64 --source wikipedia "
+                "--out runs/prompt-w3 --n-virtual-tokens 20 --lr 3e-2 --warmup-steps 10 --steps 100 --seqlen 256")
+
+RUN_BY_CI = {  # README command -> what .ci/run must contain for CI to be that command
+    "python3 -m pip install tox": r"-m pip install .* tox$",
+    "tox -e lint,py": r"tox -e lint,py\b",
+}
+
+SMALL_FORMS = {
+    # First: it writes the checkpoint that the tiny configs and the prompt small forms reuse.
+    COMPRESS: SmallForm("cpt-bench compress --model embedded --spec gptq-w4g64 --n-windows 2 --seqlen 64",
+                        check_compress, export=("COMPRESSED", r"compressed checkpoint: (\S+)")),
+    "cpt-bench matrix configs/default.yaml --dry-run": SmallForm(
+        "cpt-bench matrix configs/default.yaml --dry-run", check_dry_run),
+    MATRIX_RUN: SmallForm(f"cpt-bench matrix {TINY_CONFIG} --out runs/d", check_matrix_run),
+    # As `tox -e demo -- runs/d` would run them on the small config: resumes the run above, redoing nothing.
+    "tox -e demo": SmallForm(" && ".join(tox_commands("demo", posargs="runs/d")).replace(
+        "configs/default.yaml", TINY_CONFIG), check_demo, needs=(MATRIX_RUN,)),
+    # Shards and Ray on the unprompted config (one cell per group: no prompt training, one model load per task);
+    # their cells are cells of the run above, so they are compared with it.
+    SHARD: SmallForm(f"cpt-bench matrix {UNPROMPTED_CONFIG} --shard 0/2 --out runs/p0", check_shard),
+    "cpt-bench merge runs/paper runs/p0 runs/p1 runs/p2 runs/p3": SmallForm(
+        f"cpt-bench matrix {UNPROMPTED_CONFIG} --shard 1/2 --out runs/p1 && "
+        "cpt-bench merge runs/merged runs/p0 runs/p1", check_merge, needs=(SHARD, MATRIX_RUN)),
+    "cpt-bench matrix configs/default.yaml --executor ray": SmallForm(
+        f"cpt-bench matrix {UNPROMPTED_CONFIG} --executor ray", check_ray, needs=(MATRIX_RUN,)),
+    "cpt-bench report runs/d": SmallForm("rm -r runs/d/report && cpt-bench report runs/d", check_report,
+                                         needs=(MATRIX_RUN,)),
+    "cpt-bench leaderboard": SmallForm("cpt-bench leaderboard", check_leaderboard),
+    "tox -e paper": SmallForm(" && ".join(tox_commands("paper")), check_paper_plan),
+    MODEL_LINE: SmallForm(f'{MODEL_LINE} && echo "$MODEL"', check_model_path, export=("MODEL", r"(\S+)\s*$")),
+    LM_EVAL_HF: SmallForm(LM_EVAL_HF.replace("--limit 50", "--limit 2"), check_zero_shot_table, needs=(MODEL_LINE,)),
+    "cpt-lm-eval --model hf --model_args pretrained=$MODEL --tasks cpt_zeroshot --include_path tasks --limit 50":
+        SmallForm("cpt-lm-eval --model hf --model_args pretrained=$MODEL --tasks cpt_zeroshot --include_path tasks "
+                  "--limit 2", check_same_table_as_lm_eval, needs=(LM_EVAL_HF,)),
+    "cpt-lm-eval --model cpt --model_args pretrained=embedded --tasks cpt_ppl,cpt_zeroshot --include_path tasks":
+        SmallForm("cpt-lm-eval --model cpt --model_args pretrained=embedded --tasks cpt_ppl,cpt_zeroshot "
+                  "--include_path tasks --limit 2", check_adapter_table, needs=(LM_EVAL_HF,)),
+    # On the checkpoint the compress small form wrote (the README's spec would calibrate on 128 x 1024 tokens).
+    PROMPT_TRAIN: SmallForm(
+        "cpt-bench prompt train --model embedded --compression $COMPRESSED --source wikipedia --out runs/prompt-w3 "
+        "--n-virtual-tokens 20 --lr 3e-2 --warmup-steps 1 --steps 2 --seqlen 64 --eval-every 2 --eval-windows 2",
+        check_prompt_train, needs=(COMPRESS,)),
+    "cpt-bench prompt export-peft runs/prompt-w3 runs/prompt-w3-peft": SmallForm(
+        "cpt-bench prompt export-peft runs/prompt-w3 runs/prompt-w3-peft", check_export_peft, needs=(PROMPT_TRAIN,)),
+    "cpt-lm-eval --model cpt --model_args pretrained=embedded,compression=gptq-w3g64,soft_prompt=runs/prompt-w3 "
+    "--tasks cpt_ppl_wikipedia --include_path tasks": SmallForm(
+        "cpt-lm-eval --model cpt --model_args pretrained=embedded,compression=$COMPRESSED,soft_prompt=runs/prompt-w3 "
+        "--tasks cpt_ppl_wikipedia --include_path tasks --limit 2", check_prompted_perplexity,
+        needs=(COMPRESS, PROMPT_TRAIN)),
+}
+
+
+# --- unit tests: the table covers README exactly ---------------------------------------------------------------------
+
+def test_every_readme_command_has_a_small_form():
+    shown = set(readme_commands((REPO / "README.md").read_text(encoding="utf-8")))
+    covered = set(SMALL_FORMS) | set(RUN_BY_CI)
+    missing, extra = sorted(shown - covered), sorted(covered - shown)
+    assert not missing and not extra, (
+        "README.md's ```bash commands and tests/test_readme.py's SMALL_FORMS / RUN_BY_CI differ.\n"
+        "README commands without a small form (add one to SMALL_FORMS):\n  " + "\n  ".join(missing or ["-"]) +
+        "\nsmall forms of commands no longer in README (update or remove them):\n  " + "\n  ".join(extra or ["-"]))
+
+
+def test_ci_is_the_commands_run_by_ci():
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    assert not set(SMALL_FORMS) & set(RUN_BY_CI)
+    for command, pattern in RUN_BY_CI.items():
+        assert re.search(pattern, ci, re.MULTILINE), f".ci/run does not run {command!r} (no match for {pattern!r})"
+
+
+def test_tox_small_forms_are_the_tox_commands():
+    demo = SMALL_FORMS["tox -e demo"].command
+    assert demo == f"cpt-bench assets && cpt-bench matrix {TINY_CONFIG} --out runs/d --resume", demo
+    assert SMALL_FORMS["tox -e paper"].command == "cpt-bench matrix configs/paper.yaml --dry-run"
+
+
+@pytest.mark.parametrize("line, commands", [
+    ("a --x 1   # a comment", ["a --x 1"]),
+    ("pip install tox && tox -e demo      # two", ["pip install tox", "tox -e demo"]),
+    ('M=$(python -c "import a;  print(a)")  # keeps "quoted  blanks" and # inside quotes', [
+        'M=$(python -c "import a;  print(a)")']),
+    ("x 'a && b#c' && y", ["x 'a && b#c'", "y"]),
+    ("# only a comment", []),
+])
+def test_split_commands(line, commands):
+    assert split_commands(line) == commands
+
+
+def test_readme_commands_join_continuations_and_drop_duplicates():
+    text = "x\n```bash\na --p 1 \\\n      --q 2   # c\na --p 1 \\\n  --q 2\nb && c\n```\n```\nnot bash\n```\n"
+    assert readme_commands(text) == ["a --p 1 --q 2", "b", "c"]
+
+
+# --- e2e: run every small form -----------------------------------------------------------------------------------
+
+def tiny_config() -> dict:
+    """configs/default.yaml made small: dense and gptq-w4g64 calibrated as the compress small form (so they share
+    its cached checkpoint), the paper's hard prompt, one soft prompt trained for 2 steps, 2 Wikipedia windows of
+    64 tokens and 2 PIQA items: 2 levels x 3 prompts x 2 targets = 12 cells."""
+    config = yaml.safe_load((REPO / "configs" / "default.yaml").read_text(encoding="utf-8"))
+    calibration = {**config["compression"]["calibration"], "n_windows": 2, "seqlen": 64}
+    targets = [{"task": "cpt_ppl_wikipedia", "limit": 2}, {"task": "cpt_piqa", "limit": 2, "metric": "acc"}]
+    config.update(name="tiny", ppl_seqlen=64, targets=targets,
+                  compression={"specs": ["dense", "gptq-w4g64"], "calibration": calibration})
+    soft = config["prompts"]["soft"]
+    soft.update(sources=["wikipedia"], trained_at=["gptq-w4g64"])
+    soft["training"].update(steps=2, warmup_steps=1, seqlen=64, eval_every=2, eval_windows=2)
+    return config
+
+
+def unprompted_config() -> dict:
+    """The tiny config without prompts and PIQA: its 2 cells are cells of the tiny config too."""
+    config = tiny_config()
+    config.update(name="tiny-unprompted", prompts={"hard": []}, targets=config["targets"][:1])
+    return config
+
+
+class Workspace:
+    """A folder standing in for the repository root: configs (+ the tiny one), tasks, a copy of results and a
+    cache overlay (the real cache's assets linked, compressed checkpoints its own). Runs each small form once,
+    its needs first, and keeps the result for the tests that need it."""
+
+    def __init__(self, root: Path, env: dict[str, str]):
+        self.root, self.env, self.runs = root, env, {}
+
+    def run(self, readme_command: str) -> Ran:
+        if readme_command in self.runs:
+            return self.runs[readme_command]
+        form = SMALL_FORMS[readme_command]
+        needed = {need: self.run(need) for need in form.needs}
+        ran = Ran(form.command, self.root, needed, time.time())
+        failed = [need for need, run in needed.items() if run.error]
+        if failed:
+            ran.error = AssertionError(f"needs the small form(s) {failed}, which failed")
+        else:
+            self._execute(form, ran)
+        self.runs[readme_command] = ran
+        return ran
+
+    def _execute(self, form: SmallForm, ran: Ran) -> None:
+        try:
+            done = subprocess.run(["bash", "-c", form.command], cwd=self.root, env=self.env, capture_output=True,
+                                  text=True, timeout=COMMAND_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            ran.error = AssertionError(f"`{form.command}` did not finish in {COMMAND_TIMEOUT_S} s")
+            return
+        ran.stdout, ran.seconds = done.stdout, time.time() - ran.started
+        print(f"[{ran.seconds:7.1f} s] {form.command}")
+        if done.returncode != 0:
+            ran.error = AssertionError(f"`{form.command}` exited with {done.returncode}:\n"
+                                       f"{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+            return
+        try:
+            form.check(ran)
+            if form.export:
+                name, pattern = form.export
+                self.env[name] = re.search(pattern, ran.stdout)[1]
+        except Exception as error:  # a failed check or output not as expected: this small form's failure
+            ran.error = error
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Workspace:
+    from cpt_bench.assets.cache import cache_root
+    from cpt_bench.cli import main
+
+    assert main(["assets"]) == 0  # the real cache holds every asset (a no-op when test_e2e ran)
+    root = tmp_path_factory.mktemp("readme")
+    (root / "configs").mkdir()
+    for config in (REPO / "configs").glob("*.yaml"):
+        shutil.copy(config, root / "configs")
+    for path, config in ((TINY_CONFIG, tiny_config()), (UNPROMPTED_CONFIG, unprompted_config())):
+        (root / path).write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    (root / "tasks").symlink_to(REPO / "tasks")
+    shutil.copytree(REPO / "results", root / "results")
+    (root / "cache").mkdir()
+    for entry in cache_root().iterdir():
+        if entry.is_dir() and entry.name != "compressed" and not entry.name.startswith("."):
+            (root / "cache" / entry.name).symlink_to(entry.resolve())
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "CPT_BENCH_CACHE": str(root / "cache"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false",
+           "RAY_OVERRIDE_RESOURCES": json.dumps({"CPU": 2})}  # a local Ray instance of 2 CPUs, as tests/test_matrix
+    env.pop("RAY_ADDRESS", None)
+    return Workspace(root, env)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("readme_command", list(SMALL_FORMS), ids=list(SMALL_FORMS))
+def test_readme_command_runs_in_its_small_form(workspace, readme_command):
+    ran = workspace.run(readme_command)
+    if ran.error:
+        raise ran.error
