@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 FENCE = re.compile(r"^```bash\n(.*?)^```", re.MULTILINE | re.DOTALL)
 COMMAND_TIMEOUT_S = 1200
+OWN_DATA_CONFIG = "configs/own-data-small.yaml"  # configs/own-data.yaml with 2 steps, 64-token windows, 2 windows
 TINY_CONFIG, TINY_CELLS = "configs/tiny.yaml", 12  # 2 levels x (none, hard, soft) x 2 targets
 UNPROMPTED_CONFIG, UNPROMPTED_CELLS = "configs/tiny-unprompted.yaml", 2  # 2 levels x no prompt x 1 target
 RAY_RELATIVE_TOLERANCE = 0.02  # Ray workers run 1 thread, the local runner 2: float reductions differ slightly
@@ -183,8 +184,43 @@ def check_leaderboard(ran: Ran) -> None:
 
 
 def check_paper_plan(ran: Ran) -> None:
-    assert re.search(r"matrix 'paper': model huggyllama/llama-7b, \d+ cells", ran.stdout), ran.stdout
-    assert "estimated time" in ran.stdout
+    assert re.search(r"matrix 'paper': model huggyllama/llama-7b \(bfloat16, cuda", ran.stdout), ran.stdout
+    assert "calibration: 128 x 2048 tokens of c4 (train)" in ran.stdout and "not checked" in ran.stdout
+
+
+def check_paper_opt_plan(ran: Ran) -> None:
+    check_paper_plan(ran)
+    assert re.search(r"matrix 'paper-opt': model facebook/opt-6\.7b \(bfloat16, cuda", ran.stdout), ran.stdout
+
+
+def check_added_run(ran: Ran) -> None:
+    assert (ran.root / "results" / "tiny" / "summary.json").is_file(), ran.stdout
+    assert "tiny" in (ran.root / "results" / "LEADERBOARD.md").read_text("utf-8")
+
+
+def check_exported_folder(folder: str) -> Callable[[Ran], None]:
+    def check(ran: Ran) -> None:
+        assert sorted(path.name for path in (ran.root / folder).iterdir()) == ["test", "train", "validation"]
+        assert re.search(rf"wrote \d+ text files to {folder}", ran.stdout), ran.stdout
+
+    return check
+
+
+def check_corpus_sizes(ran: Ran) -> None:
+    assert "corpus text:runs/my-poems" in ran.stdout and re.search(r"^train\s+\d+\s+\d+\s+\d+$", ran.stdout, re.M)
+
+
+def check_own_prompt(ran: Ran) -> None:
+    assert re.search(r"soft prompt: runs/prompt-poems \(best validation token perplexity [0-9.]+", ran.stdout)
+
+
+def check_own_perplexity(ran: Ran) -> None:
+    assert lm_eval_values(ran.stdout)["cpt_ppl_corpus", "token_perplexity"] > 1, ran.stdout
+
+
+def check_own_matrix(ran: Ran) -> None:
+    assert re.search(r"run folder \S*runs/own-data: summary", ran.stdout), ran.stdout
+    assert len(read_cells(ran.root / "runs/own-data")) == 8
 
 
 def check_model_path(ran: Ran) -> None:
@@ -260,6 +296,17 @@ COMPRESS = "cpt-bench compress --model embedded --spec gptq-w4g64 --n-windows 32
 PROMPT_TRAIN = ("cpt-bench prompt train --model embedded --compression gptq-w3g64 --source wikipedia "
                 "--out runs/prompt-w3 --n-virtual-tokens 20 --lr 3e-2 --warmup-steps 10 --steps 100 --seqlen 256")
 
+OWN_EXPORT = "cpt-bench corpus milton --export runs/my-poems"
+OWN_EXPORT_PLAYS = "cpt-bench corpus shakespeare --export runs/my-plays"
+OWN_CORPUS = "cpt-bench corpus text:runs/my-poems --model embedded"
+OWN_TRAIN = ("cpt-bench prompt train --model embedded --compression rtn-w3g64 --source text:runs/my-poems "
+             "--out runs/prompt-poems --n-virtual-tokens 20 --lr 3e-2 --warmup-steps 4 --steps 40 --seqlen 256 "
+             "--eval-every 20 --eval-windows 4")
+OWN_EVAL = ("cpt-lm-eval --model cpt --model_args "
+            "pretrained=embedded,compression=rtn-w3g64,soft_prompt=runs/prompt-poems "
+            "--tasks cpt_ppl_corpus --metadata '{\"corpus\": \"text:runs/my-plays\", \"seqlen\": 512}' "
+            "--include_path tasks --limit 8")
+
 RUN_BY_CI = {  # README command -> what .ci/run must contain for CI to be that command
     "python3 -m pip install tox": r"-m pip install .* tox$",
     "tox -e lint,py": r"tox -e lint,py\b",
@@ -286,7 +333,23 @@ SMALL_FORMS = {
     "cpt-bench report runs/d": SmallForm("rm -r runs/d/report && cpt-bench report runs/d", check_report,
                                          needs=(MATRIX_RUN,)),
     "cpt-bench leaderboard": SmallForm("cpt-bench leaderboard", check_leaderboard),
-    "tox -e paper": SmallForm(" && ".join(tox_commands("paper")), check_paper_plan),
+    "tox -e paper": SmallForm(" && ".join(tox_commands("paper")), check_paper_opt_plan),
+    # After the leaderboard above: a run made elsewhere (here runs/d) verified and copied into results/.
+    "cpt-bench leaderboard --add runs/mine": SmallForm("cpt-bench leaderboard --add runs/d", check_added_run,
+                                                       needs=(MATRIX_RUN, "cpt-bench leaderboard")),
+    # Your own data: the stand-in folders, their sizes, a prompt learned on one, scored on the other, the matrix.
+    OWN_EXPORT: SmallForm(OWN_EXPORT, check_exported_folder("runs/my-poems")),
+    OWN_EXPORT_PLAYS: SmallForm(OWN_EXPORT_PLAYS, check_exported_folder("runs/my-plays")),
+    OWN_CORPUS: SmallForm(OWN_CORPUS, check_corpus_sizes, needs=(OWN_EXPORT,)),
+    OWN_TRAIN: SmallForm(OWN_TRAIN.replace("--steps 40 --seqlen 256 --eval-every 20 --eval-windows 4",
+                                           "--steps 2 --seqlen 64 --eval-every 2 --eval-windows 2"),
+                         check_own_prompt, needs=(OWN_EXPORT,)),
+    OWN_EVAL: SmallForm(OWN_EVAL.replace('"seqlen": 512}\' --include_path tasks --limit 8',
+                                         '"seqlen": 64}\' --include_path tasks --limit 2'),
+                        check_own_perplexity, needs=(OWN_TRAIN, OWN_EXPORT_PLAYS)),
+    "cpt-bench matrix configs/own-data.yaml --out runs/own-data": SmallForm(
+        f"cpt-bench matrix {OWN_DATA_CONFIG} --out runs/own-data", check_own_matrix,
+        needs=(OWN_EXPORT, OWN_EXPORT_PLAYS)),
     MODEL_LINE: SmallForm(f'{MODEL_LINE} && echo "$MODEL"', check_model_path, export=("MODEL", r"(\S+)\s*$")),
     LM_EVAL_HF: SmallForm(LM_EVAL_HF.replace("--limit 50", "--limit 2"), check_zero_shot_table, needs=(MODEL_LINE,)),
     "cpt-lm-eval --model hf --model_args pretrained=$MODEL --tasks cpt_zeroshot --include_path tasks --limit 50":
@@ -332,7 +395,8 @@ def test_ci_is_the_commands_run_by_ci():
 def test_tox_small_forms_are_the_tox_commands():
     demo = SMALL_FORMS["tox -e demo"].command
     assert demo == f"cpt-bench assets && cpt-bench matrix {TINY_CONFIG} --out runs/d --resume", demo
-    assert SMALL_FORMS["tox -e paper"].command == "cpt-bench matrix configs/paper.yaml --dry-run"
+    assert SMALL_FORMS["tox -e paper"].command == ("cpt-bench matrix configs/paper.yaml --plan-only && "
+                                                   "cpt-bench matrix configs/paper-opt.yaml --plan-only")
 
 
 @pytest.mark.parametrize("line, commands", [
@@ -373,6 +437,16 @@ def unprompted_config() -> dict:
     """The tiny config without prompts and PIQA: its 2 cells are cells of the tiny config too."""
     config = tiny_config()
     config.update(name="tiny-unprompted", prompts={"hard": []}, targets=config["targets"][:1])
+    return config
+
+
+def own_data_config() -> dict:
+    """configs/own-data.yaml made small: 2 training steps, 64-token windows, 2 windows per target."""
+    config = yaml.safe_load((REPO / "configs" / "own-data.yaml").read_text(encoding="utf-8"))
+    config.update(name="own-data", ppl_seqlen=64)
+    config["prompts"]["soft"]["training"].update(steps=2, seqlen=64, eval_every=2, eval_windows=2, warmup_steps=1)
+    for target in config["targets"]:
+        target["limit"] = 2
     return config
 
 
@@ -430,7 +504,8 @@ def workspace(tmp_path_factory) -> Workspace:
     (root / "configs").mkdir()
     for config in (REPO / "configs").glob("*.yaml"):
         shutil.copy(config, root / "configs")
-    for path, config in ((TINY_CONFIG, tiny_config()), (UNPROMPTED_CONFIG, unprompted_config())):
+    for path, config in ((TINY_CONFIG, tiny_config()), (UNPROMPTED_CONFIG, unprompted_config()),
+                         (OWN_DATA_CONFIG, own_data_config())):
         (root / path).write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     (root / "tasks").symlink_to(REPO / "tasks")
     shutil.copytree(REPO / "results", root / "results")
