@@ -223,6 +223,10 @@ def check_own_matrix(ran: Ran) -> None:
     assert len(read_cells(ran.root / "runs/own-data")) == 8
 
 
+def check_compare(ran: Ran) -> None:
+    assert "paired" in ran.stdout.lower() and "CI" in ran.stdout, ran.stdout
+
+
 def check_model_path(ran: Ran) -> None:
     assert (Path(ran.stdout.strip()) / "config.json").is_file(), ran.stdout
 
@@ -307,6 +311,9 @@ OWN_EVAL = ("cpt-lm-eval --model cpt --model_args "
             "--tasks cpt_ppl_corpus --metadata '{\"corpus\": \"text:runs/my-plays\", \"seqlen\": 512}' "
             "--include_path tasks --limit 8")
 
+COMPARE = ("cpt-bench compare runs/d rtn-w3g64__none__cpt_ppl_wikipedia "
+           "rtn-w3g64__soft-wikipedia@rtn-w3g64__cpt_ppl_wikipedia")
+
 RUN_BY_CI = {  # README command -> what .ci/run must contain for CI to be that command
     "python3 -m pip install tox": r"-m pip install .* tox$",
     "tox -e lint,py": r"tox -e lint,py\b",
@@ -333,6 +340,8 @@ SMALL_FORMS = {
     "cpt-bench report runs/d": SmallForm("rm -r runs/d/report && cpt-bench report runs/d", check_report,
                                          needs=(MATRIX_RUN,)),
     "cpt-bench leaderboard": SmallForm("cpt-bench leaderboard", check_leaderboard),
+    COMPARE: SmallForm("cpt-bench compare runs/d gptq-w4g64__none__cpt_ppl_wikipedia "
+                       "gptq-w4g64__soft-wikipedia@gptq-w4g64__cpt_ppl_wikipedia", check_compare, needs=(MATRIX_RUN,)),
     "tox -e paper": SmallForm(" && ".join(tox_commands("paper")), check_paper_opt_plan),
     # After the leaderboard above: a run made elsewhere (here runs/d) verified and copied into results/.
     "cpt-bench leaderboard --add runs/mine": SmallForm("cpt-bench leaderboard --add runs/d", check_added_run,
