@@ -96,6 +96,15 @@ def resolve_device(device: str | None, what: str = "device") -> str:
     return str(device)
 
 
+def lm_eval_device(device: str | None) -> str:
+    """The device the ``cpt`` lm-eval model runs on, chosen as lm-eval's ``hf`` model does: lm-eval passes its
+    default ``cuda:0`` unless ``--device`` is given, and on a machine without CUDA that means the CPU (logged)."""
+    if device not in (None, "", "auto") and str(device).startswith("cuda") and not torch.cuda.is_available():
+        log.warning("device %s: CUDA is not available on this machine; running on the CPU", device)
+        return "cpu"
+    return resolve_device(device)
+
+
 @dataclass
 class LoadedModel:
     """A loaded model with what produced it.

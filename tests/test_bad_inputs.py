@@ -488,8 +488,8 @@ CASES = [
     # arguments and files checked before anything loads (issue 10)
     Case("adapter-model-arg-misspelt", _before_loading(_adapter(compresion="rtn-w8")),
          r"unknown model_arg 'compresion' for the cpt model \(did you mean 'compression'\?\); accepted: .*compression"),
-    Case("adapter-cuda-without-cuda", _adapter_on_device("cuda"),
-         r"device 'cuda': CUDA is not available on this machine; use cpu \(or auto\)"),
+    Case("adapter-device-not-a-device", _adapter_on_device("gpu"),
+         r"device 'gpu' is not a torch device; expected cpu, cuda, cuda:N or auto"),
     Case("adapter-prompt-folder-missing-before-loading", _before_loading(_adapter(soft_prompt="{tmp}/no-such-prompt")),
          r"no-such-prompt is not a prompt folder: prompt\.safetensors is missing"),
     Case("adapter-compression-both-spec-and-folder", _compression_named_like_a_folder,

@@ -176,3 +176,14 @@ def test_compression_may_be_a_compressed_checkpoint_folder(fake_cache, tiny_mode
     assert by_folder.prompt_info["compression"] == by_spec.prompt_info["compression"] == "rtn-w4"
     requests = instances("loglikelihood", mc_pairs())
     assert [s for s, _ in by_folder.loglikelihood(requests)] == [s for s, _ in by_spec.loglikelihood(requests)]
+
+
+def test_the_device_is_chosen_as_lm_evals_hf_model_does(fake_cache, tiny_model_dir, monkeypatch):
+    """lm-eval passes its default ``cuda:0`` unless --device is given: without CUDA the cpt model runs on the CPU,
+    compressed or not, as the hf model does."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for compression in (None, "rtn-w4"):
+        lm = CptLM.create_from_arg_string(f"pretrained={tiny_model_dir},hard_prompt=paper",
+                                          {"batch_size": 1, "device": "cuda:0"} | (
+                                              {"compression": compression} if compression else {}))
+        assert lm.device.type == "cpu" and next(lm.model.parameters()).device.type == "cpu"

@@ -16,7 +16,7 @@ since lm-eval has no plugin discovery). Extra model_args:
   compressed with the default calibration and cached on first use, a folder must be a checkpoint of this very
   model from ``cpt-bench compress --out``); ``compression_mode=simulated|real`` (default simulated: dequantized
   weights).
-- ``device``: as lm-eval's ``hf`` model, CUDA when available, else the CPU (lm-eval passes none unless told).
+- ``device``: as lm-eval's ``hf`` model: CUDA when available, else the CPU, also for lm-eval's default ``cuda:0``.
 
 Bad model_args (an unknown name, both prompts, an empty one, a flag that is not true / false, an unknown mode, a
 missing or damaged prompt folder) are refused before any weight loads, and a model that is missing or not a
@@ -52,7 +52,7 @@ from transformers import DynamicCache
 from cpt_bench.assets.model import ModelError, check_causal_lm, first_line, resolve_model
 from cpt_bench.compress.checkpoints import MODES
 from cpt_bench.errors import UserError
-from cpt_bench.models import Compression, load_model, parse_compression, resolve_device
+from cpt_bench.models import Compression, lm_eval_device, load_model, parse_compression
 from cpt_bench.prompts.artifact import SoftPrompt, check_prompt_fits, read_prompt
 from cpt_bench.prompts.hard import hard_prompt_text
 from cpt_bench.prompts.position import AFTER_BOS, check_position, recorded_position, resolve_position
@@ -144,7 +144,7 @@ class CptLM(HFLM):
         if compression_mode not in MODES:
             raise PromptAdapterError(f"compression_mode must be one of {', '.join(MODES)}, got {compression_mode!r}")
         compression = parse_compression(compression)
-        device = resolve_device(device)  # lm-eval passes none unless --device: CPU when CUDA is absent, as hf does
+        device = lm_eval_device(device)
         stored_prompt = read_prompt(Path(soft_prompt)) if soft_prompt else None
         name, label = pretrained, "dense"
         if compression is not None:
