@@ -45,6 +45,7 @@ from cpt_bench.prompts.position import (
 )
 from cpt_bench.prompts.soft import (
     SoftPromptConfig,
+    SoftPromptError,
     initial_prompt,
     prompted_loss,
     train_soft_prompt,
@@ -352,7 +353,7 @@ def test_bad_prompt_positions_are_refused_in_one_line(tiny_model_dir):
         _cpt(tiny_model_dir, hard_prompt="paper", prompt_position="last")
     with pytest.raises(PromptAdapterError, match="without soft_prompt or hard_prompt"):
         _cpt(tiny_model_dir, prompt_position=FIRST)
-    with pytest.raises(ValueError, match="soft prompt setting prompt_position must be one of"):
+    with pytest.raises(SoftPromptError, match="soft prompt setting prompt_position must be one of"):
         SoftPromptConfig(prompt_position="last")
 
 
