@@ -48,6 +48,13 @@ def write_config(folder: Path, config: dict) -> Path:
     return path
 
 
+def run_under(cache: Path, config: dict, folder: Path) -> Path:
+    """Run ``config`` into ``folder/run`` with ``cache`` as the cache (for module-scoped fixtures); the run folder."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CPT_BENCH_CACHE", str(cache))
+        return run_matrix(write_config(folder, config), folder / "run")
+
+
 # --- config validation and planning (no model) -----------------------------------------------------------------
 
 def ids(plan) -> set[tuple[str, str, str]]:
@@ -209,11 +216,7 @@ def matrix_env(matrix_cache, monkeypatch) -> Path:
 @pytest.fixture(scope="module")
 def reference_run(matrix_cache, tiny_model_dir, tmp_path_factory) -> Path:
     """One uninterrupted local run of the tiny config."""
-    folder = tmp_path_factory.mktemp("reference")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("CPT_BENCH_CACHE", str(matrix_cache))
-        run_dir = run_matrix(write_config(folder, tiny_config(tiny_model_dir)), folder / "run")
-    return run_dir
+    return run_under(matrix_cache, tiny_config(tiny_model_dir), tmp_path_factory.mktemp("reference"))
 
 
 def comparable_cells(run_dir: Path) -> dict[str, dict]:
@@ -351,10 +354,7 @@ def untrained_config(model: Path, **soft) -> dict:
 
 @pytest.fixture(scope="module")
 def untrained_run(matrix_cache, tiny_model_dir, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("untrained")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("CPT_BENCH_CACHE", str(matrix_cache))
-        return run_matrix(write_config(folder, untrained_config(tiny_model_dir)), folder / "run")
+    return run_under(matrix_cache, untrained_config(tiny_model_dir), tmp_path_factory.mktemp("untrained"))
 
 
 def test_untrained_prompt_is_flagged_in_its_cells_summary_and_report(untrained_run):

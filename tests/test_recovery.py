@@ -20,13 +20,13 @@ from cpt_bench.cli import main
 from cpt_bench.matrix import paired, store
 from cpt_bench.matrix.config import ConfigError, config_from_dict
 from cpt_bench.matrix.plan import describe, make_plan, prompt_training
-from cpt_bench.matrix.run import build_prompt, run_matrix
+from cpt_bench.matrix.run import build_prompt
 from cpt_bench.prompts.artifact import read_prompt
 from cpt_bench.prompts.soft import initial_prompt
 from cpt_bench.report.recovery import format_comparison, format_gap
 from cpt_bench.report.tables import format_entry
 from tests.compress_helpers import _one_thread  # noqa: F401  (autouse)
-from tests.test_matrix import TRAINING, tiny_config, write_config
+from tests.test_matrix import TRAINING, run_under, tiny_config
 
 # --- planning (no model) -----------------------------------------------------------------------------------------
 
@@ -152,10 +152,7 @@ def recovery_cache(_filled_fake_cache, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def recovery_run(recovery_cache, tiny_model_dir, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("recovery")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("CPT_BENCH_CACHE", str(recovery_cache))
-        return run_matrix(write_config(folder, recovery_config(tiny_model_dir)), folder / "run")
+    return run_under(recovery_cache, recovery_config(tiny_model_dir), tmp_path_factory.mktemp("recovery"))
 
 
 def summary_cells(run: Path) -> dict[str, dict]:
