@@ -333,9 +333,9 @@ def _out_under_a_file(tmp: Path, inputs: Inputs) -> list[str]:
 
 def _diverging_training(tmp: Path, inputs: Inputs) -> list[str]:
     """Prompt training whose 3rd training step's loss is NaN (as from a too large learning rate in bf16)."""
-    from cpt_bench.prompts import soft
+    from cpt_bench.prompts import training
 
-    real, training_calls = soft.prompted_loss, []
+    real, training_calls = training.prompted_loss, []
 
     def poisoned(model, prompt, ids, *args):
         loss = real(model, prompt, ids, *args)
@@ -344,7 +344,7 @@ def _diverging_training(tmp: Path, inputs: Inputs) -> list[str]:
             return loss * math.nan if len(training_calls) == 3 else loss
         return loss
 
-    inputs.monkeypatch.setattr(soft, "prompted_loss", poisoned)
+    inputs.monkeypatch.setattr(training, "prompted_loss", poisoned)
     return _train("--steps", "4", "--eval-every", "2")(tmp, inputs)
 
 
@@ -465,8 +465,8 @@ CASES = [
     Case("prompt-lr-too-large", _train("--lr", "1e38"), r"soft prompt setting lr must be a positive number at most "
          r"10, got 1e\+38"),
     Case("prompt-training-diverges", _diverging_training,
-         r"training diverged at step 3 \(the training loss or gradient is nan\); kept the best prompt so far "
-         r"\(step [02]\) in .*prompt", after=_diverged_prompt_kept),
+         r"training diverged at step 3 \(the training loss or gradient is nan\); kept the best soft prompt so "
+         r"far \(step [02]\) in .*prompt", after=_diverged_prompt_kept),
     Case("prompt-model-computes-nan", _nan_model_training,
          r"the validation loss before any training is nan: model '.*nan-model' \(dense\) computes non-finite"),
     Case("evaluate-unknown-task", _argv("evaluate", "--model", "{model}", "--tasks", "nope"),
@@ -479,7 +479,7 @@ CASES = [
          r"seqlen and batch size must be positive, got 1024 and -1"),
     # lm-eval model_args of the cpt adapter
     Case("adapter-soft-and-hard-prompt", _adapter(soft_prompt="{prompt}", hard_prompt="paper"),
-         r"give soft_prompt or hard_prompt, not both"),
+         r"give one of soft_prompt, hard_prompt and lora, not soft_prompt and hard_prompt"),
     Case("adapter-prefix-cache-not-a-bool", _adapter(hard_prompt="paper", prefix_cache="maybe"),
          r"prefix_cache must be true or false, got 'maybe'"),
     Case("adapter-hard-prompt-empty", _adapter(hard_prompt=""), r"hard prompt is empty"),
@@ -555,7 +555,7 @@ def _quiet_progress(monkeypatch):
     def silent(*args, **kwargs):
         return tqdm(*args, **kwargs | {"disable": True})
 
-    for module in ("cpt_bench.compress.sequential", "cpt_bench.prompts.soft"):
+    for module in ("cpt_bench.compress.sequential", "cpt_bench.prompts.training"):
         monkeypatch.setattr(f"{module}.tqdm", silent)
     transformers_logging.disable_progress_bar()
     yield
@@ -620,7 +620,8 @@ def test_cpt_lm_eval_reports_our_errors_in_one_line(monkeypatch, capsys):
     with pytest.raises(SystemExit) as caught:
         lmeval_cli.main()
     assert caught.value.code == 2
-    assert capsys.readouterr().err == "cpt-lm-eval: error: give soft_prompt or hard_prompt, not both\n"
+    assert capsys.readouterr().err == ("cpt-lm-eval: error: give one of soft_prompt, hard_prompt and lora, not "
+                                       "soft_prompt and hard_prompt\n")
 
 
 def _library_value_error(*args, **kwargs):

@@ -43,15 +43,9 @@ from cpt_bench.prompts.position import (
     adds_bos,
     resolve_position,
 )
-from cpt_bench.prompts.soft import (
-    SoftPromptConfig,
-    SoftPromptError,
-    initial_prompt,
-    prompted_loss,
-    train_soft_prompt,
-    validation_windows,
-)
+from cpt_bench.prompts.soft import SoftPromptConfig, SoftPromptError, initial_prompt, train_soft_prompt
 from cpt_bench.prompts.target import describe_target
+from cpt_bench.prompts.training import prompted_loss, validation_windows
 
 from .compress_helpers import _one_thread, random_ids  # noqa: F401  (_one_thread: autouse fixture)
 from .conftest import TINY_SEQLEN_TOKENS, build_tiny_tokenizer

@@ -20,7 +20,7 @@ import yaml
 from cpt_bench.cli import main
 from cpt_bench.matrix import store
 from cpt_bench.matrix.config import ConfigError, config_from_dict, load_config
-from cpt_bench.matrix.plan import make_plan, shard_plan
+from cpt_bench.matrix.plan import PromptChoice, make_plan, shard_plan
 from cpt_bench.matrix.run import check_prompt_trained, merge_runs, run_matrix
 from cpt_bench.prompts.soft import SoftPromptError
 from tests.compress_helpers import _one_thread  # noqa: F401  (autouse)
@@ -340,7 +340,8 @@ def test_runner_killed_at_random_points_resumes_to_the_uninterrupted_result(refe
 
 # --- soft prompts that never beat their initialisation -----------------------------------------------------------
 
-UNTRAINED_PROMPT = "soft-wikipedia@dense"
+UNTRAINED_CHOICE = PromptChoice("soft", source="wikipedia", trained_at="dense")
+UNTRAINED_PROMPT = UNTRAINED_CHOICE.id  # soft-wikipedia@dense
 
 
 def untrained_config(model: Path, **soft) -> dict:
@@ -371,11 +372,11 @@ def test_untrained_prompt_is_flagged_in_its_cells_summary_and_report(untrained_r
 def test_untrained_prompt_check_warns_or_fails_in_one_line(untrained_run, caplog):
     folder = untrained_run / "prompts" / UNTRAINED_PROMPT
     with caplog.at_level("WARNING", logger="cpt_bench.matrix.run"):
-        assert check_prompt_trained(folder, UNTRAINED_PROMPT, required=False) is False
+        assert check_prompt_trained(folder, UNTRAINED_CHOICE, required=False) is False
     assert f"soft prompt {UNTRAINED_PROMPT} (source wikipedia, trained at dense) never beat" in caplog.text
     with pytest.raises(SoftPromptError, match=r"validation ppl \d+\.\d\d at step 0 stayed the best; "
                                               r"prompts\.soft\.require_improvement is set") as caught:
-        check_prompt_trained(folder, UNTRAINED_PROMPT, required=True)
+        check_prompt_trained(folder, UNTRAINED_CHOICE, required=True)
     assert "\n" not in str(caught.value)
 
 

@@ -150,7 +150,7 @@ def test_changed_prompt_file_fails_its_checksum(tiny, prompt_dir, tmp_path):
 
 
 def test_soft_and_hard_prompt_together_are_refused(tiny_model_dir, prompt_dir):
-    with pytest.raises(PromptAdapterError, match="not both"):
+    with pytest.raises(PromptAdapterError, match="not soft_prompt and hard_prompt"):
         CptLM(pretrained=str(tiny_model_dir), soft_prompt=str(prompt_dir), hard_prompt="paper", device="cpu")
 
 

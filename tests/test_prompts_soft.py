@@ -11,14 +11,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cpt_bench.prompts.artifact import read_prompt
 from cpt_bench.prompts.soft import (
-    CHECKPOINT,
     SoftPromptConfig,
     SoftPromptError,
-    TrainingDiverged,
     initial_prompt,
-    prompt_improved,
     train_soft_prompt,
 )
+from cpt_bench.prompts.training import CHECKPOINT, TrainingDiverged, TrainingError, trained_improved
 
 from .conftest import TINY_SEQLEN_TOKENS
 
@@ -51,22 +49,22 @@ def test_training_lowers_validation_loss_and_writes_the_artifact(filled_fake_cac
     assert prompt.embeddings.shape == (4, 32) and prompt.embeddings.dtype == torch.float32
     assert prompt.meta["compression"] == "dense" and prompt.meta["source"]["corpus"] == SOURCE
     assert prompt.meta["hyperparameters"]["lr"] == 0.1
-    assert prompt.meta["improved"] is True and prompt.meta["best"]["step"] > 0 and prompt_improved(prompt.meta)
+    assert prompt.meta["improved"] is True and prompt.meta["best"]["step"] > 0 and trained_improved(prompt.meta)
 
 
 def test_a_prompt_that_never_beats_its_initialisation_is_recorded_and_warned(filled_fake_cache, tiny, tmp_path,
                                                                              caplog):
     config = _settings(lr=1e-30, warmup_steps=0, steps=2, eval_every=1)  # far below float32 resolution of the prompt
-    with caplog.at_level(logging.WARNING, logger="cpt_bench.prompts.soft"):
+    with caplog.at_level(logging.WARNING, logger="cpt_bench.prompts.training"):
         prompt = read_prompt(_train(tiny, tmp_path / "p", config))
-    assert prompt.meta["improved"] is False and prompt.meta["best"]["step"] == 0 and not prompt_improved(prompt.meta)
+    assert prompt.meta["improved"] is False and prompt.meta["best"]["step"] == 0 and not trained_improved(prompt.meta)
     assert torch.equal(prompt.embeddings, initial_prompt(*tiny, config))  # what is saved is the initialisation
     (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert "never beat its initialisation in 2 steps" in warning.getMessage() and SOURCE in warning.getMessage()
 
 
 def test_prompt_json_without_the_improved_field_is_judged_by_its_best_step():
-    assert not prompt_improved({"best": {"step": 0}}) and prompt_improved({"best": {"step": 20}})
+    assert not trained_improved({"best": {"step": 0}}) and trained_improved({"best": {"step": 20}})
 
 
 def test_resume_after_interruption_continues_the_same_curve(filled_fake_cache, tiny, tmp_path):
@@ -86,7 +84,7 @@ def test_resume_after_interruption_continues_the_same_curve(filled_fake_cache, t
 
 def test_resume_with_other_settings_is_refused(filled_fake_cache, tiny, tmp_path):
     _train(tiny, tmp_path / "p", _settings(steps=3))
-    with pytest.raises(SoftPromptError, match=r"settings differ from the checkpoint's \(lr\)"):
+    with pytest.raises(TrainingError, match=r"settings differ from the checkpoint's \(lr\)"):
         _train(tiny, tmp_path / "p", _settings(steps=3, lr=0.2), resume=True)
 
 

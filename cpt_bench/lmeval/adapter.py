@@ -7,6 +7,10 @@ since lm-eval has no plugin discovery). Extra model_args:
 - ``soft_prompt=DIR``: a prompt folder (``cpt_bench.prompts.artifact``), checked against the model;
   ``allow_cross_model=true`` accepts one trained for another model / tokenizer of the same hidden size.
 - ``hard_prompt=NAME_OR_TEXT``: a registered text prompt (``cpt_bench.prompts.hard``) or literal text.
+- ``lora=DIR``: a LoRA folder (``cpt_bench.prompts.lora``, a PEFT adapter with our ``lora.json``), checked against
+  the model like a prompt and applied unmerged on top of the (compressed) model, as plain lm-eval's
+  ``hf`` model applies ``peft=DIR`` (which gives the same scores where the model's vocabulary size equals the
+  tokenizer's: otherwise HFLM resizes the embeddings first). Not combined with a prompt.
 - ``prefix_cache=true|false`` (default true): compute the prompt's key/value cache once and reuse it
   for every batch, or concatenate the prompt embeddings to every batch.
 - ``prompt_position=after_bos|first`` (``cpt_bench.prompts.position``): where the prompt sits. A soft prompt sits
@@ -55,6 +59,7 @@ from cpt_bench.errors import UserError
 from cpt_bench.models import Compression, lm_eval_device, load_model, parse_compression
 from cpt_bench.prompts.artifact import SoftPrompt, check_prompt_fits, read_prompt
 from cpt_bench.prompts.hard import hard_prompt_text
+from cpt_bench.prompts.lora import apply_lora, lora_parameters, read_lora
 from cpt_bench.prompts.position import AFTER_BOS, check_position, recorded_position, resolve_position
 from cpt_bench.provenance import peak_memory
 
@@ -72,11 +77,16 @@ def _as_bool(value: bool | str, name: str) -> bool:
     raise PromptAdapterError(f"{name} must be true or false, got {value!r}")
 
 
-def _check_prompt_args(soft_prompt: str | None, hard_prompt: str | None, prompt_position: str | None) -> None:
-    """Refuse both prompts at once, an empty one (``soft_prompt=`` on a command line), and a position that is
-    unknown or given without a prompt."""
-    if soft_prompt is not None and hard_prompt is not None:
-        raise PromptAdapterError("give soft_prompt or hard_prompt, not both")
+def _check_prompt_args(soft_prompt: str | None, hard_prompt: str | None, prompt_position: str | None,
+                       lora: str | None = None) -> None:
+    """Refuse two of soft_prompt / hard_prompt / lora at once, an empty one (``soft_prompt=`` on a command line),
+    and a position that is unknown or given without a prompt."""
+    given = [name for name, value in (("soft_prompt", soft_prompt), ("hard_prompt", hard_prompt), ("lora", lora))
+             if value is not None]
+    if len(given) > 1:
+        raise PromptAdapterError(f"give one of soft_prompt, hard_prompt and lora, not {' and '.join(given)}")
+    if lora == "":
+        raise PromptAdapterError("lora is empty: expected a LoRA folder written by the matrix (prompts.lora)")
     if prompt_position is not None:
         check_position(prompt_position)
         if soft_prompt is None and hard_prompt is None:
@@ -128,7 +138,8 @@ class CptLM(HFLM):
     def __init__(self, pretrained: str = "embedded", soft_prompt: str | None = None, hard_prompt: str | None = None,
                  allow_cross_model: bool | str = False, prefix_cache: bool | str = True,
                  prompt_position: str | None = None, compression: str | Compression = None,
-                 compression_mode: str = "simulated", device: str | None = None, **kwargs):
+                 compression_mode: str = "simulated", device: str | None = None, lora: str | None = None,
+                 **kwargs):
         # Set before HFLM's init, which reads max_length while loading.
         self._prompt: torch.Tensor | None = None  # [n, hidden], model dtype and device
         self._prefix: torch.Tensor | None = None  # [n_prefix, hidden]: BOS's embedding (after_bos), then the prompt
@@ -138,7 +149,7 @@ class CptLM(HFLM):
         self.prompt_info: dict[str, Any] = {"kind": "none", "n_tokens": 0}
         # Every argument and file is checked before any weight loads.
         check_model_args(kwargs)
-        _check_prompt_args(soft_prompt, hard_prompt, prompt_position)
+        _check_prompt_args(soft_prompt, hard_prompt, prompt_position, lora)
         allow_cross_model = _as_bool(allow_cross_model, "allow_cross_model")
         prefix_cache = _as_bool(prefix_cache, "prefix_cache")
         if compression_mode not in MODES:
@@ -146,6 +157,7 @@ class CptLM(HFLM):
         compression = parse_compression(compression)
         device = lm_eval_device(device)
         stored_prompt = read_prompt(Path(soft_prompt)) if soft_prompt else None
+        lora_meta = read_lora(Path(lora)) if lora else None
         name, label = pretrained, "dense"
         if compression is not None:
             dtype = get_dtype(kwargs.get("dtype") or "auto")
@@ -160,6 +172,11 @@ class CptLM(HFLM):
         except (OSError, SafetensorError) as error:  # missing or truncated weight / tokenizer files
             raise ModelError(f"could not load model {name!r}: {first_line(error)}") from error
         self.prompt_info["compression"] = label
+        if lora_meta is not None:
+            self._model = apply_lora(self.model, self.tokenizer, Path(lora), lora_meta, name, allow_cross_model)
+            self.prompt_info |= {"kind": "lora", "path": str(lora), "sha256": lora_meta["sha256"],
+                                 "trained_on": lora_meta["compression"],
+                                 "trainable_parameters": lora_meta["trainable_parameters"]}
         if stored_prompt is not None or hard_prompt is not None:
             self._set_prompt(stored_prompt, soft_prompt, hard_prompt, allow_cross_model, prefix_cache,
                              prompt_position)
@@ -267,14 +284,16 @@ class CptLM(HFLM):
         return super()._model_generate(*args, **kwargs)
 
     def memory_record(self) -> dict[str, Any]:
-        """Bytes the prompt holds (embeddings, prefix key/value cache) and this process's peak memory so far."""
+        """Bytes the prompt holds (embeddings, prefix key/value cache), a LoRA adapter's tensors, and this process's
+        peak memory so far."""
         def nbytes(tensors) -> int:
             return int(sum(t.numel() * t.element_size() for t in tensors))
 
         kv = [t for pair in self._prefix_kv or [] for t in pair]
+        adapter = lora_parameters(self.model) if self.prompt_info["kind"] == "lora" else {}
         return {"prompt_tokens": self.prompt_info["n_tokens"],
                 "prompt_embedding_bytes": nbytes([] if self._prompt is None else [self._prompt]),
-                "prefix_cache_bytes": nbytes(kv), **peak_memory()}
+                "prefix_cache_bytes": nbytes(kv), "adapter_bytes": nbytes(adapter.values()), **peak_memory()}
 
     def get_model_info(self) -> dict[str, Any]:
         """HFLM's model info plus the prompt and the memory record (lm-eval stores it in results['config'])."""

@@ -15,6 +15,8 @@ Example (``configs/default.yaml`` is the full one)::
         training: {n_virtual_tokens: 20, steps: 40, lr: 0.03}
         seeds: [0, 1, 2]          # optional: one prompt per seed
         controls: [init, random]  # optional: untrained control prompts beside the learned ones
+        objectives: [lm, kd]      # optional: one prompt per training objective (default [lm])
+      lora: {rank: 4, lr: 0.001}  # optional: a LoRA adapter per soft prompt's (source, level, seed)
     transfer: {datasets: true, compression_levels: true, compression_types: true}
     targets:
       - {task: cpt_ppl_wikipedia, limit: 8}
@@ -24,6 +26,15 @@ Training seeds (``prompts.soft.seeds``): each seed trains its own prompt per (so
 the data order and any random initialisation (``SoftPromptConfig.seed``, which the list replaces; without the
 list ``training.seed`` is the one seed). Prompt ids carry the seed only when there is more than one:
 ``soft-wikipedia@rtn-w3g64#s1`` (cell ids and folders spell ``#`` as ``-``).
+
+Objectives (``prompts.soft.objectives``, ``prompts.lora.objectives``; ``cpt_bench.prompts.training``): ``lm`` trains
+on the corpus's next tokens, ``kd`` imitates the dense model (KL to its next-token distribution); one artifact per
+objective, ids ``soft-...`` / ``soft+kd-...``.
+
+LoRA adapters (``prompts.lora``, ``cpt_bench.prompts.lora``): a budget-matched baseline, one adapter per soft prompt's
+(source, level, seed) and objective, trained with the soft prompt's settings (steps, batch, windows, schedule; its own
+``lr``), evaluated and transferred exactly like a soft prompt (ids ``lora-wikipedia@rtn-w3g64``, ``lora+kd-...``).
+They need ``kernels: simulated``: PEFT wraps Linear layers, not the low-bit kernels.
 
 Control prompts (``prompts.soft.controls``, ``cpt_bench.prompts.controls``): untrained soft prompts evaluated beside
 the learned ones, so that the report can say whether a gain is learned recovery or any extra context would do:
@@ -61,7 +72,9 @@ from cpt_bench.corpus import parse_corpus
 from cpt_bench.errors import UserError
 from cpt_bench.prompts.controls import CONTROL_KINDS
 from cpt_bench.prompts.hard import HARD_PROMPTS
+from cpt_bench.prompts.lora import LoraSettings
 from cpt_bench.prompts.soft import SoftPromptConfig
+from cpt_bench.prompts.training import OBJECTIVES
 
 PPL_TASK_PREFIX = "cpt_ppl_"
 CORPUS_TASK = "cpt_ppl_corpus"  # token perplexity of any corpus spec (tasks/cpt_ppl_corpus.yaml)
@@ -156,6 +169,7 @@ class SoftPrompts:
     require_improvement: bool = False
     seeds: list[int] = field(default_factory=list)
     controls: list[str] = field(default_factory=list)
+    objectives: list[str] = field(default_factory=lambda: ["lm"])
 
     def __post_init__(self) -> None:
         canonical = []
@@ -180,6 +194,11 @@ class SoftPrompts:
                  "controls", self.controls, f"distinct control kinds out of {', '.join(CONTROL_KINDS)}")
         _require(not self.controls or bool(self.sources), "controls", self.controls,
                  "given only with soft prompts (sources and trained_at)")
+        _require(self.training.objective == "lm", "training.objective", self.training.objective,
+                 "left out: list the objectives in prompts.soft.objectives")
+        _require(bool(self.objectives) and set(self.objectives) <= set(OBJECTIVES)
+                 and len(set(self.objectives)) == len(self.objectives), "objectives", self.objectives,
+                 f"a non-empty list of distinct objectives out of {', '.join(OBJECTIVES)}")
 
     def training_seeds(self) -> list[int]:
         """The seeds prompts are trained with: ``seeds``, else ``training.seed`` alone."""
@@ -188,10 +207,17 @@ class SoftPrompts:
 
 @dataclass(frozen=True)
 class Prompts:
-    """Prompt kinds besides "none": hard prompts (registered names or literal text) and soft prompts."""
+    """Prompt kinds besides "none": hard prompts (registered names or literal text), soft prompts and the LoRA
+    adapters trained beside them (None: none)."""
 
     hard: list[str] = field(default_factory=list)
     soft: SoftPrompts = field(default_factory=SoftPrompts)
+    lora: LoraSettings | None = None
+
+    def __post_init__(self) -> None:
+        if self.lora is not None and not self.soft.sources:
+            raise ConfigError("lora: given without soft prompts; expected prompts.soft.sources and trained_at, which "
+                              "say what LoRA adapters are trained on")
 
 
 @dataclass(frozen=True)
@@ -231,6 +257,8 @@ class MatrixConfig:
         _require(len(self.targets) > 0, "targets", self.targets, "a non-empty list of {task: ..., limit: ...}")
         names = [target.name for target in self.targets]
         _require(len(set(names)) == len(names), "targets", names, "targets without repeats")
+        _require(self.prompts.lora is None or self.kernels == "simulated", "kernels", self.kernels,
+                 "simulated with prompts.lora (PEFT wraps Linear layers, not the real low-bit kernels)")
         for index, spec in enumerate(self.prompts.soft.trained_at):
             _require(str(Spec.parse(spec)) in self.compression.specs, f"prompts.soft.trained_at[{index}]", spec,
                      f"one of compression.specs ({', '.join(self.compression.specs)})")

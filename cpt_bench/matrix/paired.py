@@ -11,10 +11,11 @@ The summary's comparisons of a cell (``cell_comparisons``), each against a cell 
 
 - ``vs_none``: a prompted cell against the unprompted cell of its level;
 - ``vs_dense``: every cell but the dense unprompted one against the dense unprompted cell (the tables' Δ);
-- ``vs_init``: a learned soft prompt at its own level against its ``init`` control (``plan.control_for``);
-- ``vs_in_domain``: a transferred learned prompt (trained on another corpus, or at another level) against the prompt
-  learned at this level on the target's own corpus (zero-shot targets, which have none: on the same corpus), with
-  the same seed;
+- ``vs_init``: a learned soft prompt at its own level against its ``init`` control (``plan.control_for``; a LoRA
+  adapter's initialisation is the unprompted model, ``vs_none``);
+- ``vs_in_domain``: a transferred learned prompt or adapter (trained on another corpus, or at another level) against
+  the one of its method learned at this level on the target's own corpus (zero-shot targets, which have none: on the
+  same corpus), with the same seed;
 - ``gap_closed``: a prompted cell at a compressed level: ``(C - P) / (C - D)`` with its paired-bootstrap CI.
 
 A comparison (``comparison``): ``against`` (the other cell's id), ``scale`` (``log_ppl``: the change of log token
@@ -27,7 +28,7 @@ than ``stats.SMALL_DISCORDANT`` discordant items, where McNemar's exact p < 0.05
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from cpt_bench import stats
@@ -163,8 +164,7 @@ def _in_domain_reference(cell: Cell) -> PromptChoice | None:
     prompt = cell.prompt
     if not prompt.is_learned or (cell.dataset_relation != "cross-dataset" and cell.compression_relation == "same"):
         return None
-    reference = PromptChoice("soft", source=cell.target.domain or prompt.source, trained_at=cell.compression,
-                             seed=prompt.seed)
+    reference = replace(prompt, source=cell.target.domain or prompt.source, trained_at=cell.compression)
     return None if reference == prompt else reference
 
 
@@ -175,7 +175,7 @@ def _counterparts(plan: Plan, cell: Cell) -> dict[str, tuple[str, PromptChoice]]
         found["vs_none"] = (cell.compression, NO_PROMPT)
     if (cell.compression, cell.prompt) != ("dense", NO_PROMPT):
         found["vs_dense"] = ("dense", NO_PROMPT)
-    if cell.prompt.is_learned and cell.compression_relation == "same":
+    if cell.prompt.is_learned and cell.prompt.kind == "soft" and cell.compression_relation == "same":
         found["vs_init"] = (cell.compression, control_for(plan.config, cell.prompt, "init"))
     reference = _in_domain_reference(cell)
     if reference is not None:

@@ -1,7 +1,9 @@
 """Expand a ``MatrixConfig`` into cells (compression x prompt x target) and the artifacts they share.
 
 Artifacts: one compressed checkpoint per non-dense compression level that a cell or a prompt needs, one soft
-prompt per (source corpus, level it is trained at, training seed), and the control prompts of each level
+prompt per (source corpus, level it is trained at, objective, training seed), as many LoRA adapters when
+``prompts.lora`` is set (learned artifacts transfer alike; "prompt" below covers them), and the control prompts of
+each level
 (``config`` module docstring). Each is built once and reused by every cell. Prompts per compression level C and
 target T:
 
@@ -35,6 +37,7 @@ ITEM_SECONDS = 0.155  # one multiple-choice item (2-4 short continuations)
 CALIBRATION_TOKENS_PER_SECOND = 90.0  # GPTQ / SparseGPT at 16 x 512 tokens: load, Hessians, algorithm, writing
 UNCALIBRATED_SECONDS = 5.0  # RTN / magnitude: load, pack and write
 TRAIN_TOKENS_PER_SECOND = 200.0  # soft-prompt forward + backward
+KD_COST_FACTOR = 4 / 3  # kd adds the dense model's forward, about a third of a forward + backward (not measured)
 CELL_OVERHEAD_SECONDS = 2.0  # lm-eval task set-up per cell
 MODEL_LOAD_SECONDS = 4.0  # one (compression, prompt) group
 REFERENCE_PARAMETERS = 134_515_008  # SmolLM2-135M-Instruct (tied embeddings once), the model the rates are of
@@ -55,11 +58,15 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._@+-]", "-", text)
 
 
+LEARNED_KINDS = ("soft", "lora")
+
+
 @dataclass(frozen=True)
 class PromptChoice:
-    """A prompt applied in cells. ``kind``: none | hard | soft; soft prompts name their level and, unless they are
-    controls, their source. ``seed``: the training seed, set only when the config trains several (it is then part
-    of the id); ``control``: ``init`` / ``random`` for an untrained control prompt (no source)."""
+    """A prompt applied in cells. ``kind``: none | hard | soft | lora (a LoRA adapter, applied like a prompt);
+    soft prompts and adapters name their level and, unless they are controls, their source and ``objective``.
+    ``seed``: the training seed, set only when the config trains several (it is then part of the id);
+    ``control``: ``init`` / ``random`` for an untrained control prompt (no source)."""
 
     kind: str
     hard: str | None = None  # registered name or literal text
@@ -67,6 +74,7 @@ class PromptChoice:
     trained_at: str | None = None
     seed: int | None = None
     control: str | None = None
+    objective: str = "lm"
 
     @property
     def id(self) -> str:
@@ -75,14 +83,19 @@ class PromptChoice:
             return f"hard-{hard_prompt_label(self.hard)}"
         if self.control:
             return f"{self.control}@{self.trained_at}{suffix}"
-        if self.kind == "soft":
-            return f"soft-{self.source}@{self.trained_at}{suffix}"
+        if self.kind in LEARNED_KINDS:
+            return f"{self.method}-{self.source}@{self.trained_at}{suffix}"
         return "none"
 
     @property
+    def method(self) -> str:
+        """``soft`` / ``lora``, with ``+kd`` for the kd objective: how a learned artifact was made."""
+        return self.kind + ("" if self.objective == "lm" else f"+{self.objective}")
+
+    @property
     def is_learned(self) -> bool:
-        """A soft prompt that is trained (not a control)."""
-        return self.kind == "soft" and self.control is None
+        """A trained soft prompt or LoRA adapter (not a control)."""
+        return self.kind in LEARNED_KINDS and self.control is None
 
 
 NO_PROMPT = PromptChoice("none")
@@ -128,9 +141,11 @@ class Plan:
 
 
 def prompt_training(config: MatrixConfig, prompt: PromptChoice) -> SoftPromptConfig:
-    """The soft-prompt settings that build ``prompt`` (a learned or control prompt): ``training`` at its seed."""
+    """The settings that build ``prompt`` (a learned prompt or adapter, or a control): ``training`` at its seed
+    and objective."""
     training = config.prompts.soft.training
-    return training if prompt.seed is None else replace(training, seed=prompt.seed)
+    seed = training.seed if prompt.seed is None else prompt.seed
+    return replace(training, seed=seed, objective=prompt.objective)
 
 
 def control_for(config: MatrixConfig, prompt: PromptChoice, kind: str) -> PromptChoice:
@@ -140,7 +155,7 @@ def control_for(config: MatrixConfig, prompt: PromptChoice, kind: str) -> Prompt
 
 
 def _relations(prompt: PromptChoice, compression: str, target: Target) -> tuple[str | None, str | None]:
-    if prompt.kind != "soft":
+    if prompt.kind not in LEARNED_KINDS:
         return None, None
     dataset = "in-domain" if prompt.source == target.domain else "cross-dataset"
     if prompt.trained_at == compression:
@@ -159,11 +174,14 @@ def _wanted(config: MatrixConfig, dataset: str | None, level: str | None) -> boo
 
 def make_plan(config: MatrixConfig) -> Plan:
     """Every wanted cell of ``config`` and the artifacts they need, each listed once."""
-    soft = config.prompts.soft
+    soft, lora = config.prompts.soft, config.prompts.lora
     seeds = soft.training_seeds()
-    learned = tuple(PromptChoice("soft", source=source, trained_at=str(Spec.parse(level)),
-                                 seed=seed if len(seeds) > 1 else None)
-                    for level in soft.trained_at for source in soft.sources for seed in seeds)
+    methods = [("soft", objective) for objective in soft.objectives]
+    methods += [("lora", objective) for objective in lora.objectives] if lora else []
+    learned = tuple(PromptChoice(kind, source=source, trained_at=str(Spec.parse(level)),
+                                 seed=seed if len(seeds) > 1 else None, objective=objective)
+                    for level in soft.trained_at for source in soft.sources for kind, objective in methods
+                    for seed in seeds)
     prompts = (NO_PROMPT, *(PromptChoice("hard", hard=text) for text in config.prompts.hard), *learned)
     cells = []
     for compression in config.compression.specs:
@@ -172,7 +190,8 @@ def make_plan(config: MatrixConfig) -> Plan:
                 dataset, level = _relations(prompt, compression, target)
                 if _wanted(config, dataset, level):
                     cells.append(Cell(compression, prompt, target, dataset, level))
-    controls = tuple(dict.fromkeys(control_for(config, prompt, kind) for prompt in learned for kind in soft.controls))
+    controls = tuple(dict.fromkeys(control_for(config, prompt, kind) for prompt in learned if prompt.kind == "soft"
+                                   for kind in soft.controls))
     for control in controls:
         kept = {cell.target for cell in cells if cell.prompt.is_learned and cell.compression == control.trained_at
                 and cell.prompt.trained_at == control.trained_at}
@@ -219,7 +238,8 @@ def estimate_seconds(plan: Plan, parameters: int = REFERENCE_PARAMETERS) -> dict
     training = config.prompts.soft.training
     train_tokens = training.steps * training.batch_size * training.seqlen
     eval_tokens = (training.steps // training.eval_every + 1) * training.eval_windows * training.seqlen
-    trained = sum(prompt.is_learned for prompt in plan.soft_prompts)  # controls need no training
+    trained = sum((KD_COST_FACTOR if prompt.objective == "kd" else 1.0) for prompt in plan.soft_prompts
+                  if prompt.is_learned)  # controls need no training
     prompts = trained * scale * (train_tokens / TRAIN_TOKENS_PER_SECOND + eval_tokens / EVAL_TOKENS_PER_SECOND)
     cells = MODEL_LOAD_SECONDS * scale * len(plan.groups())
     for cell in plan.cells:
@@ -235,7 +255,8 @@ def describe(plan: Plan, parameters: int | None = REFERENCE_PARAMETERS) -> str:
     plan was not checked against the model)."""
     config = plan.config
     calibration, training = config.compression.calibration, config.prompts.soft.training
-    learned = [prompt for prompt in plan.soft_prompts if prompt.is_learned]
+    learned = [prompt for prompt in plan.soft_prompts if prompt.is_learned and prompt.kind == "soft"]
+    adapters = [prompt for prompt in plan.soft_prompts if prompt.kind == "lora"]
     controls = [prompt for prompt in plan.soft_prompts if not prompt.is_learned]
     lines = [f"matrix {config.name!r}: model {config.model} ({config.dtype}, {config.device}, {config.kernels} "
              f"kernels), {len(plan.cells)} cells in {len(plan.groups())} (compression, prompt) groups",
@@ -244,6 +265,7 @@ def describe(plan: Plan, parameters: int | None = REFERENCE_PARAMETERS) -> str:
              f"true-sequential {calibration.true_sequential}",
              f"artifacts: {len(plan.compressed)} compressed checkpoints ({', '.join(plan.compressed) or 'none'}), "
              f"{len(learned)} soft prompts ({', '.join(p.id for p in learned) or 'none'})"
+             + (f", {len(adapters)} LoRA adapters ({', '.join(p.id for p in adapters)})" if adapters else "")
              + (f", {len(controls)} control prompts ({', '.join(p.id for p in controls)})" if controls else "")]
     if learned:
         lines.append(f"soft prompts: {training.n_virtual_tokens} tokens, init {training.init}, AdamW lr {training.lr} "
@@ -251,6 +273,11 @@ def describe(plan: Plan, parameters: int | None = REFERENCE_PARAMETERS) -> str:
                      f"{training.steps} steps of batch {training.batch_size} x {training.seqlen} tokens, clip "
                      f"{training.max_grad_norm}, validation every {training.eval_every} steps on "
                      f"{training.eval_windows} windows (best kept)")
+    if adapters:
+        lora = config.prompts.lora
+        lines.append(f"LoRA adapters: rank {lora.rank}, alpha {lora.alpha:g}, dropout {lora.dropout:g}, modules "
+                     f"{', '.join(lora.target_modules) if lora.target_modules else 'PEFT default'}, lr "
+                     f"{lora.lr if lora.lr is not None else training.lr}; otherwise the soft prompts' settings")
     lines.append(f"targets (perplexity windows of {config.ppl_seqlen} tokens): "
                  + ", ".join(f"{t.name} ({t.metric}, limit {t.limit})" for t in config.targets))
     for compression in config.compression.specs:

@@ -88,31 +88,55 @@ def prompt_folder(run_dir: Path, prompt: PromptChoice) -> Path:
     return run_dir / PROMPTS_DIR / safe_name(prompt.id)
 
 
+def artifact_meta(folder: Path, kind: str) -> dict[str, Any]:
+    """The metadata of a built prompt (``prompt.json``) or LoRA adapter (``lora.json``), after verifying its stored
+    tensors against their checksum."""
+    from cpt_bench.prompts.artifact import read_prompt
+    from cpt_bench.prompts.lora import read_lora
+
+    return read_lora(folder) if kind == "lora" else read_prompt(folder).meta
+
+
+def _artifact_complete(folder: Path, kind: str) -> bool:
+    from cpt_bench.prompts.artifact import METADATA as PROMPT_METADATA
+    from cpt_bench.prompts.lora import METADATA as LORA_METADATA
+
+    return (folder / (LORA_METADATA if kind == "lora" else PROMPT_METADATA)).is_file()
+
+
 def build_prompt(config: MatrixConfig, run_dir: Path, prompt: PromptChoice, compressed_folder: str | None) -> str:
-    """Build prompt ``prompt`` at its level unless it is already complete: train a learned one (resuming its
-    checkpoint) with its seed's settings, or write a control (``prompts.controls``)."""
+    """Build prompt ``prompt`` at its level unless it is already complete: train a learned prompt or LoRA adapter
+    (resuming its checkpoint) with its seed's and objective's settings, the dense model loaded beside it as the
+    teacher for ``kd``, or write a control (``prompts.controls``)."""
     import torch
 
     from cpt_bench.models import CheckpointFolder, load_model
-    from cpt_bench.prompts.artifact import METADATA, read_prompt
     from cpt_bench.prompts.controls import write_control_prompt
-    from cpt_bench.prompts.soft import CHECKPOINT, train_soft_prompt
+    from cpt_bench.prompts.lora import train_lora
+    from cpt_bench.prompts.soft import train_soft_prompt
+    from cpt_bench.prompts.training import CHECKPOINT
 
     folder = prompt_folder(run_dir, prompt)
-    if not (folder / METADATA).is_file():
-        loaded = load_model(config.model, CheckpointFolder(Path(compressed_folder)) if compressed_folder else None,
-                            mode=config.kernels, dtype=getattr(torch, config.dtype), device=resolved_device(config))
+    if not _artifact_complete(folder, prompt.kind):
+        def load(checkpoint: str | None):
+            return load_model(config.model, CheckpointFolder(Path(checkpoint)) if checkpoint else None,
+                              mode=config.kernels, dtype=getattr(torch, config.dtype), device=resolved_device(config))
+
+        loaded = load(compressed_folder)
         training = prompt_training(config, prompt)
+        teacher = load(None).model if training.objective == "kd" else None
+        common = {"model_name": config.model, "compression": loaded.compression}
         if prompt.control:
-            write_control_prompt(loaded.model, loaded.tokenizer, training, prompt.control, folder,
-                                 model_name=config.model, compression=loaded.compression)
+            write_control_prompt(loaded.model, loaded.tokenizer, training, prompt.control, folder, **common)
+        elif prompt.kind == "lora":
+            train_lora(loaded.model, loaded.tokenizer, training, config.prompts.lora, prompt.source, folder,
+                       resume=(folder / CHECKPOINT).is_file(), teacher=teacher, **common)
         else:
             train_soft_prompt(loaded.model, loaded.tokenizer, training, prompt.source, folder,
-                              model_name=config.model, compression=loaded.compression,
-                              resume=(folder / CHECKPOINT).is_file())
-    read_prompt(folder)  # verifies the stored tensor against its checksum
+                              resume=(folder / CHECKPOINT).is_file(), teacher=teacher, **common)
+    artifact_meta(folder, prompt.kind)
     if not prompt.control:  # a control is its initialisation by design
-        check_prompt_trained(folder, prompt.id, config.prompts.soft.require_improvement)
+        check_prompt_trained(folder, prompt, config.prompts.soft.require_improvement)
     return str(folder)
 
 
@@ -158,8 +182,9 @@ def _load_lm(job: GroupJob):
 
     prompt = job.prompt
     compression = CheckpointFolder(Path(job.compressed_folder)) if job.compressed_folder else None
-    return CptLM(pretrained=job.config.model, compression=compression,
-                 compression_mode=job.config.kernels, soft_prompt=job.prompt_folder,
+    return CptLM(pretrained=job.config.model, compression=compression, compression_mode=job.config.kernels,
+                 soft_prompt=job.prompt_folder if prompt.kind == "soft" else None,
+                 lora=job.prompt_folder if prompt.kind == "lora" else None,
                  hard_prompt=prompt.hard if prompt.kind == "hard" else None, batch_size=job.config.batch_size,
                  device=resolved_device(job.config), dtype=job.config.dtype)
 
@@ -176,38 +201,43 @@ def _memory_account(job: GroupJob, lm) -> dict[str, Any]:
 
 
 def _prompt_block(lm, job: GroupJob) -> dict[str, Any]:
-    """The prompt's provenance: what the adapter applied plus, for soft prompts, how it was trained.
+    """The prompt's provenance: what the adapter applied plus, for soft prompts and LoRA adapters, how it was
+    trained: objective, seconds, trainable parameters, tokens seen and the training's peak memory.
 
-    ``untrained``: the soft prompt never beat its initialisation (see ``check_prompt_trained``); ``control``: the
-    kind of a control prompt (untrained by design).
+    ``untrained``: it never beat its initialisation (see ``check_prompt_trained``); ``control``: the kind of a
+    control prompt (untrained by design).
     """
-    from cpt_bench.prompts.artifact import read_prompt
-    from cpt_bench.prompts.soft import prompt_improved
+    from cpt_bench.prompts.training import trained_improved
 
     block = dict(lm.prompt_info)
     if job.prompt_folder:
-        meta = read_prompt(Path(job.prompt_folder)).meta
+        meta = artifact_meta(Path(job.prompt_folder), job.prompt.kind)
         block.update(path=str(Path(job.prompt_folder).relative_to(job.run_dir)),
                      source=meta["source"]["corpus"], train_seconds=round(meta["train_seconds"], 1),
                      hyperparameters=meta["hyperparameters"])
         if job.prompt.control:
-            block.update(control=job.prompt.control)
+            block.update(control=job.prompt.control, trainable_parameters=0)
         else:
+            n_prompt = meta["n_virtual_tokens"] * meta["hidden_size"] if job.prompt.kind == "soft" else None
             block.update(best_val_ppl=meta["best"]["val_ppl"], best_step=meta["best"]["step"],
-                         untrained=not prompt_improved(meta))
+                         untrained=not trained_improved(meta), objective=job.prompt.objective,
+                         trainable_parameters=meta.get("trainable_parameters", n_prompt),
+                         tokens_seen=meta.get("tokens_seen"), teacher_seconds=meta.get("teacher_seconds"),
+                         train_peak_memory_bytes=meta.get("peak_memory_bytes"))
     return block
 
 
-def check_prompt_trained(folder: Path, prompt_id: str, required: bool) -> bool:
-    """Whether the soft prompt in ``folder`` beat its initialisation; warn when it did not, or, when
+def check_prompt_trained(folder: Path, prompt: PromptChoice, required: bool) -> bool:
+    """Whether the soft prompt or LoRA adapter in ``folder`` beat its initialisation; warn when it did not, or, when
     ``required`` (``prompts.soft.require_improvement``), raise a one-line ``SoftPromptError`` naming it."""
-    from cpt_bench.prompts.artifact import read_prompt
-    from cpt_bench.prompts.soft import SoftPromptError, prompt_improved
+    from cpt_bench.prompts.soft import SoftPromptError
+    from cpt_bench.prompts.training import trained_improved
 
-    meta = read_prompt(Path(folder)).meta
-    if prompt_improved(meta):
+    meta = artifact_meta(Path(folder), prompt.kind)
+    if trained_improved(meta):
         return True
-    problem = (f"soft prompt {prompt_id} (source {meta['source']['corpus']}, trained at {meta['compression']}) "
+    what = "LoRA adapter" if prompt.kind == "lora" else "soft prompt"
+    problem = (f"{what} {prompt.id} (source {meta['source']['corpus']}, trained at {meta['compression']}) "
                f"never beat its initialisation: validation ppl {meta['curve'][0]['val_ppl']:.2f} at step 0 stayed "
                "the best")
     if required:

@@ -28,7 +28,7 @@ from cpt_bench.files import write_json_atomic, write_text_atomic
 from cpt_bench.matrix.config import ConfigError, MatrixConfig, config_from_dict
 from cpt_bench.matrix.lock import LOCK_FILE
 from cpt_bench.matrix.paired import COMPARISON_KEYS, GAP_CLOSED_KEY, cell_comparisons
-from cpt_bench.matrix.plan import Plan, family, safe_name
+from cpt_bench.matrix.plan import LEARNED_KINDS, Plan, family, safe_name
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +44,13 @@ SUMMARY_REQUIRED_KEYS = {
     "prompts": ("id", "kind"),
     "cells": ("compression", "prompt", "task", "value"),
 }
-SUMMARY_KEYS_BY_PROMPT_KIND = {"none": (), "hard": ("name",), "soft": ("source", "trained_at")}
+SUMMARY_KEYS_BY_PROMPT_KIND = {"none": (), "hard": ("name",), "soft": ("source", "trained_at"),
+                               "lora": ("source", "trained_at")}
 SUMMARY_NUMBERS = {"summary": ("wall_seconds",), "compressions": ("weight_bytes", "ratio_to_dense", "bits_per_weight"),
                    "cells": ("value",)}
-SUMMARY_OPTIONAL_NUMBERS = {"cells": ("stderr", "delta"), "prompts": ("seed",)}
+SUMMARY_OPTIONAL_NUMBERS = {"cells": ("stderr", "delta"),
+                            "prompts": ("seed", "trainable_parameters", "train_seconds", "train_peak_memory_bytes",
+                                        "tokens_seen")}
 SUMMARY_OPTIONAL_FLAGS = {"prompts": ("untrained",)}  # absent in summaries written before the flag existed
 # A cell's paired comparisons (``paired.cell_comparisons``), each an object with a numeric ``estimate``; absent in
 # summaries written before they existed and where the run lacks the other cell.
@@ -58,6 +61,7 @@ SUMMARY_FILE = "summary.json"
 ENVIRONMENT_FILE = "environment.json"
 # Cell fields that differ between identical runs (timings, memory, dates): left out of comparisons.
 VOLATILE_FIELDS = ("seconds", "memory", "lm_eval", "environment", "checksum")
+VOLATILE_PROMPT_FIELDS = ("train_seconds", "teacher_seconds", "train_peak_memory_bytes")  # of a cell's prompt block
 
 
 class RunFolderError(UserError):
@@ -203,7 +207,7 @@ def read_cells(run_dir: Path) -> dict[str, dict[str, Any]]:
 def comparable(record: dict[str, Any]) -> dict[str, Any]:
     """What must be equal between two runs of the same config on the same machine (no timings / memory)."""
     kept = {key: value for key, value in record.items() if key not in VOLATILE_FIELDS}
-    kept["prompt"] = {key: value for key, value in kept["prompt"].items() if key != "train_seconds"}
+    kept["prompt"] = {key: value for key, value in kept["prompt"].items() if key not in VOLATILE_PROMPT_FIELDS}
     return kept
 
 
@@ -294,10 +298,14 @@ def _prompt_summary(record: dict[str, Any]) -> dict[str, Any]:
     summary = {"id": cell["prompt"], "kind": choice["kind"], "n_tokens": prompt.get("n_tokens")}
     if choice["kind"] == "hard":
         summary["name"] = choice["hard"]
-    if choice["kind"] == "soft":
+    if choice["kind"] in LEARNED_KINDS:
         summary.update(source=choice["source"], trained_at=choice["trained_at"],
                        train_seconds=prompt.get("train_seconds"), best_val_ppl=prompt.get("best_val_ppl"),
-                       untrained=prompt.get("untrained"))
+                       untrained=prompt.get("untrained"), trainable_parameters=prompt.get("trainable_parameters"),
+                       tokens_seen=prompt.get("tokens_seen"),
+                       train_peak_memory_bytes=prompt.get("train_peak_memory_bytes"))
+        if choice.get("objective", "lm") != "lm":
+            summary["objective"] = choice["objective"]
         if choice.get("seed") is not None:
             summary["seed"] = choice["seed"]
         if choice.get("control"):

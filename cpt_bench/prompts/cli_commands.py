@@ -23,7 +23,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from cpt_bench.corpus import parse_corpus
     from cpt_bench.models import load_model, parse_compression, resolve_device
     from cpt_bench.prompts.artifact import read_prompt
-    from cpt_bench.prompts.soft import CHECKPOINT, SoftPromptError, train_soft_prompt
+    from cpt_bench.prompts.soft import SoftPromptError, train_soft_prompt
+    from cpt_bench.prompts.training import CHECKPOINT
 
     config = SoftPromptConfig(**{f.name: getattr(args, f.name) for f in fields(SoftPromptConfig)})
     source = str(parse_corpus(args.source, "--source"))

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from cpt_bench.files import write_text_atomic
 from cpt_bench.report.leaderboard import write_leaderboard
-from cpt_bench.report.recovery import recovery_tables, seed_tables
+from cpt_bench.report.recovery import method_tables, recovery_tables, seed_tables
 from cpt_bench.report.tables import (
     SIGNIFICANT_NOTE,
     UNTRAINED_NOTE,
@@ -74,13 +74,18 @@ _PAIRED_INTRO = ("For each compression level and target: every prompt applied th
                  "closes, (C - P) / (C - D), with a paired-bootstrap CI over the windows or items, learned prompts "
                  "against their untrained init control, and transferred prompts against the prompt learned at this "
                  "level on the target's own corpus; 95% CIs in brackets, * where the CI excludes zero.")
+_METHODS_INTRO = ("For each level prompts or adapters were trained at: every method applied there, what it cost to "
+                  "train (trainable parameters, seconds, peak memory of the training) and what it buys: the share of "
+                  "the perplexity gap to dense it closes and the change against no prompt elsewhere, with 95% CIs "
+                  "(paired over the shared windows or items); several seeds add their mean ± sd.")
 _SEEDS_INTRO = ("For each soft prompt trained with several seeds (data order and initial noise): each seed's value and "
                 "paired comparisons, then the mean and sample standard deviation across seeds.")
 
 
 def _sections(summary: Summary) -> list[_Section]:
     optional = [_Section("Paired comparisons per compression level", _PAIRED_INTRO, recovery_tables(summary)),
-                _Section("Training seeds", _SEEDS_INTRO, seed_tables(summary))]
+                _Section("Training seeds", _SEEDS_INTRO, seed_tables(summary)),
+                _Section("Recovery methods per compression level", _METHODS_INTRO, method_tables(summary))]
     return [
         _Section("Results per target", "One table per target task: a row per compression level, a column per prompt "
                  "evaluated on that task.", results_tables(summary)),

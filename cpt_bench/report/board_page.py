@@ -28,7 +28,8 @@ from cpt_bench.report.leaderboard import (
 from cpt_bench.report.tables import is_perplexity
 
 FILTERS = (("model", "model"), ("family", "compression family"), ("kind", "prompt kind"), ("run", "run"))
-KIND_COLOURS = {"none": "#666666", "hard": "#e08214", "soft": "#2166ac"}
+KIND_COLOURS = {"none": "#666666", "hard": "#e08214", "soft": "#2166ac", "lora": "#1b7837"}
+KIND_LEGEND = {"none": "no prompt", "lora": "LoRA adapter"}
 _WIDTH, _HEIGHT = 460, 320
 _LEFT, _RIGHT, _TOP, _BOTTOM = 62, 16, 28, 46
 _NUMERIC = {"rank", "value ± stderr", "Δ vs dense", "gap closed", "stored MB", "ratio to dense", "peak MiB"}
@@ -236,7 +237,7 @@ def pareto_svg(column: Column, rows: list[Row]) -> str:
     for index, (kind, colour) in enumerate(KIND_COLOURS.items()):
         x = legend_x + index * 86
         parts += [f'<circle cx="{x + 4}" cy="{_TOP - 12}" r="4" fill="{colour}"/>',
-                  _svg_text(x + 12, _TOP - 8, f"{kind} prompt" if kind != "none" else "no prompt", "start")]
+                  _svg_text(x + 12, _TOP - 8, KIND_LEGEND.get(kind, f"{kind} prompt"), "start")]
     frontier_x = legend_x + len(KIND_COLOURS) * 86
     parts += [f'<line class="frontier" x1="{frontier_x}" y1="{_TOP - 12}" x2="{frontier_x + 18}" y2="{_TOP - 12}"/>',
               _svg_text(frontier_x + 22, _TOP - 8, "Pareto frontier", "start"), "</svg>"]

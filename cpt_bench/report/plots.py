@@ -34,7 +34,7 @@ from cpt_bench.report.tables import (  # noqa: E402
     source_target_grids,
 )
 
-_LINE_ORDER = {"none": 0, "hard": 1, "soft": 2}  # none first, then hard prompts, then soft prompts
+_LINE_ORDER = {"none": 0, "hard": 1, "soft": 2, "lora": 3}  # none, hard prompts, soft prompts, LoRA adapters
 _DPI = 100
 _COLOURS = matplotlib.colormaps["RdYlGn"].with_extremes(bad="#dddddd")
 

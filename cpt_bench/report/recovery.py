@@ -5,6 +5,10 @@
   against the prompt learned at this level on the target's own corpus: learned recovery versus any extra context.
 - ``seed_tables``: per learned prompt trained with several seeds, each seed's value and paired comparisons, then
   their mean and spread (sample standard deviation) across seeds.
+- ``method_tables``: per compression level that prompts or adapters were trained at, every recovery method applied
+  there (hard prompt, controls, soft prompts per objective, LoRA adapters) with its training budget (trainable
+  parameters, seconds, peak memory) beside what it buys: the gap closed on each perplexity target and the change on
+  each other target against no prompt, each with its CI; methods trained with several seeds add a mean ± sd row.
 
 Perplexity comparisons read as the change of token perplexity in percent, ``exp(Δ log ppl) - 1``; accuracy ones as
 the per-item difference; gap closed in percent. Brackets hold the 95% CI; ``*`` marks a difference whose CI excludes
@@ -24,6 +28,9 @@ from cpt_bench.report.tables import (
     Table,
     format_entry,
     format_number,
+    is_learned,
+    is_perplexity,
+    method,
     prompt_label,
 )
 
@@ -93,12 +100,65 @@ def recovery_tables(summary: Summary) -> list[Table]:
     return tables
 
 
+def _budget(prompt: dict[str, Any]) -> list[str]:
+    """Trainable parameters, training seconds and training peak MiB of a prompt (0 / – for untrained ones)."""
+    if not is_learned(prompt):
+        return ["0", "0", MISSING]
+    parameters, seconds = prompt.get("trainable_parameters"), prompt.get("train_seconds")
+    peak = prompt.get("train_peak_memory_bytes")
+    return [MISSING if parameters is None else f"{parameters:,}", MISSING if seconds is None else f"{seconds:.0f}",
+            MISSING if peak is None else f"{peak / 2**20:.0f}"]
+
+
+def _effect_key(target: dict[str, Any]) -> str:
+    return "gap_closed" if is_perplexity(target["metric"]) else "vs_none"
+
+
+def _effect_header(target: dict[str, Any]) -> str:
+    return f"gap closed, {target['task']}" if is_perplexity(target["metric"]) else f"vs none, {target['task']}"
+
+
+def _effect_spread(cells: list[dict[str, Any] | None], target: dict[str, Any]) -> str:
+    """Mean ± sd over seeds of a method's gap closed (perplexity) or change against no prompt (other metrics)."""
+    found = [cell[_effect_key(target)] for cell in cells if cell and cell.get(_effect_key(target))]
+    if _effect_key(target) == "gap_closed":
+        return _spread([g["estimate"] * 100 for g in found], lambda v: f"{v:.0f}%")
+    return _spread([c["estimate"] for c in found], lambda v: f"{v + 0.0:+.3f}")
+
+
+def method_tables(summary: Summary) -> list[Table]:
+    """Per level with trained prompts or adapters: a row per method applied there (module docstring)."""
+    tables = []
+    for spec in dict.fromkeys(p["trained_at"] for p in summary.learned):
+        prompts = [p for p in summary.prompts if p["kind"] != "none" and p.get("trained_at", spec) == spec
+                   and any(summary.cell(spec, p["id"], t["task"]) for t in summary.targets)]
+        rows = []
+        for prompt in prompts:
+            cells = [summary.cell(spec, prompt["id"], t["task"]) for t in summary.targets]
+            rows.append([prompt_label(prompt), *_budget(prompt),
+                         *(_format(_effect_key(t), cell) for t, cell in zip(summary.targets, cells, strict=True))])
+        for (how, source, _), group in _seed_groups(summary).items():
+            if group[0]["trained_at"] != spec:
+                continue
+            seconds = [p["train_seconds"] for p in group if p.get("train_seconds") is not None]
+            effects = [_effect_spread([summary.cell(spec, p["id"], t["task"]) for p in group], t)
+                       for t in summary.targets]
+            rows.append([f"{how}:{source}@{spec}, mean ± sd ({len(group)} seeds)", _budget(group[0])[0],
+                         _spread(seconds, lambda v: f"{v:.0f}"), MISSING, *effects])
+        headers = ["method", "trainable params", "train s", "train peak MiB", *map(_effect_header, summary.targets)]
+        domains = ", ".join(sorted({p["source"] for p in summary.learned if p["trained_at"] == spec}))
+        title = (f"{spec}: recovery methods and their budget; trained on {domains} (in-domain where a target reads "
+                 "it); gap closed or change against no prompt, 95% CI")
+        tables.append(Table(title, headers, rows, label_columns=1))
+    return tables
+
+
 def _seed_groups(summary: Summary) -> dict[tuple[str, str], list[dict[str, Any]]]:
-    """Learned prompts trained with several seeds, by (source, trained_at)."""
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for prompt in summary.soft_prompts:
+    """Learned prompts and adapters trained with several seeds, by (method, source, trained_at)."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for prompt in summary.learned:
         if prompt.get("seed") is not None:
-            groups.setdefault((prompt["source"], prompt["trained_at"]), []).append(prompt)
+            groups.setdefault((method(prompt), prompt["source"], prompt["trained_at"]), []).append(prompt)
     return {key: prompts for key, prompts in groups.items() if len(prompts) > 1}
 
 
@@ -126,7 +186,7 @@ def _mean_row(cells: list[dict[str, Any]], target: dict[str, Any]) -> list[str]:
 def seed_tables(summary: Summary) -> list[Table]:
     """Per learned prompt with several seeds: per (level applied at, target) a row per seed, then mean ± sd."""
     tables = []
-    for (source, trained_at), prompts in _seed_groups(summary).items():
+    for (how, source, trained_at), prompts in _seed_groups(summary).items():
         rows = []
         for compression in summary.compressions:
             spec = compression["spec"]
@@ -141,6 +201,6 @@ def seed_tables(summary: Summary) -> list[Table]:
                 rows.append([*label, *_mean_row([cell for _, cell in found], target)])
         headers = ["applied at", "target", "seed", "value ± stderr", *(h for _, h in SEED_COLUMNS)]
         headers, rows = _without_empty_columns(headers, rows, keep=4)
-        title = f"soft:{source}@{trained_at} over {len(prompts)} training seeds: each seed, then mean ± sd"
+        title = f"{how}:{source}@{trained_at} over {len(prompts)} training seeds: each seed, then mean ± sd"
         tables.append(Table(title, headers, rows, label_columns=3))
     return tables

@@ -19,6 +19,7 @@ from typing import Any
 from tabulate import LATEX_ESCAPE_RULES, tabulate
 
 from cpt_bench.errors import UserError
+from cpt_bench.matrix.plan import LEARNED_KINDS
 from cpt_bench.matrix.store import (
     SUMMARY_FORMAT,
     SUMMARY_KEYS_BY_PROMPT_KIND,
@@ -91,10 +92,10 @@ def validate_summary(raw: Any, origin: str) -> None:
         _fail(origin, f"prompts have unknown kind {', '.join(kinds)}")
     known = {"compression": _unique(raw, "compressions", "spec", origin),
              "prompt": _unique(raw, "prompts", "id", origin), "task": _unique(raw, "targets", "task", origin)}
-    soft = [(p["source"], p["trained_at"], p.get("seed"), p.get("control")) for p in raw["prompts"]
-            if p["kind"] == "soft"]
-    if len(set(soft)) != len(soft):
-        _fail(origin, "two soft prompts share a (source, trained_at, seed, control)")
+    learned = [(p["kind"], p.get("objective"), p["source"], p["trained_at"], p.get("seed"), p.get("control"))
+               for p in raw["prompts"] if p["kind"] in LEARNED_KINDS]
+    if len(set(learned)) != len(learned):
+        _fail(origin, "two prompts share a (kind, objective, source, trained_at, seed, control)")
     seen = set()
     for index, cell in enumerate(raw["cells"]):
         if unknown := [f"{k} {cell[k]!r}" for k in ("compression", "prompt", "task") if cell[k] not in known[k]]:
@@ -127,7 +128,7 @@ class Summary:
         self.targets: list[dict[str, Any]] = raw["targets"]
         self.prompts: list[dict[str, Any]] = raw["prompts"]
         self.none_prompts = [p for p in self.prompts if p["kind"] == "none"]
-        self.soft_prompts = [p for p in self.prompts if p["kind"] == "soft" and not p.get("control")]  # learned
+        self.learned = [p for p in self.prompts if is_learned(p)]  # soft prompts and LoRA adapters, not controls
         self.controls = [p for p in self.prompts if p["kind"] == "soft" and p.get("control")]
         self._cells = {(c["compression"], c["prompt"], c["task"]): c for c in raw["cells"]}
 
@@ -136,8 +137,8 @@ class Summary:
         return self._cells.get((compression, prompt, task))
 
     def sources(self) -> list[str]:
-        """Soft prompt training corpora, in order of first appearance."""
-        return list(dict.fromkeys(p["source"] for p in self.soft_prompts))
+        """Training corpora of the learned prompts and adapters, in order of first appearance."""
+        return list(dict.fromkeys(p["source"] for p in self.learned))
 
     def home_target(self, source: str) -> dict[str, Any]:
         """The target whose domain is ``source``, else the first target."""
@@ -186,9 +187,20 @@ def has_paired_statistics(summary: Summary) -> bool:
     return any(key in cell for cell in summary.raw["cells"] for key in SUMMARY_OPTIONAL_COMPARISONS["cells"])
 
 
+def is_learned(prompt: dict[str, Any]) -> bool:
+    """A trained soft prompt or LoRA adapter (not a control)."""
+    return prompt["kind"] in LEARNED_KINDS and not prompt.get("control")
+
+
+def method(prompt: dict[str, Any]) -> str:
+    """How a learned prompt was made: ``soft`` / ``lora``, with ``+kd`` for the kd objective."""
+    objective = prompt.get("objective", "lm")
+    return prompt["kind"] + ("" if objective == "lm" else f"+{objective}")
+
+
 def is_in_domain(prompt: dict[str, Any], target: dict[str, Any]) -> bool:
-    """A learned soft prompt trained on the target's own domain."""
-    return prompt["kind"] == "soft" and not prompt.get("control") and prompt["source"] == target.get("domain")
+    """A learned prompt or adapter trained on the target's own domain."""
+    return is_learned(prompt) and prompt["source"] == target.get("domain")
 
 
 UNTRAINED_NOTE = ("(untrained) marks a soft prompt that never beat its initialisation on validation (best at step "
@@ -201,15 +213,15 @@ def is_untrained(prompt: dict[str, Any]) -> bool:
 
 
 def prompt_label(prompt: dict[str, Any], target: dict[str, Any] | None = None) -> str:
-    """``none``, ``hard:<name>`` or ``soft:<source>@<trained_at>``, + `` (untrained)`` for a soft prompt that never
-    beat its initialisation and `` (in-domain)`` for ``target``'s domain."""
+    """``none``, ``hard:<name>`` or ``<method>:<source>@<trained_at>`` (``soft``, ``soft+kd``, ``lora``, ...), +
+    `` (untrained)`` for one that never beat its initialisation and `` (in-domain)`` for ``target``'s domain."""
     if prompt["kind"] == "none":
         return "none"
     if prompt["kind"] == "hard":
         return f"hard:{prompt['name']}"
     if prompt.get("control"):
         return f"{prompt['control']}@{prompt['trained_at']}{seed_suffix(prompt)}"
-    label = (f"soft:{prompt['source']}@{prompt['trained_at']}{seed_suffix(prompt)}"
+    label = (f"{method(prompt)}:{prompt['source']}@{prompt['trained_at']}{seed_suffix(prompt)}"
              + (" (untrained)" if is_untrained(prompt) else ""))
     return f"{label} (in-domain)" if target is not None and is_in_domain(prompt, target) else label
 
@@ -290,17 +302,26 @@ def _target_label(target: dict[str, Any]) -> str:
     return f"{target['task']} ({target['metric']} {direction(target)})"
 
 
+def _method_prefix(prompt: dict[str, Any]) -> str:
+    """``lora:``, ``soft+kd:`` ... before a learned prompt's grid label; nothing for plain soft prompts."""
+    return "" if not is_learned(prompt) or method(prompt) == "soft" else f"{method(prompt)}:"
+
+
+def _source_label(prompt: dict[str, Any]) -> str:
+    return _method_prefix(prompt) + prompt.get("source", "none") + seed_suffix(prompt)
+
+
 def source_target_grids(summary: Summary) -> list[Grid]:
     """Per compression level with soft prompts trained at it: rows none + those prompts' sources, columns targets."""
     grids = []
     for spec in (c["spec"] for c in summary.compressions):
-        soft = [p for p in summary.soft_prompts if p["trained_at"] == spec]
-        if not soft:
+        learned = [p for p in summary.learned if p["trained_at"] == spec]
+        if not learned:
             continue
-        prompts = [*summary.none_prompts, *soft]
+        prompts = [*summary.none_prompts, *learned]
         cells = [[summary.cell(spec, p["id"], t["task"]) for t in summary.targets] for p in prompts]
         grids.append(Grid(f"heatmap-sources-at-{spec}", f"Soft prompts trained and applied at {spec}: source × target",
-                          "prompt source", [p.get("source", "none") + seed_suffix(p) for p in prompts],
+                          "prompt source", [_source_label(p) for p in prompts],
                           [_target_label(t) for t in summary.targets], summary.targets, cells))
     return grids
 
@@ -311,10 +332,10 @@ def level_grids(summary: Summary) -> list[Grid]:
     specs = [c["spec"] for c in summary.compressions]
     for source in summary.sources():
         target = summary.home_target(source)
-        prompts = [*summary.none_prompts, *(p for p in summary.soft_prompts if p["source"] == source)]
+        prompts = [*summary.none_prompts, *(p for p in summary.learned if p["source"] == source)]
         cells = [[summary.cell(spec, p["id"], target["task"]) for spec in specs] for p in prompts]
         title = f"{source} soft prompts on {_target_label(target)}: trained at (rows) × applied at (columns)"
-        rows = [p.get("trained_at", "none") + seed_suffix(p) for p in prompts]
+        rows = [_method_prefix(p) + p.get("trained_at", "none") + seed_suffix(p) for p in prompts]
         grids.append(Grid(f"heatmap-levels-{source}", title, "trained at", rows, specs, [target] * len(specs), cells))
     return grids
 
@@ -325,7 +346,8 @@ def prompts_table(summary: Summary) -> Table:
         return MISSING if prompt.get(key) is None else format(prompt[key], spec)
 
     def kind(prompt: dict[str, Any]) -> str:
-        return f"{prompt['control']} control" if prompt.get("control") else prompt["kind"]
+        return f"{prompt['control']} control" if prompt.get("control") else method(prompt) if is_learned(
+            prompt) else prompt["kind"]
 
     rows = [[prompt_label(p), kind(p), field(p, "source"), field(p, "trained_at"), field(p, "n_tokens"),
              field(p, "train_seconds", ".1f"), field(p, "best_val_ppl", ".2f")] for p in summary.prompts]

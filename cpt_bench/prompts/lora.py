@@ -1,0 +1,182 @@
+"""LoRA adapters as a budget-matched recovery baseline: trained through PEFT on the same compressed model, windows,
+steps and optimiser settings as a soft prompt (``training``), stored as a standard PEFT folder.
+
+Folder layout: PEFT's ``adapter_config.json`` + ``adapter_model.safetensors`` (so plain
+``lm_eval --model hf --model_args pretrained=BASE,peft=DIR`` and ``PeftModel.from_pretrained`` load it), and
+``lora.json``: format, what it fits (model / tokenizer identity, as a prompt's, see ``target``), the compression it
+was trained on, the training record (source, settings, curve, seconds, trainable parameters, peak memory) and the
+sha256 of ``adapter_model.safetensors`` (verified on every load). The three files are replaced together.
+
+An adapter adds ``B @ A`` (rank ``rank``, scaled by ``alpha / rank``) to each targeted Linear and is not merged:
+merging into a quantized or pruned weight would make it dense, and unmerged it scores exactly as PEFT does in
+plain lm-eval. ``B`` starts at zero (PEFT's default), so the untrained adapter is the unprompted model; a LoRA
+adapter therefore has no control prompt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cpt_bench.errors import UserError
+from cpt_bench.files import json_bytes, sha256_of, write_files_atomic
+from cpt_bench.prompts.artifact import check_fits
+from cpt_bench.prompts.position import lead_ids, resolve_position
+from cpt_bench.prompts.soft import SoftPromptConfig
+from cpt_bench.prompts.target import describe_target
+from cpt_bench.prompts.training import OBJECTIVES, Learner, TrainingRun, train_learner
+from cpt_bench.provenance import environment_record
+
+METADATA = "lora.json"
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+FORMAT = "cpt_bench.lora/1"
+
+
+class LoraError(UserError):
+    """Bad LoRA settings, or a LoRA folder that is missing, damaged or does not fit the model (one-line message)."""
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """A LoRA adapter per soft prompt's (source, level, seed) under ``prompts.lora``; the rest of the training
+    settings (steps, batch, windows, warmup, weight decay, clipping, evaluation) are the soft prompt's.
+
+    ``rank`` / ``alpha``: of every adapter (scale ``alpha / rank``); ``target_modules``: Linear module names
+    (``[q_proj, v_proj]``), None for PEFT's default for the architecture; ``dropout``: on the adapter's input;
+    ``lr``: None for the soft prompt's (a prompt's rate is often far too high for LoRA); ``objectives``: one adapter
+    per objective (``lm`` / ``kd``).
+    """
+
+    rank: int = 4
+    alpha: float = 8.0
+    dropout: float = 0.0
+    target_modules: list[str] | None = None
+    lr: float | None = 1e-3
+    objectives: list[str] = field(default_factory=lambda: ["lm"])
+
+    def __post_init__(self) -> None:
+        self._check(isinstance(self.rank, int) and self.rank > 0, "rank", "a positive integer")
+        self._check(isinstance(self.alpha, int | float) and self.alpha > 0, "alpha", "a positive number")
+        self._check(isinstance(self.dropout, int | float) and 0 <= self.dropout < 1, "dropout", "a number in [0, 1)")
+        self._check(self.target_modules is None or (bool(self.target_modules) and all(
+            isinstance(name, str) and name for name in self.target_modules)), "target_modules",
+            "a non-empty list of module names or None (PEFT's default for the architecture)")
+        self._check(self.lr is None or (isinstance(self.lr, int | float) and 0 < self.lr <= 10), "lr",
+                    "a positive number at most 10, or None (the soft prompt's)")
+        self._check(bool(self.objectives) and set(self.objectives) <= set(OBJECTIVES)
+                    and len(set(self.objectives)) == len(self.objectives), "objectives",
+                    f"a non-empty list of distinct objectives out of {', '.join(OBJECTIVES)}")
+
+    def _check(self, ok: bool, name: str, expected: str) -> None:
+        if not ok:
+            raise LoraError(f"LoRA setting {name} must be {expected}, got {getattr(self, name)!r}")
+
+
+@contextlib.contextmanager
+def _without_peft_deprecation() -> Iterator[None]:
+    """PEFT 0.21 calls a transformers method deprecated in 5.x whenever it wraps a model: not the user's to fix."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        yield
+
+
+def attach_lora(model: torch.nn.Module, settings: LoraSettings):
+    """``model`` wrapped by PEFT with fresh adapters (B = 0) on its targeted Linears; only they require grad."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    for param in model.parameters():
+        param.requires_grad_(False)
+    config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=settings.rank, lora_alpha=settings.alpha,
+                        lora_dropout=settings.dropout, target_modules=settings.target_modules)
+    try:
+        with _without_peft_deprecation():
+            return get_peft_model(model, config)
+    except ValueError as error:  # no targeted module found, or one PEFT cannot wrap (e.g. a low-bit kernel)
+        raise LoraError(f"LoRA target_modules {settings.target_modules or 'default'}: {error}") from None
+
+
+def lora_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The adapter tensors (PEFT's ``lora_A`` / ``lora_B``) of a PEFT-wrapped ``model``, by name (float32)."""
+    return {name: param for name, param in model.named_parameters() if ".lora_" in name}
+
+
+def train_lora(model: torch.nn.Module, tokenizer, config: SoftPromptConfig, settings: LoraSettings, source: str,
+               out_dir: Path, *, model_name: str, compression: str = "dense", resume: bool = False,
+               teacher: torch.nn.Module | None = None) -> Path:
+    """Train a LoRA adapter on the frozen ``model`` with the soft prompt's ``config`` (its lr unless ``settings``
+    sets one) on corpus ``source``; write the PEFT folder and ``lora.json`` to ``out_dir`` (see the module
+    docstring). Windows start with the tokenizer's lead (BOS when it adds one), as a prompt's do."""
+    out_dir = Path(out_dir)
+    target = describe_target(model, tokenizer, model_name)  # before wrapping: the base model's identity
+    wrapped = attach_lora(model, settings)
+    params = lora_parameters(wrapped)
+    device = model.get_input_embeddings().weight.device
+    empty = torch.zeros(0, target["hidden_size"], device=device)
+    learner = Learner(wrapped, params, empty, "LoRA adapter")
+    lr = settings.lr if settings.lr is not None else config.lr
+    hyperparameters = asdict(config) | {"lora": asdict(settings), "lr": lr}
+
+    def save(best: dict[str, torch.Tensor], record: dict[str, Any]) -> Path:
+        learner.load(best)
+        return _save_lora(wrapped, out_dir, target, compression, record)
+
+    position = resolve_position(None, tokenizer)
+    run = TrainingRun(config, lr, hyperparameters, source, out_dir, lead_ids(position, tokenizer), save,
+                      "LoRA adapter", f"model {model_name!r} ({compression})")
+    return train_learner(learner, tokenizer, run, resume=resume, teacher=teacher)
+
+
+def _save_lora(wrapped, out_dir: Path, target: dict[str, Any], compression: str, record: dict[str, Any]) -> Path:
+    """Write PEFT's two files (from ``save_pretrained``) and ``lora.json`` into ``out_dir``, all or none."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        wrapped.save_pretrained(tmp)
+        files = {name: (Path(tmp) / name).read_bytes() for name in (PEFT_CONFIG, PEFT_WEIGHTS)}
+    meta = {"format": FORMAT, **target, "compression": compression, **record,
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "environment": environment_record(seeds={"training": record["hyperparameters"]["seed"]}),
+            "sha256": hashlib.sha256(files[PEFT_WEIGHTS]).hexdigest()}
+    write_files_atomic(out_dir, files | {METADATA: json_bytes(meta)})
+    return out_dir
+
+
+def read_lora(folder: Path) -> dict[str, Any]:
+    """``lora.json`` of a LoRA folder, after checking its files and the weights' sha256 (no model checks)."""
+    folder = Path(folder)
+    for name in (METADATA, PEFT_CONFIG, PEFT_WEIGHTS):
+        if not (folder / name).is_file():
+            raise LoraError(f"{folder} is not a LoRA folder: {name} is missing")
+    try:
+        meta = json.loads((folder / METADATA).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise LoraError(f"{folder / METADATA} is not valid JSON ({error}); the LoRA folder is damaged") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise LoraError(f"{folder / METADATA} is not a {FORMAT!r} file written by cpt_bench")
+    if sha256_of(folder / PEFT_WEIGHTS) != meta.get("sha256"):
+        raise LoraError(f"{folder / PEFT_WEIGHTS} fails its sha256 check (file changed after it was written)")
+    return meta
+
+
+def apply_lora(model: torch.nn.Module, tokenizer, folder: Path, meta: dict[str, Any], name: str,
+               allow_cross_model: bool = False):
+    """``model`` wrapped by the adapter in ``folder`` (its ``meta`` from ``read_lora``), for inference, after the
+    same fit checks as a prompt's (``artifact.check_fits``)."""
+    from peft import PeftModel
+
+    check_fits(meta, describe_target(model, tokenizer, name), allow_cross_model)
+    try:
+        with _without_peft_deprecation():
+            return PeftModel.from_pretrained(model, str(folder), is_trainable=False).eval()
+    except (ValueError, KeyError, RuntimeError) as error:  # target modules or shapes that this model lacks
+        raise LoraError(f"LoRA {folder} does not fit model {name!r}: {str(error).splitlines()[0]}") from None
