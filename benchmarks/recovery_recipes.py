@@ -13,7 +13,8 @@ candidate overrides training settings::
 The validation gap closed is ``(C - P) / (C - D)`` of token perplexities on the same validation windows (the
 candidate's ``seqlen`` and ``eval_windows``, BOS first where the tokenizer adds it): C the compressed model
 without prompt, D the dense model, P the candidate's best. Prints one row per candidate and writes them (with the
-machine, versions, seeds and load average) to ``--out`` as JSON::
+machine, versions, seeds and load average) to ``--out`` as JSON; ``--keep DIR`` keeps the artifacts (``DIR/0``, ...)
+for evaluating the chosen one on test windows afterwards::
 
     CPT_BENCH_CACHE=... python benchmarks/recovery_recipes.py --config configs/recovery.yaml --spec gptq-w3g64 \\
         --candidate soft:lr=0.03 --candidate lora:lr=0.001 --out results/benchmarks/recipes.json
@@ -108,6 +109,7 @@ def main() -> None:
     parser.add_argument("--spec", default="gptq-w3g64", help="the compression level to recover")
     parser.add_argument("--candidate", action="append", required=True, help="kind:key=value,... (repeatable)")
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
+    parser.add_argument("--keep", type=Path, help="keep each candidate's artifact in KEEP/<number> (else discarded)")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     matrix = load_config(args.config)
@@ -131,7 +133,8 @@ def main() -> None:
         dense_ppl, compressed_ppl = references[key]
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
-            meta = _train(kind, config, lora, matrix, checkpoint, spec, Path(tmp) / "artifact")
+            folder = args.keep / str(len(rows)) if args.keep else Path(tmp) / "artifact"
+            meta = _train(kind, config, lora, matrix, checkpoint, spec, folder)
         best = meta["best"]["val_ppl"]
         rows.append({"candidate": text, "kind": kind, "objective": config.objective,
                      "trainable_parameters": meta["trainable_parameters"], "steps": config.steps,

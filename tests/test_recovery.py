@@ -20,7 +20,7 @@ from cpt_bench.cli import main
 from cpt_bench.matrix import paired, store
 from cpt_bench.matrix.config import ConfigError, config_from_dict
 from cpt_bench.matrix.plan import describe, make_plan, prompt_training
-from cpt_bench.matrix.run import build_prompt
+from cpt_bench.matrix.run import artifact_meta, build_prompt
 from cpt_bench.prompts.artifact import read_prompt
 from cpt_bench.prompts.soft import initial_prompt
 from cpt_bench.report.recovery import format_comparison, format_gap
@@ -290,13 +290,16 @@ def test_compare_refuses_cells_written_before_examples_were_kept(recovery_run, t
 
 # --- model selection on validation only ---------------------------------------------------------------------------
 
-def test_soft_prompt_training_reads_only_train_and_validation_splits(recovery_cache, tiny_model_dir, tmp_path,
-                                                                     monkeypatch):
-    """Training (and choosing its best prompt) never reads a test split, which the perplexity targets score."""
+@pytest.mark.parametrize("method", ["soft", "soft+kd", "lora"])
+def test_training_reads_only_train_and_validation_splits(recovery_cache, tiny_model_dir, tmp_path, monkeypatch,
+                                                         method):
+    """Training (and choosing its best prompt or adapter) never reads a test split, which the perplexity targets
+    score: for soft prompts, prompts imitating the dense model, and LoRA adapters."""
     monkeypatch.setenv("CPT_BENCH_CACHE", str(recovery_cache))
-    config = config_from_dict(tiny_config(tiny_model_dir, compression={"specs": ["dense"]},
-                                          prompts={"soft": {"sources": ["wikipedia"], "trained_at": ["dense"],
-                                                            "training": TRAINING}}))
+    soft = {"sources": ["wikipedia"], "trained_at": ["dense"], "training": TRAINING,
+            "objectives": ["kd" if method == "soft+kd" else "lm"]}
+    prompts = {"soft": soft} | ({"lora": {"rank": 1}} if method == "lora" else {})
+    config = config_from_dict(tiny_config(tiny_model_dir, compression={"specs": ["dense"]}, prompts=prompts))
     read: list[str] = []
     original = corpus.load_split
 
@@ -305,8 +308,10 @@ def test_soft_prompt_training_reads_only_train_and_validation_splits(recovery_ca
         return original(spec, split)
 
     monkeypatch.setattr("cpt_bench.tokens.load_split", recording)
-    (prompt,) = make_plan(config).soft_prompts
+    prompt = next(p for p in make_plan(config).soft_prompts if p.method == method)
     folder = Path(build_prompt(config, tmp_path, prompt, None))
     assert read and set(read) == {"train", "validation"}  # "test" is the perplexity targets' split
-    meta = read_prompt(folder).meta
-    assert meta["best"]["val_loss"] == min(r["val_loss"] for r in meta["curve"])  # chosen on validation
+    meta = artifact_meta(folder, prompt.kind)
+    selected = meta["best"]["selected_on"]  # val_loss (NLL) for lm, val_kl for kd: both on validation windows
+    assert selected == ("val_kl" if method == "soft+kd" else "val_loss")
+    assert meta["best"][selected] == min(r[selected] for r in meta["curve"])

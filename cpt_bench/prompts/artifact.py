@@ -80,24 +80,26 @@ def read_prompt(folder: Path) -> SoftPrompt:
     for name in (TENSORS, METADATA):
         if not (folder / name).is_file():
             raise PromptArtifactError(f"{folder} is not a prompt folder: {name} is missing")
-    meta = _read_meta(folder / METADATA)
+    meta = read_metadata(folder / METADATA, FORMAT, REQUIRED_FIELDS, PromptArtifactError)
     if sha256_of(folder / TENSORS) != meta["sha256"]:
         raise PromptArtifactError(f"{folder / TENSORS} fails its sha256 check (file changed after it was written)")
     return SoftPrompt(load_file(folder / TENSORS)[TENSOR_KEY], meta)
 
 
-def _read_meta(path: Path) -> dict[str, Any]:
-    """``prompt.json``, refused in one line unless it is a JSON object of our format with every needed field."""
+def read_metadata(path: Path, expected_format: str, required: tuple[str, ...],
+                  error: type[UserError]) -> dict[str, Any]:
+    """An artifact's JSON metadata (``prompt.json``, ``lora.json``), refused in one line (``error``) unless it is a
+    JSON object of ``expected_format`` with every ``required`` field."""
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise PromptArtifactError(f"{path} is not valid JSON ({error}); the prompt folder is damaged") from error
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    except (json.JSONDecodeError, UnicodeDecodeError) as problem:
+        raise error(f"{path} is not valid JSON ({problem}); the {path.parent.name} folder is damaged") from problem
+    if not isinstance(meta, dict) or meta.get("format") != expected_format:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise PromptArtifactError(f"{path} has format {found!r}, expected {FORMAT!r}")
-    missing = [name for name in REQUIRED_FIELDS if name not in meta]
+        raise error(f"{path} has format {found!r}, expected {expected_format!r}")
+    missing = [name for name in required if name not in meta]
     if missing:
-        raise PromptArtifactError(f"{path} lacks {', '.join(missing)}; expected a prompt.json written by cpt_bench")
+        raise error(f"{path} lacks {', '.join(missing)}; expected a {path.name} written by cpt_bench")
     return meta
 
 

@@ -12,14 +12,17 @@ from pathlib import Path
 
 from cpt_bench.prompts.position import POSITIONS
 from cpt_bench.prompts.soft import INITIALISERS, PRECISIONS, SoftPromptConfig
+from cpt_bench.prompts.training import OBJECTIVES
 
 _DEFAULTS = SoftPromptConfig()
 _TYPES_OF_NONE_DEFAULTS = {"patience": int, "init_text": str, "prompt_position": str}
-_CHOICES = {"init": sorted(INITIALISERS), "precision": list(PRECISIONS), "prompt_position": list(POSITIONS)}
+_CHOICES = {"init": sorted(INITIALISERS), "precision": list(PRECISIONS), "prompt_position": list(POSITIONS),
+            "objective": list(OBJECTIVES)}
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    """Load the model (compressed when asked), train, print where the prompt went and its best validation ppl."""
+    """Load the model (compressed when asked; the dense one beside it as the teacher for ``--objective kd``), train,
+    print where the prompt went and its best validation ppl."""
     from cpt_bench.corpus import parse_corpus
     from cpt_bench.models import load_model, parse_compression, resolve_device
     from cpt_bench.prompts.artifact import read_prompt
@@ -31,9 +34,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     compression = parse_compression(args.compression, "--compression")
     if args.resume and not (args.out / CHECKPOINT).is_file():
         raise SoftPromptError(f"--resume: no checkpoint at {args.out / CHECKPOINT}; start without --resume")
-    loaded = load_model(args.model, compression, device=resolve_device(args.device, "--device"))
+    device = resolve_device(args.device, "--device")
+    loaded = load_model(args.model, compression, device=device)
+    teacher = load_model(args.model, None, device=device).model if config.objective == "kd" else None  # dense
     folder = train_soft_prompt(loaded.model, loaded.tokenizer, config, source, args.out, model_name=args.model,
-                               compression=loaded.compression, resume=args.resume)
+                               compression=loaded.compression, resume=args.resume, teacher=teacher)
     best = read_prompt(folder).meta["best"]
     print(f"soft prompt: {folder} (best validation token perplexity {best['val_ppl']:.3f} at step {best['step']})")
 

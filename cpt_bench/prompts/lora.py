@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
-import json
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -30,7 +29,7 @@ import torch
 
 from cpt_bench.errors import UserError
 from cpt_bench.files import json_bytes, sha256_of, write_files_atomic
-from cpt_bench.prompts.artifact import check_fits
+from cpt_bench.prompts.artifact import check_fits, read_metadata
 from cpt_bench.prompts.position import lead_ids, resolve_position
 from cpt_bench.prompts.soft import SoftPromptConfig
 from cpt_bench.prompts.target import describe_target
@@ -41,6 +40,7 @@ METADATA = "lora.json"
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 FORMAT = "cpt_bench.lora/1"
+REQUIRED_FIELDS = ("sha256", "hidden_size", "model", "tokenizer", "compression", "trainable_parameters")
 
 
 class LoraError(UserError):
@@ -157,13 +157,8 @@ def read_lora(folder: Path) -> dict[str, Any]:
     for name in (METADATA, PEFT_CONFIG, PEFT_WEIGHTS):
         if not (folder / name).is_file():
             raise LoraError(f"{folder} is not a LoRA folder: {name} is missing")
-    try:
-        meta = json.loads((folder / METADATA).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise LoraError(f"{folder / METADATA} is not valid JSON ({error}); the LoRA folder is damaged") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise LoraError(f"{folder / METADATA} is not a {FORMAT!r} file written by cpt_bench")
-    if sha256_of(folder / PEFT_WEIGHTS) != meta.get("sha256"):
+    meta = read_metadata(folder / METADATA, FORMAT, REQUIRED_FIELDS, LoraError)
+    if sha256_of(folder / PEFT_WEIGHTS) != meta["sha256"]:
         raise LoraError(f"{folder / PEFT_WEIGHTS} fails its sha256 check (file changed after it was written)")
     return meta
 
