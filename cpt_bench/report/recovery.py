@@ -28,6 +28,7 @@ from cpt_bench.report.tables import (
     Table,
     format_entry,
     format_number,
+    has_paired_statistics,
     is_learned,
     is_perplexity,
     method,
@@ -127,7 +128,10 @@ def _effect_spread(cells: list[dict[str, Any] | None], target: dict[str, Any]) -
 
 
 def method_tables(summary: Summary) -> list[Table]:
-    """Per level with trained prompts or adapters: a row per method applied there (module docstring)."""
+    """Per level with trained prompts or adapters: a row per method applied there (module docstring); none for a
+    summary written before cells carried paired comparisons (every effect would be ``–``)."""
+    if not has_paired_statistics(summary):
+        return []
     tables = []
     for spec in dict.fromkeys(p["trained_at"] for p in summary.learned):
         prompts = [p for p in summary.prompts if p["kind"] != "none" and p.get("trained_at", spec) == spec
