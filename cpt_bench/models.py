@@ -20,8 +20,10 @@ HFLM, so that every ``hf`` model_arg keeps working.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,6 +154,28 @@ def load_model(name_or_path: str, compression: Compression | str = None, *, mode
         check_base_model(folder, name_or_path)
     model, layer_modes = load_checkpoint(folder, mode, dtype, device)
     return LoadedModel(model, tokenizer, read_manifest(folder)["spec"], Path(folder), layer_modes)
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes the model's tensors hold in memory: every parameter's and buffer's storage once (tied or viewed
+    tensors share one), tensors on ``meta`` excluded. Packed codes, grids and masks count as stored in real mode,
+    the dequantized weights in simulated mode: what a deployment keeps resident, not what the checkpoint stores."""
+    storages: dict[tuple[str, int], int] = {}
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        if tensor.device.type != "meta":
+            storage = tensor.untyped_storage()
+            storages[(str(tensor.device), storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values())
+
+
+def weight_formats(layer_modes: dict[str, str] | str | None) -> dict[str, int]:
+    """How many compressed Linears run in each format (``{"int4 g64": 210}``, ``{"simulated": 210}``; a fallback
+    layer's reason is dropped: ``simulated``); ``{}`` for a dense model, ``{mode: 1}`` for a whole-model mode."""
+    if layer_modes is None:
+        return {}
+    if isinstance(layer_modes, str):
+        return {layer_modes: 1}
+    return dict(Counter(mode.split(" (")[0] for mode in layer_modes.values()))
 
 
 def check_base_model(folder: Path, name_or_path: str) -> None:

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from cpt_bench.compress.baselines import magnitude, rtn
-from cpt_bench.compress.gptq import Hessian, gptq_layer, output_error
-from cpt_bench.compress.quant import fit_grid
+from cpt_bench.compress.gptq import Hessian, gptq_layer, inverse_cholesky, obs_sweep, output_error, prepare_hessian
+from cpt_bench.compress.quant import ColumnQuantizer, fit_grid
 from cpt_bench.compress.sequential import compress_linear
-from cpt_bench.compress.sparsegpt import sparsegpt_layer
+from cpt_bench.compress.sparsegpt import pruning_mask, sparsegpt_layer
 from cpt_bench.compress.spec import CalibrationSettings, Quantization, Spec, SpecError
 
 from .compress_helpers import _one_thread  # noqa: F401  (_one_thread: autouse fixture)
@@ -176,3 +176,17 @@ def test_rtn_and_magnitude_need_no_hessian(layer):
     weight, _, _ = layer
     assert rtn(weight, Quantization("rtn", 4, 64)).error is None
     assert magnitude(weight, Spec.parse("magnitude-50").pruning).error is None
+
+
+@pytest.mark.parametrize("prune", [False, True])
+def test_sweep_values_are_the_codes_dequantized(layer, prune):
+    """The sweep's returned weights (rebuilt from the codes at the end) equal each column's quantized value as it
+    was used for the error update: exactly what the stored codes give, pruned weights exactly 0."""
+    weight, _, hessian = layer
+    work = weight.clone()
+    hinv = inverse_cholesky(prepare_hessian(hessian, work, 0.01))
+    quantizer = ColumnQuantizer(tuple(work.shape), 3, 32, False, work.device)
+    mask = (lambda scores: pruning_mask(scores, Spec.parse("sparsegpt-50").pruning)) if prune else None
+    compressed, pruned = obs_sweep(work, hinv, 128, quantizer, prune=mask, prune_period=128 if prune else None)
+    assert torch.equal(compressed, quantizer.result().dequantize().masked_fill(pruned, 0.0))
+    assert bool(pruned.any()) == prune and not compressed[pruned].any()

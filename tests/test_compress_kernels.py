@@ -9,6 +9,7 @@ from cpt_bench.compress import CalibrationSettings, Spec, UnsupportedLayerError,
 from cpt_bench.compress.checkpoints import load_checkpoint
 from cpt_bench.compress.kernels import LowBitLinear, swap_in_kernels
 from cpt_bench.compress.storage import read_checkpoint, save_compressed
+from cpt_bench.models import resident_bytes
 
 from .compress_helpers import _one_thread, random_ids, tiny_llama  # noqa: F401  (_one_thread: autouse fixture)
 
@@ -101,6 +102,12 @@ def test_real_model_from_a_checkpoint_folder(tmp_path):
     assert real.model.layers[0].mlp.up_proj.scales.dtype == torch.bfloat16
     assert not any(isinstance(m, torch.nn.Linear) for n, m in real.model.layers.named_modules())
     assert relative_logit_error(loaded, real) < BF16_TOLERANCE
+    packed = sum(buffer.numel() * buffer.element_size() for module in real.modules()
+                 if isinstance(module, LowBitLinear) for buffer in module.buffers())
+    others = {id(p): p.numel() * p.element_size() for p in real.parameters()}  # embeddings (tied: once), norms
+    rotary = sum(b.numel() * b.element_size() for n, b in real.named_buffers() if "rotary" in n)
+    assert resident_bytes(real) == packed + sum(others.values()) + rotary
+    assert resident_bytes(real) < resident_bytes(loaded) / 2  # simulated: fp32 dequantized weights
     swapped = copy.deepcopy(loaded)
     assert set(swap_in_kernels(swapped, read_checkpoint(tmp_path).layers, torch.bfloat16).values()) == {"int4 g64"}
     assert relative_logit_error(loaded, swapped) < BF16_TOLERANCE

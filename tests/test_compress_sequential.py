@@ -6,7 +6,8 @@ from transformers import OPTConfig, OPTForCausalLM
 
 from cpt_bench.compress import CalibrationSettings, Spec, SpecError, compress_model
 from cpt_bench.compress.calibration import CalibrationError, calibration_windows
-from cpt_bench.compress.sequential import check_model, compressible_linears
+from cpt_bench.compress.gptq import Hessian, gptq_layer
+from cpt_bench.compress.sequential import PHASES, check_model, compressible_linears
 from cpt_bench.errors import UserError
 
 from .compress_helpers import _one_thread, random_ids, tiny_llama  # noqa: F401  (_one_thread: autouse fixture)
@@ -123,3 +124,30 @@ def test_opt_decoder_layers(ids):
                      "fc1", "fc2"]
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
+
+
+def test_linears_reading_one_tensor_share_the_hessian_of_their_own_inputs(ids):
+    """Layer 0 all at once: each Linear is compressed as GPTQ on the Hessian of the inputs it receives in the dense
+    model (q, k and v get one shared matrix: it must equal each one's own)."""
+    dense, model = tiny_llama(), tiny_llama()
+    settings = CalibrationSettings(n_windows=4, seqlen=32, true_sequential=False)
+    result = compress_model(model, Spec.parse("gptq-w3g32"), ids, settings, progress=False)
+    layer = dense.model.layers[0]
+    linears = {name: layer.get_submodule(name) for name in LINEAR_ORDER}
+    hessians = {name: Hessian(module.in_features, torch.device("cpu")) for name, module in linears.items()}
+    handles = [module.register_forward_pre_hook(lambda module, args, name=name: hessians[name].add(args[0]))
+               for name, module in linears.items()]
+    with torch.no_grad():
+        for window in ids:
+            dense(window[None])
+    for handle in handles:
+        handle.remove()
+    for name, module in linears.items():
+        expected = gptq_layer(module.weight.detach(), hessians[name].matrix, Spec.parse("gptq-w3g32").quantization)
+        assert torch.equal(result.layers[f"model.layers.0.{name}"].weight(), expected.weight()), name
+
+
+def test_phase_seconds_cover_the_compression(ids):
+    result = compress_model(tiny_llama(), Spec.parse("gptq-w4g64"), ids, SETTINGS, progress=False)
+    assert set(result.phase_seconds) == set(PHASES) and all(s >= 0 for s in result.phase_seconds.values())
+    assert sum(result.phase_seconds.values()) <= result.seconds

@@ -73,7 +73,7 @@ def _record(cell: Any, seqlen: int) -> dict[str, Any]:
                        "stderr": 0.5 if task.startswith("cpt_ppl") else 0.05,
                        "higher_is_better": not task.startswith("cpt_ppl")},
             "compression": store.compression_block(cell.compression, "simulated", None, memory), "prompt": prompt,
-            "memory": {"peak_memory_bytes": 3 * 2**30}, "seconds": 1.0,
+            "memory": {"peak_memory_bytes": 3 * 2**30, "model_resident_bytes": 2 * stored}, "seconds": 1.0,
             "lm_eval": {"n-shot": {task: 0}, "configs": {task: {"metadata": {"seqlen": seqlen}}}},
             "environment": {"seeds": {"random_seed": 0}, "device": "cpu"}}
 
@@ -145,11 +145,11 @@ def test_rows_are_ranked_with_gap_closed_and_memory_beside_each_number(tmp_path)
     assert soft.gap_closed == pytest.approx((60.0 - 45.0) / (60.0 - 20.0))
     text = markdown(board)
     header = "| rank | run | model | compression | prompt | value ± stderr | Δ vs dense | gap closed | stored MB | " \
-             "ratio to dense | peak MiB | Pareto |"
+             "ratio to dense | resident MiB | peak MiB | Pareto |"
     assert re.sub(r" +", " ", header) in re.sub(r" +", " ", text)
     line = next(line for line in text.splitlines() if "soft:wikipedia@rtn-w3g64" in line and "rtn-w3g64  " in line)
     cells = [cell.strip() for cell in line.strip("|").split("|")]
-    assert cells[5:] == ["45.00 ± 0.50", "+25.00", "38%", "100.4", "0.373", "3072", "★"]
+    assert cells[5:] == ["45.00 ± 0.50", "+25.00", "38%", "100.4", "0.373", "191", "3072", "★"]
     accuracy = next(rows for c, rows in board.columns if c.task == "cpt_piqa")
     assert [r.cell["value"] for r in accuracy] == sorted((r.cell["value"] for r in accuracy), reverse=True)
     # PIQA: 0.65 dense, 0.55 at rtn-w3g64, stderr 0.05 each: a 0.10 gap is under 2 x 0.071, so its share is noise

@@ -8,7 +8,14 @@ import torch
 from cpt_bench.assets.model import ModelError
 from cpt_bench.compress import CalibrationSettings, Spec, SpecError, compress_to_folder
 from cpt_bench.compress.sequential import compressible_linears
-from cpt_bench.models import CheckpointFolder, load_model, parse_compression, resolve_device
+from cpt_bench.models import (
+    CheckpointFolder,
+    load_model,
+    parse_compression,
+    resident_bytes,
+    resolve_device,
+    weight_formats,
+)
 
 from .compress_helpers import _one_thread  # noqa: F401  (_one_thread: autouse fixture)
 
@@ -81,3 +88,22 @@ def test_devices(monkeypatch):
         resolve_device("cuda:0")
     with pytest.raises(ModelError, match="not a torch device"):
         resolve_device("gpu")
+
+
+def test_resident_bytes_count_each_storage_once():
+    embedding = torch.nn.Embedding(10, 4)
+    head = torch.nn.Linear(4, 10, bias=False)
+    head.weight = embedding.weight  # tied: one storage
+    model = torch.nn.ModuleDict({"embed": embedding, "head": head})
+    model.register_buffer("codes", torch.zeros(8, dtype=torch.float16))
+    model.register_buffer("view", model.codes[:4])  # a view of the same storage
+    assert resident_bytes(model) == 10 * 4 * 4 + 8 * 2
+    with torch.device("meta"):
+        model.register_buffer("absent", torch.zeros(100))
+    assert resident_bytes(model) == 10 * 4 * 4 + 8 * 2  # meta tensors hold no memory
+
+
+def test_weight_formats_count_layers_per_format():
+    modes = {"a": "int4 g64", "b": "int4 g64", "c": "simulated (layer c: 3-bit codes have no CPU kernel)"}
+    assert weight_formats(modes) == {"int4 g64": 2, "simulated": 1}
+    assert weight_formats(None) == {} and weight_formats("gptqmodel") == {"gptqmodel": 1}

@@ -83,6 +83,13 @@ def test_soft_prompt_scores_equal_peft_and_hand(tiny_model_dir, prompt_dir, refe
     assert memory["prompt_tokens"] == N_PROMPT_TOKENS
     assert memory["prompt_embedding_bytes"] == N_PROMPT_TOKENS * 32 * 4
     assert (memory["prefix_cache_bytes"] > 0) == prefix_cache
+    config = lm.model.config  # a position adds keys and values of every layer's kv heads to the cache
+    head_dim = config.hidden_size // config.num_attention_heads
+    per_position = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
+    assert memory["kv_values_per_token"] == (per_position if prefix_cache else None)
+    assert memory["model_resident_bytes"] == sum(p.numel() * 4 for p in lm.model.parameters()) + sum(
+        b.numel() * b.element_size() for b in lm.model.buffers())
+    assert memory["weight_formats"] == {}  # dense
     assert memory["peak_memory_bytes"] > 0
 
 

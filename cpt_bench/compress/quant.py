@@ -120,6 +120,7 @@ class ColumnQuantizer:
         self.codes = torch.zeros(rows, cols, dtype=torch.uint8, device=device)
         self.scales = torch.zeros(rows, n_groups, device=device)
         self.zeros = torch.zeros(rows, n_groups, device=device)
+        self._scale = self._zero = torch.zeros(rows, device=device)  # ``[rows]`` grids of the group fitted last
 
     def starts_group(self, col: int) -> bool:
         return col % self.group_size == 0
@@ -127,15 +128,21 @@ class ColumnQuantizer:
     def fit(self, col: int, w_group: torch.Tensor) -> None:
         """Fit the grids of the group starting at ``col`` from its current weights ``[rows, group_size]``."""
         group = col // self.group_size
-        self.scales[:, group], self.zeros[:, group] = fit_grid(w_group, self.bits, self.symmetric)
+        self._scale, self._zero = fit_grid(w_group, self.bits, self.symmetric)
+        self.scales[:, group], self.zeros[:, group] = self._scale, self._zero
 
     def __call__(self, col: int, w: torch.Tensor) -> torch.Tensor:
-        """Quantize column ``col`` (``w [rows]``); returns its float32 dequantized values ``[rows]``."""
-        group = col // self.group_size
-        scale, zero = self.scales[:, group], self.zeros[:, group]
-        codes = quantize(w, scale, zero, self.bits)
-        self.codes[:, col] = codes.to(torch.uint8)
-        return dequantize(codes, scale, zero)
+        """Quantize column ``col`` (``w [rows]``) on the grids of its group, the last one fitted; returns its
+        float32 dequantized values ``[rows]``."""
+        codes = quantize(w, self._scale, self._zero, self.bits)
+        self.codes[:, col] = codes  # setitem casts to uint8
+        return dequantize(codes, self._scale, self._zero)
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 values ``[rows, cols]`` of every column quantized so far, in visiting order: the same
+        arithmetic as each column's return value."""
+        groups = torch.arange(self.codes.shape[1], device=self.codes.device) // self.group_size
+        return dequantize(self.codes.float(), self.scales[:, groups], self.zeros[:, groups])
 
     def result(self, perm: torch.Tensor | None = None) -> QuantizedWeight:
         """The codes and grids; ``perm [cols]``: the visiting order, if columns were visited permuted.

@@ -3,11 +3,12 @@
 The inputs of the first decoder layer are captured for every calibration window, and the other arguments the
 model passes each decoder layer (rotary ``position_embeddings``, ``attention_mask``, ``position_ids``...: they
 differ between layers in models mixing sliding-window and global attention).
-Each decoder layer is then calibrated on its inputs: forward hooks accumulate the Hessian of each of its
-Linear layers, the Linears are compressed in place, and the compressed layer's outputs become the next
-layer's inputs. True-sequential mode (default) compresses the Linears in the order they consume inputs,
-grouping those that read the same tensor (Llama: q,k,v -> o -> gate,up -> down) and re-running the layer
-between groups, so later Linears are calibrated on the outputs of the compressed earlier ones.
+Each decoder layer is then calibrated on its inputs: forward hooks accumulate the Hessian of each group of its
+Linear layers that read the same tensor (Llama: q,k,v -> o -> gate,up -> down; one matrix per group, shared by
+its Linears), the Linears are compressed in place, and the compressed layer's outputs become the next layer's
+inputs. True-sequential mode (default) compresses the groups in the order the forward reaches them, re-running
+the layer up to each group, so later Linears are calibrated on the outputs of the compressed earlier ones;
+otherwise one forward per window collects every group's Hessian before any is compressed.
 Only Linears (and GPT-2's transposed ``Conv1D``) inside decoder layers are compressed, found across model
 families by ``layers``; embeddings, norms and ``lm_head`` stay dense.
 """
@@ -100,36 +101,66 @@ def _check_calibration_ids(ids: torch.Tensor | None, settings: CalibrationSettin
         raise ValueError(f"calibration ids must be integer token ids of shape {expected}, got {got}")
 
 
+PHASES = {  # phase -> what its seconds in ``CompressionResult.phase_seconds`` count
+    "capture": "forward of the whole model to the first decoder layer, per calibration window",
+    "layer_forwards": "decoder-layer forwards collecting Linear inputs (Hessian time excluded) and layer outputs",
+    "hessians": "accumulating H = 2 X X^T / n",
+    "solve": "compressing each Linear from its Hessian (GPTQ / SparseGPT sweep, RTN, Wanda, magnitude)",
+}
+
+
+class _Clock:
+    """Seconds per phase (``PHASES``), accumulated into ``result.phase_seconds``."""
+
+    def __init__(self, result: CompressionResult) -> None:
+        self.seconds = result.phase_seconds
+        for phase in PHASES:
+            self.seconds.setdefault(phase, 0.0)
+
+    def add(self, phase: str, started: float) -> None:
+        self.seconds[phase] += time.perf_counter() - started
+
+
 def _compress_layers(model: nn.Module, spec: Spec, ids: torch.Tensor | None, settings: CalibrationSettings,
                      progress: bool, result: CompressionResult) -> None:
+    """Compress each decoder layer in turn. Linears that read the same tensor share one Hessian (it is the same
+    matrix); true-sequential runs one calibration pass per such group, else one pass collects every group's."""
+    clock = _Clock(result)
     path, layers = decoder_layers(model)
     calibrated = spec.needs_calibration
+    started = time.perf_counter()
     inputs, calls = _capture_layer_inputs(model, layers, ids) if calibrated else ([], [])
+    clock.add("capture", started)
     for index, layer in enumerate(tqdm(layers, desc=f"compress {spec}", unit="layer", disable=not progress)):
         linears = layer_linears(f"{path}.{index}", layer)
         if not calibrated:
             for name, module in linears.items():
-                _compress_into(module, name, spec, None, settings, result)
+                _compress_into(module, name, spec, None, settings, result, clock)
             continue
         call = calls[index]
-        groups = [list(linears)]
-        if settings.true_sequential:
-            groups = _input_groups(layer, linears, inputs[0], call)
-        for group in groups:
-            hessians = _accumulate_hessians(layer, {name: linears[name] for name in group}, inputs, call,
-                                            stop_after=group[-1] if settings.true_sequential else None)
-            for name in group:
-                _compress_into(linears[name], name, spec, hessians[name].matrix, settings, result)
+        started = time.perf_counter()
+        groups = _input_groups(layer, linears, inputs[0], call)
+        clock.add("layer_forwards", started)
+        passes = [[group] for group in groups] if settings.true_sequential else [groups]
+        for pass_groups in passes:
+            hessians = _accumulate_hessians(layer, {group[0]: linears[group[0]] for group in pass_groups}, inputs,
+                                            call, clock)
+            for group in pass_groups:
+                for name in group:
+                    _compress_into(linears[name], name, spec, hessians[group[0]].matrix, settings, result, clock)
+        started = time.perf_counter()
         inputs = [_run_layer(layer, hidden, call) for hidden in inputs]
+        clock.add("layer_forwards", started)
 
 
 def _compress_into(module: nn.Module, name: str, spec: Spec, hessian: torch.Tensor | None,
-                   settings: CalibrationSettings, result: CompressionResult) -> None:
+                   settings: CalibrationSettings, result: CompressionResult, clock: _Clock) -> None:
     started = time.perf_counter()
     compressed = compress_linear(weight_of(module), spec, hessian, settings)
     set_weight(module, compressed.weight())
     result.layers[name] = compressed
     result.reports.append(LayerReport(name, str(spec), compressed.error, time.perf_counter() - started))
+    clock.add("solve", started)
 
 
 class _Stop(Exception):
@@ -212,23 +243,27 @@ def _input_groups(layer: nn.Module, linears: dict[str, nn.Module], hidden: torch
 
 
 def _accumulate_hessians(layer: nn.Module, linears: dict[str, nn.Module], inputs: list[torch.Tensor],
-                         call: _LayerCall, stop_after: str | None = None) -> dict[str, Hessian]:
-    """Run ``layer`` on every input with hooks accumulating each Linear's ``H = 2 X X^T / n``.
-
-    ``stop_after``: the Linear after which the rest of the forward is skipped (the group's last called).
-    """
+                         call: _LayerCall, clock: _Clock) -> dict[str, Hessian]:
+    """Run ``layer`` on every input with hooks accumulating each of ``linears``' ``H = 2 X X^T / n``; the rest of
+    each forward is skipped once the last of them has been called."""
     hessians = {name: Hessian(in_features(module), module.weight.device) for name, module in linears.items()}
+    pending: set[str] = set()
 
     def hook(name: str):
-        def accumulate(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        def accumulate(module: nn.Module, args: tuple) -> None:
+            started = time.perf_counter()
             hessians[name].add(args[0])
-            if name == stop_after:
+            clock.add("hessians", started)
+            pending.discard(name)
+            if not pending:
                 raise _Stop
         return accumulate
 
-    handles = [module.register_forward_hook(hook(name)) for name, module in linears.items()]
+    handles = [module.register_forward_pre_hook(hook(name)) for name, module in linears.items()]
+    started, hessian_before = time.perf_counter(), clock.seconds["hessians"]
     try:
         for hidden in inputs:
+            pending.update(linears)
             try:
                 _run_layer(layer, hidden, call)
             except _Stop:
@@ -236,4 +271,6 @@ def _accumulate_hessians(layer: nn.Module, linears: dict[str, nn.Module], inputs
     finally:
         for handle in handles:
             handle.remove()
+    clock.add("layer_forwards", started)
+    clock.seconds["layer_forwards"] -= clock.seconds["hessians"] - hessian_before
     return hessians

@@ -294,6 +294,7 @@ class CompressionResult:
     layers: dict[str, CompressedLinear] = field(default_factory=dict)
     reports: list[LayerReport] = field(default_factory=list)
     seconds: float = 0.0
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # see ``sequential.PHASES``
 
     def settings_dict(self) -> dict | None:
         return asdict(self.settings) if self.settings is not None else None

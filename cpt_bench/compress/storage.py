@@ -106,6 +106,7 @@ def save_compressed(model: nn.Module, result: CompressionResult, out_dir: str | 
         "base_model": base_model,
         "calibration": result.settings_dict(),
         "total_seconds": result.seconds,
+        "phase_seconds": result.phase_seconds,
         "layers": layers,
         "tied": aliases,
         "memory": _memory_account(model, tensors, layers),

@@ -56,7 +56,14 @@ from transformers import DynamicCache
 from cpt_bench.assets.model import ModelError, check_causal_lm, first_line, resolve_model
 from cpt_bench.compress.checkpoints import MODES
 from cpt_bench.errors import UserError
-from cpt_bench.models import Compression, lm_eval_device, load_model, parse_compression
+from cpt_bench.models import (
+    Compression,
+    lm_eval_device,
+    load_model,
+    parse_compression,
+    resident_bytes,
+    weight_formats,
+)
 from cpt_bench.prompts.artifact import SoftPrompt, check_prompt_fits, read_prompt
 from cpt_bench.prompts.hard import hard_prompt_text
 from cpt_bench.prompts.lora import apply_lora, lora_parameters, read_lora
@@ -147,6 +154,7 @@ class CptLM(HFLM):
         self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer [1, heads, n_prefix, dim]
         self._prefix_logits: torch.Tensor | None = None  # [1, 1, vocab]: logits at the prefix's last position
         self.prompt_info: dict[str, Any] = {"kind": "none", "n_tokens": 0}
+        self._layer_modes: dict[str, str] | str | None = None  # how each compressed Linear runs (None: dense)
         # Every argument and file is checked before any weight loads.
         check_model_args(kwargs)
         _check_prompt_args(soft_prompt, hard_prompt, prompt_position, lora)
@@ -163,7 +171,7 @@ class CptLM(HFLM):
             dtype = get_dtype(kwargs.get("dtype") or "auto")
             loaded = load_model(pretrained, compression, mode=compression_mode,
                                 dtype=None if dtype == "auto" else dtype, device=device)
-            pretrained, label = loaded.model, loaded.compression
+            pretrained, label, self._layer_modes = loaded.model, loaded.compression, loaded.layer_modes
             kwargs.setdefault("tokenizer", resolve_model(name))  # HFLM needs one for a model instance
         elif isinstance(pretrained, str):
             pretrained = check_causal_lm(pretrained)
@@ -284,16 +292,23 @@ class CptLM(HFLM):
         return super()._model_generate(*args, **kwargs)
 
     def memory_record(self) -> dict[str, Any]:
-        """Bytes the prompt holds (embeddings, prefix key/value cache), a LoRA adapter's tensors, and this process's
-        peak memory so far."""
+        """Memory as a deployment sees it, in bytes: what the loaded model holds resident (``models.resident_bytes``,
+        with the format its compressed Linears run in), what the prompt holds (embeddings, the prefix's key/value
+        cache of ``prefix_tokens`` positions per sequence, BOS included when after it, and ``kv_values_per_token``:
+        the keys' and values' scalars one position adds to the cache over all layers), a LoRA adapter's tensors,
+        and this process's peak memory so far."""
         def nbytes(tensors) -> int:
             return int(sum(t.numel() * t.element_size() for t in tensors))
 
         kv = [t for pair in self._prefix_kv or [] for t in pair]
+        prefix_tokens = 0 if self._prefix is None else int(self._prefix.shape[0])
         adapter = lora_parameters(self.model) if self.prompt_info["kind"] == "lora" else {}
-        return {"prompt_tokens": self.prompt_info["n_tokens"],
+        return {"model_resident_bytes": resident_bytes(self.model), "weight_formats": weight_formats(self._layer_modes),
+                "prompt_tokens": self.prompt_info["n_tokens"],
                 "prompt_embedding_bytes": nbytes([] if self._prompt is None else [self._prompt]),
-                "prefix_cache_bytes": nbytes(kv), "adapter_bytes": nbytes(adapter.values()), **peak_memory()}
+                "prefix_tokens": prefix_tokens, "prefix_cache_bytes": nbytes(kv),
+                "kv_values_per_token": sum(t.numel() for t in kv) // prefix_tokens if kv else None,
+                "adapter_bytes": nbytes(adapter.values()), **peak_memory()}
 
     def get_model_info(self) -> dict[str, Any]:
         """HFLM's model info plus the prompt and the memory record (lm-eval stores it in results['config'])."""

@@ -266,7 +266,8 @@ def summarise(plan: Plan, cells: dict[str, dict[str, Any]], sessions: list[dict[
         compressions[block["spec"]] = {"spec": block["spec"], "family": block["family"],
                                        "weight_bytes": memory["stored_bytes"],
                                        "bits_per_weight": memory["compressed_bits_per_weight"],
-                                       "ratio_to_dense": memory["ratio_to_dense_fp16"]}
+                                       "ratio_to_dense": memory["ratio_to_dense_fp16"],
+                                       "dense_fp16_bytes": memory.get("dense_fp16_bytes")}
     prompts = {"none": {"id": "none", "kind": "none"}}
     for record in records:
         prompts.setdefault(record["cell"]["prompt"], _prompt_summary(record))
@@ -295,7 +296,10 @@ def _higher_is_better(records: list[dict[str, Any]], task: str) -> bool | None:
 def _prompt_summary(record: dict[str, Any]) -> dict[str, Any]:
     cell, prompt = record["cell"], record["prompt"]
     choice = cell["prompt_choice"]
-    summary = {"id": cell["prompt"], "kind": choice["kind"], "n_tokens": prompt.get("n_tokens")}
+    memory = record["memory"]
+    summary = {"id": cell["prompt"], "kind": choice["kind"], "n_tokens": prompt.get("n_tokens"),
+               "embedding_bytes": memory.get("prompt_embedding_bytes"), "adapter_bytes": memory.get("adapter_bytes"),
+               "kv_values_per_token": memory.get("kv_values_per_token")}
     if choice["kind"] == "hard":
         summary["name"] = choice["hard"]
     if choice["kind"] in LEARNED_KINDS:
@@ -321,7 +325,8 @@ def _flat_cell(record: dict[str, Any], dense_value: float | None) -> dict[str, A
         "metric": metric["name"], "value": value, "stderr": metric["stderr"], "dense_value": dense_value,
         "delta": None if dense_value is None else value - dense_value,
         "dataset_relation": cell["dataset_relation"], "compression_relation": cell["compression_relation"],
-        "peak_memory_bytes": record["memory"]["peak_memory_bytes"], "seconds": record["seconds"],
+        "peak_memory_bytes": record["memory"]["peak_memory_bytes"],
+        "resident_bytes": record["memory"].get("model_resident_bytes"), "seconds": record["seconds"],
         "kernel_mode": record["compression"]["kernel_mode"],
     }
 

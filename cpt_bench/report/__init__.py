@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from cpt_bench.files import write_text_atomic
 from cpt_bench.report.leaderboard import write_leaderboard
 from cpt_bench.report.recovery import method_tables, recovery_tables, seed_tables
+from cpt_bench.report.serving import serving_tables
 from cpt_bench.report.tables import (
     SIGNIFICANT_NOTE,
     UNTRAINED_NOTE,
@@ -78,6 +79,11 @@ _METHODS_INTRO = ("For each level prompts or adapters were trained at: every met
                   "train (trainable parameters, seconds, peak memory of the training) and what it buys: the share of "
                   "the perplexity gap to dense it closes and the change against no prompt elsewhere, with 95% CIs "
                   "(paired over the shared windows or items); several seeds add their mean ± sd.")
+_SERVING_INTRO = ("Per compression level and prompt: the weight bytes compression saved against the dense fp16 "
+                  "checkpoint (stored) and the dense model as loaded (resident, simulated or real kernels as run), "
+                  "beside what the prompt costs to serve: its own bytes (embeddings, LoRA tensors) and its fp16 "
+                  "key/value cache, held once per sequence served with it; break-even is the number of concurrent "
+                  "sequences whose prompt caches take up the stored bytes saved. A LoRA adapter adds no cache.")
 _SEEDS_INTRO = ("For each soft prompt trained with several seeds (data order and initial noise): each seed's value and "
                 "paired comparisons, then the mean and sample standard deviation across seeds.")
 
@@ -85,7 +91,9 @@ _SEEDS_INTRO = ("For each soft prompt trained with several seeds (data order and
 def _sections(summary: Summary) -> list[_Section]:
     optional = [_Section("Paired comparisons per compression level", _PAIRED_INTRO, recovery_tables(summary)),
                 _Section("Training seeds", _SEEDS_INTRO, seed_tables(summary)),
-                _Section("Recovery methods per compression level", _METHODS_INTRO, method_tables(summary))]
+                _Section("Recovery methods per compression level", _METHODS_INTRO, method_tables(summary)),
+                _Section("Memory saved by compression vs memory the prompt costs", _SERVING_INTRO,
+                         serving_tables(summary))]
     return [
         _Section("Results per target", "One table per target task: a row per compression level, a column per prompt "
                  "evaluated on that task.", results_tables(summary)),

@@ -32,7 +32,8 @@ KIND_COLOURS = {"none": "#666666", "hard": "#e08214", "soft": "#2166ac", "lora":
 KIND_LEGEND = {"none": "no prompt", "lora": "LoRA adapter"}
 _WIDTH, _HEIGHT = 460, 320
 _LEFT, _RIGHT, _TOP, _BOTTOM = 62, 16, 28, 46
-_NUMERIC = {"rank", "value ± stderr", "Δ vs dense", "gap closed", "stored MB", "ratio to dense", "peak MiB"}
+_NUMERIC = {"rank", "value ± stderr", "Δ vs dense", "gap closed", "stored MB", "ratio to dense", "resident MiB",
+            "peak MiB"}
 
 _STYLE = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.5em 2em;color:#222;background:#fafafa}
@@ -124,7 +125,8 @@ def _sort_keys(column: Column, row: Row, rank: int) -> dict[str, str]:
 
     return {"rank": str(rank), "value ± stderr": number(row.cell["value"]), "Δ vs dense": number(row.cell.get("delta")),
             "gap closed": number(row.gap_closed if row.gap_resolved else None), "stored MB": number(row.stored_mb),
-            "ratio to dense": number(row.compression["ratio_to_dense"]), "peak MiB": number(row.peak_mib)}
+            "ratio to dense": number(row.compression["ratio_to_dense"]), "resident MiB": number(row.resident_mib),
+            "peak MiB": number(row.peak_mib)}
 
 
 def _row_html(column: Column, row: Row, rank: int) -> str:

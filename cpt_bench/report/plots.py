@@ -23,6 +23,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import LogFormatter  # noqa: E402
 
 from cpt_bench.files import write_bytes_atomic  # noqa: E402
+from cpt_bench.report.serving import BATCHES, LevelSaving, PromptCost, serving_plot_data  # noqa: E402
 from cpt_bench.report.tables import (  # noqa: E402
     MISSING,
     Grid,
@@ -53,9 +54,14 @@ def safe_filename(stem: str) -> str:
 
 
 def write_plots(summary: Summary, out_dir: Path) -> list[Plot]:
-    """One metric-vs-size plot per target, then one heatmap per source × target grid and per level grid."""
+    """One metric-vs-size plot per target, then one heatmap per source × target grid and per level grid, then the
+    serving-cost plot when the cells recorded prompt caches."""
     plots = [_metric_plot(summary, target, out_dir) for target in summary.targets]
-    return plots + [_heatmap(grid, out_dir) for grid in (*source_target_grids(summary), *level_grids(summary))]
+    plots += [_heatmap(grid, out_dir) for grid in (*source_target_grids(summary), *level_grids(summary))]
+    savings, costs = serving_plot_data(summary)
+    if savings and costs:
+        plots.append(_serving_plot(savings, costs, out_dir))
+    return plots
 
 
 def _save(figure: Figure, path: Path) -> None:
@@ -98,6 +104,30 @@ def _metric_plot(summary: Summary, target: dict[str, Any], out_dir: Path) -> Plo
     path = out_dir / safe_filename(f"plot-{target['task']}")
     _save(figure, path)
     return Plot(f"{target['task']}: {target['metric']} against stored weight MB", path)
+
+
+def _serving_plot(savings: list[LevelSaving], costs: list[PromptCost], out_dir: Path) -> Plot:
+    """Bytes against concurrent sequences (log-log): each prompt's fp16 key/value cache rising with the batch, each
+    level's stored bytes saved flat; where a prompt's line crosses a level's, its caches have used up the saving."""
+    figure = Figure(figsize=(7, 4.5))
+    axes = figure.subplots()
+    sequences = np.unique(np.geomspace(1, 4096, 25).round())
+    for cost in costs:
+        axes.plot(sequences, sequences * cost.kv_bytes_per_sequence / 1e6, label=f"prompt KV: {cost.label}")
+    for saving in savings:
+        axes.axhline(saving.stored_saved / 1e6, linestyle="--", color="grey")
+        axes.annotate(f"saved by {saving.spec}", (sequences[0], saving.stored_saved / 1e6), fontsize="small",
+                      xytext=(2, 2), textcoords="offset points")
+    for batch in BATCHES:
+        axes.axvline(batch, color="lightgrey", linewidth=0.8)
+    axes.set(xscale="log", yscale="log", xlabel="concurrent sequences served with the prompt",
+             ylabel="MB (fp16)", title="Memory saved by compression vs the prompt's key/value cache")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    path = out_dir / "serving-cost.png"
+    _save(figure, path)
+    return Plot("Memory saved by compression (stored weights) against the prompt's key/value cache", path)
 
 
 def _colour_values(grid: Grid) -> list[list[float]]:
