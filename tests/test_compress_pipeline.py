@@ -222,3 +222,4 @@ def test_compress_command_defaults_follow_the_gptq_protocol():
     assert (args.model, args.n_windows, args.seqlen, args.seed, args.corpus) == ("embedded", 128, 1024, 0,
                                                                                  "wikipedia")
     assert parse(["compress", "--spec", "gptq-w4g64", "--corpus", "c4"]).corpus == "c4"  # corpus specs: checked on use
+    assert args.true_sequential and not parse(["compress", "--spec", "gptq-w4g64", "--one-pass"]).true_sequential

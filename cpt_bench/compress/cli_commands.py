@@ -22,7 +22,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     spec = Spec.parse(args.spec)
     parse_corpus(args.corpus, "--corpus")
     settings = CalibrationSettings(n_windows=args.n_windows, seqlen=args.seqlen, seed=args.seed,
-                                   corpus=args.corpus)
+                                   true_sequential=args.true_sequential, corpus=args.corpus)
     if spec.is_dense:
         print(f"spec dense: nothing to compress; the model is {model_folder(args.model)}")
         return
@@ -48,6 +48,9 @@ def add_compress_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     parser.add_argument("--n-windows", type=int, default=_DEFAULTS.n_windows, help="calibration windows")
     parser.add_argument("--seqlen", type=int, default=_DEFAULTS.seqlen, help="tokens per calibration window")
     parser.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="seed for drawing the windows")
+    parser.add_argument("--one-pass", dest="true_sequential", action="store_false",
+                        help="collect every Hessian of a decoder layer in one forward of the uncompressed layer "
+                             "(faster; default: true-sequential, each group on the compressed earlier ones' outputs)")
     parser.add_argument("--export-gptq", type=Path, default=None, metavar="DIR",
                         help="also write a GPTQ-format checkpoint (auto-gptq v1 zero points) to DIR")
     parser.set_defaults(run=cmd_compress)

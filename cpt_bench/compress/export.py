@@ -11,9 +11,10 @@ Per quantized Linear ``<m>`` with weight ``[out, in]``, ``bits`` per code and ``
 * ``<m>.scales`` fp16 ``[n_groups, out]``; ``<m>.g_idx`` int32 ``[in]``: the group of each input column;
 * ``<m>.bias`` when the Linear has one, and every unquantized tensor under its own name (16-bit floats).
 
-Zero points: ``checkpoint_format="gptq"`` (default, auto-gptq v1, what vLLM, transformers/optimum and
-GPTQModel read) stores ``zero - 1`` and loaders add 1 back, so a zero point of 0 cannot be represented and is
-refused; ``"gptq_v2"`` (GPTQModel's format) stores ``zero`` itself. Dequantization: ``w[o, i] =
+Zero points: ``checkpoint_format="gptq"`` (default, auto-gptq v1, what vLLM and transformers/optimum read;
+GPTQModel reads it for symmetric grids only, or files it wrote itself) stores ``zero - 1`` and loaders add 1 back,
+so a zero point of 0 cannot be represented and is refused; ``"gptq_v2"`` (GPTQModel's format, which it loads on CPU:
+``benchmarks/gptqmodel_interop.py``) stores ``zero`` itself. Dequantization: ``w[o, i] =
 scales[g, o] * (q[i, o] - z[g, o])`` with ``g = g_idx[i]``, which reproduces our simulated weights exactly.
 Pruned weights of a joint spec are stored as their group's zero point, i.e. as exact zeros.
 """
