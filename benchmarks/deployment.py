@@ -66,24 +66,17 @@ def _warm_up() -> None:
     torch.nn.functional.scaled_dot_product_attention(heads, heads, heads, is_causal=True)
 
 
-def _rss_bytes() -> int:
-    """Current resident set size of this process (Linux ``VmRSS``)."""
-    with open("/proc/self/status", encoding="ascii") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
-
-
 def _load(model_name: str, spec: str, calibration: tuple[int, int]) -> tuple[torch.nn.Module, dict[str, int]]:
     """The dense model in bf16, or ``spec``'s cached checkpoint on real kernels (fallback: simulated), and the
     count of compressed Linears per format."""
-    from cpt_bench.compress import CalibrationSettings, Spec, cached_checkpoint
-    from cpt_bench.compress.checkpoints import load_checkpoint
+    from cpt_bench.compress import CalibrationSettings
     from cpt_bench.models import load_model, weight_formats
 
-    if spec == DENSE:
-        return load_model(model_name, dtype=torch.bfloat16, device="cpu").model, {}
-    folder = cached_checkpoint(model_name, Spec.parse(spec), CalibrationSettings(*calibration), progress=False)
-    model, modes = load_checkpoint(folder, "real", torch.bfloat16, fallback=True)
-    return model, weight_formats(modes)
+    compression = None if spec == DENSE else spec
+    loaded = load_model(model_name, compression, mode="simulated" if compression is None else "real",
+                        dtype=torch.bfloat16, device="cpu", calibration=CalibrationSettings(*calibration),
+                        progress=False, fallback=True)
+    return loaded.model, weight_formats(loaded.layer_modes)
 
 
 def _context_ids(model_name: str, batch: int, context: int) -> torch.Tensor:
@@ -96,10 +89,12 @@ def _context_ids(model_name: str, batch: int, context: int) -> torch.Tensor:
 
 
 def _prompt_embeddings(model: torch.nn.Module, n: int) -> torch.Tensor:
-    """``[n, hidden]`` random vectors with the embedding table's mean row norm (bf16)."""
-    table = model.get_input_embeddings().weight.float()
-    noise = torch.randn(n, table.shape[1], generator=torch.Generator().manual_seed(0))
-    return (noise / noise.norm(dim=1, keepdim=True) * table.norm(dim=1).mean()).to(table.device, torch.bfloat16)
+    """``[n, hidden]`` bf16: the ``random`` control prompt's vectors (random directions, the embedding rows' mean
+    norm)."""
+    from cpt_bench.prompts.controls import random_prompt
+    from cpt_bench.prompts.soft import SoftPromptConfig
+
+    return random_prompt(model, SoftPromptConfig(n_virtual_tokens=n)).to(torch.bfloat16)
 
 
 def _cache_tensors(cache) -> list[torch.Tensor]:
@@ -145,17 +140,17 @@ def _prompt_cache(model: torch.nn.Module, n: int) -> tuple[list[tuple[torch.Tens
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """One variant's memory and per-prompt timings (run in a subprocess of its own)."""
     from cpt_bench.models import resident_bytes
-    from cpt_bench.provenance import peak_memory, reset_peak_memory
+    from cpt_bench.provenance import current_rss_bytes, peak_memory, reset_peak_memory
 
     torch.set_num_threads(args.threads)
     ids = _context_ids(args.model, args.batch, args.context)
     _warm_up()
     _release_freed_memory()
-    rss_before = _rss_bytes()
+    rss_before = current_rss_bytes()
     model, formats = _load(args.model, args.child, (args.n_windows, args.calib_seqlen))
     _release_freed_memory()
     record: dict[str, Any] = {"spec": args.child, "weight_formats": formats, "rss_before_load_bytes": rss_before,
-                              "resident_bytes": resident_bytes(model), "rss_loaded_bytes": _rss_bytes()}
+                              "resident_bytes": resident_bytes(model), "rss_loaded_bytes": current_rss_bytes()}
     with torch.inference_mode():
         reset_peak_memory()
         _generate(model, ids, None, args.decode)

@@ -128,7 +128,8 @@ class LoadedModel:
 
 def load_model(name_or_path: str, compression: Compression | str = None, *, mode: str = "simulated",
                dtype: torch.dtype | None = None, device: str | None = None,
-               calibration: CalibrationSettings | None = None, progress: bool = True) -> LoadedModel:
+               calibration: CalibrationSettings | None = None, progress: bool = True,
+               fallback: bool = False) -> LoadedModel:
     """Load ``name_or_path``, compressed as ``compression`` (see the module docstring), in eval mode.
 
     Args:
@@ -139,6 +140,8 @@ def load_model(name_or_path: str, compression: Compression | str = None, *, mode
         device: torch device (None: cuda when available, else cpu).
         calibration: settings for compressing a spec on first use (None: the defaults).
         progress: show the compression's tqdm bar when a spec is compressed now.
+        fallback: real mode on CPU: run layers without a kernel (2- and 3-bit codes) simulated instead of raising;
+            ``layer_modes`` says which.
     """
     check_mode(mode)
     compression = parse_compression(compression)
@@ -152,7 +155,7 @@ def load_model(name_or_path: str, compression: Compression | str = None, *, mode
     else:
         folder = compression.path
         check_base_model(folder, name_or_path)
-    model, layer_modes = load_checkpoint(folder, mode, dtype, device)
+    model, layer_modes = load_checkpoint(folder, mode, dtype, device, fallback)
     return LoadedModel(model, tokenizer, read_manifest(folder)["spec"], Path(folder), layer_modes)
 
 

@@ -64,16 +64,21 @@ def environment_record(seeds: dict[str, int]) -> dict[str, Any]:
             "argv": sys.argv}
 
 
-def _linux_peak_rss_bytes() -> int | None:
-    """VmHWM (peak resident set size since start or the last ``reset_peak_memory``) on Linux, else None."""
+def _linux_status_bytes(field: str) -> int | None:
+    """A ``/proc/self/status`` memory field (``VmHWM``, ``VmRSS``: reported in kB) in bytes on Linux, else None."""
     try:
         with open("/proc/self/status", encoding="ascii") as status:
             for line in status:
-                if line.startswith("VmHWM:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def current_rss_bytes() -> int | None:
+    """This process's resident set size now (Linux ``VmRSS``), None elsewhere."""
+    return _linux_status_bytes("VmRSS")
 
 
 def reset_peak_memory() -> None:
@@ -99,7 +104,7 @@ def peak_memory() -> dict[str, Any]:
 
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated()), "peak_memory_kind": "cuda_max_allocated"}
-    peak_bytes = _linux_peak_rss_bytes()
+    peak_bytes = _linux_status_bytes("VmHWM")  # since start or the last ``reset_peak_memory``
     if peak_bytes is None:
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
         peak_bytes = rss if sys.platform == "darwin" else rss * 1024

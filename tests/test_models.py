@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cpt_bench.assets.model import ModelError
-from cpt_bench.compress import CalibrationSettings, Spec, SpecError, compress_to_folder
+from cpt_bench.compress import CalibrationSettings, Spec, SpecError, UnsupportedLayerError, compress_to_folder
 from cpt_bench.compress.sequential import compressible_linears
 from cpt_bench.models import (
     CheckpointFolder,
@@ -107,3 +107,11 @@ def test_weight_formats_count_layers_per_format():
     modes = {"a": "int4 g64", "b": "int4 g64", "c": "simulated (layer c: 3-bit codes have no CPU kernel)"}
     assert weight_formats(modes) == {"int4 g64": 2, "simulated": 1}
     assert weight_formats(None) == {} and weight_formats("gptqmodel") == {"gptqmodel": 1}
+
+
+def test_real_mode_falls_back_to_simulated_layers_when_asked(tiny_model_dir, fake_cache):
+    spec = Spec.parse("rtn-w3g32")  # 3-bit codes: no CPU kernel
+    with pytest.raises(UnsupportedLayerError, match="3-bit"):
+        load_model(str(tiny_model_dir), spec, mode="real", device="cpu", progress=False)
+    loaded = load_model(str(tiny_model_dir), spec, mode="real", device="cpu", progress=False, fallback=True)
+    assert weight_formats(loaded.layer_modes) == {"simulated": len(compressible_linears(loaded.model))}

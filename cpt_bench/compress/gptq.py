@@ -143,7 +143,7 @@ def obs_sweep(
             block[:, i:] -= errors[:, i:i + 1] * hinv_block[i:i + 1, i:]
         weight[:, end:] -= errors @ hinv[start:end, end:]
     if quantizer is not None:
-        compressed = quantizer.dequantized().masked_fill(pruned, 0.0)
+        compressed = quantizer.result().dequantize().masked_fill(pruned, 0.0)  # in visiting order
     return compressed, pruned
 
 

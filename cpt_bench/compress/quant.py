@@ -138,12 +138,6 @@ class ColumnQuantizer:
         self.codes[:, col] = codes  # setitem casts to uint8
         return dequantize(codes, self._scale, self._zero)
 
-    def dequantized(self) -> torch.Tensor:
-        """The float32 values ``[rows, cols]`` of every column quantized so far, in visiting order: the same
-        arithmetic as each column's return value."""
-        groups = torch.arange(self.codes.shape[1], device=self.codes.device) // self.group_size
-        return dequantize(self.codes.float(), self.scales[:, groups], self.zeros[:, groups])
-
     def result(self, perm: torch.Tensor | None = None) -> QuantizedWeight:
         """The codes and grids; ``perm [cols]``: the visiting order, if columns were visited permuted.
 
