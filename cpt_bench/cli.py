@@ -10,6 +10,7 @@ from pathlib import Path
 from tabulate import tabulate
 from tqdm import tqdm
 
+from cpt_bench.assets.model import EMBEDDED_MODELS, EMBEDDED_NAME, MODEL_HELP
 from cpt_bench.compress.cli_commands import add_compress_parser
 from cpt_bench.errors import run_command
 from cpt_bench.matrix.cli_commands import add_matrix_parser
@@ -23,7 +24,7 @@ def cmd_assets(args: argparse.Namespace) -> None:
     from cpt_bench.assets.cache import cache_root
 
     rows = []
-    builders = asset_builders()
+    builders = asset_builders(tuple(dict.fromkeys([EMBEDDED_NAME, *(args.model or [])])))
     for name, build in tqdm(builders.items(), desc="assets", unit="asset"):
         status = asset_status(name)
         started = time.perf_counter()
@@ -81,10 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     assets = commands.add_parser("assets", help="download and prepare the embedded model and data (idempotent)")
+    assets.add_argument("--model", action="append", choices=list(EMBEDDED_MODELS),
+                        help=f"also prepare this embedded model (repeatable; {EMBEDDED_NAME} always is)")
     assets.set_defaults(run=cmd_assets)
 
     evaluate = commands.add_parser("evaluate", help="evaluate a model on cpt_bench tasks through lm-eval")
-    evaluate.add_argument("--model", default="embedded", help="'embedded', a local folder or a Hugging Face id")
+    evaluate.add_argument("--model", default="embedded", help=MODEL_HELP)
     evaluate.add_argument("--tasks", default="cpt_ppl,cpt_zeroshot", help="comma-separated tasks or groups")
     evaluate.add_argument("--limit", type=int, default=None, help="items per zero-shot task (default: all)")
     evaluate.add_argument("--ppl-limit", type=int, default=None, help="windows per perplexity task (default: all)")

@@ -34,6 +34,7 @@ from cpt_bench.report.protocol import Protocol, task_fewshot
 from cpt_bench.report.submit import SubmissionError, add_run
 from cpt_bench.report.tables import ReportError
 
+SMOLLM2 = "smollm2-135m-instruct"  # what the configs' model "embedded" is
 CONFIG: dict[str, Any] = {
     "name": "submitted", "model": "embedded", "ppl_seqlen": 256,
     "compression": {"specs": ["dense", "rtn-w3g64", "sparsegpt-50"]},
@@ -111,13 +112,26 @@ def _columns(results: Path) -> dict[tuple[str, Protocol], set[str]]:
 def test_runs_differing_only_in_protocol_never_share_a_column(tmp_path):
     results = _results_with(tmp_path, config_with(name="short"), config_with(name="long", ppl_seqlen=512))
     columns = _columns(results)
-    assert columns == {("cpt_ppl_wikipedia", Protocol(256, 4, 0)): {"short"},
-                       ("cpt_ppl_wikipedia", Protocol(512, 4, 0)): {"long"},
+    assert columns == {("cpt_ppl_wikipedia", Protocol(256, 4, 0, SMOLLM2)): {"short"},
+                       ("cpt_ppl_wikipedia", Protocol(512, 4, 0, SMOLLM2)): {"long"},
                        ("cpt_piqa", Protocol(None, 10, 0)): {"short", "long"}}  # the window length is no PIQA setting
     text = markdown(build_board(load_runs(results)))
-    assert "## cpt_ppl_wikipedia: token_perplexity ↓; protocol: 4 windows of 256 tokens, 0-shot, prompt before" in text
-    assert "## cpt_ppl_wikipedia: token_perplexity ↓; protocol: 4 windows of 512 tokens, 0-shot" in text
+    ppl = "## cpt_ppl_wikipedia: token_perplexity ↓; protocol: 4 windows of"
+    assert f"{ppl} 256 tokens of smollm2-135m-instruct, 0-shot, prompt before" in text
+    assert f"{ppl} 512 tokens of smollm2-135m-instruct, 0-shot" in text
     assert "## cpt_piqa: acc ↑; protocol: 10 items, 0-shot, prompt before the input" in text
+
+
+def test_perplexities_of_models_with_other_tokenizers_never_share_a_column_accuracies_do(tmp_path):
+    """Token perplexity counts the model's own tokens over windows its tokenizer cut: not comparable across
+    models. Multiple-choice items are the same for every model, so their accuracies share a column."""
+    results = _results_with(tmp_path, config_with(name="smollm"), config_with(name="gemma", model="gemma3-270m"))
+    assert _columns(results) == {("cpt_ppl_wikipedia", Protocol(256, 4, 0, SMOLLM2)): {"smollm"},
+                                 ("cpt_ppl_wikipedia", Protocol(256, 4, 0, "gemma3-270m")): {"gemma"},
+                                 ("cpt_piqa", Protocol(None, 10, 0)): {"smollm", "gemma"}}
+    board = build_board(load_runs(results))
+    piqa_rows = next(rows for column, rows in board.columns if column.task == "cpt_piqa")
+    assert {row.run.model for row in piqa_rows} == {SMOLLM2, "gemma3-270m"}  # "embedded" shown by its name
 
 
 def test_item_limit_and_fewshot_are_protocol_too(tmp_path):

@@ -100,22 +100,25 @@ def test_page_loads_with_a_table_and_a_plot_per_column(browser, page_url):
     browser.get(page_url)
     sections = browser.find_elements(By.CSS_SELECTOR, "section.board")
     titles = [section.find_element(By.TAG_NAME, "h2").text for section in sections]
-    assert titles == ["cpt_ppl_wikipedia: token_perplexity ↓"] * 2 + ["cpt_piqa: acc ↑"]
-    protocols = [section.find_element(By.CSS_SELECTOR, "p.protocol").text for section in sections]
-    assert [text.split(", ")[0] for text in protocols] == ["protocol: 4 windows of 512 tokens",
-                                                           "protocol: 4 windows of 256 tokens", "protocol: 10 items"]
-    assert protocols[1].endswith("18 of 18 rows shown")  # two runs of 9 wikipedia cells under the short protocol
-    assert set(_shown(sections[1], "run")) == {"short (i)", "other (i)"}
-    assert set(_shown(sections[0], "run")) == {"long (i)"}
-    circles = sections[1].find_elements(By.CSS_SELECTOR, "svg.pareto circle.point")
-    assert len(circles) == 18 and all(circle.is_displayed() for circle in circles)
+    assert sorted(titles) == ["cpt_piqa: acc ↑"] + ["cpt_ppl_wikipedia: token_perplexity ↓"] * 3
+    protocols = {section.find_element(By.CSS_SELECTOR, "p.protocol").text.split(", ")[0] for section in sections}
+    assert protocols == {"protocol: 4 windows of 512 tokens of smollm2-135m-instruct",
+                         "protocol: 4 windows of 256 tokens of smollm2-135m-instruct",
+                         "protocol: 4 windows of 256 tokens of other-model",  # another tokenizer: its own column
+                         "protocol: 10 items"}
+    piqa = _section(browser, "10 items")  # items are the same for every model: one column for the three runs
+    assert piqa.find_element(By.CSS_SELECTOR, "p.protocol").text.endswith("27 of 27 rows shown")
+    assert set(_shown(piqa, "run")) == {"short (i)", "other (i)", "long (i)"}
+    assert set(_shown(_section(browser, "512 tokens"), "run")) == {"long (i)"}
+    circles = piqa.find_elements(By.CSS_SELECTOR, "svg.pareto circle.point")
+    assert len(circles) == 27 and all(circle.is_displayed() for circle in circles)
 
 
 def test_sorting_a_column_orders_the_rows_both_ways(browser, page_url):
     browser.get(page_url)
-    section = _section(browser, "256 tokens")
+    section = _section(browser, "256 tokens of smollm2")
     ranked = [float(text.split(" ± ")[0]) for text in _shown(section, "value ± stderr")]
-    assert ranked == sorted(ranked)  # ranked best (lowest perplexity) first
+    assert len(ranked) == 9 and ranked == sorted(ranked)  # ranked best (lowest perplexity) first
     _click_header(section, "stored MB")
     sizes = [float(text) for text in _shown(section, "stored MB")]
     assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
@@ -134,20 +137,20 @@ def test_filters_hide_rows_and_markers_and_redraw_the_frontier(browser, page_url
     from selenium.webdriver.common.by import By
 
     browser.get(page_url)
-    section = _section(browser, "256 tokens")
+    section = _section(browser, "10 items")
     frontier = section.find_element(By.CSS_SELECTOR, "polyline.frontier").get_attribute("points")
     _choose(browser, "kind", "none")  # the frontier without prompts runs through the unprompted markers only
     unprompted = {(c.get_attribute("cx"), c.get_attribute("cy")) for c in section.find_elements(
         By.CSS_SELECTOR, "svg.pareto circle.point") if c.is_displayed()}
     redrawn = section.find_element(By.CSS_SELECTOR, "polyline.frontier").get_attribute("points")
-    assert redrawn != frontier and len(unprompted) == 3  # three levels, the same in both runs
+    assert redrawn != frontier and len(unprompted) == 3  # three levels, the same in every run
     corners = [tuple(point.split(",")) for point in redrawn.split()]
     assert set(corners[::2]) <= {(f"{float(x):g}", f"{float(y):g}") for x, y in unprompted}
     _choose(browser, "kind", "soft")
     prompts = _shown(section, "prompt")
     assert prompts and all(text.startswith("soft:") for text in prompts)
-    assert len(prompts) == 2 * 3  # one soft prompt applied at three levels, in two runs
-    assert section.find_element(By.CSS_SELECTOR, "p.protocol").text.endswith(f"{len(prompts)} of 18 rows shown")
+    assert len(prompts) == 3 * 3  # one soft prompt applied at three levels, in three runs
+    assert section.find_element(By.CSS_SELECTOR, "p.protocol").text.endswith(f"{len(prompts)} of 27 rows shown")
     shown = [c for c in section.find_elements(By.CSS_SELECTOR, "svg.pareto circle.point") if c.is_displayed()]
     assert len(shown) == len(prompts)
     _choose(browser, "model", "other-model")
@@ -158,4 +161,4 @@ def test_filters_hide_rows_and_markers_and_redraw_the_frontier(browser, page_url
     _choose(browser, "kind", "")
     _choose(browser, "model", "")
     _choose(browser, "family", "")
-    assert len(_shown(section, "prompt")) == 18
+    assert len(_shown(section, "prompt")) == 27

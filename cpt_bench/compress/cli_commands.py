@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cpt_bench.assets.model import MODEL_HELP
 from cpt_bench.compress.spec import CalibrationSettings
 
 _DEFAULTS = CalibrationSettings()
@@ -40,7 +41,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
 def add_compress_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``compress`` to ``cpt-bench``'s subcommands; the parser's ``run`` default is ``cmd_compress``."""
     parser = subparsers.add_parser("compress", help="compress a model by a spec (cached) and print its memory account")
-    parser.add_argument("--model", default="embedded", help="'embedded', a local folder or a Hugging Face id")
+    parser.add_argument("--model", default="embedded", help=MODEL_HELP)
     parser.add_argument("--spec", required=True, help="compression spec, e.g. gptq-w4g64 or sparsegpt-50+gptq-w4g64")
     parser.add_argument("--out", type=Path, default=None, help="write here instead of the cache")
     parser.add_argument("--corpus", default=_DEFAULTS.corpus, help="calibration corpus spec (train split), e.g. "

@@ -10,6 +10,7 @@ import argparse
 from dataclasses import fields
 from pathlib import Path
 
+from cpt_bench.assets.model import MODEL_HELP
 from cpt_bench.prompts.position import POSITIONS
 from cpt_bench.prompts.soft import INITIALISERS, PRECISIONS, SoftPromptConfig
 from cpt_bench.prompts.training import OBJECTIVES
@@ -65,7 +66,7 @@ def add_prompt_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     commands = parser.add_subparsers(dest="prompt_command", required=True)
 
     train = commands.add_parser("train", help="learn a soft prompt on a frozen (compressed) model")
-    train.add_argument("--model", default="embedded", help="'embedded', a local folder or a Hugging Face id")
+    train.add_argument("--model", default="embedded", help=MODEL_HELP)
     train.add_argument("--compression", default=None, help="compression spec, e.g. gptq-w3g64 (default calibration, "
                        "cached), or a folder from 'cpt-bench compress --out' (default: dense)")
     train.add_argument("--source", required=True, help="training corpus spec, e.g. wikipedia, text:DIR, "

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cpt_bench.assets.model import model_label
 from cpt_bench.files import write_text_atomic
 from cpt_bench.matrix.plan import family
 from cpt_bench.report.protocol import Protocol, run_protocols
@@ -67,7 +68,8 @@ class Run:
 
     @property
     def model(self) -> str:
-        return str(self.summary.raw["model"])
+        """The model's name (``embedded`` shown as the embedded model's name, a folder as its name)."""
+        return model_label(str(self.summary.raw["model"]))
 
     def report_link(self) -> str | None:
         """The run's HTML report relative to the results folder, None when it has none."""

@@ -1,7 +1,10 @@
 """The evaluation protocol of a run's target: what must be equal for two numbers to share a leaderboard column.
 
-A protocol is the window length of perplexity tasks (``ppl_seqlen``), the number of windows or items scored
-(``limit``, None: all), the few-shot count and where a prompt goes. The summary does not hold it, so it is read
+A protocol is the window length of perplexity tasks (``ppl_seqlen``) and the tokenizer that cut the windows (the
+run's model: token perplexity counts that tokenizer's tokens, and its windows cover different text under another
+tokenizer, so perplexities of models with different tokenizers never share a column), the number of windows or
+items scored (``limit``, None: all), the few-shot count and where a prompt goes. Multiple-choice items are the same
+whatever the tokenizer: accuracies of different models do share a column. The summary does not hold it, so it is read
 from the run folder: ``config.json`` (every default filled in) or else ``config.yaml``; few-shot from
 ``submission.json`` (the ``n-shot`` lm-eval recorded in the cells of a submitted run) or else from the task's
 definition in ``tasks/``. The matrix never overrides few-shot, so the task's ``num_fewshot`` is what ran (lm-eval's
@@ -18,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from cpt_bench.assets.model import model_label
 from cpt_bench.lmeval.tasks import TASKS_DIR
 from cpt_bench.matrix.config import PPL_TASK_PREFIX, ConfigError, MatrixConfig, config_from_dict
 from cpt_bench.matrix.store import CONFIG_FILE
@@ -31,17 +35,21 @@ _LINE_KEY = re.compile(r"^(include|num_fewshot):\s*(\S+)\s*$", re.MULTILINE)
 
 @dataclass(frozen=True)
 class Protocol:
-    """How a target was scored: ``seqlen`` tokens per window (perplexity tasks, else None), ``limit`` windows or
-    items (None: all), ``fewshot`` examples (None: the task's default, not recorded)."""
+    """How a target was scored: ``seqlen`` tokens per window of ``tokenizer`` (the model whose tokenizer cut them;
+    both None for tasks that are not perplexity), ``limit`` windows or items (None: all), ``fewshot`` examples (None:
+    the task's default, not recorded)."""
 
     seqlen: int | None
     limit: int | None
     fewshot: int | None
+    tokenizer: str | None = None
 
     def label(self) -> str:
-        """E.g. ``8 windows of 512 tokens, 0-shot, prompt before the input`` or ``100 items, ...``."""
+        """E.g. ``8 windows of 512 tokens of smollm2-135m-instruct, 0-shot, prompt before the input`` or
+        ``100 items, ...``."""
         count = "all" if self.limit is None else str(self.limit)
-        scored = f"{count} windows of {self.seqlen} tokens" if self.seqlen is not None else f"{count} items"
+        scored = (f"{count} windows of {self.seqlen} tokens of {self.tokenizer}" if self.seqlen is not None
+                  else f"{count} items")
         shots = "few-shot: task default" if self.fewshot is None else f"{self.fewshot}-shot"
         return f"{scored}, {shots}, {PROMPT_POSITION}"
 
@@ -82,6 +90,11 @@ def run_protocols(folder: Path, targets: list[dict[str, Any]], recorded: dict[st
     limits = {target.name: target.limit for target in config.targets}
     if missing := [t["task"] for t in targets if t["task"] not in limits]:
         raise ReportError(f"{folder}: the config has no target {', '.join(missing)} of its summary")
-    return {t["task"]: Protocol(config.ppl_seqlen if t["task"].startswith(PPL_TASK_PREFIX) else None,
-                                limits[t["task"]], recorded.get(t["task"], task_fewshot(t["task"])))
-            for t in targets}
+    tokenizer = model_label(config.model)
+    protocols = {}
+    for target in targets:
+        task = target["task"]
+        perplexity = task.startswith(PPL_TASK_PREFIX)
+        protocols[task] = Protocol(config.ppl_seqlen if perplexity else None, limits[task],
+                                   recorded.get(task, task_fewshot(task)), tokenizer if perplexity else None)
+    return protocols
