@@ -35,7 +35,8 @@ def _summary() -> dict[str, Any]:
 
 
 def _second_run(summary: dict[str, Any]) -> dict[str, Any]:
-    """A smaller run of another model: two levels, two prompts, piqa scored by acc_norm (a new leaderboard column)."""
+    """A smaller run of another model (its perplexities get their own columns: another tokenizer): two levels, two
+    prompts, piqa scored by acc_norm (a new leaderboard column)."""
     run = copy.deepcopy(summary)
     run.update(name="ablation", model="smollm2-135m")
     run["compressions"] = [c for c in run["compressions"] if c["spec"] != "sparsegpt-2:4"]
