@@ -132,6 +132,12 @@ def test_perplexities_of_models_with_other_tokenizers_never_share_a_column_accur
     board = build_board(load_runs(results))
     piqa_rows = next(rows for column, rows in board.columns if column.task == "cpt_piqa")
     assert {row.run.model for row in piqa_rows} == {SMOLLM2, "gemma3-270m"}  # "embedded" shown by its name
+    plots = re.findall(r'<svg class="pareto".*?</svg>', page(board), re.DOTALL)
+    piqa_plot = next(svg for svg in plots if "cpt_piqa" in svg)
+    rings = re.findall(r'<circle class="point ring"[^>]*data-model="([^"]+)"', piqa_plot)
+    assert set(rings) == {SMOLLM2} and len(rings) == len(piqa_rows) // 2  # the second model's (by name) markers
+    assert f">{SMOLLM2}</text>" in piqa_plot and ">gemma3-270m</text>" in piqa_plot  # the model legend
+    assert all("ring" not in svg and "gemma3-270m</text>" not in svg for svg in plots if "cpt_piqa" not in svg)
 
 
 def test_item_limit_and_fewshot_are_protocol_too(tmp_path):

@@ -30,8 +30,11 @@ from cpt_bench.report.tables import is_perplexity
 FILTERS = (("model", "model"), ("family", "compression family"), ("kind", "prompt kind"), ("run", "run"))
 KIND_COLOURS = {"none": "#666666", "hard": "#e08214", "soft": "#2166ac", "lora": "#1b7837"}
 KIND_LEGEND = {"none": "no prompt", "lora": "LoRA adapter"}
-_WIDTH, _HEIGHT = 460, 320
-_LEFT, _RIGHT, _TOP, _BOTTOM = 62, 16, 28, 46
+# A plot holding rows of several models draws the first model's (by name) markers filled, the second's as rings,
+# the rest as dashed rings (the colour stays the prompt kind's); a second legend line names them.
+MODEL_MARKERS = ("", " ring", " ring dashed")
+_WIDTH, _HEIGHT = 460, 334
+_LEFT, _RIGHT, _TOP, _BOTTOM = 62, 16, 42, 46
 _NUMERIC = {"rank", "value ± stderr", "Δ vs dense", "gap closed", "stored MB", "ratio to dense", "resident MiB",
             "peak MiB"}
 
@@ -53,7 +56,8 @@ tbody tr:nth-child(even){background:#f6f7f9}tbody tr:hover{background:#fff3c4}
 tr.pareto td:last-child{color:#b8860b;font-weight:bold}
 svg.pareto{background:#fff;border:1px solid #ccc;flex:none}svg text{font-size:11px;fill:#333}
 svg .grid{stroke:#e6e6e6}svg .axis{stroke:#666}svg .frontier{fill:none;stroke:#b8860b;stroke-width:2}
-svg circle.point{stroke:#fff;stroke-width:1;opacity:.85}span.shown{font-size:.85em;color:#666}
+svg circle.point{stroke:#fff;stroke-width:1;opacity:.85}svg circle.ring{fill:#fff;stroke-width:2}
+svg circle.dashed{stroke-dasharray:3 2}span.shown{font-size:.85em;color:#666}
 table.runs td{white-space:normal;max-width:40em}
 """
 
@@ -206,8 +210,25 @@ def _frontier_points(axes: _Axes, rows: list[Row]) -> str:
     return " ".join(f"{x:.1f},{y:.1f}" for x, y in path)
 
 
+def _model_markers(rows: list[Row]) -> dict[str, str]:
+    """The marker classes of each model in ``rows`` (``MODEL_MARKERS`` by model name, so sorting and ranking never
+    swap them); empty when the rows are of one model (all filled, no model legend)."""
+    models = sorted({row.run.model for row in rows})
+    if len(models) < 2:
+        return {}
+    return {model: MODEL_MARKERS[min(index, len(MODEL_MARKERS) - 1)] for index, model in enumerate(models)}
+
+
+def _marker(kind: str, x: float, y: float, radius: float, colour: str, marker: str, extra: str = "") -> str:
+    """An open ``<circle`` tag of class ``kind`` (``point``: a row's marker, ``legend``): filled with ``colour``, or
+    (``marker`` " ring...") a ring drawn in it."""
+    style = f' style="stroke:{colour}"' if marker else ""
+    return f'<circle class="{kind}{marker}" cx="{x:.1f}" cy="{y:.1f}" r="{radius}" fill="{colour}"{style}{extra}'
+
+
 def pareto_svg(column: Column, rows: list[Row]) -> str:
-    """Quality against stored MB of one column's rows, better upwards, frontier drawn; markers coloured by kind."""
+    """Quality against stored MB of one column's rows, better upwards, frontier drawn; markers coloured by prompt
+    kind and, where the column holds several models, filled or ringed by model."""
     axes = _Axes(column, rows)
     right, bottom = _WIDTH - _RIGHT, _HEIGHT - _BOTTOM
     parts = [f'<svg class="pareto" xmlns="http://www.w3.org/2000/svg" width="{_WIDTH}" height="{_HEIGHT}" '
@@ -229,21 +250,33 @@ def pareto_svg(column: Column, rows: list[Row]) -> str:
               _svg_text(14, (_TOP + bottom) / 2, f"{column.metric} ({better} is better, up{scale})", "middle",
                         f' transform="rotate(-90 14 {(_TOP + bottom) / 2:.1f})"'),
               f'<polyline class="frontier" points="{_frontier_points(axes, rows)}"/>']
+    markers = _model_markers(rows)
     for row in rows:
         title = (f"{row.run.name} · {row.run.model} · {row.compression['spec']} · {row_fields(column, row)['prompt']}:"
                  f" {row_fields(column, row)['value ± stderr']} at {row.stored_mb:.1f} MB")
-        parts.append(f'<circle class="point" cx="{axes.px(row.stored_mb):.1f}" cy="{axes.py(row.cell["value"]):.1f}" '
-                     f'r="5" fill="{KIND_COLOURS[row.prompt["kind"]]}"{_attributes(_data(row))}>'
-                     f"<title>{html.escape(title)}</title></circle>")
-    legend_x = _LEFT + 6
+        circle = _marker("point", axes.px(row.stored_mb), axes.py(row.cell["value"]), 5,
+                         KIND_COLOURS[row.prompt["kind"]], markers.get(row.run.model, ""), _attributes(_data(row)))
+        parts.append(f"{circle}><title>{html.escape(title)}</title></circle>")
+    parts += _legend(markers)
+    return "".join([*parts, "</svg>"])
+
+
+def _legend(markers: dict[str, str]) -> list[str]:
+    """Above the plot: the prompt kinds' colours; on a second line the frontier and, when given, each model's
+    marker."""
+    parts, legend_x, kinds_y, second_y = [], _LEFT + 6, _TOP - 26, _TOP - 10
     for index, (kind, colour) in enumerate(KIND_COLOURS.items()):
         x = legend_x + index * 86
-        parts += [f'<circle cx="{x + 4}" cy="{_TOP - 12}" r="4" fill="{colour}"/>',
-                  _svg_text(x + 12, _TOP - 8, KIND_LEGEND.get(kind, f"{kind} prompt"), "start")]
-    frontier_x = legend_x + len(KIND_COLOURS) * 86
-    parts += [f'<line class="frontier" x1="{frontier_x}" y1="{_TOP - 12}" x2="{frontier_x + 18}" y2="{_TOP - 12}"/>',
-              _svg_text(frontier_x + 22, _TOP - 8, "Pareto frontier", "start"), "</svg>"]
-    return "".join(parts)
+        parts += [_marker("legend", x + 4, kinds_y, 4, colour, "") + "/>",
+                  _svg_text(x + 12, kinds_y + 4, KIND_LEGEND.get(kind, f"{kind} prompt"), "start")]
+    parts += [f'<line class="frontier" x1="{legend_x}" y1="{second_y}" x2="{legend_x + 18}" y2="{second_y}"/>',
+              _svg_text(legend_x + 22, second_y + 4, "Pareto frontier", "start")]
+    x = legend_x + 110
+    for model, marker in markers.items():
+        parts += [_marker("legend", x + 4, second_y, 4, KIND_COLOURS["none"], marker) + "/>",
+                  _svg_text(x + 12, second_y + 4, model, "start")]
+        x += 30 + 7 * len(model)
+    return parts
 
 
 def _table(headers: list[str], rows: list[str], classes: str) -> str:
