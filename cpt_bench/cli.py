@@ -39,10 +39,13 @@ def cmd_assets(args: argparse.Namespace) -> None:
 def cmd_corpus(args: argparse.Namespace) -> None:
     """Prepare a corpus spec and print its splits (documents, words, and tokens of ``--model``'s tokenizer);
     ``--export DIR`` writes every document as a text file."""
-    from cpt_bench.corpus import export_text, load_split, parse_corpus
+    from cpt_bench.corpus import TEXT_EXPORT_KIND, export_text, load_split, parse_corpus
+    from cpt_bench.files import ensure_replaceable
     from cpt_bench.tokens import corpus_stream
 
     spec = parse_corpus(args.spec, "corpus")
+    if args.export:  # before the corpus is prepared
+        ensure_replaceable(args.export, TEXT_EXPORT_KIND, "--export")
     tokenizer = None
     if args.model:
         from cpt_bench.assets.model import load_tokenizer

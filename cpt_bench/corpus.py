@@ -52,12 +52,22 @@ from cpt_bench.assets.corpora import (
     split_documents,
 )
 from cpt_bench.errors import UserError
+from cpt_bench.files import (
+    EXPORT_MARKER,
+    OutputKind,
+    ensure_replaceable,
+    json_bytes,
+    replacing_folder,
+    write_bytes_atomic,
+)
 
 KINDS = ("text", "jsonl", "csv", "parquet", "hf", "lmeval")
 OPTIONS = ("field", "config", "separator")
 DOCUMENT_SEPARATOR = "\n\n"  # how the GPTQ reference code joins WikiText-2 documents: the default
 SEPARATORS = {"blank_line": DOCUMENT_SEPARATOR, "newline": "\n", "space": " "}
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
+TEXT_EXPORT_FORMAT = "cpt_bench.corpus_export/1"
+TEXT_EXPORT_KIND = OutputKind("corpus exported by 'corpus --export'", EXPORT_MARKER, (("format", TEXT_EXPORT_FORMAT),))
 _SPEC_RE = re.compile(r"(?P<kind>[a-z]+):(?P<location>[^?]+)(?:\?(?P<options>.*))?")
 _KEY_HEX = 12
 
@@ -193,18 +203,22 @@ def load_split(spec: str | CorpusSpec, split: str) -> list[dict]:
 
 
 def export_text(spec: str | CorpusSpec, out: Path) -> int:
-    """Write every document of every split as ``out/<split>/<index>.txt`` (UTF-8; atomically, the folder replaced
-    whole); returns how many. ``text:OUT`` then reads them back, split anew by document."""
-    from cpt_bench.files import replacing_folder
-
-    count = 0
+    """Write every document of every split as ``out/<split>/<index>.txt`` (UTF-8) and ``files.EXPORT_MARKER``
+    (the corpus and its counts), atomically, the folder replaced whole; returns how many documents. ``out`` must be
+    new, empty or an earlier export (``files.OutputPathError`` otherwise). ``text:OUT`` then reads them back, split
+    anew by document."""
+    ensure_replaceable(Path(out), TEXT_EXPORT_KIND, "--export")
+    counts = {}
     with replacing_folder(Path(out)) as folder:
         for split in SPLITS:
             (folder / split).mkdir()
-            for index, doc in enumerate(load_split(spec, split)):
+            docs = load_split(spec, split)
+            for index, doc in enumerate(docs):
                 (folder / split / f"{index:06d}.txt").write_text(doc["text"] + "\n", encoding="utf-8")
-                count += 1
-    return count
+            counts[split] = len(docs)
+        write_bytes_atomic(folder / EXPORT_MARKER, json_bytes({"format": TEXT_EXPORT_FORMAT, "corpus": str(spec),
+                                                                "documents": counts}))
+    return sum(counts.values())
 
 
 def prepare(spec: str | CorpusSpec) -> Path:

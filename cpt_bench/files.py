@@ -6,6 +6,10 @@ A reader sees either the old version or the complete new one, never a partial wr
   fsynced, renamed into place, and the folder fsynced;
 - folders (``replacing_folder``) are built in a hidden temp folder beside the target (``.<name>.*.building``) and
   exchanged with the old folder in one step, so the target path never goes missing.
+
+Replacing is only ever right for an output cpt_bench wrote before (a re-run): every writer first calls
+``ensure_replaceable(path, kind, flag)``, which accepts a new or empty folder or one it recognises as an output of
+the same ``OutputKind`` (by a marker file that kind always writes), and refuses anything else in one line.
 """
 
 from __future__ import annotations
@@ -20,8 +24,11 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from cpt_bench.errors import UserError
 
 FILE_TEMP_SUFFIX = ".tmp"
 FOLDER_TEMP_SUFFIX = ".building"
@@ -30,6 +37,117 @@ _FILE_MODE, _FOLDER_MODE = 0o644, 0o755
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # <fcntl.h>, <linux/fs.h>
 # errnos of a kernel or file system without RENAME_EXCHANGE (ENOSYS: no renameat2; EINVAL: flag unsupported)
 _NO_EXCHANGE_ERRNOS = (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP)
+# The marker of an export whose own format has no place to say it was written by cpt_bench (a PEFT adapter, a
+# GPTQ-format checkpoint, a corpus as text files): a JSON object with the export's ``format`` and its source.
+EXPORT_MARKER = "cpt_bench_export.json"
+_MARKER_READ_BYTES = 1 << 16  # a marker is a small JSON or text file; a larger one is not ours
+_NAMES_SHOWN = 3  # foreign entries named in a refusal
+
+
+class OutputPathError(UserError):
+    """An output path a writer must not use: a file where a folder goes, a folder of other files, or a path that
+    cannot be created (one-line message naming the flag and the path)."""
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """A kind of output folder, and how a writer recognises one it wrote before (and so may replace).
+
+    Attributes:
+        name: what it is, for messages (e.g. ``"compressed checkpoint"``).
+        marker: a file every output of this kind holds (e.g. ``compression.json``).
+        fields: ``(key, value)`` pairs the marker, a JSON object, must hold (e.g. its ``format``); empty: any
+            JSON object.
+        contains: for a text marker instead: a text it holds (``fields`` is then not read).
+        ignored: names that do not make a folder non-empty (e.g. a lock file left by a killed run).
+    """
+
+    name: str
+    marker: str
+    fields: tuple[tuple[str, Any], ...] = ()
+    contains: str | None = None
+    ignored: tuple[str, ...] = ()
+
+    def recognises(self, folder: Path) -> bool:
+        """Whether ``folder`` holds this kind's marker, with its fields (or its text)."""
+        path = Path(folder) / self.marker
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read(_MARKER_READ_BYTES + 1)
+        except OSError:
+            return False
+        if len(data) > _MARKER_READ_BYTES:
+            return False
+        if self.contains is not None:
+            return self.contains.encode("utf-8") in data
+        try:
+            record = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return False
+        return isinstance(record, dict) and all(record.get(key) == value for key, value in self.fields)
+
+
+def ensure_replaceable(path: Path, kind: OutputKind, flag: str) -> None:
+    """Check, before any work, that folder ``path`` may receive an output of ``kind`` (nothing is written).
+
+    Accepted: a path that does not exist yet but can be created (checked now, not after the work), an empty
+    folder (hidden temp files of this module and ``kind.ignored`` aside), or a folder ``kind`` recognises as its own
+    earlier output. Anything else raises ``OutputPathError`` naming ``flag`` (e.g. ``--out``), the path and what
+    is there: a file, or the first foreign entries.
+    """
+    path = Path(path)
+    if path.is_symlink() and not path.exists() or path.exists() and not path.is_dir():
+        raise OutputPathError(f"{flag} {path} is a file, not a folder: choose an empty or new folder for the "
+                              f"{kind.name}")
+    if not path.exists():
+        _check_creatable(path, flag)
+        return
+    entries = sorted(entry.name for entry in path.iterdir()
+                     if entry.name not in kind.ignored and not _is_temp_name(entry.name))
+    if not entries or kind.recognises(path):
+        return
+    shown = ", ".join(entries[:_NAMES_SHOWN]) + (", ..." if len(entries) > _NAMES_SHOWN else "")
+    raise OutputPathError(f"{flag} {path} holds files that are not a {kind.name} cpt_bench wrote ({shown}; one holds "
+                          f"{kind.marker}): choose an empty or new folder")
+
+
+def ensure_file_replaceable(folder: Path, kind: OutputKind, flag: str) -> None:
+    """Check, before any work, that a writer may write its file ``kind.marker`` into ``folder``, a folder holding
+    other things too (the leaderboard's pages in a results folder): ``folder`` is a folder (or can be created)
+    and ``kind.marker`` is new or recognised as written by it before; else ``OutputPathError`` (see
+    ``ensure_replaceable``)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputPathError(f"{flag} {folder} is a file, not a folder: choose a folder for the {kind.name}")
+    if not folder.exists():
+        _check_creatable(folder, flag)
+        return
+    target = folder / kind.marker
+    if os.path.lexists(target) and not kind.recognises(folder):
+        what = "a folder" if target.is_dir() else "a file cpt_bench did not write"
+        raise OutputPathError(f"{flag} {folder}: {target.name} there is {what}, not a {kind.name}; move it away or "
+                              "choose another folder")
+
+
+def _check_creatable(path: Path, flag: str) -> None:
+    """Refuse (``OutputPathError`` naming ``flag``) a missing ``path`` that could not be created: its nearest
+    existing ancestor must be a folder that takes a new entry, tried with a temp folder removed at once (permission
+    bits alone do not tell, e.g. for root under ``/proc``)."""
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    try:
+        if not ancestor.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(ancestor))
+        os.rmdir(tempfile.mkdtemp(dir=ancestor, prefix=f".{path.name}.", suffix=FOLDER_TEMP_SUFFIX))
+    except OSError as error:
+        raise OutputPathError(f"{flag} {path}: cannot create the folder ({error.strerror}); expected a folder "
+                              "that exists or can be created") from None
+
+
+def _is_temp_name(name: str) -> bool:
+    """Whether ``name`` is one of this module's hidden temp files or folders (``.<name>.*.tmp``/``.building``)."""
+    return name.startswith(".") and name.endswith((FILE_TEMP_SUFFIX, FOLDER_TEMP_SUFFIX))
 
 
 def sha256_of(path: Path) -> str:

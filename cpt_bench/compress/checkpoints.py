@@ -34,8 +34,8 @@ from cpt_bench.compress.kernels import swap_in_kernels
 from cpt_bench.compress.layers import state_weight
 from cpt_bench.compress.sequential import compress_model
 from cpt_bench.compress.spec import CalibrationSettings, Spec, SpecError
-from cpt_bench.compress.storage import StorageError, check_fits, read_checkpoint, save_compressed
-from cpt_bench.files import replacing_folder
+from cpt_bench.compress.storage import CHECKPOINT_KIND, StorageError, check_fits, read_checkpoint, save_compressed
+from cpt_bench.files import ensure_replaceable, replacing_folder
 
 MODES = ("simulated", "real")
 KEY_HEX_CHARS = 12
@@ -70,13 +70,11 @@ def compress_to_folder(model: str | os.PathLike, spec: Spec, settings: Calibrati
     Calibration windows come from ``settings.corpus`` (train split) when the spec needs them. Shows a tqdm bar over
     decoder layers when ``progress``. The folder is built beside ``out`` and takes its place only when complete
     (``files.replacing_folder``): a failure (a bad spec, a full disk) leaves ``out`` as it was. A folder ``out``
-    that exists must be an earlier checkpoint (it is replaced whole), never a folder of other files. Returns a
-    summary (spec, seconds, base model).
+    that exists must be empty or an earlier checkpoint (it is replaced whole), never a folder of other files
+    (``files.OutputPathError``, before anything loads). Returns a summary (spec, seconds, base model).
     """
     out = Path(out)
-    if out.exists() and not (out / "compression.json").is_file() and (not out.is_dir() or any(out.iterdir())):
-        raise StorageError(f"--out {out} exists and is not a compressed checkpoint; expected a new folder or one "
-                           "written by 'cpt-bench compress --out' (it is replaced whole)")
+    ensure_replaceable(out, CHECKPOINT_KIND, "--out")
     with replacing_folder(out) as staging:
         return _write_checkpoint(staging, model, spec, settings, progress)
 

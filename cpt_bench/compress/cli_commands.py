@@ -15,10 +15,11 @@ def cmd_compress(args: argparse.Namespace) -> None:
     """Compress a model (cached unless ``--out``), print the memory account, optionally export GPTQ format."""
     from cpt_bench.assets.model import model_folder
     from cpt_bench.compress.checkpoints import cached_checkpoint, compress_to_folder
-    from cpt_bench.compress.export import export_gptq
+    from cpt_bench.compress.export import GPTQ_EXPORT_KIND, export_gptq
     from cpt_bench.compress.spec import Spec
-    from cpt_bench.compress.storage import memory_table, read_manifest
+    from cpt_bench.compress.storage import CHECKPOINT_KIND, memory_table, read_manifest
     from cpt_bench.corpus import parse_corpus
+    from cpt_bench.files import ensure_replaceable
 
     spec = Spec.parse(args.spec)
     parse_corpus(args.corpus, "--corpus")
@@ -27,6 +28,10 @@ def cmd_compress(args: argparse.Namespace) -> None:
     if spec.is_dense:
         print(f"spec dense: nothing to compress; the model is {model_folder(args.model)}")
         return
+    if args.out:
+        ensure_replaceable(args.out, CHECKPOINT_KIND, "--out")
+    if args.export_gptq is not None:  # checked before compressing, not after
+        ensure_replaceable(args.export_gptq, GPTQ_EXPORT_KIND, "--export-gptq")
     if args.out:
         compress_to_folder(args.model, spec, settings, args.out)
         folder = args.out

@@ -33,11 +33,13 @@ from cpt_bench.compress.quant import CompressedLinear
 from cpt_bench.compress.spec import Spec
 from cpt_bench.compress.storage import pack_bits, read_checkpoint
 from cpt_bench.errors import UserError
-from cpt_bench.files import json_bytes, write_files_atomic
+from cpt_bench.files import EXPORT_MARKER, OutputKind, ensure_replaceable, json_bytes, write_files_atomic
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 WEIGHTS_FILE = "model.safetensors"
 QUANTIZE_CONFIG_FILE = "quantize_config.json"
+EXPORT_FORMAT = "cpt_bench.gptq_export/1"
+GPTQ_EXPORT_KIND = OutputKind("GPTQ-format export", EXPORT_MARKER, (("format", EXPORT_FORMAT),))
 _COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                  "vocab.json", "merges.txt", "chat_template.jinja")
 
@@ -101,17 +103,20 @@ def quantization_config(spec: Spec, calibration: dict | None, checkpoint_format:
 
 
 def export_gptq(compressed_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                checkpoint_format: str = "gptq") -> Path:
+                checkpoint_format: str = "gptq", flag: str = "--export-gptq") -> Path:
     """Write the GPTQ-format checkpoint of a compressed folder (``checkpoints.compress_to_folder``) to ``out_dir``.
 
-    Writes ``model.safetensors``, ``config.json`` with ``quantization_config``, ``quantize_config.json`` and the
-    tokenizer files, all replaced together or not at all (``write_files_atomic``). Raises ``ExportError`` for a
-    spec without quantization or a layer the format cannot hold.
+    Writes ``model.safetensors``, ``config.json`` with ``quantization_config``, ``quantize_config.json``, the
+    tokenizer files and ``files.EXPORT_MARKER`` (what it was exported from), all replaced together or not at all
+    (``write_files_atomic``). ``out_dir`` must be new, empty or an earlier GPTQ export (``files.OutputPathError``
+    naming ``flag`` otherwise). Raises ``ExportError`` for a spec without quantization or a layer the format
+    cannot hold.
     """
     if checkpoint_format not in CHECKPOINT_FORMATS:
         raise ExportError(f"checkpoint format must be one of {', '.join(CHECKPOINT_FORMATS)}, "
                           f"got {checkpoint_format!r}")
     source, out = Path(compressed_dir), Path(out_dir)
+    ensure_replaceable(out, GPTQ_EXPORT_KIND, flag)
     checkpoint = read_checkpoint(source)
     spec = Spec.parse(checkpoint.manifest["spec"])
     if spec.quantization is None:
@@ -125,5 +130,7 @@ def export_gptq(compressed_dir: str | os.PathLike, out_dir: str | os.PathLike,
              "config.json": json_bytes(config | {"quantization_config": qconfig}),
              QUANTIZE_CONFIG_FILE: json_bytes(qconfig)}
     files |= {name: (source / name).read_bytes() for name in _COPIED_FILES if (source / name).is_file()}
+    files[EXPORT_MARKER] = json_bytes({"format": EXPORT_FORMAT, "source": str(source.resolve()),
+                                       "spec": str(spec), "checkpoint_format": checkpoint_format})
     write_files_atomic(out, files)
     return out

@@ -39,13 +39,14 @@ from torch import nn
 from cpt_bench.compress.quant import CompressedLinear, QuantizedWeight
 from cpt_bench.compress.spec import CompressionResult, LayerReport
 from cpt_bench.errors import UserError
-from cpt_bench.files import write_files_atomic
+from cpt_bench.files import OutputKind, write_files_atomic
 
 FORMAT = "cpt_bench.compressed/1"
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "compression.json"
 CONFIG_FILE = "config.json"  # the model's transformers config, as ``save_pretrained`` writes it
 REQUIRED_FIELDS = ("spec", "calibration", "layers", "tied", "memory", "files")
+CHECKPOINT_KIND = OutputKind("compressed checkpoint", MANIFEST_FILE, (("format", FORMAT),))
 
 
 class StorageError(UserError):

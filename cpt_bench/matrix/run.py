@@ -28,7 +28,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from cpt_bench.errors import UserError
-from cpt_bench.files import write_json_atomic, write_text_atomic
+from cpt_bench.files import ensure_replaceable, write_json_atomic, write_text_atomic
 from cpt_bench.lmeval.quiet import logging_through_tqdm, quiet_lm_eval
 from cpt_bench.matrix import store
 from cpt_bench.matrix.config import ConfigError, MatrixConfig, Target, load_config
@@ -378,16 +378,14 @@ def run_matrix(config_path: Path, out: Path | None = None, resume: bool = False,
     if plan_only:
         print(describe(plan, None))
         return None
+    run_dir = Path(out) if out else default_run_dir(config, shard_numbers)
+    if not dry_run:  # before the plan's checks load anything
+        ensure_replaceable(run_dir, store.RUN_FOLDER_KIND, "--out")
     facts = validate_plan(plan, task_manager(config))
     if dry_run:
         print(describe(plan, facts.parameters))
         return None
-    run_dir = Path(out) if out else default_run_dir(config, shard_numbers)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise store.RunFolderError(f"--out {run_dir}: cannot create the run folder ({error.strerror}); expected a "
-                                   "folder that exists or can be created") from None
+    run_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(run_dir):
         store.prepare(run_dir, config, Path(config_path).read_text(encoding="utf-8"), resume)
         started = time.perf_counter()
@@ -431,7 +429,9 @@ def finish(run_dir: Path, plan: Plan) -> Path | None:
 
 
 def merge_runs(out: Path, inputs: list[Path]) -> Path | None:
-    """Merge shard folders into ``out`` and, when complete, write its summary and report."""
+    """Merge shard folders into ``out`` (new, empty or a run folder) and, when complete, write its summary and
+    report."""
+    ensure_replaceable(out, store.RUN_FOLDER_KIND, "merge OUT")
     out.mkdir(parents=True, exist_ok=True)
     with RunLock(out):
         store.merge(out, inputs)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from cpt_bench.errors import UserError
-from cpt_bench.files import write_json_atomic, write_text_atomic
+from cpt_bench.files import OutputKind, write_json_atomic, write_text_atomic
 from cpt_bench.matrix.config import ConfigError, MatrixConfig, config_from_dict
 from cpt_bench.matrix.lock import LOCK_FILE
 from cpt_bench.matrix.paired import COMPARISON_KEYS, GAP_CLOSED_KEY, cell_comparisons
@@ -59,6 +59,7 @@ CONFIG_FILE = "config.json"
 CELLS_DIR = "cells"
 SUMMARY_FILE = "summary.json"
 ENVIRONMENT_FILE = "environment.json"
+RUN_FOLDER_KIND = OutputKind("matrix run folder", CONFIG_FILE, ignored=(LOCK_FILE,))  # --resume checks the config
 # Cell fields that differ between identical runs (timings, memory, dates): left out of comparisons.
 VOLATILE_FIELDS = ("seconds", "memory", "lm_eval", "environment", "checksum")
 VOLATILE_PROMPT_FIELDS = ("train_seconds", "teacher_seconds", "train_peak_memory_bytes")  # of a cell's prompt block

@@ -27,7 +27,16 @@ import torch
 from safetensors.torch import load_file, save
 
 from cpt_bench.errors import UserError
-from cpt_bench.files import json_bytes, replacing_folder, sha256_of, write_bytes_atomic, write_files_atomic
+from cpt_bench.files import (
+    EXPORT_MARKER,
+    OutputKind,
+    ensure_replaceable,
+    json_bytes,
+    replacing_folder,
+    sha256_of,
+    write_bytes_atomic,
+    write_files_atomic,
+)
 from cpt_bench.prompts.position import FIRST, recorded_position
 from cpt_bench.prompts.target import describe_target, same_embeddings
 from cpt_bench.provenance import environment_record
@@ -38,6 +47,9 @@ TENSOR_KEY = "prompt"
 FORMAT = "cpt_bench.soft_prompt/1"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_TENSOR_KEY = "prompt_embeddings"  # the key PEFT 0.21 writes for a PromptTuning adapter
+PEFT_EXPORT_FORMAT = "cpt_bench.peft_export/1"
+PEFT_EXPORT_KIND = OutputKind("PEFT adapter exported by 'prompt export-peft'", EXPORT_MARKER,
+                              (("format", PEFT_EXPORT_FORMAT),))
 REQUIRED_FIELDS = ("sha256", "n_virtual_tokens", "hidden_size", "model", "tokenizer", "compression")
 
 
@@ -146,12 +158,16 @@ def export_peft(prompt_folder: Path, out_folder: Path, base_model: str | None = 
     ``lm_eval --model hf --model_args pretrained=BASE,peft=OUT`` and ``PeftModel.from_pretrained`` load
     it. ``base_model`` (default: the model name in ``prompt.json``) is only recorded in the config. PEFT puts the
     prompt first, so a prompt trained ``after_bos`` is refused (one line).
-    The folder is built beside ``out_folder`` and takes its place when complete (``files.replacing_folder``).
+    The folder is built beside ``out_folder`` and takes its place when complete (``files.replacing_folder``);
+    ``out_folder`` must be new, empty or an earlier export (``files.OutputPathError`` otherwise), which
+    ``files.EXPORT_MARKER`` (the prompt folder and its sha256) marks.
     """
     from peft import PromptTuningConfig, TaskType
 
+    out_folder = Path(out_folder)
+    ensure_replaceable(out_folder, PEFT_EXPORT_KIND, "OUT_DIR")
     prompt = read_prompt(prompt_folder)
-    meta, out_folder = prompt.meta, Path(out_folder)
+    meta = prompt.meta
     if recorded_position(meta) != FIRST:
         raise PromptArtifactError(f"prompt {prompt_folder} sits after the BOS token ({recorded_position(meta)}), "
                                   "but a PEFT PromptTuning adapter puts it before every token and would score "
@@ -164,5 +180,7 @@ def export_peft(prompt_folder: Path, out_folder: Path, base_model: str | None = 
     with replacing_folder(out_folder) as tmp:
         config.save_pretrained(str(tmp))
         write_bytes_atomic(tmp / PEFT_WEIGHTS, save({PEFT_TENSOR_KEY: prompt.embeddings}))
+        write_bytes_atomic(tmp / EXPORT_MARKER, json_bytes({"format": PEFT_EXPORT_FORMAT, "prompt": str(
+            Path(prompt_folder).resolve()), "sha256": meta["sha256"]}))
     return out_folder
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cpt_bench.files import write_text_atomic
+from cpt_bench.files import OutputKind, ensure_replaceable, write_text_atomic
 from cpt_bench.report.leaderboard import write_leaderboard
 from cpt_bench.report.recovery import method_tables, recovery_tables, seed_tables
 from cpt_bench.report.serving import serving_tables
@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 
 __all__ = ["load_summary", "write_leaderboard", "write_report"]
 
+_TITLE_PREFIX = "CPT benchmark report: "
+REPORT_KIND = OutputKind("report", "report.md", contains=f"# {_TITLE_PREFIX}")  # the markdown's first line
 _LEGEND = ("Entries are value ± standard error; Δ is the value minus the dense model without prompt on the same task; "
            "peak MiB is the measured peak memory of the unprompted cell (peak RSS on CPU, CUDA max allocated on GPU); "
            "– marks combinations the run does not contain; (in-domain) marks soft prompts trained on the target's "
@@ -118,7 +120,7 @@ def _facts(summary: Summary) -> list[str]:
 
 
 def _title(summary: Summary) -> str:
-    return f"CPT benchmark report: {summary.raw['name']}"
+    return f"{_TITLE_PREFIX}{summary.raw['name']}"
 
 
 def _environment(summary: Summary) -> str:
@@ -175,9 +177,11 @@ def write_report(summary: dict[str, Any], out_dir: Path) -> list[Path]:
     """Write ``report.md``, ``report.tex``, ``report.html`` and the PNGs they show into ``out_dir``; return the paths.
 
     ``summary`` is a parsed ``summary.json`` (format ``store.SUMMARY_FORMAT``); ``tables.ReportError`` when malformed.
+    ``out_dir`` must be new, empty or an earlier report (``files.OutputPathError`` otherwise).
     """
     from cpt_bench.report.plots import write_plots  # matplotlib loads only when a report is written
 
+    ensure_replaceable(out_dir, REPORT_KIND, "--out")
     parsed = Summary(summary)
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = write_plots(parsed, out_dir)

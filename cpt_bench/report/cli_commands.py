@@ -25,8 +25,10 @@ def cmd_leaderboard(args: argparse.Namespace) -> None:
     """Add ``--add`` run folders (verified), then write the leaderboard of every run under the results folder and
     print each written path."""
     from cpt_bench.report import write_leaderboard
+    from cpt_bench.report.leaderboard import check_results_folder
     from cpt_bench.report.submit import add_run
 
+    check_results_folder(args.results)  # before any run is verified and copied in
     for run_dir in args.add:
         print(add_run(run_dir, args.results))
     for path in write_leaderboard(args.results):
