@@ -13,7 +13,6 @@ from cpt_bench.compress import (
     CalibrationSettings,
     Spec,
     SpecError,
-    StorageError,
     cached_checkpoint,
     checkpoints,
     compress_to_folder,
@@ -24,6 +23,7 @@ from cpt_bench.compress import (
 from cpt_bench.compress.calibration import corpus_calibration_ids
 from cpt_bench.compress.cli_commands import add_compress_parser
 from cpt_bench.compress.sequential import compressible_linears
+from cpt_bench.files import OutputPathError
 from cpt_bench.tokens import corpus_stream
 
 from .compress_helpers import _one_thread  # noqa: F401  (_one_thread: autouse fixture)
@@ -181,7 +181,7 @@ def test_out_folder_is_replaced_whole_and_never_a_folder_of_other_files(cache, t
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep")
-    with pytest.raises(StorageError, match="is not a compressed checkpoint"):
+    with pytest.raises(OutputPathError, match="not a compressed checkpoint"):
         compress_to_folder(str(tiny_model_dir), RTN, SETTINGS, mine)
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
 

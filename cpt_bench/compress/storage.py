@@ -26,8 +26,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 import torch
@@ -37,7 +40,7 @@ from tabulate import tabulate
 from torch import nn
 
 from cpt_bench.compress.quant import CompressedLinear, QuantizedWeight
-from cpt_bench.compress.spec import CompressionResult, LayerReport
+from cpt_bench.compress.spec import CompressionResult, LayerReport, Spec
 from cpt_bench.errors import UserError
 from cpt_bench.files import OutputKind, write_files_atomic
 
@@ -46,6 +49,7 @@ WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "compression.json"
 CONFIG_FILE = "config.json"  # the model's transformers config, as ``save_pretrained`` writes it
 REQUIRED_FIELDS = ("spec", "calibration", "layers", "tied", "memory", "files")
+_SPARSITY_ROUNDING = 1e-4  # a layer's recorded sparsity against the one its mask gives (float32 mean, JSON)
 CHECKPOINT_KIND = OutputKind("compressed checkpoint", MANIFEST_FILE, (("format", FORMAT),))
 
 
@@ -154,13 +158,84 @@ class StoredCheckpoint:
 
 
 def read_checkpoint(out_dir: str | os.PathLike) -> StoredCheckpoint:
-    """Read and verify (sha256) a checkpoint written by ``save_compressed``; raises ``StorageError``."""
+    """Read and verify a checkpoint written by ``save_compressed`` (sha256, and its record against its weights:
+    ``check_record``); raises ``StorageError``."""
     manifest = read_manifest(out_dir)
     tensors = load_safetensors(_read_verified(Path(out_dir), manifest))
+    check_record(Path(out_dir), manifest, tensors)
     layers = {name: _load_layer(f"{name}.weight", meta, tensors) for name, meta in manifest["layers"].items()}
     prefixes = tuple(f"{name}.weight." for name in layers)
     others = {name: tensor for name, tensor in tensors.items() if not name.startswith(prefixes)}
     return StoredCheckpoint(manifest, layers, others)
+
+
+def check_record(where: Path, manifest: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse a checkpoint whose record says other than its weights hold (``StorageError`` naming the field, what
+    the record says and what the weights show): a 4-bit checkpoint relabelled 3-bit, another group size, a sparsity
+    or N:M pattern that is not there. Checked for every compressed Linear, against both the spec and the layer's
+    own ``bits`` / ``group_size`` / ``sparsity``: the sha256 alone cannot catch an edited ``compression.json``."""
+    spec = Spec.parse(manifest["spec"])
+    for name, meta in manifest["layers"].items():
+        keep = _stored_keep(f"{name}.weight", meta["shape"], tensors)
+        found = next(chain(_pruning_mismatches(spec, name, meta, keep),
+                           _quantization_mismatches(spec, name, meta, keep, tensors)), None)
+        if found:
+            field, says, shows = found
+            raise StorageError(f"checkpoint {where}: {field}: {MANIFEST_FILE} says {says}, but the weights of {name} "
+                               f"show {shows}; the record does not describe these weights")
+
+
+Mismatch = tuple[str, str, str]  # (field, what the record says, what the weights show)
+
+
+def _stored_keep(prefix: str, shape: list[int], tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The stored keep mask ``[rows, cols]`` bool of a compressed weight, None when it has none (not pruned)."""
+    rows, cols = shape
+    if f"{prefix}.mask" not in tensors:
+        return None
+    return unpack_bits(tensors[f"{prefix}.mask"], 1, rows * cols).bool().reshape(rows, cols)
+
+
+def _pruning_mismatches(spec: Spec, name: str, meta: dict, keep: torch.Tensor | None) -> Iterator[Mismatch]:
+    """Where the spec's pruning (none, a percent, N:M) or the layer's ``sparsity`` differs from the keep mask."""
+    pruning, cols = spec.pruning, meta["shape"][1]
+    if (pruning is None) != (keep is None):
+        yield "pruning", f"spec {spec}", "a keep mask" if keep is not None else "no keep mask (nothing pruned)"
+        return
+    pruned = 0.0 if keep is None else 1.0 - keep.float().mean().item()
+    if pruning is not None and pruning.m:
+        per_window = (~keep).reshape(keep.shape[0], cols // pruning.m, pruning.m).sum(-1)
+        if not bool((per_window == pruning.m - pruning.n).all()):
+            yield ("sparsity", f"{pruning.n}:{pruning.m} (spec {spec})",
+                   f"windows of {pruning.m} with {int(per_window.min())} to {int(per_window.max())} pruned")
+    elif pruning is not None and abs(pruned - pruning.fraction) > 1 / cols:  # whole weights per row or block
+        yield "sparsity", f"{pruning.fraction:.1%} (spec {spec})", f"{pruned:.1%} pruned"
+    if abs(pruned - meta["sparsity"]) > _SPARSITY_ROUNDING:
+        yield "sparsity", f"{meta['sparsity']:.1%} (layers.{name}.sparsity)", f"{pruned:.1%} pruned"
+
+
+def _quantization_mismatches(spec: Spec, name: str, meta: dict, keep: torch.Tensor | None,
+                             tensors: dict[str, torch.Tensor]) -> Iterator[Mismatch]:
+    """Where the spec's or the layer's bits and group size differ from the stored codes and scales: the bit width
+    is the one whose packing of the stored codes gives their byte count, the groups per row the scales' width."""
+    quant, prefix, (rows, cols) = spec.quantization, f"{name}.weight", meta["shape"]
+    if (quant is None) != (f"{prefix}.codes" not in tensors):
+        yield "quantization", f"spec {spec}", "no codes" if quant is not None else "quantized codes"
+        return
+    if quant is None:
+        return
+    n_codes = rows * cols if keep is None else int(keep.sum())
+    n_bytes = tensors[f"{prefix}.codes"].numel()
+    widths = [bits for bits in range(1, 9) if math.ceil(n_codes * bits / 8) == n_bytes]
+    shows = f"{widths[0]}-bit codes" if len(widths) == 1 else f"{n_bytes} bytes of codes for {n_codes} weights"
+    for says, bits in ((f"spec {spec}", quant.bits), (f"layers.{name}.bits", meta["bits"])):
+        if widths != [bits]:
+            yield "bits", f"{bits} ({says})", shows
+    groups = tensors[f"{prefix}.scales"].shape[-1]
+    for says, size in ((f"spec {spec}", quant.group_size), (f"layers.{name}.group_size", meta["group_size"])):
+        if groups != (math.ceil(cols / size) if size else 1):
+            yield ("group size", f"{size or 'none (one grid per row)'} ({says})",
+                   f"{groups} groups per row of {cols} columns")
 
 
 def check_fits(checkpoint: StoredCheckpoint, model: nn.Module, where: str) -> None:
