@@ -168,3 +168,39 @@ def test_missing_checkpoint_and_wrong_model_are_refused(tmp_path):
     tiny_llama(tie=False).config.save_pretrained(tmp_path)  # a config.json of another (untied) model
     with pytest.raises(StorageError, match="does not match"):
         reloaded(tmp_path)
+
+
+def _set_every_layer(manifest: dict, field: str, value) -> dict:
+    for meta in manifest["layers"].values():
+        meta[field] = value
+    return manifest
+
+
+@pytest.mark.parametrize("saved, edit, says, shows", [
+    ("rtn-w4g32", lambda m: m | {"spec": "rtn-w3g32"}, "bits: compression.json says 3 (spec rtn-w3g32)",
+     "show 4-bit codes"),
+    ("rtn-w4g32", lambda m: _set_every_layer(m | {"spec": "rtn-w3g32"}, "bits", 3),
+     "bits: compression.json says 3 (spec rtn-w3g32)", "show 4-bit codes"),
+    ("rtn-w4g32", lambda m: m | {"spec": "rtn-w4g64"}, "group size: compression.json says 64 (spec rtn-w4g64)",
+     "show 2 groups per row of 64 columns"),
+    ("rtn-w4g32", lambda m: _set_every_layer(m, "group_size", None), "group size: compression.json says none",
+     "show 2 groups per row of 64 columns"),
+    ("magnitude-50", lambda m: m | {"spec": "magnitude-70"}, "sparsity: compression.json says 70.0% (spec "
+     "magnitude-70)", "show 50.0% pruned"),
+    ("magnitude-50", lambda m: m | {"spec": "magnitude-2:4"}, "sparsity: compression.json says 2:4", "windows of 4"),
+    ("magnitude-50", lambda m: _set_every_layer(m, "sparsity", 0.6), "sparsity: compression.json says 60.0% "
+     "(layers.", "show 50.0% pruned"),
+    ("rtn-w4g32", lambda m: m | {"spec": "sparsegpt-50+gptq-w4g32"}, "pruning: compression.json says spec "
+     "sparsegpt-50+gptq-w4g32", "show no keep mask"),
+    ("magnitude-50", lambda m: m | {"spec": "sparsegpt-50+gptq-w4g32"}, "quantization", "show no codes"),
+])
+def test_a_record_that_says_other_than_its_weights_is_refused(tmp_path, saved, edit, says, shows):
+    model, result = compressed(saved)
+    save_compressed(model, result, tmp_path)
+    reloaded(tmp_path)  # as written, it loads
+    manifest = json.loads((tmp_path / MANIFEST_FILE).read_text())
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(edit(manifest)))
+    with pytest.raises(StorageError) as caught:
+        reloaded(tmp_path)
+    message = str(caught.value)
+    assert says in message and shows in message and "\n" not in message, message
