@@ -66,13 +66,15 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     """Evaluate one model on cpt_bench tasks and write a run folder."""
     from lm_eval.utils import make_table
 
-    from cpt_bench.evaluate import EvalSettings, run_evaluation, write_run
+    from cpt_bench.evaluate import EVALUATION_KIND, EvalSettings, run_evaluation, write_run
+    from cpt_bench.files import ensure_replaceable
 
     tasks = [name for name in args.tasks.split(",") if name.strip()]
     settings = EvalSettings(model=args.model, tasks=tasks, limit_items=args.limit, limit_windows=args.ppl_limit,
                             seqlen_tokens=args.seqlen, batch_size=args.batch_size, device=args.device)
-    results = run_evaluation(settings)
     out = args.out or Path("runs") / f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}"
+    ensure_replaceable(out, EVALUATION_KIND, "--out")  # before the model loads
+    results = run_evaluation(settings)
     path = write_run(results, out)
     print(make_table(results))
     meta = results["cpt_bench"]

@@ -15,13 +15,14 @@ from typing import Any
 
 from cpt_bench.assets.model import ModelError, check_causal_lm, first_line
 from cpt_bench.errors import UserError
-from cpt_bench.files import json_bytes, write_files_atomic
+from cpt_bench.files import OutputKind, ensure_replaceable, json_bytes, write_files_atomic
 from cpt_bench.lmeval.quiet import quiet_lm_eval
 from cpt_bench.lmeval.tasks import task_manager
 from cpt_bench.perplexity import DEFAULT_SEQLEN_TOKENS
 from cpt_bench.provenance import environment_record, peak_memory
 
 PPL_PREFIX = "cpt_ppl"
+EVALUATION_KIND = OutputKind("evaluation run folder", "results.json", (("cpt_bench", None),))  # write_run's files
 SEEDS = {"random_seed": 0, "numpy_random_seed": 1234, "torch_random_seed": 1234, "fewshot_random_seed": 1234}
 
 
@@ -98,9 +99,10 @@ def run_evaluation(settings: EvalSettings) -> dict[str, Any]:
 
 def write_run(results: dict[str, Any], out_dir: Path) -> Path:
     """Write ``results.json`` and the ``results.md`` table into ``out_dir`` (atomically, both or neither); returns
-    the JSON path."""
+    the JSON path. ``out_dir`` must be new, empty or an earlier evaluation (``files.OutputPathError``)."""
     from lm_eval.utils import make_table
 
+    ensure_replaceable(out_dir, EVALUATION_KIND, "--out")
     out_dir.mkdir(parents=True, exist_ok=True)
     serialisable = json.loads(json.dumps(results, default=str))
     meta = results["cpt_bench"]

@@ -56,8 +56,8 @@ class OutputKind:
     Attributes:
         name: what it is, for messages (e.g. ``"compressed checkpoint"``).
         marker: a file every output of this kind holds (e.g. ``compression.json``).
-        fields: ``(key, value)`` pairs the marker, a JSON object, must hold (e.g. its ``format``); empty: any
-            JSON object.
+        fields: ``(key, value)`` pairs the marker, a JSON object, must hold (e.g. its ``format``; value ``None``:
+            the key, with any value); empty: any JSON object.
         contains: for a text marker instead: a text it holds (``fields`` is then not read).
         ignored: names that do not make a folder non-empty (e.g. a lock file left by a killed run).
     """
@@ -84,7 +84,8 @@ class OutputKind:
             record = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError):
             return False
-        return isinstance(record, dict) and all(record.get(key) == value for key, value in self.fields)
+        return isinstance(record, dict) and all(key in record and value in (None, record[key])
+                                                for key, value in self.fields)
 
 
 def ensure_replaceable(path: Path, kind: OutputKind, flag: str) -> None:

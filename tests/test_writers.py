@@ -42,10 +42,12 @@ class Inputs:
 
 @dataclass(frozen=True)
 class Writer:
-    """A command that writes an output folder: ``argv(inputs, target)`` and the ``module:function`` doing its work."""
+    """A command that writes an output folder: ``argv(inputs, target)``, the ``module:function`` doing its work, and
+    an output of another kind (an ``Inputs`` field)."""
 
     argv: Callable[[Inputs, Path], list[str]]
     work: str
+    other_kind: str = "prompt"  # a soft prompt folder is none of the other writers' outputs
 
 
 WRITERS = {
@@ -63,6 +65,13 @@ WRITERS = {
     "merge OUT": Writer(lambda i, out: ["merge", str(out), str(i.run)], "cpt_bench.matrix.store:merge"),
     "report --out": Writer(lambda i, out: ["report", str(i.run), "--out", str(out)],
                            "cpt_bench.report.plots:write_plots"),
+    "prompt train --out": Writer(lambda i, out: ["prompt", "train", "--model", str(i.model), "--source", "wikipedia",
+                                                 "--out", str(out), "--n-virtual-tokens", "2", "--steps", "1",
+                                                 "--eval-every", "1", "--seqlen", "16", "--eval-windows", "1",
+                                                 "--device", "cpu"],
+                                 "cpt_bench.models:load_model", other_kind="run"),
+    "evaluate --out": Writer(lambda i, out: ["evaluate", "--model", str(i.model), "--tasks", "cpt_ppl_wikipedia",
+                                             "--out", str(out)], "cpt_bench.evaluate:run_evaluation"),
 }
 
 
@@ -121,11 +130,11 @@ def test_a_file_in_place_of_the_folder_is_refused_before_any_work(writer, inputs
 @pytest.mark.parametrize("writer", WRITERS)
 def test_an_output_of_another_kind_is_refused(writer, inputs, monkeypatch, capsys):
     other = inputs.tmp / "other"
-    shutil.copytree(inputs.prompt, other)  # a soft prompt folder is none of these writers' outputs
-    before = {path.name: path.read_bytes() for path in other.iterdir()}
+    shutil.copytree(getattr(inputs, WRITERS[writer].other_kind), other)
+    before = {path: path.read_bytes() for path in other.rglob("*") if path.is_file()}
     _forbid(monkeypatch, WRITERS[writer].work)
-    assert "prompt.json" in _refused(WRITERS[writer].argv(inputs, other), other, capsys)
-    assert {path.name: path.read_bytes() for path in other.iterdir()} == before
+    assert "holds files that are not a" in _refused(WRITERS[writer].argv(inputs, other), other, capsys)
+    assert {path: path.read_bytes() for path in other.rglob("*") if path.is_file()} == before
 
 
 @pytest.mark.parametrize("writer", WRITERS)
@@ -150,7 +159,7 @@ def test_compress_and_its_gptq_export_rerun_over_their_own_output(inputs, capsys
     _refused(argv[:-1] + [str(out)], out, capsys)
 
 
-@pytest.mark.parametrize("writer", ["prompt export-peft", "corpus --export", "report --out"])
+@pytest.mark.parametrize("writer", ["prompt export-peft", "corpus --export", "report --out", "prompt train --out"])
 def test_a_rerun_replaces_its_own_earlier_output(writer, inputs, capsys):
     out = inputs.tmp / "out"
     argv = WRITERS[writer].argv(inputs, out)

@@ -25,9 +25,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     """Load the model (compressed when asked; the dense one beside it as the teacher for ``--objective kd``), train,
     print where the prompt went and its best validation ppl."""
     from cpt_bench.corpus import parse_corpus
+    from cpt_bench.files import ensure_replaceable
     from cpt_bench.models import load_model, parse_compression, resolve_device
     from cpt_bench.prompts.artifact import read_prompt
-    from cpt_bench.prompts.soft import SoftPromptError, train_soft_prompt
+    from cpt_bench.prompts.soft import SOFT_PROMPT_KIND, SoftPromptError, train_soft_prompt
     from cpt_bench.prompts.training import CHECKPOINT
 
     config = SoftPromptConfig(**{f.name: getattr(args, f.name) for f in fields(SoftPromptConfig)})
@@ -35,6 +36,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     compression = parse_compression(args.compression, "--compression")
     if args.resume and not (args.out / CHECKPOINT).is_file():
         raise SoftPromptError(f"--resume: no checkpoint at {args.out / CHECKPOINT}; start without --resume")
+    ensure_replaceable(args.out, SOFT_PROMPT_KIND, "--out")
     device = resolve_device(args.device, "--device")
     loaded = load_model(args.model, compression, device=device)
     teacher = load_model(args.model, None, device=device).model if config.objective == "kd" else None  # dense

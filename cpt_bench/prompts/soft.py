@@ -25,12 +25,16 @@ from pathlib import Path
 
 import torch
 
-from cpt_bench.prompts.artifact import save_prompt
+from cpt_bench.files import OutputKind
+from cpt_bench.prompts.artifact import FORMAT, METADATA, save_prompt
 from cpt_bench.prompts.position import META_KEY, POSITIONS, lead_ids, resolve_position
 from cpt_bench.prompts.target import describe_target
-from cpt_bench.prompts.training import OBJECTIVES, Learner, TrainingError, TrainingRun, train_learner
+from cpt_bench.prompts.training import CHECKPOINT, OBJECTIVES, Learner, TrainingError, TrainingRun, train_learner
 
 PRECISIONS = ("auto", "bf16", "fp32")
+# ``prompt train --out``: a folder of an earlier prompt (retrained in place), or one holding only the checkpoint of a
+# run cut short, is its own output
+SOFT_PROMPT_KIND = OutputKind("soft prompt folder", METADATA, (("format", FORMAT),), ignored=(CHECKPOINT,))
 MAX_LR = 10.0  # far above any useful rate; beyond ~1e37 AdamW's step overflows float32 inside torch
 
 
