@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "lmeval:TASK (see cpt_bench.corpus)")
     corpus.add_argument("--model", default=None, help="count tokens with this model's tokenizer ('embedded', ...)")
     corpus.add_argument("--export", type=Path, default=None, metavar="DIR",
-                        help="write every document as DIR/<split>/<n>.txt (a text: corpus of your own to edit)")
+                        help="write every document as DIR/<split>/<n>.txt (a text: corpus of your own to edit); "
+                        "DIR is new or empty, or an earlier export (replaced)")
     corpus.set_defaults(run=cmd_corpus)
 
     add_compress_parser(commands)

@@ -48,7 +48,8 @@ def add_compress_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     parser = subparsers.add_parser("compress", help="compress a model by a spec (cached) and print its memory account")
     parser.add_argument("--model", default="embedded", help=MODEL_HELP)
     parser.add_argument("--spec", required=True, help="compression spec, e.g. gptq-w4g64 or sparsegpt-50+gptq-w4g64")
-    parser.add_argument("--out", type=Path, default=None, help="write here instead of the cache")
+    parser.add_argument("--out", type=Path, default=None, help="write here instead of the cache: a new or empty "
+                        "folder, or an earlier checkpoint (replaced)")
     parser.add_argument("--corpus", default=_DEFAULTS.corpus, help="calibration corpus spec (train split), e.g. "
                         "wikipedia, c4, text:DIR, jsonl:FILE?field=body, hf:DATASET (see cpt_bench.corpus)")
     parser.add_argument("--n-windows", type=int, default=_DEFAULTS.n_windows, help="calibration windows")
@@ -58,6 +59,7 @@ def add_compress_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
                         help="collect every Hessian of a decoder layer in one forward of the uncompressed layer "
                              "(faster; default: true-sequential, each group on the compressed earlier ones' outputs)")
     parser.add_argument("--export-gptq", type=Path, default=None, metavar="DIR",
-                        help="also write a GPTQ-format checkpoint (auto-gptq v1 zero points) to DIR")
+                        help="also write a GPTQ-format checkpoint (auto-gptq v1 zero points) to DIR: a new or "
+                             "empty folder, or an earlier export (replaced)")
     parser.set_defaults(run=cmd_compress)
     return parser

@@ -82,7 +82,8 @@ def add_prompt_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
 
     export = commands.add_parser("export-peft", help="write a prompt as a PEFT PromptTuning adapter folder")
     export.add_argument("prompt_dir", type=Path, help="a folder written by 'prompt train'")
-    export.add_argument("out_dir", type=Path, help="the adapter folder to write")
+    export.add_argument("out_dir", type=Path, help="the adapter folder to write: new or empty, or an earlier "
+                        "export (replaced)")
     export.add_argument("--base-model", default=None, help="base model recorded in adapter_config.json")
     export.set_defaults(run=cmd_export_peft)
     return parser
