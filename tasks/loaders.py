@@ -62,8 +62,8 @@ def perplexity_windows(corpus: str | None = None, task_corpus: str | None = None
     """
     if corpus and task_corpus:
         raise TaskInputError(f"metadata corpus {corpus!r}: only task cpt_ppl_corpus takes a corpus; this task scores "
-                             f"its own corpus {task_corpus!r} (run --tasks cpt_ppl_corpus for {corpus!r}, or leave "
-                             "corpus out of --metadata for the other cpt_ppl tasks and the cpt_ppl group)")
+                             f"its own corpus {task_corpus!r} (score {corpus!r} with --tasks cpt_ppl_corpus, and "
+                             "this task in a run without that metadata)")
     if not (corpus or task_corpus):
         raise TaskInputError("task cpt_ppl_corpus needs a corpus spec: pass --metadata '{\"corpus\": \"text:DIR\"}' "
                              "(or jsonl:FILE, hf:DATASET, lmeval:TASK, a built-in name; see cpt_bench.corpus)")

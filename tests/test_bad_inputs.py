@@ -15,8 +15,10 @@ To add a case, append a ``Case`` to ``CASES``.
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
+import logging
 import math
 import os
 import re
@@ -32,6 +34,7 @@ import torch
 from cpt_bench import cli
 from cpt_bench.errors import BUG_NOTE
 from cpt_bench.lmeval import cli as lmeval_cli
+from cpt_bench.lmeval.tasks import TASKS_DIR
 
 from .compress_helpers import _one_thread  # noqa: F401  (_one_thread: autouse fixture)
 from .conftest import TINY_SEQLEN_TOKENS, build_tiny_tokenizer
@@ -291,6 +294,27 @@ def _matrix(*extra: str, **overrides) -> Callable[[Path, Inputs], list[str]]:
     return run
 
 
+def _lm_eval_cli(*args: str) -> Callable[[Path, Inputs], Callable[[], object]]:
+    """lm-eval's own command line ``ARGS`` as ``cpt-lm-eval`` runs it, with a folder of text files at ``{tmp}/notes``
+    (``{model}``, ``{tmp}`` filled in)."""
+    from lm_eval.__main__ import cli_evaluate
+
+    def run(tmp: Path, inputs: Inputs) -> Callable[[], object]:
+        (tmp / "notes").mkdir()
+        for index in range(3):
+            (tmp / "notes" / f"{index}.txt").write_text(f"note {index}: river stone light garden\n")
+        fill = {"model": inputs.model, "tmp": tmp}
+        lm_eval_logger = logging.getLogger("lm_eval")  # lm-eval's setup_logging changes it: restored afterwards
+        for attribute in ("level", "propagate", "handlers"):
+            inputs.monkeypatch.setattr(lm_eval_logger, attribute, copy.copy(getattr(lm_eval_logger, attribute)))
+        inputs.monkeypatch.setattr("lm_eval.utils._LOGGING_CONFIGURED", False)
+        inputs.monkeypatch.setenv("LMEVAL_LOG_LEVEL", "ERROR")  # lm-eval's own progress lines
+        inputs.monkeypatch.setattr("sys.argv", ["lm_eval", *(arg.format(**fill) for arg in args)])
+        return cli_evaluate
+
+    return run
+
+
 def _disk_full_compress(tmp: Path, inputs: Inputs) -> list[str]:
     """Recompressing into an existing checkpoint folder when the disk fills while writing the weights."""
     out = inputs.copy(inputs.compressed, tmp)
@@ -515,6 +539,12 @@ CASES = [
          r"prompts\.soft\.training: n_virtual_tokens 500 \+ seqlen 16 exceed model .*'s context of 512 tokens"),
     Case("matrix-dry-run-ppl-window-and-prompt-exceed-context", _matrix("--dry-run", ppl_seqlen=500),
          r"ppl_seqlen: 500 tokens plus the longest prompt \(\d+ tokens\) exceed model .*'s context of 512 tokens"),
+    # lm-eval's command line
+    Case("lm-eval-corpus-for-a-task-with-its-own", _lm_eval_cli(
+        "--model", "hf", "--model_args", "pretrained={model}", "--tasks", "cpt_ppl", "--include_path", str(TASKS_DIR),
+        "--metadata", '{{"corpus": "text:{tmp}/notes"}}', "--device", "cpu"),
+         r"^metadata corpus 'text:.*/notes': only task cpt_ppl_corpus takes a corpus; this task scores its own corpus "
+         r"'wikipedia' \(score 'text:.*/notes' with --tasks cpt_ppl_corpus"),
     # output folders and disks
     Case("out-not-writable", _read_only_out, r"cannot (write|access) .*locked/out.*: Permission denied",
          needs_non_root=True),

@@ -222,22 +222,15 @@ def _ppl_table(cli: str, model_args: str, corpus: str, out: Path, cache: Path) -
          str(TASKS_DIR), "--batch_size", "4", "--device", "cpu", "--output_path", str(out)],
         capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    said = [line for line in done.stderr.splitlines() if f"perplexity of corpus {corpus}, split test: " in line]
+    assert len(said) == 1, done.stderr[-3000:]  # what is scored, said once
     return "\n".join(line for line in done.stdout.splitlines() if line.startswith("|"))
 
 
 def test_the_corpus_task_scores_a_text_folder_the_same_through_lm_eval_and_cpt_lm_eval(tiny_model_dir, tmp_path):
     """``cpt_ppl_corpus`` on a ``text:`` folder of one's own: plain lm_eval (hf), cpt-lm-eval (hf) and the cpt
     model print one table, with token perplexity among lm-eval's rolling metrics."""
-    import random
-
-    from . import fakes
-
-    notes = tmp_path / "notes"
-    notes.mkdir()
-    rng = random.Random(5)
-    for index in range(20):
-        (notes / f"{index:02d}.txt").write_text("\n\n".join(fakes.paragraph(rng) for _ in range(3)))
-    corpus, cache = f"text:{notes}", tmp_path / "cache"
+    corpus, cache = f"text:{_text_folder(tmp_path / 'notes')}", tmp_path / "cache"
     plain = _ppl_table("lm_eval", f"hf:pretrained={tiny_model_dir},dtype=float32", corpus, tmp_path / "a", cache)
     ours = _ppl_table("cpt-lm-eval", f"hf:pretrained={tiny_model_dir},dtype=float32", corpus, tmp_path / "b", cache)
     adapter = _ppl_table("cpt-lm-eval", f"cpt:pretrained={tiny_model_dir},dtype=float32", corpus, tmp_path / "c",
@@ -246,3 +239,16 @@ def test_the_corpus_task_scores_a_text_folder_the_same_through_lm_eval_and_cpt_l
     assert "cpt_ppl_corpus" in plain and re.search(r"\|token_perplexity\s*\|↓\s*\|\s*[0-9.]+\|", plain), plain
     for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
         assert metric in plain
+
+
+def test_plain_lm_eval_names_the_task_that_takes_a_corpus(filled_fake_cache, tiny_model_dir, tmp_path):
+    """Through plain ``lm_eval`` (no cpt_bench error policy) the last line still says what to do."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "lm_eval"), "--model", "hf", "--model_args",
+         f"pretrained={tiny_model_dir},dtype=float32", "--tasks", "cpt_ppl", "--metadata",
+         json.dumps({"corpus": f"text:{_text_folder(tmp_path / 'notes')}"}), "--include_path", str(TASKS_DIR),
+         "--device", "cpu"], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode != 0 and "multiple values for keyword argument" not in done.stderr
+    assert re.search(r"TaskInputError: metadata corpus '.*': only task cpt_ppl_corpus takes a corpus",
+                     done.stderr.strip().splitlines()[-1]), done.stderr[-3000:]
