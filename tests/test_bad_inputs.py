@@ -537,6 +537,9 @@ CASES = [
          _matrix("--dry-run", prompts={"soft": {"sources": ["wikipedia"], "trained_at": ["rtn-w4g32"],
                                                 "training": {"n_virtual_tokens": 500, "seqlen": 16}}}),
          r"prompts\.soft\.training: n_virtual_tokens 500 \+ seqlen 16 exceed model .*'s context of 512 tokens"),
+    Case("matrix-dry-run-source-repeated",
+         _matrix("--dry-run", prompts={"soft": {"sources": ["wikipedia", "wikipedia"], "trained_at": ["rtn-w4g32"]}}),
+         r"config .*: prompts\.soft\.sources\[1\]: 'wikipedia' repeats sources\[0\]; expected each once$"),
     Case("matrix-dry-run-ppl-window-and-prompt-exceed-context", _matrix("--dry-run", ppl_seqlen=500),
          r"ppl_seqlen: 500 tokens plus the longest prompt \(\d+ tokens\) exceed model .*'s context of 512 tokens"),
     # lm-eval's command line
