@@ -84,6 +84,18 @@ def _argv(*args: object) -> Callable[[Path, Inputs], list[str]]:
     return run
 
 
+def _with_short_corpus(make: Callable[[Path, Inputs], list[str]]) -> Callable[[Path, Inputs], list[str]]:
+    """``make``'s argv with a corpus of ten short notes at ``{tmp}/short`` (a few hundred tokens in all)."""
+
+    def run(tmp: Path, inputs: Inputs) -> list[str]:
+        (tmp / "short").mkdir()
+        for index in range(10):
+            (tmp / "short" / f"{index}.txt").write_text(f"note {index}: river stone light garden winter\n")
+        return make(tmp, inputs)
+
+    return run
+
+
 def _compress(*extra: str) -> Callable[[Path, Inputs], list[str]]:
     return _argv("compress", "--model", "{model}", *extra)
 
@@ -469,16 +481,24 @@ CASES = [
          r"cache entry .*corpora/wikipedia is unusable \(file train\.jsonl fails its sha256 check\) and could not "
          r"be rebuilt: .*could not download gensim==4\.4\.0"),
     # corpora too short, counts out of range
-    Case("calibration-seqlen-longer-than-corpus",
-         _compress("--spec", "gptq-w4g32", "--n-windows", "1", "--seqlen", "100000", "--out", "{tmp}/out"),
-         r"corpus 'wikipedia' train split has \d+ tokens, too short for calibration windows of 100000 tokens",
+    Case("calibration-seqlen-longer-than-context", _before_loading(
+        _compress("--spec", "gptq-w4g32", "--n-windows", "1", "--seqlen", "100000", "--out", "{tmp}/out")),
+         r"^--seqlen: 100000 tokens exceed model .*tiny-model.*'s context of 512 tokens$", after=_nothing_at("out")),
+    Case("calibration-seqlen-longer-than-corpus", _with_short_corpus(
+        _compress("--spec", "gptq-w4g32", "--n-windows", "1", "--seqlen", "500", "--corpus", "text:{tmp}/short",
+                  "--out", "{tmp}/out")),
+         r"corpus 'text:.*/short' train split has \d+ tokens, too short for calibration windows of 500 tokens",
          after=_nothing_at("out")),
     Case("calibration-windows-zero", _compress("--spec", "gptq-w4g32", "--n-windows", "0"),
          r"calibration setting n_windows must be a positive integer, got 0"),
     Case("calibration-seqlen-negative", _compress("--spec", "gptq-w4g32", "--seqlen", "-8"),
          r"calibration setting seqlen must be a positive integer, got -8"),
-    Case("prompt-seqlen-longer-than-corpus", _train("--seqlen", "100000"),
-         r"train split of 'wikipedia' has \d+ tokens, fewer than seqlen 100000"),
+    Case("prompt-seqlen-longer-than-context", _before_loading(_train("--seqlen", "100000")),
+         r"^--n-virtual-tokens 3 \+ --seqlen 100000: 100003 tokens exceed model .*tiny-model.*'s context of 512 "
+         r"tokens$"),
+    Case("prompt-seqlen-longer-than-corpus", _with_short_corpus(_train("--seqlen", "500", "--source",
+                                                                       "text:{tmp}/short")),
+         r"train split of 'text:.*/short' has \d+ tokens, fewer than seqlen 500"),
     Case("prompt-steps-zero", _train("--steps", "0"), r"soft prompt setting steps must be a positive integer, got 0"),
     Case("prompt-steps-negative", _train("--steps", "-5"),
          r"soft prompt setting steps must be a positive integer, got -5"),
@@ -536,12 +556,13 @@ CASES = [
     Case("matrix-dry-run-prompt-longer-than-context",
          _matrix("--dry-run", prompts={"soft": {"sources": ["wikipedia"], "trained_at": ["rtn-w4g32"],
                                                 "training": {"n_virtual_tokens": 500, "seqlen": 16}}}),
-         r"prompts\.soft\.training: n_virtual_tokens 500 \+ seqlen 16 exceed model .*'s context of 512 tokens"),
+         r"prompts\.soft\.training n_virtual_tokens 500 \+ seqlen 16: 516 tokens exceed model .*'s context of 512 "
+         r"tokens"),
     Case("matrix-dry-run-source-repeated",
          _matrix("--dry-run", prompts={"soft": {"sources": ["wikipedia", "wikipedia"], "trained_at": ["rtn-w4g32"]}}),
          r"config .*: prompts\.soft\.sources\[1\]: 'wikipedia' repeats sources\[0\]; expected each once$"),
     Case("matrix-dry-run-ppl-window-and-prompt-exceed-context", _matrix("--dry-run", ppl_seqlen=500),
-         r"ppl_seqlen: 500 tokens plus the longest prompt \(\d+ tokens\) exceed model .*'s context of 512 tokens"),
+         r"ppl_seqlen 500 \+ the longest prompt \(\d+ tokens\): \d+ tokens exceed model .*'s context of 512 tokens"),
     # lm-eval's command line
     Case("lm-eval-corpus-for-a-task-with-its-own", _lm_eval_cli(
         "--model", "hf", "--model_args", "pretrained={model}", "--tasks", "cpt_ppl", "--include_path", str(TASKS_DIR),
