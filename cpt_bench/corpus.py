@@ -68,6 +68,7 @@ SEPARATORS = {"blank_line": DOCUMENT_SEPARATOR, "newline": "\n", "space": " "}
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 TEXT_EXPORT_FORMAT = "cpt_bench.corpus_export/1"
 TEXT_EXPORT_KIND = OutputKind("corpus exported by 'corpus --export'", EXPORT_MARKER, (("format", TEXT_EXPORT_FORMAT),))
+WHOLE_CORPUS = "all"  # the split name that reads every document (a corpus used for evaluation only)
 _SPEC_RE = re.compile(r"(?P<kind>[a-z]+):(?P<location>[^?]+)(?:\?(?P<options>.*))?")
 _KEY_HEX = 12
 
@@ -194,9 +195,13 @@ def corpus_label(spec: str | CorpusSpec) -> str:
 
 
 def load_split(spec: str | CorpusSpec, split: str) -> list[dict]:
-    """Documents ``{"id", "title", "text"}`` of one split (train / validation / test) of a corpus, in order."""
+    """Documents ``{"id", "title", "text"}`` of one split (train / validation / test) of a corpus, in order;
+    ``all`` (``WHOLE_CORPUS``): every document, the three splits one after another."""
+    if split == WHOLE_CORPUS:
+        return [doc for name in SPLITS for doc in load_split(spec, name)]
     if split not in SPLITS:
-        raise CorpusError(f"unknown split {split!r} for corpus {spec}; expected one of {', '.join(SPLITS)}")
+        raise CorpusError(f"unknown split {split!r} for corpus {spec}; expected one of {', '.join(SPLITS)} or "
+                          f"{WHOLE_CORPUS} (every document)")
     folder = prepare(spec)
     with open(folder / f"{split}.jsonl", encoding="utf-8") as handle:
         return [json.loads(line) for line in handle]

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 from lm_eval.api.task import ConfigurableTask
 
 from cpt_bench.assets.model import load_tokenizer
+from cpt_bench.corpus import load_split
 from cpt_bench.errors import UserError
 from cpt_bench.stats import log_perplexity
 from cpt_bench.tokens import TokenStream, corpus_stream
@@ -61,12 +63,37 @@ def token_windows(stream: TokenStream, tokenizer, seqlen_tokens: int,
     return windows
 
 
+@dataclass(frozen=True)
+class CorpusWindows:
+    """The perplexity windows of one split of a corpus (``token_windows``) and what they cover.
+
+    ``documents``: documents in the split; ``tokens``: tokens of the split's joined text; ``seqlen_tokens``: the
+    window length; ``windows``: ``[{"window", "text", "n_tokens"}]``.
+    """
+
+    corpus: str
+    split: str
+    documents: int
+    tokens: int
+    seqlen_tokens: int
+    windows: list[dict]
+
+    def summary(self) -> str:
+        """One line saying what is scored: the split, its documents and tokens, the windows and the dropped tail."""
+        scored = len(self.windows) * self.seqlen_tokens
+        return (f"perplexity of corpus {self.corpus}, split {self.split}: {self.documents} documents, {self.tokens} "
+                f"tokens; scoring {len(self.windows)} windows of {self.seqlen_tokens} tokens ({scored} tokens, the "
+                f"last {self.tokens - scored} dropped)")
+
+
 def corpus_windows(corpus: str, split: str, tokenizer_name: str, seqlen_tokens: int,
-                   add_special_tokens: bool | None = None) -> list[dict]:
-    """``token_windows`` of a split of a corpus spec (``cpt_bench.corpus``), cut with ``tokenizer_name``'s tokenizer."""
+                   add_special_tokens: bool | None = None) -> CorpusWindows:
+    """``token_windows`` of a split of a corpus spec (``cpt_bench.corpus``; ``all``: every document), cut with
+    ``tokenizer_name``'s tokenizer."""
     tokenizer = _window_tokenizer(tokenizer_name)
-    return token_windows(corpus_stream(corpus, split, tokenizer, with_offsets=True), tokenizer, seqlen_tokens,
-                         add_special_tokens)
+    stream = corpus_stream(corpus, split, tokenizer, with_offsets=True)
+    return CorpusWindows(str(corpus), split, len(load_split(corpus, split)), len(stream), seqlen_tokens,
+                         token_windows(stream, tokenizer, seqlen_tokens, add_special_tokens))
 
 
 def rolling_results(doc: dict, results: list[float]) -> dict[str, tuple[float, int]]:

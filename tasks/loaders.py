@@ -8,6 +8,7 @@ installed in the running environment, the repository next to this file is put on
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -25,7 +26,13 @@ from lm_eval.tasks.winogrande.preprocess_winogrande import doc_to_target as wino
 from lm_eval.tasks.winogrande.preprocess_winogrande import doc_to_text as winogrande_doc_to_text
 
 from cpt_bench.assets.zeroshot import load_zeroshot
+from cpt_bench.corpus import SPLITS, WHOLE_CORPUS
 from cpt_bench.perplexity import TaskInputError, corpus_windows, rolling_results
+
+EVALUATION_SPLITS = (*SPLITS, WHOLE_CORPUS)
+# lm-eval runs this file as task code: a child of its logger is shown by lm_eval and cpt-lm-eval alike (at their
+# default level, INFO), where a cpt_bench logger would have no handler.
+log = logging.getLogger("lm_eval.tasks.cpt_bench")
 
 __all__ = [
     "hellaswag_process_docs", "winogrande_doc_to_choice", "winogrande_doc_to_target", "winogrande_doc_to_text",
@@ -39,25 +46,38 @@ def zeroshot(name: str, **_run_metadata) -> datasets.DatasetDict:
     return datasets.DatasetDict({split: datasets.Dataset.from_list(rows)})
 
 
-def perplexity_windows(corpus: str | None = None, split: str = "test", seqlen: int = 1024,
-                       pretrained: str | None = None, tokenizer: str | None = None, add_bos_token: bool | None = None,
-                       **_run_metadata) -> datasets.DatasetDict:
-    """Non-overlapping ``seqlen``-token windows of a corpus split, one document per window.
+def perplexity_windows(corpus: str | None = None, task_corpus: str | None = None, split: str = "test",
+                       seqlen: int = 1024, pretrained: str | None = None, tokenizer: str | None = None,
+                       add_bos_token: bool | None = None, **_run_metadata) -> datasets.DatasetDict:
+    """Non-overlapping ``seqlen``-token windows of a corpus split, one document per window, as the ``test`` split.
 
-    ``corpus`` is a corpus spec (``cpt_bench.corpus``): the task's ``dataset_kwargs`` for ``cpt_ppl_<name>``,
-    the run's metadata for ``cpt_ppl_corpus`` (``--metadata '{"corpus": "text:notes/"}'``).
+    ``task_corpus`` is the corpus spec (``cpt_bench.corpus``) of a ``cpt_ppl_<name>`` task (its ``dataset_kwargs``);
+    ``corpus`` the one ``cpt_ppl_corpus`` scores (the run's metadata, ``--metadata '{"corpus": "text:notes/"}'``):
+    one of the two, never both. ``split``: ``test`` (the default: disjoint from the documents a soft prompt trains
+    on), ``train``, ``validation`` or ``all`` (every document: a corpus used for evaluation only). What is scored
+    is logged once per task through lm-eval's logger.
 
     The windows depend on the model's tokenizer, taken from the run's ``tokenizer`` or
     ``pretrained`` model argument (``--metadata '{"seqlen": 2048}'`` selects the window length).
     """
-    if not corpus:
+    if corpus and task_corpus:
+        raise TaskInputError(f"metadata corpus {corpus!r}: only task cpt_ppl_corpus takes a corpus; this task scores "
+                             f"its own corpus {task_corpus!r} (score {corpus!r} with --tasks cpt_ppl_corpus, and "
+                             "this task in a run without that metadata)")
+    if not (corpus or task_corpus):
         raise TaskInputError("task cpt_ppl_corpus needs a corpus spec: pass --metadata '{\"corpus\": \"text:DIR\"}' "
                              "(or jsonl:FILE, hf:DATASET, lmeval:TASK, a built-in name; see cpt_bench.corpus)")
+    if split not in EVALUATION_SPLITS:
+        raise TaskInputError(f"metadata split {split!r}: expected one of {', '.join(EVALUATION_SPLITS)} (all: every "
+                             "document of the corpus)")
+    spec = corpus or task_corpus
     source = tokenizer or pretrained
     if not source:
         raise TaskInputError(
-            f"perplexity task on {corpus!r} needs the model's tokenizer to cut token windows: "
+            f"perplexity task on {spec!r} needs the model's tokenizer to cut token windows: "
             "pass model_args pretrained=... (or tokenizer=...), or metadata {'pretrained': ...}"
         )
-    windows = corpus_windows(corpus, split, str(source), int(seqlen), add_bos_token)
-    return datasets.DatasetDict({split: datasets.Dataset.from_list(windows)})
+    scored = corpus_windows(spec, split, str(source), int(seqlen), add_bos_token)
+    hint = ' (metadata {"split": "all"} scores every document)' if corpus and split != WHOLE_CORPUS else ""
+    log.info("%s%s", scored.summary(), hint)
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(scored.windows)})  # the YAMLs' test_split

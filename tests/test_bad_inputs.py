@@ -15,8 +15,10 @@ To add a case, append a ``Case`` to ``CASES``.
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
+import logging
 import math
 import os
 import re
@@ -32,6 +34,7 @@ import torch
 from cpt_bench import cli
 from cpt_bench.errors import BUG_NOTE
 from cpt_bench.lmeval import cli as lmeval_cli
+from cpt_bench.lmeval.tasks import TASKS_DIR
 
 from .compress_helpers import _one_thread  # noqa: F401  (_one_thread: autouse fixture)
 from .conftest import TINY_SEQLEN_TOKENS, build_tiny_tokenizer
@@ -77,6 +80,18 @@ def _argv(*args: object) -> Callable[[Path, Inputs], list[str]]:
     def run(tmp: Path, inputs: Inputs) -> list[str]:
         fill = {"model": inputs.model, "tmp": tmp, "compressed": inputs.compressed}
         return [str(arg).format(**fill) for arg in args]
+
+    return run
+
+
+def _with_short_corpus(make: Callable[[Path, Inputs], list[str]]) -> Callable[[Path, Inputs], list[str]]:
+    """``make``'s argv with a corpus of ten short notes at ``{tmp}/short`` (a few hundred tokens in all)."""
+
+    def run(tmp: Path, inputs: Inputs) -> list[str]:
+        (tmp / "short").mkdir()
+        for index in range(10):
+            (tmp / "short" / f"{index}.txt").write_text(f"note {index}: river stone light garden winter\n")
+        return make(tmp, inputs)
 
     return run
 
@@ -291,6 +306,27 @@ def _matrix(*extra: str, **overrides) -> Callable[[Path, Inputs], list[str]]:
     return run
 
 
+def _lm_eval_cli(*args: str) -> Callable[[Path, Inputs], Callable[[], object]]:
+    """lm-eval's own command line ``ARGS`` as ``cpt-lm-eval`` runs it, with a folder of text files at ``{tmp}/notes``
+    (``{model}``, ``{tmp}`` filled in)."""
+    from lm_eval.__main__ import cli_evaluate
+
+    def run(tmp: Path, inputs: Inputs) -> Callable[[], object]:
+        (tmp / "notes").mkdir()
+        for index in range(3):
+            (tmp / "notes" / f"{index}.txt").write_text(f"note {index}: river stone light garden\n")
+        fill = {"model": inputs.model, "tmp": tmp}
+        lm_eval_logger = logging.getLogger("lm_eval")  # lm-eval's setup_logging changes it: restored afterwards
+        for attribute in ("level", "propagate", "handlers"):
+            inputs.monkeypatch.setattr(lm_eval_logger, attribute, copy.copy(getattr(lm_eval_logger, attribute)))
+        inputs.monkeypatch.setattr("lm_eval.utils._LOGGING_CONFIGURED", False)
+        inputs.monkeypatch.setenv("LMEVAL_LOG_LEVEL", "ERROR")  # lm-eval's own progress lines
+        inputs.monkeypatch.setattr("sys.argv", ["lm_eval", *(arg.format(**fill) for arg in args)])
+        return cli_evaluate
+
+    return run
+
+
 def _disk_full_compress(tmp: Path, inputs: Inputs) -> list[str]:
     """Recompressing into an existing checkpoint folder when the disk fills while writing the weights."""
     out = inputs.copy(inputs.compressed, tmp)
@@ -445,16 +481,24 @@ CASES = [
          r"cache entry .*corpora/wikipedia is unusable \(file train\.jsonl fails its sha256 check\) and could not "
          r"be rebuilt: .*could not download gensim==4\.4\.0"),
     # corpora too short, counts out of range
-    Case("calibration-seqlen-longer-than-corpus",
-         _compress("--spec", "gptq-w4g32", "--n-windows", "1", "--seqlen", "100000", "--out", "{tmp}/out"),
-         r"corpus 'wikipedia' train split has \d+ tokens, too short for calibration windows of 100000 tokens",
+    Case("calibration-seqlen-longer-than-context", _before_loading(
+        _compress("--spec", "gptq-w4g32", "--n-windows", "1", "--seqlen", "100000", "--out", "{tmp}/out")),
+         r"^--seqlen: 100000 tokens exceed model .*tiny-model.*'s context of 512 tokens$", after=_nothing_at("out")),
+    Case("calibration-seqlen-longer-than-corpus", _with_short_corpus(
+        _compress("--spec", "gptq-w4g32", "--n-windows", "1", "--seqlen", "500", "--corpus", "text:{tmp}/short",
+                  "--out", "{tmp}/out")),
+         r"corpus 'text:.*/short' train split has \d+ tokens, too short for calibration windows of 500 tokens",
          after=_nothing_at("out")),
     Case("calibration-windows-zero", _compress("--spec", "gptq-w4g32", "--n-windows", "0"),
          r"calibration setting n_windows must be a positive integer, got 0"),
     Case("calibration-seqlen-negative", _compress("--spec", "gptq-w4g32", "--seqlen", "-8"),
          r"calibration setting seqlen must be a positive integer, got -8"),
-    Case("prompt-seqlen-longer-than-corpus", _train("--seqlen", "100000"),
-         r"train split of 'wikipedia' has \d+ tokens, fewer than seqlen 100000"),
+    Case("prompt-seqlen-longer-than-context", _before_loading(_train("--seqlen", "100000")),
+         r"^--n-virtual-tokens 3 \+ --seqlen 100000: 100003 tokens exceed model .*tiny-model.*'s context of 512 "
+         r"tokens$"),
+    Case("prompt-seqlen-longer-than-corpus", _with_short_corpus(_train("--seqlen", "500", "--source",
+                                                                       "text:{tmp}/short")),
+         r"train split of 'text:.*/short' has \d+ tokens, fewer than seqlen 500"),
     Case("prompt-steps-zero", _train("--steps", "0"), r"soft prompt setting steps must be a positive integer, got 0"),
     Case("prompt-steps-negative", _train("--steps", "-5"),
          r"soft prompt setting steps must be a positive integer, got -5"),
@@ -512,9 +556,19 @@ CASES = [
     Case("matrix-dry-run-prompt-longer-than-context",
          _matrix("--dry-run", prompts={"soft": {"sources": ["wikipedia"], "trained_at": ["rtn-w4g32"],
                                                 "training": {"n_virtual_tokens": 500, "seqlen": 16}}}),
-         r"prompts\.soft\.training: n_virtual_tokens 500 \+ seqlen 16 exceed model .*'s context of 512 tokens"),
+         r"prompts\.soft\.training n_virtual_tokens 500 \+ seqlen 16: 516 tokens exceed model .*'s context of 512 "
+         r"tokens"),
+    Case("matrix-dry-run-source-repeated",
+         _matrix("--dry-run", prompts={"soft": {"sources": ["wikipedia", "wikipedia"], "trained_at": ["rtn-w4g32"]}}),
+         r"config .*: prompts\.soft\.sources\[1\]: 'wikipedia' repeats sources\[0\]; expected each once$"),
     Case("matrix-dry-run-ppl-window-and-prompt-exceed-context", _matrix("--dry-run", ppl_seqlen=500),
-         r"ppl_seqlen: 500 tokens plus the longest prompt \(\d+ tokens\) exceed model .*'s context of 512 tokens"),
+         r"ppl_seqlen 500 \+ the longest prompt \(\d+ tokens\): \d+ tokens exceed model .*'s context of 512 tokens"),
+    # lm-eval's command line
+    Case("lm-eval-corpus-for-a-task-with-its-own", _lm_eval_cli(
+        "--model", "hf", "--model_args", "pretrained={model}", "--tasks", "cpt_ppl", "--include_path", str(TASKS_DIR),
+        "--metadata", '{{"corpus": "text:{tmp}/notes"}}', "--device", "cpu"),
+         r"^metadata corpus 'text:.*/notes': only task cpt_ppl_corpus takes a corpus; this task scores its own corpus "
+         r"'wikipedia' \(score 'text:.*/notes' with --tasks cpt_ppl_corpus"),
     # output folders and disks
     Case("out-not-writable", _read_only_out, r"cannot (write|access) .*locked/out.*: Permission denied",
          needs_non_root=True),

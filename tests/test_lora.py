@@ -188,7 +188,7 @@ def test_objectives_and_lora_expand_to_their_artifacts_and_cells():
     (lambda c: c | {"kernels": "real"}, r"^kernels: got 'real', expected simulated with prompts\.lora"),
     (lambda c: c | {"prompts": {"lora": {"rank": 2}}}, r"^prompts\.lora: given without soft prompts"),
     (lambda c: c | {"prompts": {"soft": c["prompts"]["soft"] | {"objectives": ["lm", "lm"]}}},
-     r"^prompts\.soft\.objectives: got \['lm', 'lm'\], expected a non-empty list of distinct objectives"),
+     r"^prompts\.soft\.objectives\[1\]: 'lm' repeats objectives\[0\]; expected each once$"),
     (lambda c: c | {"prompts": {"soft": c["prompts"]["soft"] | {"training": {"objective": "kd"}}}},
      r"^prompts\.soft\.training\.objective: got 'kd', expected left out: list the objectives"),
     (lambda c: c | {"prompts": {**c["prompts"], "lora": {"rank": -1}}},

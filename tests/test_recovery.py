@@ -118,10 +118,10 @@ def test_comparisons_pair_each_cell_with_its_counterparts():
 
 
 @pytest.mark.parametrize(("soft", "message"), [
-    ({"seeds": [0, 0]}, r"^prompts\.soft\.seeds: got \[0, 0\], expected distinct non-negative integers"),
+    ({"seeds": [0, 0]}, r"^prompts\.soft\.seeds\[1\]: 0 repeats seeds\[0\]; expected each once$"),
     ({"seeds": [1, 2], "training": {"seed": 3}},
      r"^prompts\.soft\.seeds: got \[1, 2\], expected either seeds or training\.seed, not both"),
-    ({"controls": ["zero"]}, r"^prompts\.soft\.controls: got \['zero'\], expected distinct control kinds out of "
+    ({"controls": ["zero"]}, r"^prompts\.soft\.controls: got \['zero'\], expected control kinds out of "
                              r"init, random"),
     ({"sources": [], "trained_at": [], "controls": ["init"]},
      r"^prompts\.soft\.controls: got \['init'\], expected given only with soft prompts"),

@@ -139,6 +139,79 @@ def test_seqlen_metadata_changes_the_windows(filled_fake_cache, tiny_model_dir):
     assert all(abs(doc["n_tokens"] - 64) <= 1 for doc in long)
 
 
+def _text_folder(folder: Path, n_files: int = 20) -> Path:
+    """A folder of ``n_files`` text files of three random paragraphs each (``fakes.paragraph``)."""
+    import random
+
+    from . import fakes
+
+    folder.mkdir()
+    rng = random.Random(5)
+    for index in range(n_files):
+        (folder / f"{index:02d}.txt").write_text("\n\n".join(fakes.paragraph(rng) for _ in range(3)))
+    return folder
+
+
+@pytest.mark.parametrize("names", [["cpt_ppl"], ["cpt_ppl_milton"]])
+def test_a_corpus_for_a_task_with_its_own_is_refused_in_one_line(filled_fake_cache, tiny_model_dir, tmp_path, names):
+    """The group, or any task with a corpus of its own, given a corpus in the metadata: only cpt_ppl_corpus takes
+    one (lm-eval would otherwise fail with a TypeError over the two corpus keywords)."""
+    notes = _text_folder(tmp_path / "notes")
+    manager = task_manager(str(tiny_model_dir), TINY_SEQLEN_TOKENS, f"text:{notes}")
+    with pytest.raises(TaskInputError, match=rf"^metadata corpus 'text:{notes}': only task cpt_ppl_corpus takes a "
+                                             r"corpus; this task scores its own corpus '(wikipedia|milton)'"):
+        manager.load(names)
+
+
+def _corpus_task(tiny_model_dir, corpus: str, **metadata):
+    """The loaded ``cpt_ppl_corpus`` task on ``corpus`` with extra run ``metadata``."""
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(TASKS_DIR), metadata={
+        "seqlen": TINY_SEQLEN_TOKENS, "pretrained": str(tiny_model_dir), "corpus": corpus, **metadata})
+    return manager.load(["cpt_ppl_corpus"])["tasks"]["cpt_ppl_corpus"]
+
+
+def test_the_corpus_task_says_what_it_scores_and_scores_every_document_when_asked(tiny_model_dir, tmp_path,
+                                                                                  monkeypatch):
+    """By default the test split (about a tenth of the files); ``split: all`` every document. Each load logs one
+    line naming the split, its documents and tokens, through lm-eval's logger."""
+    import logging
+
+    from cpt_bench.corpus import load_split
+    from cpt_bench.tokens import corpus_stream
+
+    monkeypatch.setenv("CPT_BENCH_CACHE", str(tmp_path / "cache"))
+    corpus = f"text:{_text_folder(tmp_path / 'notes')}"
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("lm_eval.tasks.cpt_bench")
+    logger.addHandler(handler)
+    monkeypatch.setattr(logger, "level", logging.INFO)
+    try:
+        test_docs = list(_corpus_task(tiny_model_dir, corpus).eval_docs)
+        all_docs = list(_corpus_task(tiny_model_dir, corpus, split="all").eval_docs)
+    finally:
+        logger.removeHandler(handler)
+    tokenizer = build_tiny_tokenizer()
+    for split, docs, line in (("test", test_docs, lines[0]), ("all", all_docs, lines[1])):
+        documents, tokens = len(load_split(corpus, split)), len(corpus_stream(corpus, split, tokenizer))
+        assert line.startswith(f"perplexity of corpus {corpus}, split {split}: {documents} documents, {tokens} "
+                               f"tokens; scoring {len(docs)} windows of {TINY_SEQLEN_TOKENS} tokens"), line
+    assert len(lines) == 2 and lines[0].endswith('(metadata {"split": "all"} scores every document)'), lines
+    assert len(load_split(corpus, "all")) == 20 and len(load_split(corpus, "test")) <= 4
+    assert len(all_docs) > 4 * len(test_docs)
+    assert load_split(corpus, "test")[0]["text"] in "".join(doc["text"] for doc in all_docs)
+
+
+def test_a_split_that_is_not_one_is_refused_in_one_line(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("CPT_BENCH_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(TaskInputError, match=r"^metadata split 'everything': expected one of train, validation, "
+                                             r"test, all \(all: every document of the corpus\)$"):
+        _corpus_task(tiny_model_dir, f"text:{_text_folder(tmp_path / 'notes')}", split="everything")
+
+
 def _ppl_table(cli: str, model_args: str, corpus: str, out: Path, cache: Path) -> str:
     """``cli --tasks cpt_ppl_corpus --metadata {corpus, seqlen}`` on the tiny model; the printed results table."""
     env = {**os.environ, "CPT_BENCH_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -149,22 +222,15 @@ def _ppl_table(cli: str, model_args: str, corpus: str, out: Path, cache: Path) -
          str(TASKS_DIR), "--batch_size", "4", "--device", "cpu", "--output_path", str(out)],
         capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    said = [line for line in done.stderr.splitlines() if f"perplexity of corpus {corpus}, split test: " in line]
+    assert len(said) == 1, done.stderr[-3000:]  # what is scored, said once
     return "\n".join(line for line in done.stdout.splitlines() if line.startswith("|"))
 
 
 def test_the_corpus_task_scores_a_text_folder_the_same_through_lm_eval_and_cpt_lm_eval(tiny_model_dir, tmp_path):
     """``cpt_ppl_corpus`` on a ``text:`` folder of one's own: plain lm_eval (hf), cpt-lm-eval (hf) and the cpt
     model print one table, with token perplexity among lm-eval's rolling metrics."""
-    import random
-
-    from . import fakes
-
-    notes = tmp_path / "notes"
-    notes.mkdir()
-    rng = random.Random(5)
-    for index in range(20):
-        (notes / f"{index:02d}.txt").write_text("\n\n".join(fakes.paragraph(rng) for _ in range(3)))
-    corpus, cache = f"text:{notes}", tmp_path / "cache"
+    corpus, cache = f"text:{_text_folder(tmp_path / 'notes')}", tmp_path / "cache"
     plain = _ppl_table("lm_eval", f"hf:pretrained={tiny_model_dir},dtype=float32", corpus, tmp_path / "a", cache)
     ours = _ppl_table("cpt-lm-eval", f"hf:pretrained={tiny_model_dir},dtype=float32", corpus, tmp_path / "b", cache)
     adapter = _ppl_table("cpt-lm-eval", f"cpt:pretrained={tiny_model_dir},dtype=float32", corpus, tmp_path / "c",
@@ -173,3 +239,16 @@ def test_the_corpus_task_scores_a_text_folder_the_same_through_lm_eval_and_cpt_l
     assert "cpt_ppl_corpus" in plain and re.search(r"\|token_perplexity\s*\|↓\s*\|\s*[0-9.]+\|", plain), plain
     for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
         assert metric in plain
+
+
+def test_plain_lm_eval_names_the_task_that_takes_a_corpus(filled_fake_cache, tiny_model_dir, tmp_path):
+    """Through plain ``lm_eval`` (no cpt_bench error policy) the last line still says what to do."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "lm_eval"), "--model", "hf", "--model_args",
+         f"pretrained={tiny_model_dir},dtype=float32", "--tasks", "cpt_ppl", "--metadata",
+         json.dumps({"corpus": f"text:{_text_folder(tmp_path / 'notes')}"}), "--include_path", str(TASKS_DIR),
+         "--device", "cpu"], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode != 0 and "multiple values for keyword argument" not in done.stderr
+    assert re.search(r"TaskInputError: metadata corpus '.*': only task cpt_ppl_corpus takes a corpus",
+                     done.stderr.strip().splitlines()[-1]), done.stderr[-3000:]

@@ -83,6 +83,10 @@ class ModelError(UserError):
     """A model that cannot be found, read or used as a causal LM (one-line message)."""
 
 
+class ContextError(ModelError):
+    """A window longer than the model's context (one-line message)."""
+
+
 def _convert_gguf(model: EmbeddedModel, out: Path) -> dict:
     """Join ``model``'s GGUF pieces, check the sha256 and dequantize it into a plain fp32 HF checkpoint in ``out``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -177,6 +181,31 @@ def load_tokenizer(name_or_path: str, **kwargs: Any) -> Any:
 
     return _from_pretrained(AutoTokenizer, "tokenizer (expected tokenizer.json or its type's tokenizer files)",
                             name_or_path, kwargs)
+
+
+def context_tokens(name_or_path: str, tokenizer: Any = None) -> int:
+    """The model's context in tokens as lm-eval's HFLM resolves it (``resolve_max_length``: the config's
+    ``n_positions`` / ``max_position_embeddings`` / ``n_ctx``, its ``text_config``'s first, else the tokenizer's
+    ``model_max_length``, else lm-eval's default), from the config and tokenizer alone: no weights load.
+
+    ``tokenizer``: the model's, when the caller holds it already (else it is loaded). Raises ``ModelError``.
+    """
+    from lm_eval.models.utils import DEFAULT_MAX_LENGTH, resolve_max_length
+    from transformers import AutoConfig
+
+    path = check_causal_lm(name_or_path)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(path)
+    return int(resolve_max_length(AutoConfig.from_pretrained(path), tokenizer, default=DEFAULT_MAX_LENGTH))
+
+
+def check_fits_context(tokens: int, what: str, model: str, context: int) -> None:
+    """Refuse in one line (``ContextError``) a window of ``tokens`` longer than the model's ``context`` (tokens;
+    ``context_tokens``), before any work: the model cannot attend past it, and the run would only be slow and wrong.
+
+    ``what`` says where the tokens come from (a flag or config key, with its parts), ``model`` names the model.
+    """
+    if tokens > context:
+        raise ContextError(f"{what}: {tokens} tokens exceed model {model}'s context of {context} tokens")
 
 
 def load_causal_lm(name_or_path: str, **kwargs: Any) -> Any:

@@ -13,7 +13,7 @@ _DEFAULTS = CalibrationSettings()
 
 def cmd_compress(args: argparse.Namespace) -> None:
     """Compress a model (cached unless ``--out``), print the memory account, optionally export GPTQ format."""
-    from cpt_bench.assets.model import model_folder
+    from cpt_bench.assets.model import check_fits_context, context_tokens, model_folder
     from cpt_bench.compress.checkpoints import cached_checkpoint, compress_to_folder
     from cpt_bench.compress.export import GPTQ_EXPORT_KIND, export_gptq
     from cpt_bench.compress.spec import Spec
@@ -28,6 +28,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
     if spec.is_dense:
         print(f"spec dense: nothing to compress; the model is {model_folder(args.model)}")
         return
+    if spec.needs_calibration:
+        check_fits_context(settings.seqlen, "--seqlen", args.model, context_tokens(str(model_folder(args.model))))
     if args.out:
         ensure_replaceable(args.out, CHECKPOINT_KIND, "--out")
     if args.export_gptq is not None:  # checked before compressing, not after

@@ -149,7 +149,7 @@ class Compression:
                 canonical.append(str(Spec.parse(text)))
             except UserError as error:
                 raise ConfigError(f"specs[{index}]: {error}") from None
-        _require(len(set(canonical)) == len(canonical), "specs", self.specs, "specs without repeats")
+        _require_distinct("specs", self.specs, canonical)
         object.__setattr__(self, "specs", canonical)
 
 
@@ -178,27 +178,31 @@ class SoftPrompts:
                 canonical.append(str(parse_corpus(source)))
             except UserError as error:
                 raise ConfigError(f"sources[{index}]: {error}") from None
+        _require_distinct("sources", self.sources, canonical)
         object.__setattr__(self, "sources", canonical)
+        levels = []
         for index, text in enumerate(self.trained_at):
             try:
-                Spec.parse(text)
+                levels.append(str(Spec.parse(text)))
             except UserError as error:
                 raise ConfigError(f"trained_at[{index}]: {error}") from None
+        _require_distinct("trained_at", self.trained_at, levels)
         _require(bool(self.sources) == bool(self.trained_at), "trained_at", self.trained_at,
                  "given exactly when sources are (a prompt needs both)")
-        _require(all(seed >= 0 for seed in self.seeds) and len(set(self.seeds)) == len(self.seeds), "seeds",
-                 self.seeds, "distinct non-negative integers")
+        _require(all(seed >= 0 for seed in self.seeds), "seeds", self.seeds, "non-negative integers")
+        _require_distinct("seeds", self.seeds)
         _require(not self.seeds or self.training.seed == 0, "seeds", self.seeds,
                  f"either seeds or training.seed, not both (training.seed is {self.training.seed})")
-        _require(all(kind in CONTROL_KINDS for kind in self.controls) and len(set(self.controls)) == len(self.controls),
-                 "controls", self.controls, f"distinct control kinds out of {', '.join(CONTROL_KINDS)}")
+        _require(all(kind in CONTROL_KINDS for kind in self.controls), "controls", self.controls,
+                 f"control kinds out of {', '.join(CONTROL_KINDS)}")
+        _require_distinct("controls", self.controls)
         _require(not self.controls or bool(self.sources), "controls", self.controls,
                  "given only with soft prompts (sources and trained_at)")
         _require(self.training.objective == "lm", "training.objective", self.training.objective,
                  "left out: list the objectives in prompts.soft.objectives")
-        _require(bool(self.objectives) and set(self.objectives) <= set(OBJECTIVES)
-                 and len(set(self.objectives)) == len(self.objectives), "objectives", self.objectives,
-                 f"a non-empty list of distinct objectives out of {', '.join(OBJECTIVES)}")
+        _require(bool(self.objectives) and set(self.objectives) <= set(OBJECTIVES), "objectives", self.objectives,
+                 f"a non-empty list of objectives out of {', '.join(OBJECTIVES)}")
+        _require_distinct("objectives", self.objectives)
 
     def training_seeds(self) -> list[int]:
         """The seeds prompts are trained with: ``seeds``, else ``training.seed`` alone."""
@@ -215,6 +219,9 @@ class Prompts:
     lora: LoraSettings | None = None
 
     def __post_init__(self) -> None:
+        _require_distinct("hard", self.hard, [hard_prompt_label(text) for text in self.hard])
+        if self.lora is not None:  # (LoraSettings refuses repeated objectives itself)
+            _require_distinct("lora.target_modules", self.lora.target_modules or [])
         if self.lora is not None and not self.soft.sources:
             raise ConfigError("lora: given without soft prompts; expected prompts.soft.sources and trained_at, which "
                               "say what LoRA adapters are trained on")
@@ -255,8 +262,7 @@ class MatrixConfig:
             _require(getattr(self, key) > 0, key, getattr(self, key), "a positive integer")
         _require(self.seed >= 0, "seed", self.seed, "a non-negative integer")
         _require(len(self.targets) > 0, "targets", self.targets, "a non-empty list of {task: ..., limit: ...}")
-        names = [target.name for target in self.targets]
-        _require(len(set(names)) == len(names), "targets", names, "targets without repeats")
+        _require_distinct("targets", [target.name for target in self.targets])
         _require(self.prompts.lora is None or self.kernels == "simulated", "kernels", self.kernels,
                  "simulated with prompts.lora (PEFT wraps Linear layers, not the real low-bit kernels)")
         for index, spec in enumerate(self.prompts.soft.trained_at):
@@ -276,6 +282,21 @@ class MatrixConfig:
 def _require(ok: bool, key: str, value: Any, expected: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: got {value!r}, expected {expected}")
+
+
+def _require_distinct(key: str, values: list, identities: list | None = None) -> None:
+    """Refuse a list that names one thing twice (the same cells would run twice), naming the repeated value.
+
+    ``identities``: what makes two entries the same (a canonical spec, a cell label), default the values.
+    """
+    first: dict[Any, int] = {}
+    for index, identity in enumerate(identities if identities is not None else values):
+        if identity in first:
+            earlier = first[identity]
+            same = "" if values[earlier] == values[index] else f" {values[earlier]!r} (both {identity})"
+            raise ConfigError(f"{key}[{index}]: {values[index]!r} repeats {key}[{earlier}]{same}; expected each "
+                              "once")
+        first[identity] = index
 
 
 def load_config(path: str | Path) -> MatrixConfig:

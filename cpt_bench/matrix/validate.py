@@ -59,17 +59,18 @@ def check_targets(config: MatrixConfig, manager) -> None:
 
 
 def model_facts(path: str, tokenizer) -> ModelFacts:
-    """Context length (as lm-eval's HFLM resolves it) and parameter count, from the config alone (meta tensors)."""
+    """Context length (``assets.model.context_tokens``) and parameter count, from the config alone (meta tensors)."""
     from accelerate import init_empty_weights
-    from lm_eval.models.utils import DEFAULT_MAX_LENGTH, resolve_max_length
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from cpt_bench.assets.model import context_tokens
 
     config = AutoConfig.from_pretrained(path)
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config)
     skeleton.tie_weights()  # accelerate's meta patch unties them
     parameters = sum(parameter.numel() for parameter in skeleton.parameters())  # tied weights counted once
-    return ModelFacts(int(resolve_max_length(config, tokenizer, default=DEFAULT_MAX_LENGTH)), int(parameters))
+    return ModelFacts(context_tokens(path, tokenizer), int(parameters))
 
 
 def _longest_prompt_tokens(config: MatrixConfig, tokenizer) -> int:
@@ -83,19 +84,20 @@ def _longest_prompt_tokens(config: MatrixConfig, tokenizer) -> int:
 
 
 def _check_windows(plan: Plan, tokenizer, context: int) -> None:
+    from cpt_bench.assets.model import check_fits_context
+
     config = plan.config
     training = config.prompts.soft.training
-    if plan.soft_prompts and training.n_virtual_tokens + training.seqlen > context:
-        raise ConfigError(f"prompts.soft.training: n_virtual_tokens {training.n_virtual_tokens} + seqlen "
-                          f"{training.seqlen} exceed model {config.model}'s context of {context} tokens")
+    if plan.soft_prompts:
+        check_fits_context(training.n_virtual_tokens + training.seqlen, f"prompts.soft.training n_virtual_tokens "
+                           f"{training.n_virtual_tokens} + seqlen {training.seqlen}", config.model, context)
     prompt = _longest_prompt_tokens(config, tokenizer)
-    if any(target.is_perplexity for target in config.targets) and config.ppl_seqlen + prompt > context:
-        raise ConfigError(f"ppl_seqlen: {config.ppl_seqlen} tokens plus the longest prompt ({prompt} tokens) exceed "
-                          f"model {config.model}'s context of {context} tokens")
-    calibration = config.compression.calibration
-    if _needs_calibration(plan) and calibration.seqlen > context:
-        raise ConfigError(f"compression.calibration.seqlen: {calibration.seqlen} exceeds model {config.model}'s "
-                          f"context of {context} tokens")
+    if any(target.is_perplexity for target in config.targets):
+        check_fits_context(config.ppl_seqlen + prompt, f"ppl_seqlen {config.ppl_seqlen} + the longest prompt "
+                           f"({prompt} tokens)", config.model, context)
+    if _needs_calibration(plan):
+        check_fits_context(config.compression.calibration.seqlen, "compression.calibration.seqlen", config.model,
+                           context)
 
 
 def _needs_calibration(plan: Plan) -> bool:

@@ -24,6 +24,7 @@ _CHOICES = {"init": sorted(INITIALISERS), "precision": list(PRECISIONS), "prompt
 def cmd_train(args: argparse.Namespace) -> None:
     """Load the model (compressed when asked; the dense one beside it as the teacher for ``--objective kd``), train,
     print where the prompt went and its best validation ppl."""
+    from cpt_bench.assets.model import check_fits_context, context_tokens
     from cpt_bench.corpus import parse_corpus
     from cpt_bench.files import ensure_replaceable
     from cpt_bench.models import load_model, parse_compression, resolve_device
@@ -38,6 +39,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise SoftPromptError(f"--resume: no checkpoint at {args.out / CHECKPOINT}; start without --resume")
     ensure_replaceable(args.out, SOFT_PROMPT_KIND, "--out")
     device = resolve_device(args.device, "--device")
+    check_fits_context(config.n_virtual_tokens + config.seqlen, f"--n-virtual-tokens {config.n_virtual_tokens} + "
+                       f"--seqlen {config.seqlen}", args.model, context_tokens(args.model))
     loaded = load_model(args.model, compression, device=device)
     teacher = load_model(args.model, None, device=device).model if config.objective == "kd" else None  # dense
     folder = train_soft_prompt(loaded.model, loaded.tokenizer, config, source, args.out, model_name=args.model,
