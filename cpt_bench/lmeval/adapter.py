@@ -36,6 +36,10 @@ is the whole context, prefix included; lm-eval sees ``max_length - prefix length
 truncation leave room for the prefix. lm-eval right-pads loglikelihood batches, so padding sits after
 every real token and an all-ones attention mask over prefix + inputs is exact for the real tokens;
 positions continue after the prefix (the model derives them from the cache length / mask).
+
+Generation (``generate_until``) with a prompt is ``lmeval.generation``'s: the same prefix (and its cache, where the
+model's layers allow continuing it in ``generate``) before every left-padded row. Contexts that lm-eval cuts from
+the left to fit prompt + context + ``max_gen_toks`` into the window are reported in one warning per call.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from transformers import DynamicCache
 from cpt_bench.assets.model import ModelError, check_causal_lm, first_line, resolve_model
 from cpt_bench.compress.checkpoints import MODES
 from cpt_bench.errors import UserError
+from cpt_bench.lmeval.generation import PromptPrefix, TruncationCount, expanded_cache, generate_with_prefix
 from cpt_bench.models import (
     Compression,
     lm_eval_device,
@@ -153,6 +158,8 @@ class CptLM(HFLM):
         self._bos: int | None = None  # after_bos: the BOS id a request's first token is compared with
         self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer [1, heads, n_prefix, dim]
         self._prefix_logits: torch.Tensor | None = None  # [1, 1, vocab]: logits at the prefix's last position
+        self._cache_arg = "past_key_values"  # the forward's name for a cache (``_cache_argument``)
+        self._truncation = TruncationCount()  # of the current generate_until call
         self.prompt_info: dict[str, Any] = {"kind": "none", "n_tokens": 0}
         self._layer_modes: dict[str, str] | str | None = None  # how each compressed Linear runs (None: dense)
         # Every argument and file is checked before any weight loads.
@@ -264,9 +271,7 @@ class CptLM(HFLM):
                 logits = self.model(inputs_embeds=embeds, attention_mask=mask).logits
                 last, logits = logits[:, n_prefix - 1: n_prefix], logits[:, n_prefix:]
             else:
-                # A fresh cache per call: forward appends to it. Expanded views cost no copy of the prefix's states.
-                cache = DynamicCache(ddp_cache_data=[(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
-                                                     for k, v in self._prefix_kv], config=self.model.config)
+                cache = expanded_cache(self._prefix_kv, batch, self.model.config)  # fresh: forward appends to it
                 logits = self.model(input_ids=inps, attention_mask=mask, use_cache=True,
                                     **{self._cache_arg: cache}).logits
                 last = self._prefix_logits
@@ -286,10 +291,33 @@ class CptLM(HFLM):
         shifted = torch.cat([inps[:, 1:], inps[:, -1:]], 1)
         return torch.where(dropped[:, None], shifted, inps), dropped
 
-    def _model_generate(self, *args, **kwargs) -> torch.Tensor:
-        if self._prompt is not None:
-            raise PromptAdapterError("generation tasks with a prompt are not supported yet (loglikelihood tasks are)")
-        return super()._model_generate(*args, **kwargs)
+    def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str],
+                        **generation_kwargs) -> torch.Tensor:
+        """``[context | new tokens]`` for lm-eval's left-padded ``context`` [batch, T] (its ``attention_mask`` in
+        ``generation_kwargs``); ``max_length``: T + max_gen_toks. With a prompt: ``generation.generate_with_prefix``."""
+        if self._prompt is None:
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
+        prefix = PromptPrefix(self._prefix, self._bos, self._prefix_kv, self._cache_arg)
+        mask = generation_kwargs.pop("attention_mask")
+        return generate_with_prefix(self.model, self.tokenizer, prefix, context, mask,
+                                    max_length - context.shape[1], stop, self._autocast, **generation_kwargs)
+
+    def tok_batch_encode(self, strings: list[str], padding_side: str = "left", left_truncate_len: int | None = None,
+                         truncation: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """HFLM's (ids and mask [batch, T], left-truncated to ``left_truncate_len`` columns), counting the tokens
+        the truncation drops (HFLM warns once per batch, naming only the padded length)."""
+        ids, mask = super().tok_batch_encode(strings, padding_side, None, truncation)
+        self._truncation.add(mask.sum(1), left_truncate_len)
+        if left_truncate_len:
+            ids, mask = ids[:, -left_truncate_len:], mask[:, -left_truncate_len:]
+        return ids, mask
+
+    def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
+        """HFLM's, then one warning if any context was cut to fit the window (``generation.TruncationCount``)."""
+        self._truncation = TruncationCount()
+        results = super().generate_until(requests, disable_tqdm)
+        self._truncation.report(super().max_length)
+        return results
 
     def memory_record(self) -> dict[str, Any]:
         """Memory as a deployment sees it, in bytes: what the loaded model holds resident (``models.resident_bytes``,
