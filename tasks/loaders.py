@@ -25,8 +25,12 @@ from lm_eval.tasks.winogrande.preprocess_winogrande import doc_to_choice as wino
 from lm_eval.tasks.winogrande.preprocess_winogrande import doc_to_target as winogrande_doc_to_target
 from lm_eval.tasks.winogrande.preprocess_winogrande import doc_to_text as winogrande_doc_to_text
 
+from cpt_bench.assets.generative import load_generative
 from cpt_bench.assets.zeroshot import load_zeroshot
 from cpt_bench.corpus import SPLITS, WHOLE_CORPUS
+from cpt_bench.lmeval.coqa import doc_to_target as coqa_doc_to_target
+from cpt_bench.lmeval.coqa import doc_to_text as coqa_doc_to_text
+from cpt_bench.lmeval.coqa import process_results as coqa_process_results
 from cpt_bench.perplexity import TaskInputError, corpus_windows, rolling_results
 
 EVALUATION_SPLITS = (*SPLITS, WHOLE_CORPUS)
@@ -37,12 +41,19 @@ log = logging.getLogger("lm_eval.tasks.cpt_bench")
 __all__ = [
     "hellaswag_process_docs", "winogrande_doc_to_choice", "winogrande_doc_to_target", "winogrande_doc_to_text",
     "rolling_results", "zeroshot", "perplexity_windows",
+    "coqa_doc_to_target", "coqa_doc_to_text", "coqa_process_results", "generative",
 ]
 
 
 def zeroshot(name: str, **_run_metadata) -> datasets.DatasetDict:
     """The cached zero-shot set ``name`` as ``{split: Dataset}`` in lm-eval's built-in schema."""
     split, rows = load_zeroshot(name)
+    return datasets.DatasetDict({split: datasets.Dataset.from_list(rows)})
+
+
+def generative(name: str, **_run_metadata) -> datasets.DatasetDict:
+    """The cached generative set ``name`` as ``{split: Dataset}`` in lm-eval's built-in schema."""
+    split, rows = load_generative(name)
     return datasets.DatasetDict({split: datasets.Dataset.from_list(rows)})
 
 

