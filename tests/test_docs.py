@@ -139,3 +139,16 @@ def test_matrix_page_states_the_plan_constants():
     for name, value in constants.items():
         assert stated[name] == pytest.approx(value, abs=5e-4), f"docs/matrix.md states {name} = {stated[name]}, " \
                                                               f"plan.py has {value}"
+
+
+def test_readme_result_table_is_the_committed_run():
+    """Every cell of README's result table is the committed default run's cell (results/default's report)."""
+    readme = section((REPO / "README.md").read_text(encoding="utf-8"), "## One result")
+    report = (REPO / "results/default/report/report.md").read_text(encoding="utf-8")
+    report_rows = {row.split("|")[1].strip(): row for row in report.split("\n### ")[1].splitlines()
+                   if row.startswith("| ")}
+    readme_rows = [row.split("|")[1:-1] for row in readme.splitlines() if row.startswith("| ")][1:]  # past the header
+    assert readme_rows
+    for compression, *cells in readme_rows:
+        row = report_rows[compression.strip()]
+        assert all(f" {cell.strip()} " in row for cell in cells), (compression, cells, row)
