@@ -1,11 +1,15 @@
-"""Every command shown in README.md runs in CI, in a small form, so README cannot drift from what works.
+"""Every command shown in README.md and docs/*.md runs in CI, in a small form, so the docs cannot drift from what works.
 
-``SMALL_FORMS`` maps each command of README's ```bash blocks to the command CI runs for it: the same command with
+``SMALL_FORMS`` maps each command of the pages' ```bash blocks to the command CI runs for it: the same command with
 small limits, on a small matrix config derived from configs/default.yaml, or, for the two tox environments, the
-commands tox.ini gives them. ``RUN_BY_CI`` holds the commands that are CI itself (.ci/run). The unit test fails
-when a README command has no entry (or an entry's command left README); the e2e tests run every small form as a
-subprocess with the installed console scripts, in a workspace under tmp (relative paths such as ``runs/d`` and
-``tasks`` resolve there; compressed checkpoints go to a cache overlay there), and check what each prints or writes.
+commands tox.ini gives them. ``VARIANTS`` maps a command that differs from a documented one only in what the small
+form cannot run (a spec instead of a checkpoint folder, the paper's config instead of the tiny one) to the small form
+that runs it. ``RUN_BY_CI`` holds the commands that are CI itself (.ci/run, tox.ini). The unit test fails, naming the
+page and the command, when a page's command has no entry (or an entry's command left every page); the e2e tests run
+every small form as a subprocess with the installed console scripts, in a workspace under tmp (relative paths such
+as ``runs/d`` and ``tasks`` resolve there; compressed checkpoints go to a cache overlay there), and check what each
+prints or writes. Other ```-blocks (output, grammars) are not commands; benchmark command lines that made a
+measured figure are quoted inline in the results pages, as where the figure came from.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]  # every page whose commands CI runs
 BIN = Path(sys.executable).parent
 FENCE = re.compile(r"^```bash\n(.*?)^```", re.MULTILINE | re.DOTALL)
 COMMAND_TIMEOUT_S = 1200
@@ -65,7 +70,7 @@ def split_commands(line: str) -> list[str]:
 
 
 def readme_commands(text: str) -> list[str]:
-    """Every distinct command of the ```bash blocks of a README, in order (``\\`` continuations joined)."""
+    """Every distinct command of the ```bash blocks of a markdown page, in order (``\\`` continuations joined)."""
     commands: list[str] = []
     for block in FENCE.findall(text):
         for line in block.replace("\\\n", " ").splitlines():
@@ -280,6 +285,13 @@ def check_compress(ran: Ran) -> None:
     assert total.split()[-1] == "0.423", ran.stdout  # README's compression table: gptq-w4g64 stores 0.423
 
 
+def check_compress_out(ran: Ran) -> None:
+    assert "compressed checkpoint: runs/gptq-w3g64" in ran.stdout, ran.stdout
+    assert (ran.root / "runs/gptq-w3g64/compression.json").is_file()
+    total = next(line for line in ran.stdout.splitlines() if line.startswith("total"))
+    assert total.split()[-1] == "0.373", ran.stdout  # the compression table: gptq-w3g64 stores 0.373 of dense
+
+
 def check_prompt_train(ran: Ran) -> None:
     found = re.search(r"soft prompt: (\S+) \(best validation token perplexity ([0-9.]+) at step (\d+)\)", ran.stdout)
     assert found and Path(found[1]) == Path("runs/prompt-w3") and float(found[2]) > 1, ran.stdout
@@ -292,8 +304,9 @@ def check_export_peft(ran: Ran) -> None:
     assert config["peft_type"] == "PROMPT_TUNING" and config["num_virtual_tokens"] == 20
 
 
-def check_prompted_perplexity(ran: Ran) -> None:
-    assert lm_eval_values(ran.stdout)["cpt_ppl_wikipedia", "token_perplexity"] > 1, ran.stdout
+def check_prompted_evaluation(ran: Ran) -> None:
+    values = lm_eval_values(ran.stdout)
+    assert values["cpt_ppl_wikipedia", "token_perplexity"] > 1 and 0 <= values["cpt_piqa", "acc"] <= 1, ran.stdout
 
 
 def check_demo(ran: Ran) -> None:
@@ -305,9 +318,9 @@ def check_demo(ran: Ran) -> None:
 
 @dataclass(frozen=True)
 class SmallForm:
-    """What CI runs for one README command: ``command`` (bash, in the workspace; ``$MODEL`` and ``$COMPRESSED``
-    are set by the small forms that export them), ``check(ran)`` (assertions on its output and files), the README
-    commands whose small forms must run first, and an optional ``(variable, regex)`` exported from its stdout."""
+    """What CI runs for one documented command: ``command`` (bash, in the workspace; ``$MODEL`` is set by the small
+    form that exports it), ``check(ran)`` (assertions on its output and files), the documented commands whose small
+    forms must run first, and an optional ``(variable, regex)`` exported from its stdout."""
 
     command: str
     check: Callable[[Ran], None]
@@ -320,8 +333,12 @@ MATRIX_RUN = "cpt-bench matrix configs/default.yaml --out runs/d"
 SHARD = "cpt-bench matrix configs/paper.yaml --shard 0/4 --out runs/p0"
 LM_EVAL_HF = "lm_eval --model hf --model_args pretrained=$MODEL --tasks cpt_zeroshot --include_path tasks --limit 50"
 COMPRESS = "cpt-bench compress --model embedded --spec gptq-w4g64 --n-windows 32 --seqlen 512"
-PROMPT_TRAIN = ("cpt-bench prompt train --model embedded --compression gptq-w3g64 --source wikipedia "
+# README's first recipe: a checkpoint folder of one's own, a prompt trained on it, both through lm-eval.
+COMPRESS_OUT = f"{COMPRESS.replace('gptq-w4g64', 'gptq-w3g64')} --out runs/gptq-w3g64"
+PROMPT_TRAIN = ("cpt-bench prompt train --model embedded --compression runs/gptq-w3g64 --source wikipedia "
                 "--out runs/prompt-w3 --n-virtual-tokens 20 --lr 3e-2 --warmup-steps 10 --steps 100 --seqlen 256")
+PROMPTED_EVAL = ("cpt-lm-eval --model cpt --model_args pretrained=embedded,compression=runs/gptq-w3g64,"
+                 "soft_prompt=runs/prompt-w3 --tasks cpt_ppl_wikipedia,cpt_piqa --include_path tasks")
 
 GEMMA_ASSETS = "cpt-bench assets --model gemma3-270m"
 GEMMA_LM_EVAL = ("cpt-lm-eval --model cpt --model_args pretrained=gemma3-270m --tasks cpt_ppl_wikipedia,cpt_piqa "
@@ -340,15 +357,17 @@ OWN_EVAL = ("cpt-lm-eval --model cpt --model_args "
 COMPARE = ("cpt-bench compare runs/d rtn-w3g64__none__cpt_ppl_wikipedia "
            "rtn-w3g64__soft-wikipedia@rtn-w3g64__cpt_ppl_wikipedia")
 
-RUN_BY_CI = {  # README command -> what .ci/run must contain for CI to be that command
-    "python3 -m pip install tox": r"-m pip install .* tox$",
-    "tox -e lint,py": r"tox -e lint,py\b",
+RUN_BY_CI = {  # documented command -> (file, what it must contain for CI to be that command)
+    "python3 -m pip install tox": (".ci/run", r"-m pip install .* tox$"),
+    "tox -e lint,py": (".ci/run", r"tox -e lint,py\b"),
+    # tox installs the checkout editable; the small forms run the console scripts of that environment.
+    "python3 -m pip install -e .": ("tox.ini", r"^package = editable$"),
 }
 
 SMALL_FORMS = {
-    # First: it writes the checkpoint that the tiny configs and the prompt small forms reuse.
+    # First: it writes the cached checkpoint that the tiny configs reuse.
     COMPRESS: SmallForm("cpt-bench compress --model embedded --spec gptq-w4g64 --n-windows 2 --seqlen 64",
-                        check_compress, export=("COMPRESSED", r"compressed checkpoint: (\S+)")),
+                        check_compress),
     "cpt-bench matrix configs/default.yaml --dry-run": SmallForm(
         "cpt-bench matrix configs/default.yaml --dry-run", check_dry_run),
     MATRIX_RUN: SmallForm(f"cpt-bench matrix {TINY_CONFIG} --out runs/d", check_matrix_run),
@@ -399,38 +418,64 @@ SMALL_FORMS = {
     "cpt-lm-eval --model cpt --model_args pretrained=embedded --tasks cpt_ppl,cpt_zeroshot --include_path tasks":
         SmallForm("cpt-lm-eval --model cpt --model_args pretrained=embedded --tasks cpt_ppl,cpt_zeroshot "
                   "--include_path tasks --limit 2", check_adapter_table, needs=(LM_EVAL_HF,)),
-    # On the checkpoint the compress small form wrote (the README's spec would calibrate on 128 x 1024 tokens).
+    # README's first recipe, as written but calibrated, trained and scored briefly.
+    COMPRESS_OUT: SmallForm(COMPRESS_OUT.replace("--n-windows 32 --seqlen 512", "--n-windows 2 --seqlen 64"),
+                            check_compress_out),
     PROMPT_TRAIN: SmallForm(
-        "cpt-bench prompt train --model embedded --compression $COMPRESSED --source wikipedia --out runs/prompt-w3 "
-        "--n-virtual-tokens 20 --lr 3e-2 --warmup-steps 1 --steps 2 --seqlen 64 --eval-every 2 --eval-windows 2",
-        check_prompt_train, needs=(COMPRESS,)),
+        PROMPT_TRAIN.replace("--warmup-steps 10 --steps 100 --seqlen 256",
+                             "--warmup-steps 1 --steps 2 --seqlen 64 --eval-every 2 --eval-windows 2"),
+        check_prompt_train, needs=(COMPRESS_OUT,)),
     "cpt-bench prompt export-peft runs/prompt-w3 runs/prompt-w3-peft": SmallForm(
         "cpt-bench prompt export-peft runs/prompt-w3 runs/prompt-w3-peft", check_export_peft, needs=(PROMPT_TRAIN,)),
+    PROMPTED_EVAL: SmallForm(f"{PROMPTED_EVAL} --limit 2", check_prompted_evaluation,
+                             needs=(COMPRESS_OUT, PROMPT_TRAIN)),
+}
+
+VARIANTS = {  # documented command -> the small form that runs it, for commands CI cannot run as written
+    # A spec instead of the checkpoint folder: the spec would compress with the default calibration (128 x 1024
+    # tokens); the folder is what the spec resolves to.
+    PROMPT_TRAIN.replace("runs/gptq-w3g64", "gptq-w3g64"): PROMPT_TRAIN,
     "cpt-lm-eval --model cpt --model_args pretrained=embedded,compression=gptq-w3g64,soft_prompt=runs/prompt-w3 "
-    "--tasks cpt_ppl_wikipedia --include_path tasks": SmallForm(
-        "cpt-lm-eval --model cpt --model_args pretrained=embedded,compression=$COMPRESSED,soft_prompt=runs/prompt-w3 "
-        "--tasks cpt_ppl_wikipedia --include_path tasks --limit 2", check_prompted_perplexity,
-        needs=(COMPRESS, PROMPT_TRAIN)),
+    "--tasks cpt_ppl_wikipedia --include_path tasks": PROMPTED_EVAL,
+    # The paper's config needs LLaMA-7B, the Hub and a GPU: `tox -e paper` checks its plan, and `tox -e demo`'s
+    # small form runs the same `matrix CONFIG --out DIR --resume` on the tiny config.
+    "cpt-bench matrix configs/paper.yaml --out runs/paper --resume": "tox -e demo",
 }
 
 
-# --- unit tests: the table covers README exactly ---------------------------------------------------------------------
+# --- unit tests: the tables cover the pages exactly ------------------------------------------------------------------
 
-def test_every_readme_command_has_a_small_form():
-    shown = set(readme_commands((REPO / "README.md").read_text(encoding="utf-8")))
-    covered = set(SMALL_FORMS) | set(RUN_BY_CI)
-    missing, extra = sorted(shown - covered), sorted(covered - shown)
+def documented_commands() -> dict[str, list[str]]:
+    """Each ```bash command of README.md and docs/*.md -> the pages (relative paths) that show it."""
+    pages: dict[str, list[str]] = {}
+    for page in PAGES:
+        for command in readme_commands(page.read_text(encoding="utf-8")):
+            pages.setdefault(command, []).append(str(page.relative_to(REPO)))
+    return pages
+
+
+def test_every_documented_command_has_a_small_form():
+    shown = documented_commands()
+    covered = set(SMALL_FORMS) | set(VARIANTS) | set(RUN_BY_CI)
+    missing = [f"{', '.join(shown[command])}: {command}" for command in shown if command not in covered]
+    extra = sorted(covered - set(shown))
     assert not missing and not extra, (
-        "README.md's ```bash commands and tests/test_readme.py's SMALL_FORMS / RUN_BY_CI differ.\n"
-        "README commands without a small form (add one to SMALL_FORMS):\n  " + "\n  ".join(missing or ["-"]) +
-        "\nsmall forms of commands no longer in README (update or remove them):\n  " + "\n  ".join(extra or ["-"]))
+        "The ```bash commands of README.md and docs/*.md and tests/test_readme.py's SMALL_FORMS / VARIANTS / "
+        "RUN_BY_CI differ.\nCommands without a small form (add one to SMALL_FORMS, or to VARIANTS when an existing "
+        "small form runs it):\n  " + "\n  ".join(missing or ["-"]) +
+        "\nsmall forms of commands no page shows any more (update or remove them):\n  " + "\n  ".join(extra or ["-"]))
+
+
+def test_the_tables_do_not_overlap_and_variants_run_a_small_form():
+    assert not set(SMALL_FORMS) & set(RUN_BY_CI) and not set(VARIANTS) & (set(SMALL_FORMS) | set(RUN_BY_CI))
+    for variant, command in VARIANTS.items():
+        assert command in SMALL_FORMS, f"VARIANTS[{variant!r}] names {command!r}, which has no small form"
 
 
 def test_ci_is_the_commands_run_by_ci():
-    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
-    assert not set(SMALL_FORMS) & set(RUN_BY_CI)
-    for command, pattern in RUN_BY_CI.items():
-        assert re.search(pattern, ci, re.MULTILINE), f".ci/run does not run {command!r} (no match for {pattern!r})"
+    for command, (path, pattern) in RUN_BY_CI.items():
+        text = (REPO / path).read_text(encoding="utf-8")
+        assert re.search(pattern, text, re.MULTILINE), f"{path} does not run {command!r} (no match for {pattern!r})"
 
 
 def test_tox_small_forms_are_the_tox_commands():
