@@ -547,7 +547,7 @@ CASES = [
     Case("train-compression-not-a-spec", _before_loading(_train("--compression", "gptq-w5")),
          r"--compression 'gptq-w5' is neither a compressed checkpoint folder nor a valid spec"),
     Case("matrix-out-cannot-be-created", _matrix("--out", "/proc/forbidden/run"),
-         r"--out /proc/forbidden/run: cannot create the run folder \(.*\); expected a folder that exists or can be "
+         r"--out /proc/forbidden/run: cannot create the folder \(.*\); expected a folder that exists or can be "
          r"created"),
     Case("matrix-dry-run-model-missing", _matrix("--dry-run", model="{tmp}/no-such-model"),
          r"could not load model '.*no-such-model': expected 'embedded' .*, a model folder or a Hugging Face id"),
@@ -573,8 +573,9 @@ CASES = [
     Case("out-not-writable", _read_only_out, r"cannot (write|access) .*locked/out.*: Permission denied",
          needs_non_root=True),
     Case("out-permission-denied-simulated", _permission_denied_out,
-         r"cannot access .*locked/out: Permission denied"),
-    Case("out-under-a-file", _out_under_a_file, r"cannot (write|access) .*notes\.txt/out: Not a directory"),
+         r"--out .*locked/out: cannot create the folder \(Permission denied\)"),
+    Case("out-under-a-file", _out_under_a_file,
+         r"--out .*notes\.txt/out: cannot create the folder \(Not a directory\)"),
     Case("disk-full-while-writing", _disk_full_compress,
          r"cannot write .*model\.safetensors: No space left on device"),
 ]

@@ -17,7 +17,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     from cpt_bench.compress.checkpoints import cached_checkpoint, compress_to_folder
     from cpt_bench.compress.export import GPTQ_EXPORT_KIND, export_gptq
     from cpt_bench.compress.spec import Spec
-    from cpt_bench.compress.storage import CHECKPOINT_KIND, memory_table, read_manifest
+    from cpt_bench.compress.storage import memory_table, read_manifest
     from cpt_bench.corpus import parse_corpus
     from cpt_bench.files import ensure_replaceable
 
@@ -30,9 +30,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
         return
     if spec.needs_calibration:
         check_fits_context(settings.seqlen, "--seqlen", args.model, context_tokens(str(model_folder(args.model))))
-    if args.out:
-        ensure_replaceable(args.out, CHECKPOINT_KIND, "--out")
-    if args.export_gptq is not None:  # checked before compressing, not after
+    if args.export_gptq is not None:  # checked before compressing, not after (compress_to_folder checks --out)
         ensure_replaceable(args.export_gptq, GPTQ_EXPORT_KIND, "--export-gptq")
     if args.out:
         compress_to_folder(args.model, spec, settings, args.out)

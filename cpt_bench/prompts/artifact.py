@@ -180,7 +180,7 @@ def export_peft(prompt_folder: Path, out_folder: Path, base_model: str | None = 
     with replacing_folder(out_folder) as tmp:
         config.save_pretrained(str(tmp))
         write_bytes_atomic(tmp / PEFT_WEIGHTS, save({PEFT_TENSOR_KEY: prompt.embeddings}))
-        write_bytes_atomic(tmp / EXPORT_MARKER, json_bytes({"format": PEFT_EXPORT_FORMAT, "prompt": str(
-            Path(prompt_folder).resolve()), "sha256": meta["sha256"]}))
+        record = {"format": PEFT_EXPORT_FORMAT, "prompt": str(Path(prompt_folder).resolve()), "sha256": meta["sha256"]}
+        write_bytes_atomic(tmp / EXPORT_MARKER, json_bytes(record))
     return out_folder
 
