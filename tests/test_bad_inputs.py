@@ -489,6 +489,9 @@ CASES = [
                   "--out", "{tmp}/out")),
          r"corpus 'text:.*/short' train split has \d+ tokens, too short for calibration windows of 500 tokens",
          after=_nothing_at("out")),
+    Case("compress-checkpoint-format-unknown", _before_loading(
+        _compress("--spec", "gptq-w4g32", "--export-gptq", "{tmp}/gptq", "--checkpoint-format", "gptq_v3")),
+         r"^--checkpoint-format must be one of gptq, gptq_v2, got 'gptq_v3'$", after=_nothing_at("gptq")),
     Case("calibration-windows-zero", _compress("--spec", "gptq-w4g32", "--n-windows", "0"),
          r"calibration setting n_windows must be a positive integer, got 0"),
     Case("calibration-seqlen-negative", _compress("--spec", "gptq-w4g32", "--seqlen", "-8"),
