@@ -522,6 +522,9 @@ CASES = [
          r"limit_items must be a positive count or omitted, got 0"),
     Case("evaluate-seqlen-zero", _argv("evaluate", "--seqlen", "0"),
          r"seqlen and batch size must be positive, got 0 and 8"),
+    Case("evaluate-seqlen-longer-than-context", _before_loading(
+        _argv("evaluate", "--model", "{model}", "--tasks", "cpt_ppl_milton", "--seqlen", "4096")),
+         r"^--seqlen: 4096 tokens exceed model .*tiny-model.*'s context of 512 tokens$"),
     Case("evaluate-batch-size-negative", _argv("evaluate", "--batch-size", "-1"),
          r"seqlen and batch size must be positive, got 1024 and -1"),
     # lm-eval model_args of the cpt adapter
