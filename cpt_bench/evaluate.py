@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cpt_bench.assets.model import ModelError, check_causal_lm, first_line
+from cpt_bench.assets.model import ModelError, check_causal_lm, check_fits_context, context_tokens, first_line
 from cpt_bench.errors import UserError
 from cpt_bench.files import OutputKind, ensure_replaceable, json_bytes, write_files_atomic
 from cpt_bench.lmeval.quiet import quiet_lm_eval
@@ -74,12 +74,14 @@ def run_evaluation(settings: EvalSettings) -> dict[str, Any]:
     if unknown:
         raise UserError(f"unknown task(s) {', '.join(unknown)}; expected lm-eval task or group names, "
                          f"e.g. cpt_ppl, cpt_zeroshot, cpt_piqa (see tasks/)")
+    ppl_tasks = [t for t in settings.tasks if t.startswith(PPL_PREFIX)]
+    other_tasks = [t for t in settings.tasks if not t.startswith(PPL_PREFIX)]
+    if ppl_tasks:
+        check_fits_context(settings.seqlen_tokens, "--seqlen", settings.model, context_tokens(model_path))
     try:
         lm = HFLM(pretrained=model_path, dtype=settings.dtype, batch_size=settings.batch_size, device=settings.device)
     except (OSError, SafetensorError) as exc:  # missing or truncated weight / tokenizer files
         raise ModelError(f"could not load model {settings.model!r} from {model_path}: {first_line(exc)}") from exc
-    ppl_tasks = [t for t in settings.tasks if t.startswith(PPL_PREFIX)]
-    other_tasks = [t for t in settings.tasks if not t.startswith(PPL_PREFIX)]
     merged: dict[str, Any] = {}
     for limit, names in ((settings.limit_windows, ppl_tasks), (settings.limit_items, other_tasks)):
         if names:

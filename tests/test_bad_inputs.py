@@ -489,6 +489,9 @@ CASES = [
                   "--out", "{tmp}/out")),
          r"corpus 'text:.*/short' train split has \d+ tokens, too short for calibration windows of 500 tokens",
          after=_nothing_at("out")),
+    Case("compress-checkpoint-format-unknown", _before_loading(
+        _compress("--spec", "gptq-w4g32", "--export-gptq", "{tmp}/gptq", "--checkpoint-format", "gptq_v3")),
+         r"^--checkpoint-format must be one of gptq, gptq_v2, got 'gptq_v3'$", after=_nothing_at("gptq")),
     Case("calibration-windows-zero", _compress("--spec", "gptq-w4g32", "--n-windows", "0"),
          r"calibration setting n_windows must be a positive integer, got 0"),
     Case("calibration-seqlen-negative", _compress("--spec", "gptq-w4g32", "--seqlen", "-8"),
@@ -519,6 +522,9 @@ CASES = [
          r"limit_items must be a positive count or omitted, got 0"),
     Case("evaluate-seqlen-zero", _argv("evaluate", "--seqlen", "0"),
          r"seqlen and batch size must be positive, got 0 and 8"),
+    Case("evaluate-seqlen-longer-than-context", _before_loading(
+        _argv("evaluate", "--model", "{model}", "--tasks", "cpt_ppl_milton", "--seqlen", "4096")),
+         r"^--seqlen: 4096 tokens exceed model .*tiny-model.*'s context of 512 tokens$"),
     Case("evaluate-batch-size-negative", _argv("evaluate", "--batch-size", "-1"),
          r"seqlen and batch size must be positive, got 1024 and -1"),
     # lm-eval model_args of the cpt adapter

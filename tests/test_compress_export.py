@@ -94,3 +94,41 @@ def test_unquantized_specs_are_refused(tmp_path):
         export_gptq(tmp_path / "c", tmp_path / "gptq")
     with pytest.raises(ExportError, match="checkpoint format"):
         export_gptq(tmp_path / "c", tmp_path / "gptq", "awq")
+
+
+def test_a_3_bit_export_from_the_command_line_chooses_gptq_v2(filled_fake_cache, tmp_path, capsys):
+    """A grid whose minimum is 0 has a zero point of 0 (common at 3 bits), which v1 cannot hold: the error names
+    the flag, and ``--checkpoint-format gptq_v2`` writes the zero points as they are, decoding back to the
+    simulated weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cpt_bench.cli import main
+    from cpt_bench.compress.storage import read_checkpoint
+
+    from .conftest import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+                                         max_position_embeddings=64))  # widths of 32: whole 3-bit words
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight.abs_()  # every group's minimum >= 0: zero point 0
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    argv = ["compress", "--model", str(tmp_path / "model"), "--spec", "gptq-w3g32", "--n-windows", "2", "--seqlen",
+            "16", "--out", str(tmp_path / "c"), "--export-gptq"]
+    assert main([*argv, str(tmp_path / "v1")]) == 2
+    assert capsys.readouterr().err.strip().endswith("export with checkpoint_format 'gptq_v2' (cpt-bench compress "
+                                                    "--checkpoint-format gptq_v2)")
+    assert main([*argv, str(tmp_path / "v2"), "--checkpoint-format", "gptq_v2"]) == 0
+    out = tmp_path / "v2"
+    assert f"GPTQ-format export: {out}" in capsys.readouterr().out
+    config = json.loads((out / "quantize_config.json").read_text())
+    assert config == json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (config["bits"], config["group_size"], config["checkpoint_format"]) == (3, 32, "gptq_v2")
+    tensors = load_file(out / "model.safetensors")
+    layers = read_checkpoint(tmp_path / "c").layers
+    assert len(layers) == 7 and torch.any(layers["model.layers.0.self_attn.q_proj"].quant.zeros == 0)
+    for name, layer in layers.items():
+        assert torch.equal(decode_layer(tensors, name, 3, 0), layer.weight()), name

@@ -15,7 +15,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     """Compress a model (cached unless ``--out``), print the memory account, optionally export GPTQ format."""
     from cpt_bench.assets.model import check_fits_context, context_tokens, model_folder
     from cpt_bench.compress.checkpoints import cached_checkpoint, compress_to_folder
-    from cpt_bench.compress.export import GPTQ_EXPORT_KIND, export_gptq
+    from cpt_bench.compress.export import GPTQ_EXPORT_KIND, check_checkpoint_format, export_gptq
     from cpt_bench.compress.spec import Spec
     from cpt_bench.compress.storage import memory_table, read_manifest
     from cpt_bench.corpus import parse_corpus
@@ -23,6 +23,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
     spec = Spec.parse(args.spec)
     parse_corpus(args.corpus, "--corpus")
+    check_checkpoint_format(args.checkpoint_format, "--checkpoint-format")
     settings = CalibrationSettings(n_windows=args.n_windows, seqlen=args.seqlen, seed=args.seed,
                                    true_sequential=args.true_sequential, corpus=args.corpus)
     if spec.is_dense:
@@ -40,7 +41,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     print(memory_table(read_manifest(folder)))
     print(f"compressed checkpoint: {folder}")
     if args.export_gptq is not None:
-        print(f"GPTQ-format export: {export_gptq(folder, args.export_gptq)}")
+        print(f"GPTQ-format export: {export_gptq(folder, args.export_gptq, args.checkpoint_format)}")
 
 
 def add_compress_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -59,7 +60,11 @@ def add_compress_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
                         help="collect every Hessian of a decoder layer in one forward of the uncompressed layer "
                              "(faster; default: true-sequential, each group on the compressed earlier ones' outputs)")
     parser.add_argument("--export-gptq", type=Path, default=None, metavar="DIR",
-                        help="also write a GPTQ-format checkpoint (auto-gptq v1 zero points) to DIR: a new or "
-                             "empty folder, or an earlier export (replaced)")
+                        help="also write a GPTQ-format checkpoint (zero points as --checkpoint-format says) to DIR: "
+                             "a new or empty folder, or an earlier export (replaced)")
+    parser.add_argument("--checkpoint-format", default="gptq", metavar="FORMAT",
+                        help="zero points of the --export-gptq checkpoint: gptq (auto-gptq v1, stored minus one, "
+                             "read by vLLM and transformers; cannot hold a zero point of 0, common at 2-3 bits) or "
+                             "gptq_v2 (GPTQModel's, stored as they are) (default: gptq)")
     parser.set_defaults(run=cmd_compress)
     return parser

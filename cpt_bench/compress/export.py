@@ -48,6 +48,12 @@ class ExportError(UserError):
     """A compressed checkpoint that the GPTQ format cannot hold exactly (one-line message)."""
 
 
+def check_checkpoint_format(checkpoint_format: str, what: str = "checkpoint format") -> None:
+    """Refuse in one line (``ExportError``) a format not in ``CHECKPOINT_FORMATS``; ``what`` names the setting."""
+    if checkpoint_format not in CHECKPOINT_FORMATS:
+        raise ExportError(f"{what} must be one of {', '.join(CHECKPOINT_FORMATS)}, got {checkpoint_format!r}")
+
+
 def pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack each row of ``values [rows, cols]`` (integers in ``[0, 2**bits)``) into ``[rows, cols * bits / 32]``
     int32 words, as a little-endian bit stream per row; ``cols * bits`` must be a multiple of 32."""
@@ -69,7 +75,8 @@ def gptq_tensors(name: str, layer: CompressedLinear, checkpoint_format: str = "g
     if checkpoint_format == "gptq":
         if torch.any(zeros == 0):
             raise ExportError(f"layer {name} has a zero point of 0, which the v1 'gptq' format (stored as zero - 1) "
-                              "cannot hold; export with checkpoint_format 'gptq_v2'")
+                              "cannot hold; export with checkpoint_format 'gptq_v2' (cpt-bench compress "
+                              "--checkpoint-format gptq_v2)")
         zeros = zeros - 1
     for what, width in (("input", cols), ("output", rows)):
         if (width * quant.bits) % 32:
@@ -112,9 +119,7 @@ def export_gptq(compressed_dir: str | os.PathLike, out_dir: str | os.PathLike,
     naming ``flag`` otherwise). Raises ``ExportError`` for a spec without quantization or a layer the format
     cannot hold.
     """
-    if checkpoint_format not in CHECKPOINT_FORMATS:
-        raise ExportError(f"checkpoint format must be one of {', '.join(CHECKPOINT_FORMATS)}, "
-                          f"got {checkpoint_format!r}")
+    check_checkpoint_format(checkpoint_format)
     source, out = Path(compressed_dir), Path(out_dir)
     ensure_replaceable(out, GPTQ_EXPORT_KIND, flag)
     checkpoint = read_checkpoint(source)
