@@ -272,3 +272,11 @@ def test_the_corpus_task_scores_a_text_folder_the_same_through_lm_eval_and_cpt_l
     assert "cpt_ppl_corpus" in plain and re.search(r"\|token_perplexity\s*\|↓\s*\|\s*[0-9.]+\|", plain), plain
     for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
         assert metric in plain
+
+
+def test_coqa_metrics_follow_the_squad_definitions():
+    from cpt_bench.lmeval.squad_metrics import compute_exact, compute_f1
+
+    assert compute_exact("The Cat!", "cat") == 1 and compute_exact("a cat", "cats") == 0
+    assert compute_f1("the big red dog", "Red dog, barks") == pytest.approx(2 / 3)  # precision = recall = 2/3
+    assert compute_f1("", "") == 1.0 and compute_f1("an", "dog") == 0.0 and compute_f1("dog", "cat") == 0.0
