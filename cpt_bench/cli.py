@@ -14,7 +14,7 @@ from cpt_bench.assets.model import EMBEDDED_MODELS, EMBEDDED_NAME, MODEL_HELP
 from cpt_bench.compress.cli_commands import add_compress_parser
 from cpt_bench.errors import run_command
 from cpt_bench.matrix.cli_commands import add_matrix_parser
-from cpt_bench.prompts.cli_commands import add_prompt_parser
+from cpt_bench.recovery.cli_commands import add_prompt_parser
 from cpt_bench.report.cli_commands import add_report_parser
 
 

@@ -1,6 +1,6 @@
 """Running text as one token stream: the single place where documents are joined and tokenized.
 
-Calibration (``compress.calibration``), soft-prompt training (``prompts.soft``), the perplexity tasks
+Calibration (``compress.calibration``), soft-prompt training (``recovery.soft``), the perplexity tasks
 (``perplexity.token_windows``) and the benchmarks all read a corpus split the way the GPTQ reference code
 reads WikiText-2: the documents joined with their corpus's separator (``"\\n\\n"`` unless the corpus spec says
 otherwise, ``cpt_bench.corpus``) into one string, tokenized once. The stream holds

@@ -333,7 +333,7 @@ def _out_under_a_file(tmp: Path, inputs: Inputs) -> list[str]:
 
 def _diverging_training(tmp: Path, inputs: Inputs) -> list[str]:
     """Prompt training whose 3rd training step's loss is NaN (as from a too large learning rate in bf16)."""
-    from cpt_bench.prompts import training
+    from cpt_bench.recovery import training
 
     real, training_calls = training.prompted_loss, []
 
@@ -349,7 +349,7 @@ def _diverging_training(tmp: Path, inputs: Inputs) -> list[str]:
 
 
 def _diverged_prompt_kept(tmp: Path) -> None:
-    from cpt_bench.prompts.artifact import read_prompt
+    from cpt_bench.recovery.artifact import read_prompt
 
     prompt = read_prompt(tmp / "prompt")
     assert prompt.meta["stopped"] == "diverged" and prompt.meta["best"]["step"] in (0, 2)
@@ -555,7 +555,7 @@ def _quiet_progress(monkeypatch):
     def silent(*args, **kwargs):
         return tqdm(*args, **kwargs | {"disable": True})
 
-    for module in ("cpt_bench.compress.sequential", "cpt_bench.prompts.training"):
+    for module in ("cpt_bench.compress.sequential", "cpt_bench.recovery.training"):
         monkeypatch.setattr(f"{module}.tqdm", silent)
     transformers_logging.disable_progress_bar()
     yield

@@ -18,9 +18,9 @@ from cpt_bench.lmeval.adapter import CptLM, PromptAdapterError
 from cpt_bench.matrix import store
 from cpt_bench.matrix.config import ConfigError, config_from_dict
 from cpt_bench.matrix.plan import describe, make_plan, prompt_training
-from cpt_bench.prompts.lora import METADATA, PEFT_WEIGHTS, LoraError, LoraSettings, read_lora, train_lora
-from cpt_bench.prompts.soft import SoftPromptConfig, train_soft_prompt
-from cpt_bench.prompts.training import kd_loss
+from cpt_bench.recovery.lora import METADATA, PEFT_WEIGHTS, LoraError, LoraSettings, read_lora, train_lora
+from cpt_bench.recovery.soft import SoftPromptConfig, train_soft_prompt
+from cpt_bench.recovery.training import kd_loss
 
 from .conftest import TINY_SEQLEN_TOKENS
 from .prompt_helpers import instances, mc_pairs, rolling_texts

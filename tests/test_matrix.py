@@ -22,7 +22,7 @@ from cpt_bench.matrix import store
 from cpt_bench.matrix.config import ConfigError, config_from_dict, load_config
 from cpt_bench.matrix.plan import PromptChoice, make_plan, shard_plan
 from cpt_bench.matrix.run import check_prompt_trained, merge_runs, run_matrix
-from cpt_bench.prompts.soft import SoftPromptError
+from cpt_bench.recovery.soft import SoftPromptError
 from tests.compress_helpers import _one_thread  # noqa: F401  (autouse)
 
 TRAINING = {"n_virtual_tokens": 3, "steps": 2, "batch_size": 1, "seqlen": 16, "eval_every": 2, "eval_windows": 2,

@@ -4,16 +4,16 @@
 cache path. Registered under the name ``cpt`` when this module is imported (``cpt-lm-eval`` does that,
 since lm-eval has no plugin discovery). Extra model_args:
 
-- ``soft_prompt=DIR``: a prompt folder (``cpt_bench.prompts.artifact``), checked against the model;
+- ``soft_prompt=DIR``: a prompt folder (``cpt_bench.recovery.artifact``), checked against the model;
   ``allow_cross_model=true`` accepts one trained for another model / tokenizer of the same hidden size.
-- ``hard_prompt=NAME_OR_TEXT``: a registered text prompt (``cpt_bench.prompts.hard``) or literal text.
-- ``lora=DIR``: a LoRA folder (``cpt_bench.prompts.lora``, a PEFT adapter with our ``lora.json``), checked against
+- ``hard_prompt=NAME_OR_TEXT``: a registered text prompt (``cpt_bench.recovery.hard``) or literal text.
+- ``lora=DIR``: a LoRA folder (``cpt_bench.recovery.lora``, a PEFT adapter with our ``lora.json``), checked against
   the model like a prompt and applied unmerged on top of the (compressed) model, as plain lm-eval's
   ``hf`` model applies ``peft=DIR`` (which gives the same scores where the model's vocabulary size equals the
   tokenizer's: otherwise HFLM resizes the embeddings first). Not combined with a prompt.
 - ``prefix_cache=true|false`` (default true): compute the prompt's key/value cache once and reuse it
   for every batch, or concatenate the prompt embeddings to every batch.
-- ``prompt_position=after_bos|first`` (``cpt_bench.prompts.position``): where the prompt sits. A soft prompt sits
+- ``prompt_position=after_bos|first`` (``cpt_bench.recovery.position``): where the prompt sits. A soft prompt sits
   where it was trained (its ``prompt.json``; a different value is refused); a hard prompt by default after BOS
   when the tokenizer adds one, else first.
 - ``compression=SPEC|DIR``: evaluate the model as compressed (``cpt_bench.models.load_model``; a spec is
@@ -64,11 +64,11 @@ from cpt_bench.models import (
     resident_bytes,
     weight_formats,
 )
-from cpt_bench.prompts.artifact import SoftPrompt, check_prompt_fits, read_prompt
-from cpt_bench.prompts.hard import hard_prompt_text
-from cpt_bench.prompts.lora import apply_lora, lora_parameters, read_lora
-from cpt_bench.prompts.position import AFTER_BOS, check_position, recorded_position, resolve_position
 from cpt_bench.provenance import peak_memory
+from cpt_bench.recovery.artifact import SoftPrompt, check_prompt_fits, read_prompt
+from cpt_bench.recovery.hard import hard_prompt_text
+from cpt_bench.recovery.lora import apply_lora, lora_parameters, read_lora
+from cpt_bench.recovery.position import AFTER_BOS, check_position, recorded_position, resolve_position
 
 
 class PromptAdapterError(UserError):

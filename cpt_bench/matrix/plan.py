@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, replace
 from cpt_bench.compress.spec import Spec
 from cpt_bench.errors import UserError
 from cpt_bench.matrix.config import MatrixConfig, Target, hard_prompt_label
-from cpt_bench.prompts.controls import control_depends_on_seed
-from cpt_bench.prompts.soft import SoftPromptConfig
+from cpt_bench.recovery.controls import control_depends_on_seed
+from cpt_bench.recovery.soft import SoftPromptConfig
 
 # Speeds of the embedded model on 2 idle CPU cores, for --dry-run estimates only (README, "Time estimates"). Taken
 # from the committed runs made with nothing else running (results/default/summary.json cell seconds, README

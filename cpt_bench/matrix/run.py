@@ -91,15 +91,15 @@ def prompt_folder(run_dir: Path, prompt: PromptChoice) -> Path:
 def artifact_meta(folder: Path, kind: str) -> dict[str, Any]:
     """The metadata of a built prompt (``prompt.json``) or LoRA adapter (``lora.json``), after verifying its stored
     tensors against their checksum."""
-    from cpt_bench.prompts.artifact import read_prompt
-    from cpt_bench.prompts.lora import read_lora
+    from cpt_bench.recovery.artifact import read_prompt
+    from cpt_bench.recovery.lora import read_lora
 
     return read_lora(folder) if kind == "lora" else read_prompt(folder).meta
 
 
 def _artifact_complete(folder: Path, kind: str) -> bool:
-    from cpt_bench.prompts.artifact import METADATA as PROMPT_METADATA
-    from cpt_bench.prompts.lora import METADATA as LORA_METADATA
+    from cpt_bench.recovery.artifact import METADATA as PROMPT_METADATA
+    from cpt_bench.recovery.lora import METADATA as LORA_METADATA
 
     return (folder / (LORA_METADATA if kind == "lora" else PROMPT_METADATA)).is_file()
 
@@ -107,14 +107,14 @@ def _artifact_complete(folder: Path, kind: str) -> bool:
 def build_prompt(config: MatrixConfig, run_dir: Path, prompt: PromptChoice, compressed_folder: str | None) -> str:
     """Build prompt ``prompt`` at its level unless it is already complete: train a learned prompt or LoRA adapter
     (resuming its checkpoint) with its seed's and objective's settings, the dense model loaded beside it as the
-    teacher for ``kd``, or write a control (``prompts.controls``)."""
+    teacher for ``kd``, or write a control (``recovery.controls``)."""
     import torch
 
     from cpt_bench.models import CheckpointFolder, load_model
-    from cpt_bench.prompts.controls import write_control_prompt
-    from cpt_bench.prompts.lora import train_lora
-    from cpt_bench.prompts.soft import train_soft_prompt
-    from cpt_bench.prompts.training import CHECKPOINT
+    from cpt_bench.recovery.controls import write_control_prompt
+    from cpt_bench.recovery.lora import train_lora
+    from cpt_bench.recovery.soft import train_soft_prompt
+    from cpt_bench.recovery.training import CHECKPOINT
 
     folder = prompt_folder(run_dir, prompt)
     if not _artifact_complete(folder, prompt.kind):
@@ -207,7 +207,7 @@ def _prompt_block(lm, job: GroupJob) -> dict[str, Any]:
     ``untrained``: it never beat its initialisation (see ``check_prompt_trained``); ``control``: the kind of a
     control prompt (untrained by design).
     """
-    from cpt_bench.prompts.training import trained_improved
+    from cpt_bench.recovery.training import trained_improved
 
     block = dict(lm.prompt_info)
     if job.prompt_folder:
@@ -230,8 +230,8 @@ def _prompt_block(lm, job: GroupJob) -> dict[str, Any]:
 def check_prompt_trained(folder: Path, prompt: PromptChoice, required: bool) -> bool:
     """Whether the soft prompt or LoRA adapter in ``folder`` beat its initialisation; warn when it did not, or, when
     ``required`` (``prompts.soft.require_improvement``), raise a one-line ``SoftPromptError`` naming it."""
-    from cpt_bench.prompts.soft import SoftPromptError
-    from cpt_bench.prompts.training import trained_improved
+    from cpt_bench.recovery.soft import SoftPromptError
+    from cpt_bench.recovery.training import trained_improved
 
     meta = artifact_meta(Path(folder), prompt.kind)
     if trained_improved(meta):

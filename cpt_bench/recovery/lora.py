@@ -29,12 +29,12 @@ import torch
 
 from cpt_bench.errors import UserError
 from cpt_bench.files import json_bytes, sha256_of, write_files_atomic
-from cpt_bench.prompts.artifact import check_fits, read_metadata
-from cpt_bench.prompts.position import lead_ids, resolve_position
-from cpt_bench.prompts.soft import SoftPromptConfig
-from cpt_bench.prompts.target import describe_target
-from cpt_bench.prompts.training import OBJECTIVES, Learner, TrainingRun, train_learner
 from cpt_bench.provenance import environment_record
+from cpt_bench.recovery.artifact import check_fits, read_metadata
+from cpt_bench.recovery.position import lead_ids, resolve_position
+from cpt_bench.recovery.soft import SoftPromptConfig
+from cpt_bench.recovery.target import describe_target
+from cpt_bench.recovery.training import OBJECTIVES, Learner, TrainingRun, train_learner
 
 METADATA = "lora.json"
 PEFT_CONFIG = "adapter_config.json"

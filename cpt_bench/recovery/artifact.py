@@ -28,9 +28,9 @@ from safetensors.torch import load_file, save
 
 from cpt_bench.errors import UserError
 from cpt_bench.files import json_bytes, replacing_folder, sha256_of, write_bytes_atomic, write_files_atomic
-from cpt_bench.prompts.position import FIRST, recorded_position
-from cpt_bench.prompts.target import describe_target, same_embeddings
 from cpt_bench.provenance import environment_record
+from cpt_bench.recovery.position import FIRST, recorded_position
+from cpt_bench.recovery.target import describe_target, same_embeddings
 
 TENSORS = "prompt.safetensors"
 METADATA = "prompt.json"

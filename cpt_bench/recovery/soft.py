@@ -1,7 +1,7 @@
 """Soft-prompt learning on a frozen (possibly compressed) causal LM, as in the paper's code.
 
 The prompt is a ``[n_virtual_tokens, hidden_size]`` float32 parameter inserted into every window as input
-embeddings (the space the model's embedding layer outputs), at ``prompt_position`` (``prompts.position``):
+embeddings (the space the model's embedding layer outputs), at ``prompt_position`` (``recovery.position``):
 before the window (``first``) or after its leading BOS token (``after_bos``, the default when the tokenizer adds
 BOS: windows then start with BOS). The prompt's positions (and the BOS token's) are not scored, so only the
 window's tokens are (the first one conditioned on the prompt alone). ``SoftPromptConfig`` holds the training
@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from cpt_bench.prompts.artifact import save_prompt
-from cpt_bench.prompts.position import META_KEY, POSITIONS, lead_ids, resolve_position
-from cpt_bench.prompts.target import describe_target
-from cpt_bench.prompts.training import OBJECTIVES, Learner, TrainingError, TrainingRun, train_learner
+from cpt_bench.recovery.artifact import save_prompt
+from cpt_bench.recovery.position import META_KEY, POSITIONS, lead_ids, resolve_position
+from cpt_bench.recovery.target import describe_target
+from cpt_bench.recovery.training import OBJECTIVES, Learner, TrainingError, TrainingRun, train_learner
 
 PRECISIONS = ("auto", "bf16", "fp32")
 MAX_LR = 10.0  # far above any useful rate; beyond ~1e37 AdamW's step overflows float32 inside torch
@@ -71,7 +71,7 @@ class SoftPromptConfig:
     """Soft-prompt training settings; defaults follow the paper except ``steps`` / ``eval_every`` (CPU scale).
 
     ``patience``: evaluations without a better validation loss before stopping (None: never stop early).
-    ``prompt_position``: ``after_bos`` or ``first`` (``prompts.position``); None: ``after_bos`` when the
+    ``prompt_position``: ``after_bos`` or ``first`` (``recovery.position``); None: ``after_bos`` when the
     tokenizer adds a BOS token, else ``first``.
     ``precision``: ``auto`` = bf16 autocast on a CUDA device that supports it, else fp32; ``bf16`` forces
     autocast (also on CPU); ``fp32`` disables it. ``seqlen`` and ``eval_windows`` are in tokens / windows.

@@ -40,7 +40,7 @@ from cpt_bench.provenance import peak_memory, reset_peak_memory
 from cpt_bench.tokens import corpus_stream
 
 if TYPE_CHECKING:  # the settings class lives with the soft prompt's initialisers, which import this module
-    from cpt_bench.prompts.soft import SoftPromptConfig
+    from cpt_bench.recovery.soft import SoftPromptConfig
 
 log = logging.getLogger(__name__)
 
