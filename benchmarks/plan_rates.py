@@ -89,7 +89,8 @@ def training_seconds(model: str, folder: Path) -> list[float]:
     """Recorded training seconds of soft prompts trained for each of ``TRAIN_STEPS`` steps (one evaluation each)."""
     from cpt_bench.models import load_model
     from cpt_bench.recovery.artifact import read_prompt
-    from cpt_bench.recovery.soft import SoftPromptConfig, train_soft_prompt
+    from cpt_bench.recovery.soft import train_soft_prompt
+    from cpt_bench.recovery.training import SoftPromptConfig
 
     loaded = load_model(model, device="cpu")
     lm, tokenizer, label = loaded.model, loaded.tokenizer, loaded.compression

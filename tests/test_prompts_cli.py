@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from cpt_bench.recovery.artifact import PEFT_TENSOR_KEY, read_prompt
 from cpt_bench.recovery.cli_commands import add_prompt_parser
-from cpt_bench.recovery.soft import SoftPromptError
+from cpt_bench.recovery.training import SoftPromptError
 
 from .conftest import TINY_SEQLEN_TOKENS
 

@@ -10,13 +10,15 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cpt_bench.recovery.artifact import read_prompt
-from cpt_bench.recovery.soft import (
+from cpt_bench.recovery.soft import initial_prompt, train_soft_prompt
+from cpt_bench.recovery.training import (
+    CHECKPOINT,
     SoftPromptConfig,
     SoftPromptError,
-    initial_prompt,
-    train_soft_prompt,
+    TrainingDiverged,
+    TrainingError,
+    trained_improved,
 )
-from cpt_bench.recovery.training import CHECKPOINT, TrainingDiverged, TrainingError, trained_improved
 
 from .conftest import TINY_SEQLEN_TOKENS
 

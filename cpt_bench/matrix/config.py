@@ -67,14 +67,14 @@ from typing import Any
 
 import yaml
 
+import cpt_bench.lmeval  # noqa: F401  (registers the lmeval: corpus kind that configs may name)
 from cpt_bench.compress.spec import CalibrationSettings, Spec
 from cpt_bench.corpus import parse_corpus
 from cpt_bench.errors import UserError
 from cpt_bench.recovery.controls import CONTROL_KINDS
 from cpt_bench.recovery.hard import HARD_PROMPTS
 from cpt_bench.recovery.lora import LoraSettings
-from cpt_bench.recovery.soft import SoftPromptConfig
-from cpt_bench.recovery.training import OBJECTIVES
+from cpt_bench.recovery.training import OBJECTIVES, SoftPromptConfig
 
 PPL_TASK_PREFIX = "cpt_ppl_"
 CORPUS_TASK = "cpt_ppl_corpus"  # token perplexity of any corpus spec (tasks/cpt_ppl_corpus.yaml)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from cpt_bench.assets.model import MODEL_HELP
 from cpt_bench.recovery.position import POSITIONS
-from cpt_bench.recovery.soft import INITIALISERS, PRECISIONS, SoftPromptConfig
-from cpt_bench.recovery.training import OBJECTIVES
+from cpt_bench.recovery.soft_init import INITIALISERS
+from cpt_bench.recovery.training import OBJECTIVES, PRECISIONS, SoftPromptConfig
 
 _DEFAULTS = SoftPromptConfig()
 _TYPES_OF_NONE_DEFAULTS = {"patience": int, "init_text": str, "prompt_position": str}
@@ -27,8 +27,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from cpt_bench.corpus import parse_corpus
     from cpt_bench.models import load_model, parse_compression, resolve_device
     from cpt_bench.recovery.artifact import read_prompt
-    from cpt_bench.recovery.soft import SoftPromptError, train_soft_prompt
-    from cpt_bench.recovery.training import CHECKPOINT
+    from cpt_bench.recovery.soft import train_soft_prompt
+    from cpt_bench.recovery.training import CHECKPOINT, SoftPromptError
 
     config = SoftPromptConfig(**{f.name: getattr(args, f.name) for f in fields(SoftPromptConfig)})
     source = str(parse_corpus(args.source, "--source"))

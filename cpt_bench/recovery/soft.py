@@ -4,9 +4,9 @@ The prompt is a ``[n_virtual_tokens, hidden_size]`` float32 parameter inserted i
 embeddings (the space the model's embedding layer outputs), at ``prompt_position`` (``recovery.position``):
 before the window (``first``) or after its leading BOS token (``after_bos``, the default when the tokenizer adds
 BOS: windows then start with BOS). The prompt's positions (and the BOS token's) are not scored, so only the
-window's tokens are (the first one conditioned on the prompt alone). ``SoftPromptConfig`` holds the training
-settings, which LoRA adapters share (``lora``); the loop, its objectives (``lm``, ``kd``), validation and
-checkpoints are ``training``'s.
+window's tokens are (the first one conditioned on the prompt alone). The training settings
+(``SoftPromptConfig``, which LoRA adapters share), the loop, its objectives (``lm``, ``kd``), validation and
+checkpoints are ``training``'s; the initialisations ``soft_init``'s.
 
 Why our own loop rather than PEFT's PromptTuning model: PEFT's initialisations (RANDOM, TEXT,
 SAMPLE_VOCAB) lack the paper's "first n rows of the embedding matrix", and training a plain tensor
@@ -18,109 +18,25 @@ writes a PromptTuning adapter, and the tests check both score identically.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from cpt_bench.recovery.artifact import save_prompt
-from cpt_bench.recovery.position import META_KEY, POSITIONS, lead_ids, resolve_position
+from cpt_bench.recovery.artifact import (
+    METADATA,
+    PromptArtifactError,
+    SoftPrompt,
+    check_prompt_fits,
+    read_prompt,
+    save_prompt,
+)
+from cpt_bench.recovery.kind import Applied, RecoveryKind
+from cpt_bench.recovery.position import META_KEY, lead_ids, recorded_position, resolve_position
+from cpt_bench.recovery.soft_init import INITIALISERS
 from cpt_bench.recovery.target import describe_target
-from cpt_bench.recovery.training import OBJECTIVES, Learner, TrainingError, TrainingRun, train_learner
-
-PRECISIONS = ("auto", "bf16", "fp32")
-MAX_LR = 10.0  # far above any useful rate; beyond ~1e37 AdamW's step overflows float32 inside torch
-
-
-class SoftPromptError(TrainingError):
-    """Bad soft-prompt settings or inputs (one-line message)."""
-
-
-def _init_vocab(weight: torch.Tensor, n: int, generator: torch.Generator, token_ids: list[int]) -> torch.Tensor:
-    """The embeddings of the first ``n`` token ids (the paper's code: the first rows of the embedding matrix)."""
-    return weight[:n].clone()
-
-
-def _init_sample(weight: torch.Tensor, n: int, generator: torch.Generator, token_ids: list[int]) -> torch.Tensor:
-    """The embeddings of ``n`` token ids drawn uniformly at random (with replacement, seeded)."""
-    return weight[torch.randint(0, weight.shape[0], (n,), generator=generator)].clone()
-
-
-def _init_text(weight: torch.Tensor, n: int, generator: torch.Generator, token_ids: list[int]) -> torch.Tensor:
-    """Embeddings of the text's tokens, repeated or cut to ``n`` rows."""
-    repeats = math.ceil(n / len(token_ids))
-    return weight[torch.tensor((token_ids * repeats)[:n])].clone()
-
-
-def _init_random(weight: torch.Tensor, n: int, generator: torch.Generator, token_ids: list[int]) -> torch.Tensor:
-    """Gaussian rows with the token embeddings' standard deviation (seeded)."""
-    return torch.randn(n, weight.shape[1], generator=generator) * weight.std()
-
-
-# Each: (the embedding of every token id [vocab, hidden] float32 CPU, n, seeded generator, init_text token ids)
-# -> [n, hidden]. Embeddings are the embedding layer's outputs, the space prompts live in: Gemma's layer scales
-# its weight rows by sqrt(hidden_size), so raw rows would be off by that factor.
-INITIALISERS: dict[str, Callable[[torch.Tensor, int, torch.Generator, list[int]], torch.Tensor]] = {
-    "vocab": _init_vocab, "sample": _init_sample, "text": _init_text, "random": _init_random}
-
-
-@dataclass(frozen=True)
-class SoftPromptConfig:
-    """Soft-prompt training settings; defaults follow the paper except ``steps`` / ``eval_every`` (CPU scale).
-
-    ``patience``: evaluations without a better validation loss before stopping (None: never stop early).
-    ``prompt_position``: ``after_bos`` or ``first`` (``recovery.position``); None: ``after_bos`` when the
-    tokenizer adds a BOS token, else ``first``.
-    ``precision``: ``auto`` = bf16 autocast on a CUDA device that supports it, else fp32; ``bf16`` forces
-    autocast (also on CPU); ``fp32`` disables it. ``seqlen`` and ``eval_windows`` are in tokens / windows.
-    """
-
-    n_virtual_tokens: int = 100
-    init: str = "vocab"
-    init_text: str | None = None
-    lr: float = 1e-3
-    weight_decay: float = 1e-5
-    warmup_steps: int = 0
-    steps: int = 300
-    batch_size: int = 2
-    seqlen: int = 1024
-    eval_every: int = 50
-    eval_windows: int = 16
-    patience: int | None = None
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    precision: str = "auto"
-    prompt_position: str | None = None
-    objective: str = "lm"
-
-    def __post_init__(self) -> None:
-        positive = ("n_virtual_tokens", "steps", "batch_size", "seqlen", "eval_every", "eval_windows")
-        for name in positive:
-            self._check(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "a positive integer")
-        self._check(isinstance(self.lr, int | float) and 0 < self.lr <= MAX_LR, "lr",
-                    f"a positive number at most {MAX_LR:g}")
-        self._check(isinstance(self.max_grad_norm, int | float) and self.max_grad_norm > 0, "max_grad_norm",
-                    "a positive number")
-        self._check(isinstance(self.weight_decay, int | float) and self.weight_decay >= 0, "weight_decay",
-                    "a number >= 0")
-        self._check(isinstance(self.warmup_steps, int) and 0 <= self.warmup_steps <= self.steps, "warmup_steps",
-                    f"an integer in [0, steps={self.steps}]")
-        self._check(self.patience is None or (isinstance(self.patience, int) and self.patience > 0), "patience",
-                    "a positive integer or None")
-        self._check(isinstance(self.seed, int), "seed", "an integer")
-        self._check(self.init in INITIALISERS, "init", f"one of {sorted(INITIALISERS)}")
-        self._check(self.precision in PRECISIONS, "precision", f"one of {list(PRECISIONS)}")
-        self._check((self.init == "text") == bool(self.init_text), "init_text",
-                    "given (non-empty) exactly when init is 'text'")
-        self._check(self.prompt_position is None or self.prompt_position in POSITIONS, "prompt_position",
-                    f"one of {list(POSITIONS)} or None (the tokenizer's default)")
-        self._check(self.objective in OBJECTIVES, "objective", f"one of {list(OBJECTIVES)}")
-
-    def _check(self, ok: bool, name: str, expected: str) -> None:
-        if not ok:
-            raise SoftPromptError(f"soft prompt setting {name} must be {expected}, got {getattr(self, name)!r}")
+from cpt_bench.recovery.training import Learner, SoftPromptConfig, SoftPromptError, TrainingRun, train_learner
 
 
 def token_embeddings(model: torch.nn.Module, chunk: int = 8192) -> torch.Tensor:
@@ -171,3 +87,49 @@ def train_soft_prompt(model: torch.nn.Module, tokenizer, config: SoftPromptConfi
     run = TrainingRun(config, config.lr, asdict(config), source, Path(out_dir), lead_ids(position, tokenizer), save,
                       "soft prompt", f"model {model_name!r} ({compression})")
     return train_learner(learner, tokenizer, run, resume=resume, teacher=teacher, on_eval=on_eval)
+
+
+class SoftPromptKind(RecoveryKind):
+    """A learned soft prompt (``soft_prompt=DIR``): embeddings placed before every request where it was trained."""
+
+    name = "soft"
+    label = "soft prompt"
+    colour = "#2166ac"
+    model_arg = "soft_prompt"
+    prefix = True
+    learned = True
+    metadata_file = METADATA
+    summary_keys = ("source", "trained_at")
+
+    def check_arg(self, value: str) -> None:
+        if value == "":
+            raise PromptArtifactError("soft_prompt is empty: expected a prompt folder written by 'cpt-bench prompt "
+                                      "train'")
+
+    def read(self, value: str) -> SoftPrompt:
+        return read_prompt(Path(value))
+
+    def apply(self, model: torch.nn.Module, tokenizer, value: str, artifact: SoftPrompt, model_name: str,
+              allow_cross_model: bool) -> Applied:
+        check_prompt_fits(artifact, model, tokenizer, allow_cross_model)
+        info = {"kind": self.name, "path": str(value), "sha256": artifact.meta["sha256"],
+                "trained_on": artifact.meta["compression"]}
+        return Applied(model, artifact.embeddings, recorded_position(artifact.meta), info)
+
+    def read_meta(self, folder: Path) -> dict:
+        return read_prompt(folder).meta
+
+    def train(self, model: torch.nn.Module, tokenizer, training: SoftPromptConfig, settings, source: str,
+              folder: Path, *, model_name: str, compression: str, resume: bool,
+              teacher: torch.nn.Module | None) -> Path:
+        return train_soft_prompt(model, tokenizer, training, source, folder, model_name=model_name,
+                                 compression=compression, resume=resume, teacher=teacher)
+
+    def describe_settings(self, settings, training: SoftPromptConfig) -> str:
+        return (f"{training.n_virtual_tokens} tokens, init {training.init}, AdamW lr {training.lr} weight decay "
+                f"{training.weight_decay}, {training.warmup_steps} warmup then linear decay, {training.steps} steps "
+                f"of batch {training.batch_size} x {training.seqlen} tokens, clip {training.max_grad_norm}, "
+                f"validation every {training.eval_every} steps on {training.eval_windows} windows (best kept)")
+
+    def trainable_parameters(self, meta: dict) -> int:
+        return meta.get("trainable_parameters", meta["n_virtual_tokens"] * meta["hidden_size"])
