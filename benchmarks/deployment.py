@@ -91,8 +91,8 @@ def _context_ids(model_name: str, batch: int, context: int) -> torch.Tensor:
 def _prompt_embeddings(model: torch.nn.Module, n: int) -> torch.Tensor:
     """``[n, hidden]`` bf16: the ``random`` control prompt's vectors (random directions, the embedding rows' mean
     norm)."""
-    from cpt_bench.prompts.controls import random_prompt
-    from cpt_bench.prompts.soft import SoftPromptConfig
+    from cpt_bench.recovery.controls import random_prompt
+    from cpt_bench.recovery.training import SoftPromptConfig
 
     return random_prompt(model, SoftPromptConfig(n_virtual_tokens=n)).to(torch.bfloat16)
 

@@ -88,8 +88,9 @@ def compress_seconds(model: str, spec: str, out: Path, n_windows: int) -> float:
 def training_seconds(model: str, folder: Path) -> list[float]:
     """Recorded training seconds of soft prompts trained for each of ``TRAIN_STEPS`` steps (one evaluation each)."""
     from cpt_bench.models import load_model
-    from cpt_bench.prompts.artifact import read_prompt
-    from cpt_bench.prompts.soft import SoftPromptConfig, train_soft_prompt
+    from cpt_bench.recovery.artifact import read_prompt
+    from cpt_bench.recovery.soft import train_soft_prompt
+    from cpt_bench.recovery.training import SoftPromptConfig
 
     loaded = load_model(model, device="cpu")
     lm, tokenizer, label = loaded.model, loaded.tokenizer, loaded.compression

@@ -25,9 +25,10 @@ from tabulate import tabulate
 
 def _build_prompt(model, tokenizer, name: str, n_tokens: int, folder: Path) -> tuple[Path, Path]:
     """An untrained prompt folder and its PEFT export."""
-    from cpt_bench.prompts.artifact import export_peft, save_prompt
-    from cpt_bench.prompts.soft import SoftPromptConfig, initial_prompt
-    from cpt_bench.prompts.target import describe_target
+    from cpt_bench.recovery.artifact import export_peft, save_prompt
+    from cpt_bench.recovery.soft import initial_prompt
+    from cpt_bench.recovery.target import describe_target
+    from cpt_bench.recovery.training import SoftPromptConfig
 
     config = SoftPromptConfig(n_virtual_tokens=n_tokens)
     training = {"source": {"corpus": "none"}, "hyperparameters": {"seed": 0}, "curve": [], "train_seconds": 0.0}

@@ -32,9 +32,9 @@ from tabulate import tabulate
 
 from cpt_bench.compress import CalibrationSettings, Spec, cached_checkpoint
 from cpt_bench.models import CheckpointFolder, load_model
-from cpt_bench.prompts.position import AFTER_BOS, lead_ids
-from cpt_bench.prompts.soft import SoftPromptConfig, train_soft_prompt
-from cpt_bench.prompts.training import with_lead
+from cpt_bench.recovery.position import AFTER_BOS, lead_ids
+from cpt_bench.recovery.soft import train_soft_prompt
+from cpt_bench.recovery.training import SoftPromptConfig, with_lead
 from cpt_bench.tokens import corpus_stream
 
 SOURCE = "wikipedia"

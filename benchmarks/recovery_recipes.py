@@ -42,11 +42,11 @@ from cpt_bench.compress.spec import Spec
 from cpt_bench.files import write_json_atomic
 from cpt_bench.matrix.config import MatrixConfig, load_config
 from cpt_bench.models import CheckpointFolder, load_model
-from cpt_bench.prompts.lora import LoraSettings, read_lora, train_lora
-from cpt_bench.prompts.position import lead_ids, resolve_position
-from cpt_bench.prompts.soft import SoftPromptConfig, train_soft_prompt
-from cpt_bench.prompts.training import Learner, validation_scores, validation_windows
 from cpt_bench.provenance import environment_record
+from cpt_bench.recovery.lora import LoraSettings, read_lora, train_lora
+from cpt_bench.recovery.position import lead_ids, resolve_position
+from cpt_bench.recovery.soft import train_soft_prompt
+from cpt_bench.recovery.training import Learner, SoftPromptConfig, validation_scores, validation_windows
 from cpt_bench.tokens import corpus_stream
 
 KINDS = ("soft", "lora")

@@ -10,11 +10,12 @@ from pathlib import Path
 from tabulate import tabulate
 from tqdm import tqdm
 
+import cpt_bench.lmeval  # noqa: F401  (registers the lmeval: corpus kind that corpus options accept)
 from cpt_bench.assets.model import EMBEDDED_MODELS, EMBEDDED_NAME, MODEL_HELP
 from cpt_bench.compress.cli_commands import add_compress_parser
 from cpt_bench.errors import run_command
 from cpt_bench.matrix.cli_commands import add_matrix_parser
-from cpt_bench.prompts.cli_commands import add_prompt_parser
+from cpt_bench.recovery.cli_commands import add_prompt_parser
 from cpt_bench.report.cli_commands import add_report_parser
 
 
@@ -113,9 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_compress_parser(commands)
     add_prompt_parser(commands)
-    add_matrix_parser(commands)
+    add_matrix_parser(commands, report_run=_write_run_report)
     add_report_parser(commands)
     return parser
+
+
+def _write_run_report(run_dir: Path) -> list[Path]:
+    """The report of a finished run: the command line composes a matrix run and its report (``cpt_bench.report``,
+    imported on use: it loads matplotlib)."""
+    from cpt_bench.report import write_run_report
+
+    return write_run_report(run_dir)
 
 
 def main(argv: list[str] | None = None) -> int:

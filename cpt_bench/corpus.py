@@ -11,7 +11,12 @@ Grammar (``str(parse_corpus(text))`` is canonical)::
     hf:DATASET           a Hugging Face dataset: a Hub id (from the datasets cache offline, downloaded when the
                          Hub is reachable) or a folder written by ``Dataset(Dict).save_to_disk``
     lmeval:TASK          the documents of an lm-eval task, each rendered by the task's own prompt template and
-                         target (``doc_to_text`` + target delimiter + the target or the correct choice)
+                         target (``doc_to_text`` + target delimiter + the target or the correct choice); this
+                         kind is registered by ``cpt_bench.lmeval`` (``lmeval.corpus_kind``), which every command
+                         line and the task loaders import
+
+Corpus kinds (``KIND:``) are a registry, ``CORPUS_KINDS``: a kind is a ``CorpusKind`` (its name and the function
+reading its three splits), added with ``register_corpus_kind``; a package above this module adds its own kind so.
 
 followed by options ``?key=value&key=value``: ``field`` (the text field of jsonl / csv / parquet / hf records,
 default ``text``), ``config`` (hf: the dataset's config name), ``separator`` (how documents are joined into one
@@ -61,7 +66,6 @@ from cpt_bench.files import (
     write_bytes_atomic,
 )
 
-KINDS = ("text", "jsonl", "csv", "parquet", "hf", "lmeval")
 OPTIONS = ("field", "config", "separator")
 DOCUMENT_SEPARATOR = "\n\n"  # how the GPTQ reference code joins WikiText-2 documents: the default
 SEPARATORS = {"blank_line": DOCUMENT_SEPARATOR, "newline": "\n", "space": " "}
@@ -115,14 +119,18 @@ PRESETS: dict[str, Preset] = {
                  description="C4 (en): the first 5000 train documents; test = the first 1100 validation "
                              "documents (the paper's), validation = the next 1100"),
 }
-GRAMMAR = (f"a built-in corpus ({', '.join(CORPORA)}), a preset ({', '.join(PRESETS)}), or KIND:PATH_OR_NAME"
-           f"[?field=..&config=..&separator={'|'.join(SEPARATORS)}] with KIND one of {', '.join(KINDS)}")
+
+
+def grammar() -> str:
+    """What a corpus spec may be, for error messages (the registered kinds at the time of asking)."""
+    return (f"a built-in corpus ({', '.join(CORPORA)}), a preset ({', '.join(PRESETS)}), or KIND:PATH_OR_NAME"
+            f"[?field=..&config=..&separator={'|'.join(SEPARATORS)}] with KIND one of {', '.join(CORPUS_KINDS)}")
 
 
 @dataclass(frozen=True)
 class CorpusSpec:
-    """A parsed corpus spec: ``kind`` (``builtin``, ``preset`` or one of ``KINDS``), ``location`` (name, path, dataset
-    id or task) and options."""
+    """A parsed corpus spec: ``kind`` (``builtin``, ``preset`` or a name in ``CORPUS_KINDS``), ``location`` (name,
+    path, dataset id or task) and options."""
 
     kind: str
     location: str
@@ -149,6 +157,30 @@ class CorpusSpec:
         return f"{self.kind}:{self.location}" + (f"?{'&'.join(options)}" if options else "")
 
 
+Reader = Callable[[CorpusSpec], tuple[dict[str, list[Document]], str]]
+
+
+@dataclass(frozen=True)
+class CorpusKind:
+    """One ``KIND:LOCATION`` corpus kind: ``read(spec)`` gives its splits (``{"train": [Document], ...}``, the
+    source's own splits, any of the three; ``complete_splits`` carves the rest) and a fingerprint of its content
+    (the cache key); ``local_files``: the location is a path whose files' sizes and times say when to read it again."""
+
+    name: str
+    read: Reader
+    local_files: bool = False
+
+
+CORPUS_KINDS: dict[str, CorpusKind] = {}
+
+
+def register_corpus_kind(kind: CorpusKind) -> None:
+    """Make ``KIND:`` specs of ``kind.name`` parse and read; a name registered twice is a bug (ValueError)."""
+    if kind.name in CORPUS_KINDS or kind.name in ("builtin", "preset"):
+        raise ValueError(f"corpus kind {kind.name!r} is registered twice")
+    CORPUS_KINDS[kind.name] = kind
+
+
 def parse_corpus(text: str | CorpusSpec, what: str = "corpus") -> CorpusSpec:
     """Parse a corpus spec (see the module docstring); ``what`` names the setting in errors. Raises ``CorpusError``.
 
@@ -157,14 +189,14 @@ def parse_corpus(text: str | CorpusSpec, what: str = "corpus") -> CorpusSpec:
     if isinstance(text, CorpusSpec):
         return text
     if not isinstance(text, str) or not text:
-        raise CorpusError(f"{what} {text!r}: expected {GRAMMAR}")
+        raise CorpusError(f"{what} {text!r}: expected {grammar()}")
     if text in CORPORA:
         return CorpusSpec("builtin", text)
     if text in PRESETS:
         return CorpusSpec("preset", text, separator_name=PRESETS[text].separator)
     match = _SPEC_RE.fullmatch(text)
-    if not match or match["kind"] not in KINDS:
-        raise CorpusError(f"{what} {text!r} is not a corpus spec: expected {GRAMMAR}")
+    if not match or match["kind"] not in CORPUS_KINDS:
+        raise CorpusError(f"{what} {text!r} is not a corpus spec: expected {grammar()}")
     options = _options(match["options"], text, what)
     if options.get("separator", "blank_line") not in SEPARATORS:
         raise CorpusError(f"{what} {text!r}: separator {options['separator']!r} is not one of "
@@ -257,7 +289,7 @@ def _prepared(text: str, signature: tuple) -> Path:
 
 def _stat_signature(spec: CorpusSpec) -> tuple:
     """(path, size, mtime) of every local file the spec reads: a changed file makes the memo above miss."""
-    if spec.kind not in ("text", "jsonl", "csv", "parquet", "hf"):
+    if spec.kind not in CORPUS_KINDS or not CORPUS_KINDS[spec.kind].local_files:
         return ()
     path = Path(spec.location).expanduser()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.exists() else []
@@ -268,10 +300,7 @@ def _stat_signature(spec: CorpusSpec) -> tuple:
 
 def _read(spec: CorpusSpec) -> tuple[dict[str, list[Document]], str]:
     """The three splits of a (non built-in) corpus and a fingerprint of its content."""
-    readers: dict[str, Callable[[CorpusSpec], tuple[dict[str, list[Document]], str]]] = {
-        "preset": _read_preset, "text": _read_text, "jsonl": _read_records, "csv": _read_records,
-        "parquet": _read_records, "hf": _read_hf, "lmeval": _read_lmeval}
-    return readers[spec.kind](spec)
+    return _read_preset(spec) if spec.kind == "preset" else CORPUS_KINDS[spec.kind].read(spec)
 
 
 def _existing_path(spec: CorpusSpec) -> Path:
@@ -281,7 +310,8 @@ def _existing_path(spec: CorpusSpec) -> Path:
     return path
 
 
-def _digest(parts: list[str]) -> str:
+def content_digest(parts: list[str]) -> str:
+    """A sha256 over the parts' own sha256s (hex): a corpus's content fingerprint."""
     digest = hashlib.sha256()
     for part in parts:
         digest.update(hashlib.sha256(part.encode("utf-8", "surrogatepass")).digest())
@@ -298,7 +328,7 @@ def _read_text(spec: CorpusSpec) -> tuple[dict[str, list[Document]], str]:
     else:
         docs = [Document(f"{path.name}/{index:05d}", path.stem, section.strip())
                 for index, section in enumerate(sections(_read_file(path, spec), SECTION_WORDS))]
-    return _split_pool(docs, spec), _digest([f"{d.id}\0{d.text}" for d in docs])
+    return _split_pool(docs, spec), content_digest([f"{d.id}\0{d.text}" for d in docs])
 
 
 def _read_file(path: Path, spec: CorpusSpec) -> str:
@@ -316,7 +346,7 @@ def _read_records(spec: CorpusSpec) -> tuple[dict[str, list[Document]], str]:
         raise CorpusError(f"corpus {spec}: folder {path} holds no .{spec.kind} files")
     rows = _jsonl_rows(files, spec) if spec.kind == "jsonl" else _dataset_rows(files, spec)
     docs = [Document(f"{spec.kind}/{index:07d}", "", _field(row, spec, index)) for index, row in enumerate(rows)]
-    return _split_pool(docs, spec), _digest([d.text for d in docs])
+    return _split_pool(docs, spec), content_digest([d.text for d in docs])
 
 
 def _jsonl_rows(files: list[Path], spec: CorpusSpec) -> list[Any]:
@@ -360,8 +390,8 @@ def _split_pool(docs: list[Document], spec: CorpusSpec) -> dict[str, list[Docume
 def _read_hf(spec: CorpusSpec) -> tuple[dict[str, list[Document]], str]:
     dataset = _load_hf(spec, spec.location, spec.config, None)
     available = {name: dataset[name] for name in dataset}
-    splits = _complete_splits({name: _hf_docs(rows, spec, name) for name, rows in available.items()}, spec)
-    return splits, _digest([f"{name}\0{rows._fingerprint}" for name, rows in sorted(available.items())])
+    splits = complete_splits({name: _hf_docs(rows, spec, name) for name, rows in available.items()}, spec)
+    return splits, content_digest([f"{name}\0{rows._fingerprint}" for name, rows in sorted(available.items())])
 
 
 def _read_preset(spec: CorpusSpec) -> tuple[dict[str, list[Document]], str]:
@@ -376,7 +406,7 @@ def _read_preset(spec: CorpusSpec) -> tuple[dict[str, list[Document]], str]:
         chosen = rows.select(range(min(source.start, stop), stop))
         splits[split] = _hf_docs(chosen, CorpusSpec("hf", preset.dataset, preset.field), source.split, source.start)
         fingerprints.append(f"{split}\0{rows._fingerprint}\0{source}")
-    return splits, _digest(fingerprints)
+    return splits, content_digest(fingerprints)
 
 
 def _load_hf(spec: CorpusSpec, name: str, config: str | None, data_files: dict[str, str] | None):
@@ -404,7 +434,7 @@ def _hf_docs(rows, spec: CorpusSpec, split: str, offset: int = 0) -> list[Docume
     return [Document(f"{split}/{offset + index:07d}", "", text) for index, text in enumerate(rows[spec.field])]
 
 
-def _complete_splits(available: dict[str, list[Document]], spec: CorpusSpec) -> dict[str, list[Document]]:
+def complete_splits(available: dict[str, list[Document]], spec: CorpusSpec) -> dict[str, list[Document]]:
     """The source's own train / validation / test; a source with one split is split by document; a missing
     validation or test split is carved from train (``SPLIT_FRACTIONS`` of its documents, seeded)."""
     if len(available) == 1:
@@ -424,36 +454,7 @@ def _complete_splits(available: dict[str, list[Document]], spec: CorpusSpec) -> 
     return splits
 
 
-def _read_lmeval(spec: CorpusSpec) -> tuple[dict[str, list[Document]], str]:
-    from cpt_bench.lmeval.tasks import task_manager
-
-    manager = task_manager(None, 1024)
-    if spec.location not in manager.all_tasks or spec.location in manager.all_groups:
-        raise CorpusError(f"corpus {spec}: {spec.location!r} is not an lm-eval task (groups are not corpora)")
-    task = manager.load([spec.location])["tasks"][spec.location]
-    available = {}
-    for split, has, docs in (("train", task.has_training_docs, task.training_docs),
-                             ("validation", task.has_validation_docs, task.validation_docs),
-                             ("test", task.has_test_docs, task.test_docs)):
-        if has():
-            available[split] = [Document(f"{split}/{index:07d}", "", render_task_doc(task, doc))
-                                for index, doc in enumerate(docs())]
-    if not available:
-        raise CorpusError(f"corpus {spec}: task {spec.location} has no documents")
-    splits = _complete_splits(available, spec)
-    return splits, _digest([f"{name}\0{d.text}" for name, docs in splits.items() for d in docs])
-
-
-def render_task_doc(task, doc: dict) -> str:
-    """One lm-eval document as running text: the task's prompt, its target delimiter and the target (for multiple
-    choice, the correct choice's text)."""
-    context = task.doc_to_text(doc)
-    target = task.doc_to_target(doc)
-    if task.OUTPUT_TYPE == "multiple_choice":
-        choices = task.doc_to_choice(doc)
-        target = choices[target] if isinstance(target, int) else target
-    if isinstance(target, list):
-        target = target[0]
-    if isinstance(context, int):  # winogrande-style tasks vary the context and keep one continuation
-        context = task.doc_to_choice(doc)[context]
-    return f"{context}{task.config.target_delimiter}{target}".strip()
+for _kind in (CorpusKind("text", _read_text, local_files=True),
+              *(CorpusKind(suffix, _read_records, local_files=True) for suffix in ("jsonl", "csv", "parquet")),
+              CorpusKind("hf", _read_hf, local_files=True)):
+    register_corpus_kind(_kind)

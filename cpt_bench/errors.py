@@ -1,11 +1,13 @@
 """The error policy of the command lines (``cpt-bench``, ``cpt-lm-eval``): bad input in one line, bugs in full.
 
-- ``UserError`` (every cpt_bench error class derives from it): a bad input; printed as
-  ``<prog>: error: <message>`` on stderr, exit status 2.
+- ``UserError``: a bad input; printed as ``<prog>: error: <message>`` on stderr, exit status 2. Every error class
+  of cpt_bench derives from it, one per concern in the module that owns the concern (``corpus.CorpusError``,
+  ``compress.spec.SpecError``, ``compress.layers.UnsupportedModelError``, ``recovery.position.PromptPositionError``,
+  ``matrix.config.ConfigError``, ...), and is raised before anything heavy loads where the input allows.
 - An ``OSError`` about a full disk or an unusable path (permissions, a file where a folder is expected): also
   one line, exit status 2.
-- Anything else is a bug: it keeps its full traceback, followed by a note saying it is a bug in cpt_bench and
-  where to report it (README.md, "Reporting a bug").
+- Anything else is a bug, including a ``ValueError`` or ``TypeError`` from a library called by our code: it keeps
+  its full traceback, followed by ``BUG_NOTE`` saying it is a bug in cpt_bench and where to report it.
 - ``cpt-lm-eval`` only: an exception whose traceback never passes through cpt_bench's code (the package or
   the task loaders in ``tasks/``) is lm-eval's own and is re-raised as lm-eval raises it, without the note.
 """

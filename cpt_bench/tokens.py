@@ -1,11 +1,12 @@
 """Running text as one token stream: the single place where documents are joined and tokenized.
 
-Calibration (``compress.calibration``), soft-prompt training (``prompts.soft``), the perplexity tasks
-(``perplexity.token_windows``) and the benchmarks all read a corpus split the way the GPTQ reference code
-reads WikiText-2: the documents joined with their corpus's separator (``"\\n\\n"`` unless the corpus spec says
-otherwise, ``cpt_bench.corpus``) into one string, tokenized once. The stream holds
-no special tokens (no BOS / EOS between or around documents): whoever cuts windows out of it decides what,
-if anything, precedes a window.
+Every reader of a corpus split goes through ``corpus_stream``: calibration (``compress.calibration``), the training
+of soft prompts and LoRA adapters (``recovery.training``), the perplexity tasks (``perplexity.corpus_windows``), the
+matrix's corpus-length checks (``matrix.validate``), ``cpt-bench corpus`` and the benchmarks. A split is read the
+way the GPTQ reference code reads WikiText-2: its documents joined with the corpus's separator (``"\\n\\n"`` unless
+the corpus spec says otherwise, ``cpt_bench.corpus``) into one string, tokenized once. The stream holds no special
+tokens (no BOS / EOS between or around documents): whoever cuts windows out of it decides what, if anything,
+precedes a window.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from lm_eval.tasks.winogrande.preprocess_winogrande import doc_to_choice as wino
 from lm_eval.tasks.winogrande.preprocess_winogrande import doc_to_target as winogrande_doc_to_target
 from lm_eval.tasks.winogrande.preprocess_winogrande import doc_to_text as winogrande_doc_to_text
 
+import cpt_bench.lmeval  # noqa: F401  (registers the lmeval: corpus kind, for cpt_ppl_corpus under plain lm_eval)
 from cpt_bench.assets.generative import load_generative
 from cpt_bench.assets.zeroshot import load_zeroshot
 from cpt_bench.corpus import SPLITS, WHOLE_CORPUS

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from lm_eval.api.instance import Instance
 
-from cpt_bench.prompts.artifact import save_prompt
-from cpt_bench.prompts.target import describe_target, hidden_size
+from cpt_bench.recovery.artifact import save_prompt
+from cpt_bench.recovery.target import describe_target, hidden_size
 
 from . import fakes
 

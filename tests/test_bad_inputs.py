@@ -143,6 +143,21 @@ def _no_config(command: str) -> Callable[[Path, Inputs], list[str]]:
     return run
 
 
+def _mixture_of_experts(tmp: Path, inputs: Inputs) -> list[str]:
+    """``compress`` of a tiny Mixtral, whose decoder layers keep their experts' weights in a module type the
+    compression engine does not know (3-D parameters)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    tokenizer = build_tiny_tokenizer()
+    config = MixtralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=2,
+                           max_position_embeddings=256)
+    folder = tmp / "mixtral"
+    MixtralForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return _replace_model(COMMANDS["compress"](tmp, inputs), inputs, folder)
+
+
 def _broken_copy(command: str, damage: Callable[[Path], None]) -> Callable[[Path, Inputs], list[str]]:
     """The command on a copy of the tiny model damaged by ``damage(folder)``."""
 
@@ -369,7 +384,7 @@ def _out_under_a_file(tmp: Path, inputs: Inputs) -> list[str]:
 
 def _diverging_training(tmp: Path, inputs: Inputs) -> list[str]:
     """Prompt training whose 3rd training step's loss is NaN (as from a too large learning rate in bf16)."""
-    from cpt_bench.prompts import training
+    from cpt_bench.recovery import training
 
     real, training_calls = training.prompted_loss, []
 
@@ -385,7 +400,7 @@ def _diverging_training(tmp: Path, inputs: Inputs) -> list[str]:
 
 
 def _diverged_prompt_kept(tmp: Path) -> None:
-    from cpt_bench.prompts.artifact import read_prompt
+    from cpt_bench.recovery.artifact import read_prompt
 
     prompt = read_prompt(tmp / "prompt")
     assert prompt.meta["stopped"] == "diverged" and prompt.meta["best"]["step"] in (0, 2)
@@ -529,10 +544,13 @@ CASES = [
          r"seqlen and batch size must be positive, got 1024 and -1"),
     # lm-eval model_args of the cpt adapter
     Case("adapter-soft-and-hard-prompt", _adapter(soft_prompt="{prompt}", hard_prompt="paper"),
-         r"give one of soft_prompt, hard_prompt and lora, not soft_prompt and hard_prompt"),
+         r"give one of hard_prompt, soft_prompt and lora, not soft_prompt and hard_prompt"),
     Case("adapter-prefix-cache-not-a-bool", _adapter(hard_prompt="paper", prefix_cache="maybe"),
          r"prefix_cache must be true or false, got 'maybe'"),
     Case("adapter-hard-prompt-empty", _adapter(hard_prompt=""), r"hard prompt is empty"),
+    Case("adapter-prompt-position-unknown", _before_loading(_adapter(hard_prompt="paper", prompt_position="last")),
+         r"^prompt_position must be one of after_bos, first, got 'last'$"),
+    Case("compress-layer-type-unknown", _mixture_of_experts, r"holds weights in Mixtral\w+"),
     Case("adapter-prompt-fills-the-context", _adapter(soft_prompt="{prompt}", max_length="5"),
          r"a prompt of 5 tokens leaves no room in a context of 5 tokens"),
     # arguments and files checked before anything loads (issue 10)
@@ -616,7 +634,7 @@ def _quiet_progress(monkeypatch):
     def silent(*args, **kwargs):
         return tqdm(*args, **kwargs | {"disable": True})
 
-    for module in ("cpt_bench.compress.sequential", "cpt_bench.prompts.training"):
+    for module in ("cpt_bench.compress.sequential", "cpt_bench.recovery.training"):
         monkeypatch.setattr(f"{module}.tqdm", silent)
     transformers_logging.disable_progress_bar()
     yield
@@ -681,7 +699,7 @@ def test_cpt_lm_eval_reports_our_errors_in_one_line(monkeypatch, capsys):
     with pytest.raises(SystemExit) as caught:
         lmeval_cli.main()
     assert caught.value.code == 2
-    assert capsys.readouterr().err == ("cpt-lm-eval: error: give one of soft_prompt, hard_prompt and lora, not "
+    assert capsys.readouterr().err == ("cpt-lm-eval: error: give one of hard_prompt, soft_prompt and lora, not "
                                        "soft_prompt and hard_prompt\n")
 
 

@@ -5,6 +5,7 @@ import random
 
 import pytest
 
+import cpt_bench.lmeval  # noqa: F401  (registers the lmeval: corpus kind, as every command line does)
 from cpt_bench.corpus import CorpusError, corpus_label, load_split, parse_corpus, prepare
 
 from . import fakes

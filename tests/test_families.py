@@ -33,9 +33,9 @@ from cpt_bench.compress.sequential import _capture_layer_inputs, _run_layer, com
 from cpt_bench.compress.storage import save_compressed
 from cpt_bench.lmeval.adapter import CptLM, PromptAdapterError
 from cpt_bench.models import CheckpointFolder, load_model
-from cpt_bench.prompts.artifact import PromptArtifactError, export_peft, save_prompt
-from cpt_bench.prompts.hard import HARD_PROMPTS
-from cpt_bench.prompts.position import (
+from cpt_bench.recovery.artifact import PromptArtifactError, export_peft, save_prompt
+from cpt_bench.recovery.hard import HARD_PROMPTS
+from cpt_bench.recovery.position import (
     AFTER_BOS,
     FIRST,
     META_KEY,
@@ -43,9 +43,9 @@ from cpt_bench.prompts.position import (
     adds_bos,
     resolve_position,
 )
-from cpt_bench.prompts.soft import SoftPromptConfig, SoftPromptError, initial_prompt, train_soft_prompt
-from cpt_bench.prompts.target import describe_target
-from cpt_bench.prompts.training import prompted_loss, validation_windows
+from cpt_bench.recovery.soft import initial_prompt, train_soft_prompt
+from cpt_bench.recovery.target import describe_target
+from cpt_bench.recovery.training import SoftPromptConfig, SoftPromptError, prompted_loss, validation_windows
 
 from .compress_helpers import _one_thread, random_ids  # noqa: F401  (_one_thread: autouse fixture)
 from .conftest import TINY_SEQLEN_TOKENS, build_tiny_tokenizer
@@ -345,7 +345,7 @@ def test_prompts_without_a_recorded_position_sit_first(bos_family, tmp_path):
 def test_bad_prompt_positions_are_refused_in_one_line(tiny_model_dir):
     with pytest.raises(PromptPositionError, match="prompt_position must be one of after_bos, first, got 'last'"):
         _cpt(tiny_model_dir, hard_prompt="paper", prompt_position="last")
-    with pytest.raises(PromptAdapterError, match="without soft_prompt or hard_prompt"):
+    with pytest.raises(PromptAdapterError, match="without hard_prompt or soft_prompt"):
         _cpt(tiny_model_dir, prompt_position=FIRST)
     with pytest.raises(SoftPromptError, match="soft prompt setting prompt_position must be one of"):
         SoftPromptConfig(prompt_position="last")

@@ -20,9 +20,9 @@ from lm_eval.models.huggingface import HFLM
 
 from cpt_bench.lmeval.adapter import CptLM
 from cpt_bench.lmeval.generation import GenerationSettingError, reuses_prefix_cache
-from cpt_bench.prompts.artifact import export_peft, read_prompt
-from cpt_bench.prompts.hard import HARD_PROMPTS
-from cpt_bench.prompts.position import AFTER_BOS, FIRST
+from cpt_bench.recovery.artifact import export_peft, read_prompt
+from cpt_bench.recovery.hard import HARD_PROMPTS
+from cpt_bench.recovery.position import AFTER_BOS, FIRST
 
 from . import fakes
 from .compress_helpers import _one_thread  # noqa: F401  (autouse fixture)

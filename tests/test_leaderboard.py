@@ -21,6 +21,7 @@ from cpt_bench.files import write_json_atomic
 from cpt_bench.matrix import store
 from cpt_bench.matrix.config import config_from_dict
 from cpt_bench.matrix.plan import make_plan
+from cpt_bench.report import write_leaderboard
 from cpt_bench.report.board_page import page
 from cpt_bench.report.leaderboard import (
     build_board,
@@ -28,7 +29,6 @@ from cpt_bench.report.leaderboard import (
     markdown,
     pareto_flags,
     row_fields,
-    write_leaderboard,
 )
 from cpt_bench.report.protocol import Protocol, task_fewshot
 from cpt_bench.report.submit import SubmissionError, add_run

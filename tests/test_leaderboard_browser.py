@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cpt_bench.report.leaderboard import write_leaderboard
+from cpt_bench.report import write_leaderboard
 
 from .test_leaderboard import _results_with, config_with
 

@@ -18,9 +18,9 @@ from cpt_bench.lmeval.adapter import CptLM, PromptAdapterError
 from cpt_bench.matrix import store
 from cpt_bench.matrix.config import ConfigError, config_from_dict
 from cpt_bench.matrix.plan import describe, make_plan, prompt_training
-from cpt_bench.prompts.lora import METADATA, PEFT_WEIGHTS, LoraError, LoraSettings, read_lora, train_lora
-from cpt_bench.prompts.soft import SoftPromptConfig, train_soft_prompt
-from cpt_bench.prompts.training import kd_loss
+from cpt_bench.recovery.lora import METADATA, PEFT_WEIGHTS, LoraError, LoraSettings, read_lora, train_lora
+from cpt_bench.recovery.soft import train_soft_prompt
+from cpt_bench.recovery.training import SoftPromptConfig, kd_loss
 
 from .conftest import TINY_SEQLEN_TOKENS
 from .prompt_helpers import instances, mc_pairs, rolling_texts
@@ -142,8 +142,8 @@ def test_bad_lora_settings_are_refused_in_one_line(overrides, message):
 
 
 def test_lora_folder_checks_before_loading(tiny_model_dir, lora_dir, tmp_path):
-    with pytest.raises(PromptAdapterError, match="give one of soft_prompt, hard_prompt and lora, not hard_prompt "
-                                                 "and lora"):
+    with pytest.raises(PromptAdapterError, match="give one of hard_prompt, soft_prompt and lora, not lora and "
+                                                 "hard_prompt"):
         CptLM(pretrained=str(tiny_model_dir), lora=str(lora_dir), hard_prompt="paper")
     damaged = tmp_path / "damaged"
     damaged.mkdir()

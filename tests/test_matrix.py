@@ -22,7 +22,8 @@ from cpt_bench.matrix import store
 from cpt_bench.matrix.config import ConfigError, config_from_dict, load_config
 from cpt_bench.matrix.plan import PromptChoice, make_plan, shard_plan
 from cpt_bench.matrix.run import check_prompt_trained, merge_runs, run_matrix
-from cpt_bench.prompts.soft import SoftPromptError
+from cpt_bench.recovery.training import SoftPromptError
+from cpt_bench.report import write_run_report
 from tests.compress_helpers import _one_thread  # noqa: F401  (autouse)
 
 TRAINING = {"n_virtual_tokens": 3, "steps": 2, "batch_size": 1, "seqlen": 16, "eval_every": 2, "eval_windows": 2,
@@ -49,10 +50,13 @@ def write_config(folder: Path, config: dict) -> Path:
 
 
 def run_under(cache: Path, config: dict, folder: Path) -> Path:
-    """Run ``config`` into ``folder/run`` with ``cache`` as the cache (for module-scoped fixtures); the run folder."""
+    """Run ``config`` into ``folder/run`` with ``cache`` as the cache (for module-scoped fixtures) and write its
+    report, as ``cpt-bench matrix`` does; the run folder."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CPT_BENCH_CACHE", str(cache))
-        return run_matrix(write_config(folder, config), folder / "run")
+        run_dir = run_matrix(write_config(folder, config), folder / "run")
+        write_run_report(run_dir)
+        return run_dir
 
 
 # --- config validation and planning (no model) -----------------------------------------------------------------

@@ -10,8 +10,8 @@ from lm_eval.models.huggingface import HFLM
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from cpt_bench.lmeval.adapter import CptLM, PromptAdapterError
-from cpt_bench.prompts.artifact import PromptArtifactError, export_peft, load_prompt, read_prompt
-from cpt_bench.prompts.hard import HARD_PROMPTS
+from cpt_bench.recovery.artifact import PromptArtifactError, export_peft, load_prompt, read_prompt
+from cpt_bench.recovery.hard import HARD_PROMPTS
 
 from .prompt_helpers import (
     N_PROMPT_TOKENS,

@@ -8,9 +8,9 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from cpt_bench.prompts.artifact import PEFT_TENSOR_KEY, read_prompt
-from cpt_bench.prompts.cli_commands import add_prompt_parser
-from cpt_bench.prompts.soft import SoftPromptError
+from cpt_bench.recovery.artifact import PEFT_TENSOR_KEY, read_prompt
+from cpt_bench.recovery.cli_commands import add_prompt_parser
+from cpt_bench.recovery.training import SoftPromptError
 
 from .conftest import TINY_SEQLEN_TOKENS
 

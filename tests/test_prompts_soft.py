@@ -9,14 +9,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cpt_bench.prompts.artifact import read_prompt
-from cpt_bench.prompts.soft import (
+from cpt_bench.recovery.artifact import read_prompt
+from cpt_bench.recovery.soft import initial_prompt, train_soft_prompt
+from cpt_bench.recovery.training import (
+    CHECKPOINT,
     SoftPromptConfig,
     SoftPromptError,
-    initial_prompt,
-    train_soft_prompt,
+    TrainingDiverged,
+    TrainingError,
+    trained_improved,
 )
-from cpt_bench.prompts.training import CHECKPOINT, TrainingDiverged, TrainingError, trained_improved
 
 from .conftest import TINY_SEQLEN_TOKENS
 
@@ -55,7 +57,7 @@ def test_training_lowers_validation_loss_and_writes_the_artifact(filled_fake_cac
 def test_a_prompt_that_never_beats_its_initialisation_is_recorded_and_warned(filled_fake_cache, tiny, tmp_path,
                                                                              caplog):
     config = _settings(lr=1e-30, warmup_steps=0, steps=2, eval_every=1)  # far below float32 resolution of the prompt
-    with caplog.at_level(logging.WARNING, logger="cpt_bench.prompts.training"):
+    with caplog.at_level(logging.WARNING, logger="cpt_bench.recovery.training"):
         prompt = read_prompt(_train(tiny, tmp_path / "p", config))
     assert prompt.meta["improved"] is False and prompt.meta["best"]["step"] == 0 and not trained_improved(prompt.meta)
     assert torch.equal(prompt.embeddings, initial_prompt(*tiny, config))  # what is saved is the initialisation

@@ -21,8 +21,8 @@ from cpt_bench.matrix import paired, store
 from cpt_bench.matrix.config import ConfigError, config_from_dict
 from cpt_bench.matrix.plan import describe, make_plan, prompt_training
 from cpt_bench.matrix.run import artifact_meta, build_prompt
-from cpt_bench.prompts.artifact import read_prompt
-from cpt_bench.prompts.soft import initial_prompt
+from cpt_bench.recovery.artifact import read_prompt
+from cpt_bench.recovery.soft import initial_prompt
 from cpt_bench.report.recovery import format_comparison, format_gap
 from cpt_bench.report.tables import format_entry
 from tests.compress_helpers import _one_thread  # noqa: F401  (autouse)

@@ -57,7 +57,7 @@ WRITERS = {
                                                      "--out", str(i.tmp / "checkpoint"), "--export-gptq", str(out)],
                                      "cpt_bench.compress.checkpoints:load_causal_lm"),
     "prompt export-peft": Writer(lambda i, out: ["prompt", "export-peft", str(i.prompt), str(out)],
-                                 "cpt_bench.prompts.artifact:read_prompt"),
+                                 "cpt_bench.recovery.artifact:read_prompt"),
     "corpus --export": Writer(lambda i, out: ["corpus", "shakespeare", "--export", str(out)],
                               "cpt_bench.corpus:load_split"),
     "matrix --out": Writer(lambda i, out: ["matrix", str(i.config), "--out", str(out)],

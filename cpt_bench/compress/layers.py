@@ -18,10 +18,12 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from cpt_bench.errors import UserError
+
 COMPRESSIBLE_TYPES = (nn.Linear, Conv1D)
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(UserError):
     """A model whose decoder layers or weight-holding modules the compression engine does not know (one line)."""
 
 

@@ -4,16 +4,16 @@
 cache path. Registered under the name ``cpt`` when this module is imported (``cpt-lm-eval`` does that,
 since lm-eval has no plugin discovery). Extra model_args:
 
-- ``soft_prompt=DIR``: a prompt folder (``cpt_bench.prompts.artifact``), checked against the model;
+- ``soft_prompt=DIR``: a prompt folder (``cpt_bench.recovery.artifact``), checked against the model;
   ``allow_cross_model=true`` accepts one trained for another model / tokenizer of the same hidden size.
-- ``hard_prompt=NAME_OR_TEXT``: a registered text prompt (``cpt_bench.prompts.hard``) or literal text.
-- ``lora=DIR``: a LoRA folder (``cpt_bench.prompts.lora``, a PEFT adapter with our ``lora.json``), checked against
+- ``hard_prompt=NAME_OR_TEXT``: a registered text prompt (``cpt_bench.recovery.hard``) or literal text.
+- ``lora=DIR``: a LoRA folder (``cpt_bench.recovery.lora``, a PEFT adapter with our ``lora.json``), checked against
   the model like a prompt and applied unmerged on top of the (compressed) model, as plain lm-eval's
   ``hf`` model applies ``peft=DIR`` (which gives the same scores where the model's vocabulary size equals the
   tokenizer's: otherwise HFLM resizes the embeddings first). Not combined with a prompt.
 - ``prefix_cache=true|false`` (default true): compute the prompt's key/value cache once and reuse it
   for every batch, or concatenate the prompt embeddings to every batch.
-- ``prompt_position=after_bos|first`` (``cpt_bench.prompts.position``): where the prompt sits. A soft prompt sits
+- ``prompt_position=after_bos|first`` (``cpt_bench.recovery.position``): where the prompt sits. A soft prompt sits
   where it was trained (its ``prompt.json``; a different value is refused); a hard prompt by default after BOS
   when the tokenizer adds one, else first.
 - ``compression=SPEC|DIR``: evaluate the model as compressed (``cpt_bench.models.load_model``; a spec is
@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from pathlib import Path
 from typing import Any
 
 import lm_eval.models  # noqa: F401  (fills the registry first: registering into an empty one hides the built-ins)
@@ -69,11 +68,10 @@ from cpt_bench.models import (
     resident_bytes,
     weight_formats,
 )
-from cpt_bench.prompts.artifact import SoftPrompt, check_prompt_fits, read_prompt
-from cpt_bench.prompts.hard import hard_prompt_text
-from cpt_bench.prompts.lora import apply_lora, lora_parameters, read_lora
-from cpt_bench.prompts.position import AFTER_BOS, check_position, recorded_position, resolve_position
 from cpt_bench.provenance import peak_memory
+from cpt_bench.recovery import RECOVERY_KINDS, RecoveryKind
+from cpt_bench.recovery.kind import Applied
+from cpt_bench.recovery.position import AFTER_BOS, check_position, resolve_position
 
 
 class PromptAdapterError(UserError):
@@ -89,25 +87,27 @@ def _as_bool(value: bool | str, name: str) -> bool:
     raise PromptAdapterError(f"{name} must be true or false, got {value!r}")
 
 
-def _check_prompt_args(soft_prompt: str | None, hard_prompt: str | None, prompt_position: str | None,
-                       lora: str | None = None) -> None:
-    """Refuse two of soft_prompt / hard_prompt / lora at once, an empty one (``soft_prompt=`` on a command line),
-    and a position that is unknown or given without a prompt."""
-    given = [name for name, value in (("soft_prompt", soft_prompt), ("hard_prompt", hard_prompt), ("lora", lora))
-             if value is not None]
+RECOVERY_ARGS = {kind.model_arg: kind for kind in RECOVERY_KINDS.values() if kind.model_arg}  # model_arg -> kind
+
+
+def _chosen_recovery(given: dict[str, str], prompt_position: str | None) -> tuple[RecoveryKind, str] | None:
+    """The recovery method named among ``given`` (model_arg -> value, ``RECOVERY_ARGS``) and its value, checked
+    (``RecoveryKind.check_arg``); refuse two at once and a position that is unknown or given without a prompt."""
     if len(given) > 1:
-        raise PromptAdapterError(f"give one of soft_prompt, hard_prompt and lora, not {' and '.join(given)}")
-    if lora == "":
-        raise PromptAdapterError("lora is empty: expected a LoRA folder written by the matrix (prompts.lora)")
+        raise PromptAdapterError(f"give one of {_one_of(list(RECOVERY_ARGS))}, not {' and '.join(given)}")
+    chosen = next(((RECOVERY_ARGS[arg], value) for arg, value in given.items()), None)
     if prompt_position is not None:
         check_position(prompt_position)
-        if soft_prompt is None and hard_prompt is None:
-            raise PromptAdapterError(f"prompt_position {prompt_position!r} is given without soft_prompt or "
-                                     "hard_prompt")
-    if soft_prompt == "":
-        raise PromptAdapterError("soft_prompt is empty: expected a prompt folder written by 'cpt-bench prompt train'")
-    if hard_prompt is not None:
-        hard_prompt_text(hard_prompt)
+        if chosen is None or not chosen[0].prefix:
+            prompts = [arg for arg, kind in RECOVERY_ARGS.items() if kind.prefix]
+            raise PromptAdapterError(f"prompt_position {prompt_position!r} is given without {' or '.join(prompts)}")
+    if chosen is not None:
+        chosen[0].check_arg(chosen[1])
+    return chosen
+
+
+def _one_of(names: list[str]) -> str:
+    return f"{', '.join(names[:-1])} and {names[-1]}" if len(names) > 1 else names[0]
 
 
 def _cache_argument(model: torch.nn.Module) -> str:
@@ -124,8 +124,9 @@ MODEL_CONSTRUCTOR_ARGS = ("attn_implementation", "low_cpu_mem_usage", "cache_dir
 
 
 def _accepted_model_args() -> tuple[str, ...]:
-    """Every model_arg the ``cpt`` model takes: its own, HFLM's, and ``MODEL_CONSTRUCTOR_ARGS``."""
-    names = set(MODEL_CONSTRUCTOR_ARGS)
+    """Every model_arg the ``cpt`` model takes: its own, the recovery methods', HFLM's, and
+    ``MODEL_CONSTRUCTOR_ARGS``."""
+    names = set(MODEL_CONSTRUCTOR_ARGS) | set(RECOVERY_ARGS)
     for function in (CptLM.__init__, HFLM.__init__):
         names |= {name for name, parameter in inspect.signature(function).parameters.items()
                   if name != "self" and parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD}
@@ -147,11 +148,12 @@ def check_model_args(extra: dict[str, Any]) -> None:
 class CptLM(HFLM):
     """HFLM whose ``pretrained`` may be a cpt_bench model name, that can compress the model and prompt it."""
 
-    def __init__(self, pretrained: str = "embedded", soft_prompt: str | None = None, hard_prompt: str | None = None,
-                 allow_cross_model: bool | str = False, prefix_cache: bool | str = True,
-                 prompt_position: str | None = None, compression: str | Compression = None,
-                 compression_mode: str = "simulated", device: str | None = None, lora: str | None = None,
+    def __init__(self, pretrained: str = "embedded", allow_cross_model: bool | str = False,
+                 prefix_cache: bool | str = True, prompt_position: str | None = None,
+                 compression: str | Compression = None, compression_mode: str = "simulated", device: str | None = None,
                  **kwargs):
+        """``kwargs``: HFLM's, and at most one recovery method by its model_arg (``RECOVERY_ARGS``: ``soft_prompt``,
+        ``hard_prompt``, ``lora``, ...)."""
         # Set before HFLM's init, which reads max_length while loading.
         self._prompt: torch.Tensor | None = None  # [n, hidden], model dtype and device
         self._prefix: torch.Tensor | None = None  # [n_prefix, hidden]: BOS's embedding (after_bos), then the prompt
@@ -161,18 +163,20 @@ class CptLM(HFLM):
         self._cache_arg = "past_key_values"  # the forward's name for a cache (``_cache_argument``)
         self._truncation = TruncationCount()  # of the current generate_until call
         self.prompt_info: dict[str, Any] = {"kind": "none", "n_tokens": 0}
+        self._recovery_tensors: list[torch.Tensor] = []  # what the recovery method adds to the model (memory)
         self._layer_modes: dict[str, str] | str | None = None  # how each compressed Linear runs (None: dense)
         # Every argument and file is checked before any weight loads.
+        recovery_args = {arg: kwargs.pop(arg) for arg in list(kwargs)  # in the user's order, for messages
+                         if arg in RECOVERY_ARGS and kwargs[arg] is not None}
         check_model_args(kwargs)
-        _check_prompt_args(soft_prompt, hard_prompt, prompt_position, lora)
+        chosen = _chosen_recovery(recovery_args, prompt_position)
         allow_cross_model = _as_bool(allow_cross_model, "allow_cross_model")
         prefix_cache = _as_bool(prefix_cache, "prefix_cache")
         if compression_mode not in MODES:
             raise PromptAdapterError(f"compression_mode must be one of {', '.join(MODES)}, got {compression_mode!r}")
         compression = parse_compression(compression)
         device = lm_eval_device(device)
-        stored_prompt = read_prompt(Path(soft_prompt)) if soft_prompt else None
-        lora_meta = read_lora(Path(lora)) if lora else None
+        artifact = chosen[0].read(chosen[1]) if chosen else None
         name, label = pretrained, "dense"
         if compression is not None:
             dtype = get_dtype(kwargs.get("dtype") or "auto")
@@ -187,40 +191,28 @@ class CptLM(HFLM):
         except (OSError, SafetensorError) as error:  # missing or truncated weight / tokenizer files
             raise ModelError(f"could not load model {name!r}: {first_line(error)}") from error
         self.prompt_info["compression"] = label
-        if lora_meta is not None:
-            self._model = apply_lora(self.model, self.tokenizer, Path(lora), lora_meta, name, allow_cross_model)
-            self.prompt_info |= {"kind": "lora", "path": str(lora), "sha256": lora_meta["sha256"],
-                                 "trained_on": lora_meta["compression"],
-                                 "trainable_parameters": lora_meta["trainable_parameters"]}
-        if stored_prompt is not None or hard_prompt is not None:
-            self._set_prompt(stored_prompt, soft_prompt, hard_prompt, allow_cross_model, prefix_cache,
-                             prompt_position)
+        if chosen is not None:
+            kind, value = chosen
+            if kind.prefix and self.backend != "causal":
+                raise PromptAdapterError(f"prompts need a causal (decoder-only) model, this one is {self.backend}")
+            applied = kind.apply(self.model, self.tokenizer, value, artifact, name, allow_cross_model)
+            self._model, self._recovery_tensors = applied.model, applied.tensors
+            self.prompt_info |= applied.info
+            if applied.prompt is not None:
+                self._set_prompt(applied, f"{kind.label} {value}", prefix_cache, prompt_position)
 
-    def _set_prompt(self, prompt: SoftPrompt | None, soft_prompt: str | None, hard_prompt: str | None,
-                    allow_cross_model: bool, prefix_cache: bool, prompt_position: str | None) -> None:
-        """Apply the read soft ``prompt`` (from folder ``soft_prompt``) or the text ``hard_prompt``."""
-        if self.backend != "causal":
-            raise PromptAdapterError(f"prompts need a causal (decoder-only) model, this one is {self.backend}")
+    def _set_prompt(self, applied: Applied, what: str, prefix_cache: bool, prompt_position: str | None) -> None:
+        """Place ``applied.prompt`` before every request, where it was trained (``applied.position``), else at
+        ``prompt_position`` or the tokenizer's default; ``what`` names it in errors."""
         weight = self.model.get_input_embeddings().weight
-        if prompt is not None:
-            check_prompt_fits(prompt, self.model, self.tokenizer, allow_cross_model)
-            trained = recorded_position(prompt.meta)
-            if prompt_position not in (None, trained):
-                raise PromptAdapterError(f"prompt_position {prompt_position!r}: soft prompt {soft_prompt} was "
-                                         f"trained {trained}; leave prompt_position out to use it so")
-            prompt_position = trained
-            embeddings = prompt.embeddings
-            self.prompt_info = {**self.prompt_info, "kind": "soft", "path": str(soft_prompt),
-                                "sha256": prompt.meta["sha256"], "trained_on": prompt.meta["compression"]}
-        else:
-            text = hard_prompt_text(hard_prompt)
-            ids = torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], device=weight.device)
-            with torch.no_grad():
-                embeddings = self.model.get_input_embeddings()(ids)
-            self.prompt_info = {**self.prompt_info, "kind": "hard", "text": text}
+        if applied.position is not None:
+            if prompt_position not in (None, applied.position):
+                raise PromptAdapterError(f"prompt_position {prompt_position!r}: {what} was trained "
+                                         f"{applied.position}; leave prompt_position out to use it so")
+            prompt_position = applied.position
         position = resolve_position(prompt_position, self.tokenizer)
-        self.prompt_info |= {"n_tokens": int(embeddings.shape[0]), "position": position}
-        self._prompt = embeddings.detach().to(weight.device, weight.dtype)
+        self.prompt_info |= {"n_tokens": int(applied.prompt.shape[0]), "position": position}
+        self._prompt = applied.prompt.detach().to(weight.device, weight.dtype)
         self._prefix = self._prompt
         if position == AFTER_BOS:
             self._bos = self.tokenizer.bos_token_id
@@ -323,20 +315,20 @@ class CptLM(HFLM):
         """Memory as a deployment sees it, in bytes: what the loaded model holds resident (``models.resident_bytes``,
         with the format its compressed Linears run in), what the prompt holds (embeddings, the prefix's key/value
         cache of ``prefix_tokens`` positions per sequence, BOS included when after it, and ``kv_values_per_token``:
-        the keys' and values' scalars one position adds to the cache over all layers), a LoRA adapter's tensors,
+        the keys' and values' scalars one position adds to the cache over all layers), the tensors a recovery method
+        adds to the model (a LoRA adapter's),
         and this process's peak memory so far."""
         def nbytes(tensors) -> int:
             return int(sum(t.numel() * t.element_size() for t in tensors))
 
         kv = [t for pair in self._prefix_kv or [] for t in pair]
         prefix_tokens = 0 if self._prefix is None else int(self._prefix.shape[0])
-        adapter = lora_parameters(self.model) if self.prompt_info["kind"] == "lora" else {}
         return {"model_resident_bytes": resident_bytes(self.model), "weight_formats": weight_formats(self._layer_modes),
                 "prompt_tokens": self.prompt_info["n_tokens"],
                 "prompt_embedding_bytes": nbytes([] if self._prompt is None else [self._prompt]),
                 "prefix_tokens": prefix_tokens, "prefix_cache_bytes": nbytes(kv),
                 "kv_values_per_token": sum(t.numel() for t in kv) // prefix_tokens if kv else None,
-                "adapter_bytes": nbytes(adapter.values()), **peak_memory()}
+                "adapter_bytes": nbytes(self._recovery_tensors), **peak_memory()}
 
     def get_model_info(self) -> dict[str, Any]:
         """HFLM's model info plus the prompt and the memory record (lm-eval stores it in results['config'])."""

@@ -27,16 +27,16 @@ the data order and any random initialisation (``SoftPromptConfig.seed``, which t
 list ``training.seed`` is the one seed). Prompt ids carry the seed only when there is more than one:
 ``soft-wikipedia@rtn-w3g64#s1`` (cell ids and folders spell ``#`` as ``-``).
 
-Objectives (``prompts.soft.objectives``, ``prompts.lora.objectives``; ``cpt_bench.prompts.training``): ``lm`` trains
+Objectives (``prompts.soft.objectives``, ``prompts.lora.objectives``; ``cpt_bench.recovery.training``): ``lm`` trains
 on the corpus's next tokens, ``kd`` imitates the dense model (KL to its next-token distribution); one artifact per
 objective, ids ``soft-...`` / ``soft+kd-...``.
 
-LoRA adapters (``prompts.lora``, ``cpt_bench.prompts.lora``): a budget-matched baseline, one adapter per soft prompt's
+LoRA adapters (``prompts.lora``, ``cpt_bench.recovery.lora``): a budget-matched baseline, one adapter per soft prompt's
 (source, level, seed) and objective, trained with the soft prompt's settings (steps, batch, windows, schedule; its own
 ``lr``), evaluated and transferred exactly like a soft prompt (ids ``lora-wikipedia@rtn-w3g64``, ``lora+kd-...``).
 They need ``kernels: simulated``: PEFT wraps Linear layers, not the low-bit kernels.
 
-Control prompts (``prompts.soft.controls``, ``cpt_bench.prompts.controls``): untrained soft prompts evaluated beside
+Control prompts (``prompts.soft.controls``, ``cpt_bench.recovery.controls``): untrained soft prompts evaluated beside
 the learned ones, so that the report can say whether a gain is learned recovery or any extra context would do:
 
 - ``init``: the untrained starting prompt, same length, initialisation and seed. It depends on neither the source
@@ -67,14 +67,14 @@ from typing import Any
 
 import yaml
 
+import cpt_bench.lmeval  # noqa: F401  (registers the lmeval: corpus kind that configs may name)
 from cpt_bench.compress.spec import CalibrationSettings, Spec
 from cpt_bench.corpus import parse_corpus
 from cpt_bench.errors import UserError
-from cpt_bench.prompts.controls import CONTROL_KINDS
-from cpt_bench.prompts.hard import HARD_PROMPTS
-from cpt_bench.prompts.lora import LoraSettings
-from cpt_bench.prompts.soft import SoftPromptConfig
-from cpt_bench.prompts.training import OBJECTIVES
+from cpt_bench.recovery.controls import CONTROL_KINDS
+from cpt_bench.recovery.hard import HARD_PROMPTS
+from cpt_bench.recovery.lora import LoraSettings
+from cpt_bench.recovery.training import OBJECTIVES, SoftPromptConfig
 
 PPL_TASK_PREFIX = "cpt_ppl_"
 CORPUS_TASK = "cpt_ppl_corpus"  # token perplexity of any corpus spec (tasks/cpt_ppl_corpus.yaml)

@@ -35,6 +35,7 @@ from cpt_bench import stats
 from cpt_bench.errors import UserError
 from cpt_bench.matrix.config import Target
 from cpt_bench.matrix.plan import NO_PROMPT, Cell, Plan, PromptChoice, control_for
+from cpt_bench.recovery.controls import CONTROL_PROMPT_KIND
 
 HASH_DIGITS = 12
 ALPHA = 0.05
@@ -175,7 +176,7 @@ def _counterparts(plan: Plan, cell: Cell) -> dict[str, tuple[str, PromptChoice]]
         found["vs_none"] = (cell.compression, NO_PROMPT)
     if (cell.compression, cell.prompt) != ("dense", NO_PROMPT):
         found["vs_dense"] = ("dense", NO_PROMPT)
-    if cell.prompt.is_learned and cell.prompt.kind == "soft" and cell.compression_relation == "same":
+    if cell.prompt.is_learned and cell.prompt.kind == CONTROL_PROMPT_KIND and cell.compression_relation == "same":
         found["vs_init"] = (cell.compression, control_for(plan.config, cell.prompt, "init"))
     reference = _in_domain_reference(cell)
     if reference is not None:

@@ -23,8 +23,9 @@ from dataclasses import asdict, dataclass, replace
 from cpt_bench.compress.spec import Spec
 from cpt_bench.errors import UserError
 from cpt_bench.matrix.config import MatrixConfig, Target, hard_prompt_label
-from cpt_bench.prompts.controls import control_depends_on_seed
-from cpt_bench.prompts.soft import SoftPromptConfig
+from cpt_bench.recovery import LEARNED_KINDS, RECOVERY_KINDS
+from cpt_bench.recovery.controls import CONTROL_PROMPT_KIND, control_depends_on_seed
+from cpt_bench.recovery.training import SoftPromptConfig
 
 # Speeds of the embedded model on 2 idle CPU cores, for --dry-run estimates only (README, "Time estimates"). Taken
 # from the committed runs made with nothing else running (results/default/summary.json cell seconds, README
@@ -58,13 +59,11 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._@+-]", "-", text)
 
 
-LEARNED_KINDS = ("soft", "lora")
-
-
 @dataclass(frozen=True)
 class PromptChoice:
-    """A prompt applied in cells. ``kind``: none | hard | soft | lora (a LoRA adapter, applied like a prompt);
-    soft prompts and adapters name their level and, unless they are controls, their source and ``objective``.
+    """A prompt applied in cells. ``kind``: a recovery method (``recovery.RECOVERY_KINDS``: none, hard, soft, lora,
+    ...; a LoRA adapter is applied like a prompt); ``hard``: a hard prompt's name or text; learned kinds name their
+    level and, unless they are controls, their source and ``objective``.
     ``seed``: the training seed, set only when the config trains several (it is then part of the id);
     ``control``: ``init`` / ``random`` for an untrained control prompt (no source)."""
 
@@ -79,8 +78,8 @@ class PromptChoice:
     @property
     def id(self) -> str:
         suffix = "" if self.seed is None else f"#s{self.seed}"
-        if self.kind == "hard":
-            return f"hard-{hard_prompt_label(self.hard)}"
+        if self.hard is not None:
+            return f"{self.kind}-{hard_prompt_label(self.hard)}"
         if self.control:
             return f"{self.control}@{self.trained_at}{suffix}"
         if self.kind in LEARNED_KINDS:
@@ -89,12 +88,12 @@ class PromptChoice:
 
     @property
     def method(self) -> str:
-        """``soft`` / ``lora``, with ``+kd`` for the kd objective: how a learned artifact was made."""
+        """The kind (``soft``, ``lora``, ...), with ``+kd`` for the kd objective: how a learned artifact was made."""
         return self.kind + ("" if self.objective == "lm" else f"+{self.objective}")
 
     @property
     def is_learned(self) -> bool:
-        """A trained soft prompt or LoRA adapter (not a control)."""
+        """A trained artifact of a learned kind (not a control)."""
         return self.kind in LEARNED_KINDS and self.control is None
 
 
@@ -140,6 +139,11 @@ class Plan:
         return grouped
 
 
+def recovery_settings(config: MatrixConfig, kind: str):
+    """The settings of recovery kind ``kind`` in the config (``prompts.<kind>``; None when the config has none)."""
+    return getattr(config.prompts, kind, None)
+
+
 def prompt_training(config: MatrixConfig, prompt: PromptChoice) -> SoftPromptConfig:
     """The settings that build ``prompt`` (a learned prompt or adapter, or a control): ``training`` at its seed
     and objective."""
@@ -151,7 +155,8 @@ def prompt_training(config: MatrixConfig, prompt: PromptChoice) -> SoftPromptCon
 def control_for(config: MatrixConfig, prompt: PromptChoice, kind: str) -> PromptChoice:
     """The ``kind`` control of learned ``prompt``: of its level and, where the control depends on it, its seed."""
     seeded = control_depends_on_seed(kind, config.prompts.soft.training)
-    return PromptChoice("soft", trained_at=prompt.trained_at, seed=prompt.seed if seeded else None, control=kind)
+    return PromptChoice(CONTROL_PROMPT_KIND, trained_at=prompt.trained_at, seed=prompt.seed if seeded else None,
+                        control=kind)
 
 
 def _relations(prompt: PromptChoice, compression: str, target: Target) -> tuple[str | None, str | None]:
@@ -174,10 +179,10 @@ def _wanted(config: MatrixConfig, dataset: str | None, level: str | None) -> boo
 
 def make_plan(config: MatrixConfig) -> Plan:
     """Every wanted cell of ``config`` and the artifacts they need, each listed once."""
-    soft, lora = config.prompts.soft, config.prompts.lora
+    soft = config.prompts.soft
     seeds = soft.training_seeds()
-    methods = [("soft", objective) for objective in soft.objectives]
-    methods += [("lora", objective) for objective in lora.objectives] if lora else []
+    methods = [(kind, objective) for kind in LEARNED_KINDS if (settings := recovery_settings(config, kind))
+               for objective in settings.objectives]
     learned = tuple(PromptChoice(kind, source=source, trained_at=str(Spec.parse(level)),
                                  seed=seed if len(seeds) > 1 else None, objective=objective)
                     for level in soft.trained_at for source in soft.sources for kind, objective in methods
@@ -190,8 +195,8 @@ def make_plan(config: MatrixConfig) -> Plan:
                 dataset, level = _relations(prompt, compression, target)
                 if _wanted(config, dataset, level):
                     cells.append(Cell(compression, prompt, target, dataset, level))
-    controls = tuple(dict.fromkeys(control_for(config, prompt, kind) for prompt in learned if prompt.kind == "soft"
-                                   for kind in soft.controls))
+    controls = tuple(dict.fromkeys(control_for(config, prompt, kind) for prompt in learned
+                                   if prompt.kind == CONTROL_PROMPT_KIND for kind in soft.controls))
     for control in controls:
         kept = {cell.target for cell in cells if cell.prompt.is_learned and cell.compression == control.trained_at
                 and cell.prompt.trained_at == control.trained_at}
@@ -255,29 +260,21 @@ def describe(plan: Plan, parameters: int | None = REFERENCE_PARAMETERS) -> str:
     plan was not checked against the model)."""
     config = plan.config
     calibration, training = config.compression.calibration, config.prompts.soft.training
-    learned = [prompt for prompt in plan.soft_prompts if prompt.is_learned and prompt.kind == "soft"]
-    adapters = [prompt for prompt in plan.soft_prompts if prompt.kind == "lora"]
+    built = {name: [p for p in plan.soft_prompts if p.is_learned and p.kind == name] for name in LEARNED_KINDS}
     controls = [prompt for prompt in plan.soft_prompts if not prompt.is_learned]
+    artifacts = [f"{len(plan.compressed)} compressed checkpoints ({', '.join(plan.compressed) or 'none'})"]
+    artifacts += [f"{len(ids)} {RECOVERY_KINDS[name].label}s ({', '.join(p.id for p in ids) or 'none'})"
+                  for name, ids in built.items() if ids or name == LEARNED_KINDS[0]]  # soft prompts: always said
+    artifacts += [f"{len(controls)} control prompts ({', '.join(p.id for p in controls)})"] if controls else []
     lines = [f"matrix {config.name!r}: model {config.model} ({config.dtype}, {config.device}, {config.kernels} "
              f"kernels), {len(plan.cells)} cells in {len(plan.groups())} (compression, prompt) groups",
              f"calibration: {calibration.n_windows} x {calibration.seqlen} tokens of {calibration.corpus} (train), "
              f"seed {calibration.seed}, dampening {calibration.dampening}, block {calibration.block_size}, "
              f"true-sequential {calibration.true_sequential}",
-             f"artifacts: {len(plan.compressed)} compressed checkpoints ({', '.join(plan.compressed) or 'none'}), "
-             f"{len(learned)} soft prompts ({', '.join(p.id for p in learned) or 'none'})"
-             + (f", {len(adapters)} LoRA adapters ({', '.join(p.id for p in adapters)})" if adapters else "")
-             + (f", {len(controls)} control prompts ({', '.join(p.id for p in controls)})" if controls else "")]
-    if learned:
-        lines.append(f"soft prompts: {training.n_virtual_tokens} tokens, init {training.init}, AdamW lr {training.lr} "
-                     f"weight decay {training.weight_decay}, {training.warmup_steps} warmup then linear decay, "
-                     f"{training.steps} steps of batch {training.batch_size} x {training.seqlen} tokens, clip "
-                     f"{training.max_grad_norm}, validation every {training.eval_every} steps on "
-                     f"{training.eval_windows} windows (best kept)")
-    if adapters:
-        lora = config.prompts.lora
-        lines.append(f"LoRA adapters: rank {lora.rank}, alpha {lora.alpha:g}, dropout {lora.dropout:g}, modules "
-                     f"{', '.join(lora.target_modules) if lora.target_modules else 'PEFT default'}, lr "
-                     f"{lora.lr if lora.lr is not None else training.lr}; otherwise the soft prompts' settings")
+             f"artifacts: {', '.join(artifacts)}"]
+    lines += [f"{RECOVERY_KINDS[name].label}s: "
+              + RECOVERY_KINDS[name].describe_settings(recovery_settings(config, name), training)
+              for name, ids in built.items() if ids]
     lines.append(f"targets (perplexity windows of {config.ppl_seqlen} tokens): "
                  + ", ".join(f"{t.name} ({t.metric}, limit {t.limit})" for t in config.targets))
     for compression in config.compression.specs:

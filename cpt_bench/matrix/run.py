@@ -42,12 +42,14 @@ from cpt_bench.matrix.plan import (
     make_plan,
     parse_shard,
     prompt_training,
+    recovery_settings,
     safe_name,
     shard_plan,
 )
 from cpt_bench.matrix.validate import validate_plan
 from cpt_bench.perplexity import perplexity_with_stderr
 from cpt_bench.provenance import environment_record, peak_memory, reset_peak_memory
+from cpt_bench.recovery import RECOVERY_KINDS
 
 log = logging.getLogger(__name__)
 
@@ -89,32 +91,24 @@ def prompt_folder(run_dir: Path, prompt: PromptChoice) -> Path:
 
 
 def artifact_meta(folder: Path, kind: str) -> dict[str, Any]:
-    """The metadata of a built prompt (``prompt.json``) or LoRA adapter (``lora.json``), after verifying its stored
-    tensors against their checksum."""
-    from cpt_bench.prompts.artifact import read_prompt
-    from cpt_bench.prompts.lora import read_lora
-
-    return read_lora(folder) if kind == "lora" else read_prompt(folder).meta
+    """The metadata of a built artifact of recovery kind ``kind`` (a prompt's ``prompt.json``, an adapter's
+    ``lora.json``, ...), after verifying its stored tensors against their checksum."""
+    return RECOVERY_KINDS[kind].read_meta(folder)
 
 
 def _artifact_complete(folder: Path, kind: str) -> bool:
-    from cpt_bench.prompts.artifact import METADATA as PROMPT_METADATA
-    from cpt_bench.prompts.lora import METADATA as LORA_METADATA
-
-    return (folder / (LORA_METADATA if kind == "lora" else PROMPT_METADATA)).is_file()
+    return (folder / RECOVERY_KINDS[kind].metadata_file).is_file()
 
 
 def build_prompt(config: MatrixConfig, run_dir: Path, prompt: PromptChoice, compressed_folder: str | None) -> str:
-    """Build prompt ``prompt`` at its level unless it is already complete: train a learned prompt or LoRA adapter
-    (resuming its checkpoint) with its seed's and objective's settings, the dense model loaded beside it as the
-    teacher for ``kd``, or write a control (``prompts.controls``)."""
+    """Build prompt ``prompt`` at its level unless it is already complete: train the artifact of its learned kind
+    (``RecoveryKind.train``, resuming its checkpoint) with its seed's and objective's settings, the dense model loaded
+    beside it as the teacher for ``kd``, or write a control (``recovery.controls``)."""
     import torch
 
     from cpt_bench.models import CheckpointFolder, load_model
-    from cpt_bench.prompts.controls import write_control_prompt
-    from cpt_bench.prompts.lora import train_lora
-    from cpt_bench.prompts.soft import train_soft_prompt
-    from cpt_bench.prompts.training import CHECKPOINT
+    from cpt_bench.recovery.controls import write_control_prompt
+    from cpt_bench.recovery.training import CHECKPOINT
 
     folder = prompt_folder(run_dir, prompt)
     if not _artifact_complete(folder, prompt.kind):
@@ -128,12 +122,10 @@ def build_prompt(config: MatrixConfig, run_dir: Path, prompt: PromptChoice, comp
         common = {"model_name": config.model, "compression": loaded.compression}
         if prompt.control:
             write_control_prompt(loaded.model, loaded.tokenizer, training, prompt.control, folder, **common)
-        elif prompt.kind == "lora":
-            train_lora(loaded.model, loaded.tokenizer, training, config.prompts.lora, prompt.source, folder,
-                       resume=(folder / CHECKPOINT).is_file(), teacher=teacher, **common)
         else:
-            train_soft_prompt(loaded.model, loaded.tokenizer, training, prompt.source, folder,
-                              resume=(folder / CHECKPOINT).is_file(), teacher=teacher, **common)
+            RECOVERY_KINDS[prompt.kind].train(loaded.model, loaded.tokenizer, training,
+                                              recovery_settings(config, prompt.kind), prompt.source, folder,
+                                              resume=(folder / CHECKPOINT).is_file(), teacher=teacher, **common)
     artifact_meta(folder, prompt.kind)
     if not prompt.control:  # a control is its initialisation by design
         check_prompt_trained(folder, prompt, config.prompts.soft.require_improvement)
@@ -182,11 +174,11 @@ def _load_lm(job: GroupJob):
 
     prompt = job.prompt
     compression = CheckpointFolder(Path(job.compressed_folder)) if job.compressed_folder else None
+    model_arg = RECOVERY_KINDS[prompt.kind].model_arg
+    recovery = {model_arg: prompt.hard if prompt.hard is not None else job.prompt_folder} if model_arg else {}
     return CptLM(pretrained=job.config.model, compression=compression, compression_mode=job.config.kernels,
-                 soft_prompt=job.prompt_folder if prompt.kind == "soft" else None,
-                 lora=job.prompt_folder if prompt.kind == "lora" else None,
-                 hard_prompt=prompt.hard if prompt.kind == "hard" else None, batch_size=job.config.batch_size,
-                 device=resolved_device(job.config), dtype=job.config.dtype)
+                 batch_size=job.config.batch_size, device=resolved_device(job.config), dtype=job.config.dtype,
+                 **recovery)
 
 
 def _memory_account(job: GroupJob, lm) -> dict[str, Any]:
@@ -201,13 +193,14 @@ def _memory_account(job: GroupJob, lm) -> dict[str, Any]:
 
 
 def _prompt_block(lm, job: GroupJob) -> dict[str, Any]:
-    """The prompt's provenance: what the adapter applied plus, for soft prompts and LoRA adapters, how it was
-    trained: objective, seconds, trainable parameters, tokens seen and the training's peak memory.
+    """The prompt's provenance: what the adapter applied plus, for an artifact of a learned kind (soft prompt, LoRA
+    adapter, ...), how it was trained: objective, seconds, trainable parameters, tokens seen and the training's
+    peak memory.
 
     ``untrained``: it never beat its initialisation (see ``check_prompt_trained``); ``control``: the kind of a
     control prompt (untrained by design).
     """
-    from cpt_bench.prompts.training import trained_improved
+    from cpt_bench.recovery.training import trained_improved
 
     block = dict(lm.prompt_info)
     if job.prompt_folder:
@@ -218,25 +211,24 @@ def _prompt_block(lm, job: GroupJob) -> dict[str, Any]:
         if job.prompt.control:
             block.update(control=job.prompt.control, trainable_parameters=0)
         else:
-            n_prompt = meta["n_virtual_tokens"] * meta["hidden_size"] if job.prompt.kind == "soft" else None
             block.update(best_val_ppl=meta["best"]["val_ppl"], best_step=meta["best"]["step"],
                          untrained=not trained_improved(meta), objective=job.prompt.objective,
-                         trainable_parameters=meta.get("trainable_parameters", n_prompt),
+                         trainable_parameters=RECOVERY_KINDS[job.prompt.kind].trainable_parameters(meta),
                          tokens_seen=meta.get("tokens_seen"), teacher_seconds=meta.get("teacher_seconds"),
                          train_peak_memory_bytes=meta.get("peak_memory_bytes"))
     return block
 
 
 def check_prompt_trained(folder: Path, prompt: PromptChoice, required: bool) -> bool:
-    """Whether the soft prompt or LoRA adapter in ``folder`` beat its initialisation; warn when it did not, or, when
-    ``required`` (``prompts.soft.require_improvement``), raise a one-line ``SoftPromptError`` naming it."""
-    from cpt_bench.prompts.soft import SoftPromptError
-    from cpt_bench.prompts.training import trained_improved
+    """Whether the learned artifact (soft prompt, LoRA adapter, ...) in ``folder`` beat its initialisation; warn when
+    it did not, or, when ``required`` (``prompts.soft.require_improvement``), raise a one-line ``SoftPromptError``
+    naming it."""
+    from cpt_bench.recovery.training import SoftPromptError, trained_improved
 
     meta = artifact_meta(Path(folder), prompt.kind)
     if trained_improved(meta):
         return True
-    what = "LoRA adapter" if prompt.kind == "lora" else "soft prompt"
+    what = RECOVERY_KINDS[prompt.kind].label
     problem = (f"{what} {prompt.id} (source {meta['source']['corpus']}, trained at {meta['compression']}) "
                f"never beat its initialisation: validation ppl {meta['curve'][0]['val_ppl']:.2f} at step 0 stayed "
                "the best")
@@ -368,7 +360,8 @@ def run_matrix(config_path: Path, out: Path | None = None, resume: bool = False,
     """Run the matrix in ``config_path``; returns the run folder. ``dry_run``: only check the plan as the run does
     first and print it; ``plan_only``: only print it (nothing looked up: for a config meant for another machine).
 
-    When every cell of the (shard's) plan is done, writes ``summary.json`` and the report.
+    When every cell of the (shard's) plan is done, writes ``summary.json`` (its report is ``cpt_bench.report``'s: the
+    command line composes the two).
     """
     config = load_config(config_path)
     plan = make_plan(config)
@@ -413,9 +406,7 @@ def _run_cells(plan: Plan, run_dir: Path, executor) -> None:
 
 
 def finish(run_dir: Path, plan: Plan) -> Path | None:
-    """Write ``summary.json`` and the report if every cell of ``plan`` is in ``run_dir``; returns the summary."""
-    from cpt_bench.report import write_report
-
+    """Write ``summary.json`` if every cell of ``plan`` is in ``run_dir``; returns its path (None: cells missing)."""
     cells = store.read_cells(run_dir)
     missing = [cell.id for cell in plan.cells if cell.id not in cells]
     if missing:
@@ -424,13 +415,11 @@ def finish(run_dir: Path, plan: Plan) -> Path | None:
     summary = store.summarise(plan, cells, store.read_sessions(run_dir))
     path = run_dir / store.SUMMARY_FILE
     write_json_atomic(path, summary)
-    write_report(summary, run_dir / "report")
     return path
 
 
 def merge_runs(out: Path, inputs: list[Path]) -> Path | None:
-    """Merge shard folders into ``out`` (new, empty or a run folder) and, when complete, write its summary and
-    report."""
+    """Merge shard folders into ``out`` and, when complete, write its summary; returns its path (see ``finish``)."""
     ensure_replaceable(out, store.RUN_FOLDER_KIND, "merge OUT")
     out.mkdir(parents=True, exist_ok=True)
     with RunLock(out):

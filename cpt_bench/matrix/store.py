@@ -28,7 +28,8 @@ from cpt_bench.files import OutputKind, write_json_atomic, write_text_atomic
 from cpt_bench.matrix.config import ConfigError, MatrixConfig, config_from_dict
 from cpt_bench.matrix.lock import LOCK_FILE
 from cpt_bench.matrix.paired import COMPARISON_KEYS, GAP_CLOSED_KEY, cell_comparisons
-from cpt_bench.matrix.plan import LEARNED_KINDS, Plan, family, safe_name
+from cpt_bench.matrix.plan import Plan, family, safe_name
+from cpt_bench.recovery import LEARNED_KINDS, RECOVERY_KINDS
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,7 @@ SUMMARY_REQUIRED_KEYS = {
     "prompts": ("id", "kind"),
     "cells": ("compression", "prompt", "task", "value"),
 }
-SUMMARY_KEYS_BY_PROMPT_KIND = {"none": (), "hard": ("name",), "soft": ("source", "trained_at"),
-                               "lora": ("source", "trained_at")}
+SUMMARY_KEYS_BY_PROMPT_KIND = {name: kind.summary_keys for name, kind in RECOVERY_KINDS.items()}
 SUMMARY_NUMBERS = {"summary": ("wall_seconds",), "compressions": ("weight_bytes", "ratio_to_dense", "bits_per_weight"),
                    "cells": ("value",)}
 SUMMARY_OPTIONAL_NUMBERS = {"cells": ("stderr", "delta"),
@@ -301,7 +301,7 @@ def _prompt_summary(record: dict[str, Any]) -> dict[str, Any]:
     summary = {"id": cell["prompt"], "kind": choice["kind"], "n_tokens": prompt.get("n_tokens"),
                "embedding_bytes": memory.get("prompt_embedding_bytes"), "adapter_bytes": memory.get("adapter_bytes"),
                "kv_values_per_token": memory.get("kv_values_per_token")}
-    if choice["kind"] == "hard":
+    if choice.get("hard") is not None:  # a hard prompt's name or text
         summary["name"] = choice["hard"]
     if choice["kind"] in LEARNED_KINDS:
         summary.update(source=choice["source"], trained_at=choice["trained_at"],

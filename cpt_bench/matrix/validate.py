@@ -74,7 +74,7 @@ def model_facts(path: str, tokenizer) -> ModelFacts:
 
 
 def _longest_prompt_tokens(config: MatrixConfig, tokenizer) -> int:
-    from cpt_bench.prompts.hard import hard_prompt_text
+    from cpt_bench.recovery.hard import hard_prompt_text
 
     lengths = [len(tokenizer(hard_prompt_text(text), add_special_tokens=False)["input_ids"])
                for text in config.prompts.hard]

@@ -1,9 +1,16 @@
-"""Reports of transfer-matrix runs: ``write_report`` turns one ``summary.json`` into markdown, LaTeX, HTML and PNGs;
-``write_leaderboard`` collects every run under ``results/``, one ranked table per (task, metric, protocol).
-``tables`` builds the tables (and documents the layout), ``plots`` the figures, ``protocol`` reads how each target
-was scored, ``leaderboard`` and ``board_page`` write the leaderboard (markdown; a self-contained HTML page),
-``submit`` verifies and adds a run made elsewhere; ``cli_commands`` adds ``cpt-bench report`` and
-``cpt-bench leaderboard [--add RUN_DIR]``.
+"""Reports of matrix runs and the leaderboard of all runs; this package reads run folders and writes documents only.
+
+Entry points (here): ``write_report`` turns one ``summary.json`` into markdown, LaTeX, HTML and PNGs;
+``write_run_report`` does so for a run folder (``cpt-bench report``, and ``cpt-bench matrix`` / ``merge`` once a
+run is complete); ``write_leaderboard`` writes ``LEADERBOARD.md`` and ``.html`` from every run under ``results/``,
+one ranked table per (task, metric, protocol).
+
+Modules: ``tables`` (the summary's schema, the results tables and their markdown / LaTeX / HTML rendering),
+``recovery`` (paired comparisons: gap closed, against controls, methods and seeds), ``serving`` (what a prompt costs
+to serve against what compression saves), ``plots`` (the figures), ``protocol`` (how each target was scored: what
+two numbers must share to be compared), ``leaderboard`` (the board: runs, columns, ranked rows, its markdown),
+``board_page`` (the board as a self-contained HTML page), ``submit`` (verify and add a run made elsewhere) and
+``cli_commands`` (``cpt-bench report`` and ``cpt-bench leaderboard [--add RUN_DIR]``).
 """
 
 from __future__ import annotations
@@ -15,7 +22,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cpt_bench.files import OutputKind, ensure_replaceable, write_text_atomic
-from cpt_bench.report.leaderboard import write_leaderboard
+from cpt_bench.matrix.store import SUMMARY_FILE
+from cpt_bench.report.board_page import page
+from cpt_bench.report.leaderboard import PAGE_KINDS, build_board, check_results_folder, load_runs, markdown
 from cpt_bench.report.recovery import method_tables, recovery_tables, seed_tables
 from cpt_bench.report.serving import serving_tables
 from cpt_bench.report.tables import (
@@ -40,7 +49,7 @@ from cpt_bench.report.tables import (
 if TYPE_CHECKING:
     from cpt_bench.report.plots import Plot
 
-__all__ = ["load_summary", "write_leaderboard", "write_report"]
+__all__ = ["load_summary", "write_leaderboard", "write_report", "write_run_report"]
 
 _TITLE_PREFIX = "CPT benchmark report: "
 REPORT_KIND = OutputKind("report", "report.md", contains=f"# {_TITLE_PREFIX}")  # the markdown's first line
@@ -191,3 +200,20 @@ def write_report(summary: dict[str, Any], out_dir: Path) -> list[Path]:
         paths.append(out_dir / name)
         write_text_atomic(paths[-1], render(parsed, sections, plots))
     return paths + [plot.path for plot in plots]
+
+
+def write_leaderboard(results_dir: Path) -> list[Path]:
+    """Write ``results_dir/LEADERBOARD.md`` and ``LEADERBOARD.html``; ``ReportError`` naming a malformed run,
+    ``files.OutputPathError`` when ``check_results_folder`` refuses the folder."""
+    check_results_folder(results_dir)
+    board = build_board(load_runs(results_dir))
+    paths = [results_dir / kind.marker for kind in PAGE_KINDS]
+    for path, text in zip(paths, (markdown(board), page(board)), strict=True):
+        write_text_atomic(path, text)
+    return paths
+
+
+def write_run_report(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
+    """Write the report of the run folder ``run_dir`` (from its ``summary.json``) into ``out_dir`` (default
+    ``RUN/report``); return the paths (see ``write_report``)."""
+    return write_report(load_summary(run_dir / SUMMARY_FILE), out_dir or run_dir / "report")

@@ -14,6 +14,7 @@ import re
 
 from matplotlib.ticker import LogLocator, MaxNLocator
 
+from cpt_bench.recovery import RECOVERY_KINDS
 from cpt_bench.report.leaderboard import (
     ROW_HEADERS,
     RUNS_TITLE,
@@ -28,8 +29,7 @@ from cpt_bench.report.leaderboard import (
 from cpt_bench.report.tables import is_perplexity
 
 FILTERS = (("model", "model"), ("family", "compression family"), ("kind", "prompt kind"), ("run", "run"))
-KIND_COLOURS = {"none": "#666666", "hard": "#e08214", "soft": "#2166ac", "lora": "#1b7837"}
-KIND_LEGEND = {"none": "no prompt", "lora": "LoRA adapter"}
+KIND_COLOURS = {name: kind.colour for name, kind in RECOVERY_KINDS.items()}
 # A plot holding rows of several models draws the first model's (by name) markers filled, the second's as rings,
 # the rest as dashed rings (the colour stays the prompt kind's); a second legend line names them.
 MODEL_MARKERS = ("", " ring", " ring dashed")
@@ -268,7 +268,7 @@ def _legend(markers: dict[str, str]) -> list[str]:
     for index, (kind, colour) in enumerate(KIND_COLOURS.items()):
         x = legend_x + index * 86
         parts += [_marker("legend", x + 4, kinds_y, 4, colour, "") + "/>",
-                  _svg_text(x + 12, kinds_y + 4, KIND_LEGEND.get(kind, f"{kind} prompt"), "start")]
+                  _svg_text(x + 12, kinds_y + 4, RECOVERY_KINDS[kind].label, "start")]
     parts += [f'<line class="frontier" x1="{legend_x}" y1="{second_y}" x2="{legend_x + 18}" y2="{second_y}"/>',
               _svg_text(legend_x + 22, second_y + 4, "Pareto frontier", "start")]
     x = legend_x + 110

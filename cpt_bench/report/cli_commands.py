@@ -14,10 +14,9 @@ from pathlib import Path
 
 def cmd_report(args: argparse.Namespace) -> None:
     """Write the report of one run and print each written path."""
-    from cpt_bench.report import load_summary, write_report
+    from cpt_bench.report import write_run_report
 
-    summary = load_summary(args.run_dir / "summary.json")
-    for path in write_report(summary, args.out or args.run_dir / "report"):
+    for path in write_run_report(args.run_dir, args.out):
         print(path)
 
 

@@ -5,8 +5,8 @@ few-shot, prompt position), so numbers measured under different protocols never 
 one ranked table (best value first, then smaller stored size): a row per (run, model, compression, prompt) with a
 cell on that task, its value ± stderr beside the gap its prompt closed, the stored size, the ratio to dense, the
 resident and the measured peak memory and whether it lies on the Pareto frontier of quality against stored MB. A
-last table says where each run came from (machine, platform, commit, versions, submission). ``page`` renders the
-HTML page.
+last table says where each run came from (machine, platform, commit, versions, submission). ``board_page`` renders
+the HTML page; ``cpt_bench.report.write_leaderboard`` writes both.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cpt_bench.assets.model import model_label
-from cpt_bench.files import OutputKind, ensure_file_replaceable, write_text_atomic
+from cpt_bench.files import OutputKind, ensure_file_replaceable
 from cpt_bench.matrix.plan import family
 from cpt_bench.report.protocol import Protocol, run_protocols
 from cpt_bench.report.tables import (
@@ -305,15 +305,3 @@ def check_results_folder(results_dir: Path) -> None:
     for kind in PAGE_KINDS:
         ensure_file_replaceable(results_dir, kind, "--results")
 
-
-def write_leaderboard(results_dir: Path) -> list[Path]:
-    """Write ``results_dir/LEADERBOARD.md`` and ``LEADERBOARD.html``; ``ReportError`` naming a malformed run,
-    ``files.OutputPathError`` when ``check_results_folder`` refuses the folder."""
-    from cpt_bench.report.board_page import page  # the page module builds on this one
-
-    check_results_folder(results_dir)
-    board = build_board(load_runs(results_dir))
-    paths = [results_dir / kind.marker for kind in PAGE_KINDS]
-    for path, text in zip(paths, (markdown(board), page(board)), strict=True):
-        write_text_atomic(path, text)
-    return paths

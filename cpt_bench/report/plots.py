@@ -23,6 +23,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import LogFormatter  # noqa: E402
 
 from cpt_bench.files import write_bytes_atomic  # noqa: E402
+from cpt_bench.recovery import RECOVERY_KINDS  # noqa: E402
 from cpt_bench.report.serving import BATCHES, LevelSaving, PromptCost, serving_plot_data  # noqa: E402
 from cpt_bench.report.tables import (  # noqa: E402
     MISSING,
@@ -35,7 +36,7 @@ from cpt_bench.report.tables import (  # noqa: E402
     source_target_grids,
 )
 
-_LINE_ORDER = {"none": 0, "hard": 1, "soft": 2, "lora": 3}  # none, hard prompts, soft prompts, LoRA adapters
+_LINE_ORDER = {name: index for index, name in enumerate(RECOVERY_KINDS)}  # lines in the registry's order
 _DPI = 100
 _COLOURS = matplotlib.colormaps["RdYlGn"].with_extremes(bad="#dddddd")
 

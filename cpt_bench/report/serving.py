@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from cpt_bench.recovery import RECOVERY_KINDS
 from cpt_bench.report.tables import MISSING, Summary, Table, method
 
 FP16_BYTES = 2  # the cache dtype costs are shown in: the dense fp16 checkpoint's, which savings are counted against
@@ -54,8 +55,8 @@ def _prompt_costs(summary: Summary, spec: str) -> list[PromptCost]:
     for prompt in summary.prompts:
         if prompt["id"] not in applied or prompt["kind"] == "none":
             continue
-        if prompt["kind"] == "lora":
-            label = f"lora ({prompt.get('trainable_parameters') or 0:,} params)"
+        if not RECOVERY_KINDS[prompt["kind"]].prefix:  # an adapter: its tensors, no cache
+            label = f"{prompt['kind']} ({prompt.get('trainable_parameters') or 0:,} params)"
             costs.setdefault(label, PromptCost(label, 0, prompt.get("adapter_bytes") or 0, 0))
             continue
         values, tokens = prompt.get("kv_values_per_token"), prompt.get("n_tokens") or 0

@@ -19,7 +19,6 @@ from typing import Any
 from tabulate import LATEX_ESCAPE_RULES, tabulate
 
 from cpt_bench.errors import UserError
-from cpt_bench.matrix.plan import LEARNED_KINDS
 from cpt_bench.matrix.store import (
     SUMMARY_FORMAT,
     SUMMARY_KEYS_BY_PROMPT_KIND,
@@ -29,6 +28,7 @@ from cpt_bench.matrix.store import (
     SUMMARY_OPTIONAL_NUMBERS,
     SUMMARY_REQUIRED_KEYS,
 )
+from cpt_bench.recovery import LEARNED_KINDS
 from cpt_bench.stats import SMALL_DISCORDANT
 
 MISSING = "–"
@@ -128,8 +128,8 @@ class Summary:
         self.targets: list[dict[str, Any]] = raw["targets"]
         self.prompts: list[dict[str, Any]] = raw["prompts"]
         self.none_prompts = [p for p in self.prompts if p["kind"] == "none"]
-        self.learned = [p for p in self.prompts if is_learned(p)]  # soft prompts and LoRA adapters, not controls
-        self.controls = [p for p in self.prompts if p["kind"] == "soft" and p.get("control")]
+        self.learned = [p for p in self.prompts if is_learned(p)]  # artifacts of learned kinds, not controls
+        self.controls = [p for p in self.prompts if p.get("control")]
         self._cells = {(c["compression"], c["prompt"], c["task"]): c for c in raw["cells"]}
 
     def cell(self, compression: str, prompt: str, task: str) -> dict[str, Any] | None:
@@ -188,7 +188,7 @@ def has_paired_statistics(summary: Summary) -> bool:
 
 
 def is_learned(prompt: dict[str, Any]) -> bool:
-    """A trained soft prompt or LoRA adapter (not a control)."""
+    """A trained artifact of a learned kind (soft prompt, LoRA adapter, ...; not a control)."""
     return prompt["kind"] in LEARNED_KINDS and not prompt.get("control")
 
 
@@ -217,8 +217,8 @@ def prompt_label(prompt: dict[str, Any], target: dict[str, Any] | None = None) -
     `` (untrained)`` for one that never beat its initialisation and `` (in-domain)`` for ``target``'s domain."""
     if prompt["kind"] == "none":
         return "none"
-    if prompt["kind"] == "hard":
-        return f"hard:{prompt['name']}"
+    if "name" in prompt:  # a hard prompt
+        return f"{prompt['kind']}:{prompt['name']}"
     if prompt.get("control"):
         return f"{prompt['control']}@{prompt['trained_at']}{seed_suffix(prompt)}"
     label = (f"{method(prompt)}:{prompt['source']}@{prompt['trained_at']}{seed_suffix(prompt)}"

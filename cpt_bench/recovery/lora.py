@@ -29,12 +29,12 @@ import torch
 
 from cpt_bench.errors import UserError
 from cpt_bench.files import json_bytes, sha256_of, write_files_atomic
-from cpt_bench.prompts.artifact import check_fits, read_metadata
-from cpt_bench.prompts.position import lead_ids, resolve_position
-from cpt_bench.prompts.soft import SoftPromptConfig
-from cpt_bench.prompts.target import describe_target
-from cpt_bench.prompts.training import OBJECTIVES, Learner, TrainingRun, train_learner
 from cpt_bench.provenance import environment_record
+from cpt_bench.recovery.artifact import check_fits, read_metadata
+from cpt_bench.recovery.kind import Applied, RecoveryKind
+from cpt_bench.recovery.position import lead_ids, resolve_position
+from cpt_bench.recovery.target import describe_target
+from cpt_bench.recovery.training import OBJECTIVES, Learner, SoftPromptConfig, TrainingRun, train_learner
 
 METADATA = "lora.json"
 PEFT_CONFIG = "adapter_config.json"
@@ -175,3 +175,43 @@ def apply_lora(model: torch.nn.Module, tokenizer, folder: Path, meta: dict[str, 
             return PeftModel.from_pretrained(model, str(folder), is_trainable=False).eval()
     except (ValueError, KeyError, RuntimeError) as error:  # target modules or shapes that this model lacks
         raise LoraError(f"LoRA {folder} does not fit model {name!r}: {str(error).splitlines()[0]}") from None
+
+
+class LoraKind(RecoveryKind):
+    """A learned LoRA adapter (``lora=DIR``): applied unmerged on top of the (compressed) model, no prompt."""
+
+    name = "lora"
+    label = "LoRA adapter"
+    colour = "#1b7837"
+    model_arg = "lora"
+    learned = True
+    metadata_file = METADATA
+    summary_keys = ("source", "trained_at")
+
+    def check_arg(self, value: str) -> None:
+        if value == "":
+            raise LoraError("lora is empty: expected a LoRA folder written by the matrix (prompts.lora)")
+
+    def read(self, value: str) -> dict[str, Any]:
+        return read_lora(Path(value))
+
+    def apply(self, model: torch.nn.Module, tokenizer, value: str, artifact: dict[str, Any], model_name: str,
+              allow_cross_model: bool) -> Applied:
+        wrapped = apply_lora(model, tokenizer, Path(value), artifact, model_name, allow_cross_model)
+        info = {"kind": self.name, "path": str(value), "sha256": artifact["sha256"],
+                "trained_on": artifact["compression"], "trainable_parameters": artifact["trainable_parameters"]}
+        return Applied(wrapped, info=info, tensors=list(lora_parameters(wrapped).values()))
+
+    def read_meta(self, folder: Path) -> dict[str, Any]:
+        return read_lora(folder)
+
+    def train(self, model: torch.nn.Module, tokenizer, training: SoftPromptConfig, settings: LoraSettings,
+              source: str, folder: Path, *, model_name: str, compression: str, resume: bool,
+              teacher: torch.nn.Module | None) -> Path:
+        return train_lora(model, tokenizer, training, settings, source, folder, model_name=model_name,
+                          compression=compression, resume=resume, teacher=teacher)
+
+    def describe_settings(self, settings: LoraSettings, training: SoftPromptConfig) -> str:
+        return (f"rank {settings.rank}, alpha {settings.alpha:g}, dropout {settings.dropout:g}, modules "
+                f"{', '.join(settings.target_modules) if settings.target_modules else 'PEFT default'}, lr "
+                f"{settings.lr if settings.lr is not None else training.lr}; otherwise the soft prompts' settings")

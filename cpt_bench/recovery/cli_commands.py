@@ -11,9 +11,9 @@ from dataclasses import fields
 from pathlib import Path
 
 from cpt_bench.assets.model import MODEL_HELP
-from cpt_bench.prompts.position import POSITIONS
-from cpt_bench.prompts.soft import INITIALISERS, PRECISIONS, SoftPromptConfig
-from cpt_bench.prompts.training import OBJECTIVES
+from cpt_bench.recovery.position import POSITIONS
+from cpt_bench.recovery.soft_init import INITIALISERS
+from cpt_bench.recovery.training import OBJECTIVES, PRECISIONS, SoftPromptConfig
 
 _DEFAULTS = SoftPromptConfig()
 _TYPES_OF_NONE_DEFAULTS = {"patience": int, "init_text": str, "prompt_position": str}
@@ -28,9 +28,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     from cpt_bench.corpus import parse_corpus
     from cpt_bench.files import ensure_replaceable
     from cpt_bench.models import load_model, parse_compression, resolve_device
-    from cpt_bench.prompts.artifact import read_prompt
-    from cpt_bench.prompts.soft import SOFT_PROMPT_KIND, SoftPromptError, train_soft_prompt
-    from cpt_bench.prompts.training import CHECKPOINT
+    from cpt_bench.recovery.artifact import read_prompt
+    from cpt_bench.recovery.soft import SOFT_PROMPT_KIND, train_soft_prompt
+    from cpt_bench.recovery.training import CHECKPOINT, SoftPromptError
 
     config = SoftPromptConfig(**{f.name: getattr(args, f.name) for f in fields(SoftPromptConfig)})
     source = str(parse_corpus(args.source, "--source"))
@@ -51,7 +51,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_export_peft(args: argparse.Namespace) -> None:
     """Write the PEFT adapter folder and print its path."""
-    from cpt_bench.prompts.artifact import export_peft
+    from cpt_bench.recovery.artifact import export_peft
 
     print(f"PEFT PromptTuning adapter: {export_peft(args.prompt_dir, args.out_dir, args.base_model)}")
 

@@ -1,4 +1,5 @@
-"""The training loop shared by soft prompts (``soft``) and LoRA adapters (``lora``), and its two objectives.
+"""The training loop shared by soft prompts (``soft``) and LoRA adapters (``lora``), its settings
+(``SoftPromptConfig``) and its two objectives.
 
 A ``Learner`` is what one run optimises: named float32 tensors (``params``) of a frozen model, and the embeddings
 (``prompt`` [n, hidden]) inserted into every window after its lead tokens: the soft prompt itself, or nothing
@@ -28,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,10 +38,9 @@ from tqdm.auto import tqdm
 from cpt_bench.errors import UserError
 from cpt_bench.files import write_bytes_atomic
 from cpt_bench.provenance import peak_memory, reset_peak_memory
+from cpt_bench.recovery.position import POSITIONS
+from cpt_bench.recovery.soft_init import INITIALISERS
 from cpt_bench.tokens import corpus_stream
-
-if TYPE_CHECKING:  # the settings class lives with the soft prompt's initialisers, which import this module
-    from cpt_bench.prompts.soft import SoftPromptConfig
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,8 @@ CHECKPOINT_FORMAT = "cpt_bench.training_checkpoint/2"  # /1 (before LoRA) held o
 IGNORE_INDEX = -100  # label of positions that are not scored
 OBJECTIVES = ("lm", "kd")
 SELECTED_ON = {"lm": "val_loss", "kd": "val_kl"}  # the validation score that picks the best step, per objective
+PRECISIONS = ("auto", "bf16", "fp32")
+MAX_LR = 10.0  # far above any useful rate; beyond ~1e37 AdamW's step overflows float32 inside torch
 
 
 class TrainingError(UserError):
@@ -57,6 +59,67 @@ class TrainingError(UserError):
 
 class TrainingDiverged(TrainingError):
     """The loss or gradient became NaN / inf; the best tensors so far were saved."""
+
+
+class SoftPromptError(TrainingError):
+    """Bad soft-prompt settings or inputs (one-line message)."""
+
+
+@dataclass(frozen=True)
+class SoftPromptConfig:
+    """Soft-prompt training settings; defaults follow the paper except ``steps`` / ``eval_every`` (CPU scale).
+
+    ``patience``: evaluations without a better validation loss before stopping (None: never stop early).
+    ``prompt_position``: ``after_bos`` or ``first`` (``recovery.position``); None: ``after_bos`` when the
+    tokenizer adds a BOS token, else ``first``.
+    ``precision``: ``auto`` = bf16 autocast on a CUDA device that supports it, else fp32; ``bf16`` forces
+    autocast (also on CPU); ``fp32`` disables it. ``seqlen`` and ``eval_windows`` are in tokens / windows.
+    """
+
+    n_virtual_tokens: int = 100
+    init: str = "vocab"
+    init_text: str | None = None
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    warmup_steps: int = 0
+    steps: int = 300
+    batch_size: int = 2
+    seqlen: int = 1024
+    eval_every: int = 50
+    eval_windows: int = 16
+    patience: int | None = None
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    precision: str = "auto"
+    prompt_position: str | None = None
+    objective: str = "lm"
+
+    def __post_init__(self) -> None:
+        positive = ("n_virtual_tokens", "steps", "batch_size", "seqlen", "eval_every", "eval_windows")
+        for name in positive:
+            self._check(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "a positive integer")
+        self._check(isinstance(self.lr, int | float) and 0 < self.lr <= MAX_LR, "lr",
+                    f"a positive number at most {MAX_LR:g}")
+        self._check(isinstance(self.max_grad_norm, int | float) and self.max_grad_norm > 0, "max_grad_norm",
+                    "a positive number")
+        self._check(isinstance(self.weight_decay, int | float) and self.weight_decay >= 0, "weight_decay",
+                    "a number >= 0")
+        self._check(isinstance(self.warmup_steps, int) and 0 <= self.warmup_steps <= self.steps, "warmup_steps",
+                    f"an integer in [0, steps={self.steps}]")
+        self._check(self.patience is None or (isinstance(self.patience, int) and self.patience > 0), "patience",
+                    "a positive integer or None")
+        self._check(isinstance(self.seed, int), "seed", "an integer")
+        self._check(self.init in INITIALISERS, "init", f"one of {sorted(INITIALISERS)}")
+        self._check(self.precision in PRECISIONS, "precision", f"one of {list(PRECISIONS)}")
+        self._check((self.init == "text") == bool(self.init_text), "init_text",
+                    "given (non-empty) exactly when init is 'text'")
+        self._check(self.prompt_position is None or self.prompt_position in POSITIONS, "prompt_position",
+                    f"one of {list(POSITIONS)} or None (the tokenizer's default)")
+        self._check(self.objective in OBJECTIVES, "objective", f"one of {list(OBJECTIVES)}")
+
+    def _check(self, ok: bool, name: str, expected: str) -> None:
+        if not ok:
+            raise SoftPromptError(f"soft prompt setting {name} must be {expected}, got {getattr(self, name)!r}")
 
 
 @dataclass

@@ -7,7 +7,7 @@
 The default (``resolve_position(None, tokenizer)``) is ``after_bos`` when the tokenizer adds a BOS token to the
 texts it encodes, else ``first``; the two agree for a tokenizer that adds none, except that ``after_bos`` puts
 a BOS token before the prompt even then. Under ``after_bos`` the training and validation windows of
-``prompts.soft`` start with BOS, so training, validation and lm-eval (``lmeval.adapter``, whose requests begin with
+``recovery.soft`` start with BOS, so training, validation and lm-eval (``lmeval.adapter``, whose requests begin with
 BOS when the tokenizer adds one) score the same kind of sequence. ``prompt.json`` records the position; prompts
 written before it was recorded were trained ``first`` and load as such (``recorded_position``).
 """
@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from cpt_bench.errors import UserError
+
 AFTER_BOS = "after_bos"
 FIRST = "first"
 POSITIONS = (AFTER_BOS, FIRST)
@@ -23,7 +25,7 @@ META_KEY = "prompt_position"  # its field in prompt.json
 _PROBE_TEXT = "a"  # encoded to see whether the tokenizer adds BOS
 
 
-class PromptPositionError(ValueError):
+class PromptPositionError(UserError):
     """A prompt position that is unknown or impossible for the tokenizer (one-line message)."""
 
 

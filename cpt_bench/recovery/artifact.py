@@ -37,9 +37,9 @@ from cpt_bench.files import (
     write_bytes_atomic,
     write_files_atomic,
 )
-from cpt_bench.prompts.position import FIRST, recorded_position
-from cpt_bench.prompts.target import describe_target, same_embeddings
 from cpt_bench.provenance import environment_record
+from cpt_bench.recovery.position import FIRST, recorded_position
+from cpt_bench.recovery.target import describe_target, same_embeddings
 
 TENSORS = "prompt.safetensors"
 METADATA = "prompt.json"

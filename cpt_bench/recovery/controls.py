@@ -17,12 +17,14 @@ from pathlib import Path
 
 import torch
 
-from cpt_bench.prompts.artifact import save_prompt
-from cpt_bench.prompts.position import META_KEY, resolve_position
-from cpt_bench.prompts.soft import SoftPromptConfig, initial_prompt, token_embeddings
-from cpt_bench.prompts.target import describe_target
+from cpt_bench.recovery.artifact import save_prompt
+from cpt_bench.recovery.position import META_KEY, resolve_position
+from cpt_bench.recovery.soft import initial_prompt, token_embeddings
+from cpt_bench.recovery.target import describe_target
+from cpt_bench.recovery.training import SoftPromptConfig
 
 CONTROL_KINDS = ("init", "random")
+CONTROL_PROMPT_KIND = "soft"  # the recovery kind of a control: an untrained soft prompt
 # Which control kinds depend on ``SoftPromptConfig.seed`` given the initialisation: ``init`` only through a seeded
 # initialiser, ``random`` always.
 SEEDED_INITIALISERS = ("sample", "random")
