@@ -243,3 +243,13 @@ def test_left_truncation_is_reported_once(tiny_model_dir, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         strings(lm, 2, [reqs[cut.index(0)]])
     assert not [r for r in caplog.records if "cut from the left" in r.getMessage()]
+
+
+def test_sampling_draws_the_same_tokens_on_both_paths(tiny_model_dir):
+    """``do_sample`` with a temperature reaches ``generate`` (seeded draws equal on both paths, unlike greedy)."""
+    outputs = []
+    for prefix_cache in (True, False):
+        lm = cpt(tiny_model_dir, hard_prompt="paper", prefix_cache=prefix_cache)
+        torch.manual_seed(0)
+        outputs.append(strings(lm, 4, requests(do_sample=True, temperature=5.0)))
+    assert outputs[0] == outputs[1] != strings(lm, 4, requests())
