@@ -243,3 +243,35 @@ def test_left_truncation_is_reported_once(tiny_model_dir, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         strings(lm, 2, [reqs[cut.index(0)]])
     assert not [r for r in caplog.records if "cut from the left" in r.getMessage()]
+
+
+def test_sampling_draws_the_same_tokens_on_both_paths(tiny_model_dir):
+    """``do_sample`` with a temperature reaches ``generate`` (seeded draws equal on both paths, unlike greedy)."""
+    outputs = []
+    for prefix_cache in (True, False):
+        lm = cpt(tiny_model_dir, hard_prompt="paper", prefix_cache=prefix_cache)
+        torch.manual_seed(0)
+        outputs.append(strings(lm, 4, requests(do_sample=True, temperature=5.0)))
+    assert outputs[0] == outputs[1] != strings(lm, 4, requests())
+
+
+@pytest.mark.e2e
+def test_hard_prompt_on_the_embedded_model_equals_plain_hf_on_its_text():
+    """SmolLM2 (pad == eos, no BOS added): four hand-written NQ-style questions in lm-eval's ``nq_open`` form;
+    prefix cache and concatenation, batch sizes 1 and 4, and plain ``hf`` reading the prompt's text agree."""
+    from cpt_bench.assets.model import resolve_model
+
+    questions = ["what is the capital of france", "who wrote romeo and juliet",
+                 "what is the largest planet in the solar system", "who painted the mona lisa"]
+    settings = {"until": ["\n", ".", ","], "max_gen_toks": 12, "do_sample": False}
+
+    def nq(prefix: str = "") -> list:
+        return instances("generate_until", [(f"{prefix}Answer these questions:\n\nQ: {q}?\nA:", dict(settings))
+                                            for q in questions])
+
+    plain = HFLM(pretrained=str(resolve_model("embedded")), device="cpu", dtype="float32", batch_size=4)
+    expected = plain.generate_until(nq(HARD_PROMPTS["paper"]), disable_tqdm=True)
+    assert expected != plain.generate_until(nq(), disable_tqdm=True)
+    for prefix_cache in (True, False):
+        lm = cpt("embedded", hard_prompt="paper", prefix_cache=prefix_cache)
+        assert strings(lm, 1, nq()) == strings(lm, 4, nq()) == expected

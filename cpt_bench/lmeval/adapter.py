@@ -12,7 +12,8 @@ since lm-eval has no plugin discovery). Extra model_args:
   ``hf`` model applies ``peft=DIR`` (which gives the same scores where the model's vocabulary size equals the
   tokenizer's: otherwise HFLM resizes the embeddings first). Not combined with a prompt.
 - ``prefix_cache=true|false`` (default true): compute the prompt's key/value cache once and reuse it
-  for every batch, or concatenate the prompt embeddings to every batch.
+  for every batch, or concatenate the prompt embeddings to every batch (generation with sliding-window layers
+  always concatenates: ``lmeval.generation``).
 - ``prompt_position=after_bos|first`` (``cpt_bench.recovery.position``): where the prompt sits. A soft prompt sits
   where it was trained (its ``prompt.json``; a different value is refused); a hard prompt by default after BOS
   when the tokenizer adds one, else first.

@@ -45,11 +45,12 @@ logger = logging.getLogger(__name__)
 KeyValues = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), each [1, kv_heads, P, head_dim]
 
 # Generation settings a prefix cannot honour, with the value that means "off": beam search, contrastive search and
-# assisted decoding re-shape or crop the cache; the others read the token ids (which hold placeholders where the
-# prompt is, or no context at all on the embeddings path), so they would not see what the model reads.
+# assisted decoding re-shape or crop the cache; the others read the token ids or count them (the ids hold
+# placeholders where the prompt is, or no context at all on the embeddings path), so they would not see what the
+# model reads. ``min_new_tokens`` counts from the end of the ids and is honoured.
 REFUSED_SETTINGS: dict[str, object] = {
     "num_beams": 1, "num_beam_groups": 1, "num_return_sequences": 1, "penalty_alpha": None,
-    "assistant_model": None, "prompt_lookup_num_tokens": None, "repetition_penalty": 1.0,
+    "assistant_model": None, "prompt_lookup_num_tokens": None, "min_length": 0, "repetition_penalty": 1.0,
     "no_repeat_ngram_size": 0, "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0,
     "bad_words_ids": None, "force_words_ids": None, "sequence_bias": None, "begin_suppress_tokens": None}
 
