@@ -67,7 +67,7 @@ DOCUMENT_SEPARATOR = "\n\n"  # how the GPTQ reference code joins WikiText-2 docu
 SEPARATORS = {"blank_line": DOCUMENT_SEPARATOR, "newline": "\n", "space": " "}
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 TEXT_EXPORT_FORMAT = "cpt_bench.corpus_export/1"
-TEXT_EXPORT_KIND = OutputKind("corpus exported by 'corpus --export'", EXPORT_MARKER, (("format", TEXT_EXPORT_FORMAT),))
+TEXT_EXPORT_KIND = OutputKind("a text export of a corpus", EXPORT_MARKER, (("format", TEXT_EXPORT_FORMAT),))
 _SPEC_RE = re.compile(r"(?P<kind>[a-z]+):(?P<location>[^?]+)(?:\?(?P<options>.*))?")
 _KEY_HEX = 12
 

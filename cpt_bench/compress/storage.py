@@ -51,7 +51,7 @@ MANIFEST_FILE = "compression.json"
 CONFIG_FILE = "config.json"  # the model's transformers config, as ``save_pretrained`` writes it
 REQUIRED_FIELDS = ("spec", "calibration", "layers", "tied", "memory", "files")
 _SPARSITY_ROUNDING = 1e-4  # a layer's recorded sparsity against the one its mask gives (float32 mean, JSON)
-CHECKPOINT_KIND = OutputKind("compressed checkpoint", MANIFEST_FILE, (("format", FORMAT),))
+CHECKPOINT_KIND = OutputKind("a compressed checkpoint", MANIFEST_FILE, (("format", FORMAT),))
 
 
 class StorageError(UserError):

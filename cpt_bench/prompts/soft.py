@@ -34,7 +34,7 @@ from cpt_bench.prompts.training import CHECKPOINT, OBJECTIVES, Learner, Training
 PRECISIONS = ("auto", "bf16", "fp32")
 # ``prompt train --out``: a folder of an earlier prompt (retrained in place), or one holding only the checkpoint of a
 # run cut short, is its own output
-SOFT_PROMPT_KIND = OutputKind("soft prompt folder", METADATA, (("format", FORMAT),), ignored=(CHECKPOINT,))
+SOFT_PROMPT_KIND = OutputKind("a soft prompt folder", METADATA, (("format", FORMAT),), ignored=(CHECKPOINT,))
 MAX_LR = 10.0  # far above any useful rate; beyond ~1e37 AdamW's step overflows float32 inside torch
 
 
