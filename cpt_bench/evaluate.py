@@ -22,7 +22,7 @@ from cpt_bench.perplexity import DEFAULT_SEQLEN_TOKENS
 from cpt_bench.provenance import environment_record, peak_memory
 
 PPL_PREFIX = "cpt_ppl"
-EVALUATION_KIND = OutputKind("evaluation run folder", "results.json", (("cpt_bench", None),))  # write_run's files
+EVALUATION_KIND = OutputKind("an evaluation run folder", "results.json", (("cpt_bench", None),))  # write_run's files
 SEEDS = {"random_seed": 0, "numpy_random_seed": 1234, "torch_random_seed": 1234, "fewshot_random_seed": 1234}
 
 

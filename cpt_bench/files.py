@@ -54,7 +54,7 @@ class OutputKind:
     """A kind of output folder, and how a writer recognises one it wrote before (and so may replace).
 
     Attributes:
-        name: what it is, for messages (e.g. ``"compressed checkpoint"``).
+        name: what one is, with its article, for messages (e.g. ``"a compressed checkpoint"``).
         marker: a file every output of this kind holds (e.g. ``compression.json``).
         fields: ``(key, value)`` pairs the marker, a JSON object, must hold (e.g. its ``format``; value ``None``:
             the key, with any value); empty: any JSON object.
@@ -98,7 +98,7 @@ def ensure_replaceable(path: Path, kind: OutputKind, flag: str) -> None:
     """
     path = Path(path)
     if path.is_symlink() and not path.exists() or path.exists() and not path.is_dir():
-        raise OutputPathError(f"{flag} {path} is a file, not a folder: choose an empty or new folder for the "
+        raise OutputPathError(f"{flag} {path} is a file, not a folder: choose an empty or new folder for "
                               f"{kind.name}")
     if not path.exists():
         _check_creatable(path, flag)
@@ -108,8 +108,8 @@ def ensure_replaceable(path: Path, kind: OutputKind, flag: str) -> None:
     if not entries or kind.recognises(path):
         return
     shown = ", ".join(entries[:_NAMES_SHOWN]) + (", ..." if len(entries) > _NAMES_SHOWN else "")
-    raise OutputPathError(f"{flag} {path} holds files that are not a {kind.name} cpt_bench wrote ({shown}; one holds "
-                          f"{kind.marker}): choose an empty or new folder")
+    raise OutputPathError(f"{flag} {path} holds files that are not {kind.name} cpt_bench wrote ({shown}; "
+                          f"{kind.name} holds {kind.marker}): choose an empty or new folder")
 
 
 def ensure_file_replaceable(folder: Path, kind: OutputKind, flag: str) -> None:
@@ -119,14 +119,14 @@ def ensure_file_replaceable(folder: Path, kind: OutputKind, flag: str) -> None:
     ``ensure_replaceable``)."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
-        raise OutputPathError(f"{flag} {folder} is a file, not a folder: choose a folder for the {kind.name}")
+        raise OutputPathError(f"{flag} {folder} is a file, not a folder: choose a folder for {kind.name}")
     if not folder.exists():
         _check_creatable(folder, flag)
         return
     target = folder / kind.marker
     if os.path.lexists(target) and not kind.recognises(folder):
         what = "a folder" if target.is_dir() else "a file cpt_bench did not write"
-        raise OutputPathError(f"{flag} {folder}: {target.name} there is {what}, not a {kind.name}; move it away or "
+        raise OutputPathError(f"{flag} {folder}: {target.name} there is {what}, not {kind.name}; move it away or "
                               "choose another folder")
 
 

@@ -29,6 +29,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cpt_bench.files import EXPORT_MARKER
+
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]  # every page whose commands CI runs
 BIN = Path(sys.executable).parent
@@ -228,7 +230,8 @@ def check_added_run(ran: Ran) -> None:
 
 def check_exported_folder(folder: str) -> Callable[[Ran], None]:
     def check(ran: Ran) -> None:
-        assert sorted(path.name for path in (ran.root / folder).iterdir()) == ["test", "train", "validation"]
+        names = sorted(path.name for path in (ran.root / folder).iterdir())
+        assert names == sorted([EXPORT_MARKER, "test", "train", "validation"]), names
         assert re.search(rf"wrote \d+ text files to {folder}", ran.stdout), ran.stdout
 
     return check

@@ -206,5 +206,6 @@ def _load_gptqmodel(folder: Path, dtype: torch.dtype, device: str) -> nn.Module:
         export_gptq(folder, tmp)
         return {"exported_from": str(folder), "checkpoint_format": "gptq"}
 
+    read_checkpoint(folder)  # its record checked against its weights on every load, a cached export too
     exported = ensure_entry(f"{folder.parent.name}/{folder.name}-gptq", build)
     return AutoModelForCausalLM.from_pretrained(exported, dtype=dtype, device_map=device).eval()

@@ -39,7 +39,7 @@ CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 WEIGHTS_FILE = "model.safetensors"
 QUANTIZE_CONFIG_FILE = "quantize_config.json"
 EXPORT_FORMAT = "cpt_bench.gptq_export/1"
-GPTQ_EXPORT_KIND = OutputKind("GPTQ-format export", EXPORT_MARKER, (("format", EXPORT_FORMAT),))
+GPTQ_EXPORT_KIND = OutputKind("a GPTQ-format export", EXPORT_MARKER, (("format", EXPORT_FORMAT),))
 _COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                  "vocab.json", "merges.txt", "chat_template.jinja")
 

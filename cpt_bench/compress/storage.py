@@ -15,8 +15,9 @@ GPT-2's ``Conv1D`` (whose own state-dict weight is ``[in, out]``; loading transp
 Every other state-dict tensor (embeddings, norms, ``lm_head``; tied tensors once) is stored under its own
 name in 16-bit floats: fp16, or bf16 if the model is bf16. ``out_dir/compression.json`` records the spec,
 calibration settings, per-layer error and seconds, the memory account (counted from the tensors written)
-and the sha256 of ``model.safetensors``, verified on load; ``out_dir/config.json`` is the model's config, so the
-folder builds its model without the base model's files.
+and the sha256 of ``model.safetensors``, verified on load together with what the record claims (spec, each layer's
+bits, group size and sparsity) against the stored tensors (``check_record``); ``out_dir/config.json`` is the model's
+config, so the folder builds its model without the base model's files.
 
 Loading (``checkpoints.load_checkpoint``) rebuilds quantized weights bit-exactly; 16-bit stored tensors are exact
 when the model is fp16/bf16.
@@ -50,7 +51,7 @@ MANIFEST_FILE = "compression.json"
 CONFIG_FILE = "config.json"  # the model's transformers config, as ``save_pretrained`` writes it
 REQUIRED_FIELDS = ("spec", "calibration", "layers", "tied", "memory", "files")
 _SPARSITY_ROUNDING = 1e-4  # a layer's recorded sparsity against the one its mask gives (float32 mean, JSON)
-CHECKPOINT_KIND = OutputKind("compressed checkpoint", MANIFEST_FILE, (("format", FORMAT),))
+CHECKPOINT_KIND = OutputKind("a compressed checkpoint", MANIFEST_FILE, (("format", FORMAT),))
 
 
 class StorageError(UserError):

@@ -59,7 +59,7 @@ CONFIG_FILE = "config.json"
 CELLS_DIR = "cells"
 SUMMARY_FILE = "summary.json"
 ENVIRONMENT_FILE = "environment.json"
-RUN_FOLDER_KIND = OutputKind("matrix run folder", CONFIG_FILE, ignored=(LOCK_FILE,))  # --resume checks the config
+RUN_FOLDER_KIND = OutputKind("a matrix run folder", CONFIG_FILE, ignored=(LOCK_FILE,))  # --resume checks the config
 # Cell fields that differ between identical runs (timings, memory, dates): left out of comparisons.
 VOLATILE_FIELDS = ("seconds", "memory", "lm_eval", "environment", "checksum")
 VOLATILE_PROMPT_FIELDS = ("train_seconds", "teacher_seconds", "train_peak_memory_bytes")  # of a cell's prompt block

@@ -48,8 +48,7 @@ FORMAT = "cpt_bench.soft_prompt/1"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_TENSOR_KEY = "prompt_embeddings"  # the key PEFT 0.21 writes for a PromptTuning adapter
 PEFT_EXPORT_FORMAT = "cpt_bench.peft_export/1"
-PEFT_EXPORT_KIND = OutputKind("PEFT adapter exported by 'prompt export-peft'", EXPORT_MARKER,
-                              (("format", PEFT_EXPORT_FORMAT),))
+PEFT_EXPORT_KIND = OutputKind("a PEFT adapter export", EXPORT_MARKER, (("format", PEFT_EXPORT_FORMAT),))
 REQUIRED_FIELDS = ("sha256", "n_virtual_tokens", "hidden_size", "model", "tokenizer", "compression")
 
 

@@ -49,7 +49,7 @@ from cpt_bench.recovery.training import (
 
 # ``prompt train --out``: a folder of an earlier prompt (retrained in place), or one holding only the checkpoint of a
 # run cut short, is its own output
-SOFT_PROMPT_KIND = OutputKind("soft prompt folder", METADATA, (("format", FORMAT),), ignored=(CHECKPOINT,))
+SOFT_PROMPT_KIND = OutputKind("a soft prompt folder", METADATA, (("format", FORMAT),), ignored=(CHECKPOINT,))
 
 def token_embeddings(model: torch.nn.Module, chunk: int = 8192) -> torch.Tensor:
     """The embedding layer's output for every token id, ``[vocab, hidden]`` float32 on CPU (computed ``chunk``

@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 __all__ = ["load_summary", "write_leaderboard", "write_report", "write_run_report"]
 
 _TITLE_PREFIX = "CPT benchmark report: "
-REPORT_KIND = OutputKind("report", "report.md", contains=f"# {_TITLE_PREFIX}")  # the markdown's first line
+REPORT_KIND = OutputKind("a report", "report.md", contains=f"# {_TITLE_PREFIX}")  # the markdown's first line
 _LEGEND = ("Entries are value ± standard error; Δ is the value minus the dense model without prompt on the same task; "
            "peak MiB is the measured peak memory of the unprompted cell (peak RSS on CPU, CUDA max allocated on GPU); "
            "– marks combinations the run does not contain; (in-domain) marks soft prompts trained on the target's "
