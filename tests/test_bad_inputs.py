@@ -331,7 +331,8 @@ def _lm_eval_cli(*args: str) -> Callable[[Path, Inputs], Callable[[], object]]:
         for index in range(3):
             (tmp / "notes" / f"{index}.txt").write_text(f"note {index}: river stone light garden\n")
         fill = {"model": inputs.model, "tmp": tmp}
-        lm_eval_logger = logging.getLogger("lm_eval")  # lm-eval's setup_logging changes it: restored afterwards
+        lm_eval_logger = logging.getLogger("lm_eval")  # lm-eval's setup_logging changes it: restored afterwards,
+        # and _clear_logging_caches (the case's ``after``) drops what the loggers decided meanwhile
         for attribute in ("level", "propagate", "handlers"):
             inputs.monkeypatch.setattr(lm_eval_logger, attribute, copy.copy(getattr(lm_eval_logger, attribute)))
         inputs.monkeypatch.setattr("lm_eval.utils._LOGGING_CONFIGURED", False)
@@ -340,6 +341,13 @@ def _lm_eval_cli(*args: str) -> Callable[[Path, Inputs], Callable[[], object]]:
         return cli_evaluate
 
     return run
+
+
+def _clear_logging_caches(tmp: Path) -> None:
+    """After ``_lm_eval_cli``: ``setLevel`` clears every logger's cached level decisions (the restored attributes
+    do not)."""
+    logger = logging.getLogger("lm_eval")
+    logger.setLevel(logger.level)
 
 
 def _disk_full_compress(tmp: Path, inputs: Inputs) -> list[str]:
@@ -592,7 +600,7 @@ CASES = [
         "--model", "hf", "--model_args", "pretrained={model}", "--tasks", "cpt_ppl", "--include_path", str(TASKS_DIR),
         "--metadata", '{{"corpus": "text:{tmp}/notes"}}', "--device", "cpu"),
          r"^metadata corpus 'text:.*/notes': only task cpt_ppl_corpus takes a corpus; this task scores its own corpus "
-         r"'wikipedia' \(score 'text:.*/notes' with --tasks cpt_ppl_corpus"),
+         r"'wikipedia' \(score 'text:.*/notes' with --tasks cpt_ppl_corpus", after=_clear_logging_caches),
     # output folders and disks
     Case("out-not-writable", _read_only_out, r"cannot (write|access) .*locked/out.*: Permission denied",
          needs_non_root=True),

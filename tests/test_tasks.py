@@ -286,13 +286,15 @@ def test_the_corpus_task_says_what_it_scores_and_scores_every_document_when_aske
     handler = logging.Handler()
     handler.emit = lambda record: lines.append(record.getMessage())
     logger = logging.getLogger("lm_eval.tasks.cpt_bench")
+    level = logger.level
     logger.addHandler(handler)
-    monkeypatch.setattr(logger, "level", logging.INFO)
+    logger.setLevel(logging.INFO)  # (setLevel, not the attribute: it clears the loggers' cached decisions)
     try:
         test_docs = list(_corpus_task(tiny_model_dir, corpus).eval_docs)
         all_docs = list(_corpus_task(tiny_model_dir, corpus, split="all").eval_docs)
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)
     tokenizer = build_tiny_tokenizer()
     for split, docs, line in (("test", test_docs, lines[0]), ("all", all_docs, lines[1])):
         documents, tokens = len(load_split(corpus, split)), len(corpus_stream(corpus, split, tokenizer))
