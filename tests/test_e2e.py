@@ -34,6 +34,17 @@ def test_assets_are_idempotent(real_assets, capsys):
     assert all(row[1] == "cached" for row in rows), rows
 
 
+def test_generative_sets_are_the_documented_splits(real_assets):
+    """DATA.md's row counts: nq_open and gsm8k are lm-eval's whole evaluated split, CoQA's 500 validation stories
+    hold its 7,983 turns, triviaqa_wiki is the rc.wikipedia part of TriviaQA's validation questions."""
+    from cpt_bench.assets.generative import load_generative
+
+    counts = {name: len(load_generative(name)[1]) for name in ("nq_open", "gsm8k", "triviaqa_wiki", "coqa")}
+    assert counts == {"nq_open": 3610, "gsm8k": 1319, "triviaqa_wiki": 7993, "coqa": 500}
+    stories = load_generative("coqa")[1]
+    assert sum(len(story["questions"]["input_text"]) for story in stories) == 7983
+
+
 def test_embedded_model_is_a_plain_checkpoint(real_assets):
     from cpt_bench.assets.model import embedded_model_path
 
