@@ -117,10 +117,11 @@ def test_architecture_file_table_matches_the_tree():
 # --- facts the pages state, against the code ---------------------------------------------------------------------
 
 def test_lm_eval_page_lists_every_model_arg_of_the_cpt_model():
-    from cpt_bench.lmeval.adapter import MODEL_CONSTRUCTOR_ARGS, CptLM
+    from cpt_bench.lmeval.adapter import MODEL_CONSTRUCTOR_ARGS, RECOVERY_ARGS, CptLM
 
     own = [name for name, parameter in inspect.signature(CptLM.__init__).parameters.items()
            if name != "self" and parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+    own += list(RECOVERY_ARGS)  # each registered recovery method's model_arg
     page = (DOCS / "lm-eval.md").read_text(encoding="utf-8")
     rows = table_paths(section(page, "## The `cpt` model"))
     assert sorted(rows) == sorted(own), f"docs/lm-eval.md's model_args table {rows} differs from CptLM's {own}"
@@ -152,3 +153,14 @@ def test_readme_result_table_is_the_committed_run():
     for compression, *cells in readme_rows:
         row = report_rows[compression.strip()]
         assert all(f" {cell.strip()} " in row for cell in cells), (compression, cells, row)
+
+
+def test_architecture_layers_table_is_the_enforced_layer_order():
+    """The page's layer table names the layers of ``tests/test_layers.py``'s ``LAYERS``, in that order."""
+    from tests.test_layers import LAYERS
+
+    rows = [line.split("|")[2] for line in section((DOCS / "architecture.md").read_text(encoding="utf-8"),
+                                                  "## Layers").splitlines() if re.match(r"\| \d+\. ", line)]
+    named = [name.rstrip("/") for row in rows for name in re.findall(r"`([^`]+)`", row)]
+    layers = [name for name in named if name not in ("__init__", "cli_commands")]
+    assert layers == list(LAYERS), f"docs/architecture.md's layer table {layers} differs from LAYERS {list(LAYERS)}"

@@ -42,7 +42,8 @@ class Applied:
 
 class RecoveryKind:
     """One recovery method. Subclasses set the class attributes and override what applies to them (a method that
-    is not learned needs neither ``train`` nor ``read_meta``; one the adapter cannot apply has no ``model_arg``)."""
+    is not learned needs neither ``train`` nor ``read_meta``; one the adapter cannot apply has no ``model_arg``).
+    Calling a method that does not apply to the kind is a bug of the caller: ``TypeError``."""
 
     name: ClassVar[str]  # its kind in plans, cell ids, summaries and config keys (prompts.<name>)
     label: ClassVar[str]  # in messages and legends ("soft prompt")
@@ -63,23 +64,23 @@ class RecoveryKind:
     def apply(self, model: torch.nn.Module, tokenizer, value: str, artifact: Any, model_name: str,
               allow_cross_model: bool) -> Applied:
         """Apply the read ``artifact`` to the loaded ``model``, after checking that it fits it (one-line errors)."""
-        raise NotImplementedError(f"recovery kind {self.name} cannot be applied by the cpt adapter")
+        raise TypeError(f"recovery kind {self.name} cannot be applied by the cpt adapter")
 
     def read_meta(self, folder: Path) -> dict[str, Any]:
         """A built artifact's metadata (its ``metadata_file``) after verifying its tensors' checksums."""
-        raise NotImplementedError(f"recovery kind {self.name} builds no artifact")
+        raise TypeError(f"recovery kind {self.name} builds no artifact")
 
     def train(self, model: torch.nn.Module, tokenizer, training, settings, source: str, folder: Path, *,
               model_name: str, compression: str, resume: bool, teacher: torch.nn.Module | None) -> Path:
         """Train an artifact on the frozen ``model`` with the shared ``training`` settings
         (``training.SoftPromptConfig``) and the kind's own ``settings`` (``prompts.<name>``) on corpus ``source``;
         write it to ``folder`` (resuming its checkpoint when ``resume``); ``teacher``: the dense model for ``kd``."""
-        raise NotImplementedError(f"recovery kind {self.name} is not learned")
+        raise TypeError(f"recovery kind {self.name} is not learned")
 
     def describe_settings(self, settings, training) -> str:
         """One line of a plan's description: how its artifacts are trained (``settings``: ``prompts.<name>``,
         ``training``: the shared ``SoftPromptConfig``)."""
-        raise NotImplementedError(f"recovery kind {self.name} is not learned")
+        raise TypeError(f"recovery kind {self.name} is not learned")
 
     def trainable_parameters(self, meta: dict[str, Any]) -> int | None:
         """How many parameters training the artifact of ``meta`` optimised (its stored parameters)."""
