@@ -271,6 +271,17 @@ def _before_loading(make: Callable[[Path, Inputs], Invocation]) -> Callable[[Pat
     return run
 
 
+def _hard_prompt_file(content: str | bytes) -> Callable[[Path, Inputs], Callable[[], object]]:
+    """``hard_prompt=file:TMP/prompt.txt``, the file holding ``content``."""
+
+    def run(tmp: Path, inputs: Inputs) -> Callable[[], object]:
+        path = tmp / "prompt.txt"
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        return _adapter(hard_prompt=f"file:{path}")(tmp, inputs)
+
+    return run
+
+
 def _adapter_on_device(device: str) -> Callable[[Path, Inputs], Callable[[], object]]:
     """``--model cpt --model_args pretrained=...,hard_prompt=paper,device=DEVICE`` on a machine without CUDA."""
     from cpt_bench.lmeval.adapter import CptLM
@@ -555,7 +566,21 @@ CASES = [
          r"give one of hard_prompt, soft_prompt and lora, not soft_prompt and hard_prompt"),
     Case("adapter-prefix-cache-not-a-bool", _adapter(hard_prompt="paper", prefix_cache="maybe"),
          r"prefix_cache must be true or false, got 'maybe'"),
-    Case("adapter-hard-prompt-empty", _adapter(hard_prompt=""), r"hard prompt is empty"),
+    Case("adapter-hard-prompt-empty", _adapter(hard_prompt=""), r"^unknown hard prompt ''; expected a registered name"),
+    Case("adapter-hard-prompt-misspelt", _before_loading(_adapter(hard_prompt="papr")),
+         r"^unknown hard prompt 'papr' \(did you mean 'paper'\?\); expected a registered name \(paper, paper_long\), "
+         r"text:TEXT or file:PATH$"),
+    Case("adapter-hard-prompt-text-empty", _before_loading(_adapter(hard_prompt="text:")),
+         r"^hard prompt 'text:' is empty: expected text:TEXT with some text$"),
+    Case("adapter-hard-prompt-file-missing", _before_loading(_adapter(hard_prompt="file:{tmp}/prompt.txt")),
+         r"^hard prompt file .*prompt\.txt not found; expected file:PATH of a UTF-8 text file$"),
+    Case("adapter-hard-prompt-file-empty", _before_loading(_hard_prompt_file(" \n")),
+         r"^hard prompt file .*prompt\.txt is empty; expected the prompt's text$"),
+    Case("adapter-hard-prompt-file-not-utf8", _before_loading(_hard_prompt_file(b"\xff\xfe")),
+         r"^hard prompt file .*prompt\.txt cannot be read as UTF-8 text: .*codec can't decode"),
+    Case("adapter-hard-prompt-text-cut-at-a-comma", _before_loading(_adapter(hard_prompt="text:Answer, briefly.")),
+         r"^unknown model_arg ' briefly\.' for the cpt model \(lm-eval splits model_args at commas, also inside a "
+         r"text: hard prompt: quote the value, hard_prompt=\"text:\.\.\.\", or give it as file:PATH\); accepted: "),
     Case("adapter-prompt-position-unknown", _before_loading(_adapter(hard_prompt="paper", prompt_position="last")),
          r"^prompt_position must be one of after_bos, first, got 'last'$"),
     Case("compress-layer-type-unknown", _mixture_of_experts, r"holds weights in Mixtral\w+"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -102,6 +103,46 @@ def test_hard_prompt_equals_conditioning_on_its_text(tiny_model_dir, tiny_lm):
     theirs = [score for score, _ in tiny_lm.loglikelihood(conditioned)]
     assert ours == pytest.approx(theirs, abs=TOLERANCE)
     assert lm.prompt_info["n_tokens"] == len(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def test_hard_prompt_forms_give_one_prompt(tiny_model_dir, tmp_path):
+    """A registered name, ``text:`` its text and ``file:`` a file holding it score identically; another text does
+    not (the prompt is read, not ignored)."""
+    requests = instances("loglikelihood", mc_pairs())
+    path = tmp_path / "prompt.txt"
+    path.write_text(HARD_PROMPTS["paper"], encoding="utf-8")
+
+    def scores(prompt: str) -> list[float]:
+        lm = CptLM(pretrained=str(tiny_model_dir), hard_prompt=prompt, device="cpu", dtype="float32", batch_size=8)
+        return [score for score, _ in lm.loglikelihood(requests)]
+
+    named = scores("paper")
+    assert scores("text:" + HARD_PROMPTS["paper"]) == named
+    assert scores(f"file:{path}") == named
+    assert scores("text:Answer briefly.\n") != named
+
+
+def test_hard_prompt_with_a_comma_through_lm_evals_command_line(tiny_model_dir, tmp_path, monkeypatch):
+    """lm-eval's ``--model_args`` splits at commas outside quotes: a quoted ``text:`` value, a JSON ``--model_args``
+    and ``file:`` carry a text with commas whole, and score identically."""
+    from lm_eval._cli import HarnessCLI
+
+    text = "First, read the question; then, answer it."
+    path = tmp_path / "prompt.txt"
+    path.write_text(text, encoding="utf-8")
+    json_args = json.dumps({"pretrained": str(tiny_model_dir), "hard_prompt": "text:" + text})
+    forms = [f'pretrained={tiny_model_dir},hard_prompt="text:{text}"', json_args,
+             f"pretrained={tiny_model_dir},hard_prompt=file:{path}"]
+    requests = instances("loglikelihood", mc_pairs())
+    results = []
+    for model_args in forms:
+        monkeypatch.setattr("sys.argv", ["lm-eval", "--model", "cpt", "--tasks", "x", "--model_args", model_args])
+        parsed = HarnessCLI().parse_args().model_args
+        assert parsed["hard_prompt"] in ("text:" + text, f"file:{path}")
+        lm = CptLM.create_from_arg_obj(parsed, {"device": "cpu", "dtype": "float32", "batch_size": 8})
+        assert lm.prompt_info["text"] == text
+        results.append([score for score, _ in lm.loglikelihood(requests)])
+    assert results[0] == results[1] == results[2]
 
 
 def test_unprompted_cpt_equals_hf(tiny_model_dir, tiny_lm):

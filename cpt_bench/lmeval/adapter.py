@@ -6,7 +6,8 @@ since lm-eval has no plugin discovery). Extra model_args:
 
 - ``soft_prompt=DIR``: a prompt folder (``cpt_bench.recovery.artifact``), checked against the model;
   ``allow_cross_model=true`` accepts one trained for another model / tokenizer of the same hidden size.
-- ``hard_prompt=NAME_OR_TEXT``: a registered text prompt (``cpt_bench.recovery.hard``) or literal text.
+- ``hard_prompt=NAME|text:TEXT|file:PATH``: a registered text prompt, literal text or a UTF-8 file
+  (``cpt_bench.recovery.hard``; a text with commas goes in a file: lm-eval splits model_args on commas).
 - ``lora=DIR``: a LoRA folder (``cpt_bench.recovery.lora``, a PEFT adapter with our ``lora.json``), checked against
   the model like a prompt and applied unmerged on top of the (compressed) model, as plain lm-eval's
   ``hf`` model applies ``peft=DIR`` (which gives the same scores where the model's vocabulary size equals the
@@ -71,6 +72,7 @@ from cpt_bench.models import (
 )
 from cpt_bench.provenance import peak_memory
 from cpt_bench.recovery import RECOVERY_KINDS, RecoveryKind
+from cpt_bench.recovery.hard import TEXT_FORM, HardPromptKind
 from cpt_bench.recovery.kind import Applied
 from cpt_bench.recovery.position import AFTER_BOS, check_position, resolve_position
 
@@ -134,13 +136,17 @@ def _accepted_model_args() -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
-def check_model_args(extra: dict[str, Any]) -> None:
-    """Refuse an unknown model_arg in one line naming it, the closest accepted name and the accepted ones."""
+def check_model_args(extra: dict[str, Any], recovery: dict[str, Any]) -> None:
+    """Refuse an unknown model_arg in one line naming it, the closest accepted name and the accepted ones; after a
+    ``text:`` hard prompt (among ``recovery``), say that lm-eval cut it at a comma."""
     accepted = ACCEPTED_MODEL_ARGS
     for name in extra:
         if name not in accepted:
             close = difflib.get_close_matches(name, accepted, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
+            if str(recovery.get(HardPromptKind.model_arg, "")).startswith(TEXT_FORM):
+                hint += (" (lm-eval splits model_args at commas, also inside a text: hard prompt: quote the value, "
+                         "hard_prompt=\"text:...\", or give it as file:PATH)")
             raise PromptAdapterError(f"unknown model_arg {name!r} for the cpt model{hint}; accepted: "
                                      f"{', '.join(accepted)}")
 
@@ -169,7 +175,7 @@ class CptLM(HFLM):
         # Every argument and file is checked before any weight loads.
         recovery_args = {arg: kwargs.pop(arg) for arg in list(kwargs)  # in the user's order, for messages
                          if arg in RECOVERY_ARGS and kwargs[arg] is not None}
-        check_model_args(kwargs)
+        check_model_args(kwargs, recovery_args)
         chosen = _chosen_recovery(recovery_args, prompt_position)
         allow_cross_model = _as_bool(allow_cross_model, "allow_cross_model")
         prefix_cache = _as_bool(prefix_cache, "prefix_cache")

@@ -72,7 +72,7 @@ from cpt_bench.compress.spec import CalibrationSettings, Spec
 from cpt_bench.corpus import parse_corpus
 from cpt_bench.errors import UserError
 from cpt_bench.recovery.controls import CONTROL_KINDS
-from cpt_bench.recovery.hard import HARD_PROMPTS
+from cpt_bench.recovery.hard import HARD_PROMPTS, TEXT_FORM, HardPromptError, hard_prompt_label, hard_prompt_text
 from cpt_bench.recovery.lora import LoraSettings
 from cpt_bench.recovery.training import OBJECTIVES, SoftPromptConfig
 
@@ -211,15 +211,24 @@ class SoftPrompts:
 
 @dataclass(frozen=True)
 class Prompts:
-    """Prompt kinds besides "none": hard prompts (registered names or literal text), soft prompts and the LoRA
-    adapters trained beside them (None: none)."""
+    """Prompt kinds besides "none": hard prompts, soft prompts and the LoRA adapters trained beside them (None: none).
+
+    ``hard``: each ``NAME``, ``text:TEXT`` or ``file:PATH`` (``cpt_bench.recovery.hard``); a file is read when the
+    config is validated and kept as ``text:`` its content, so that a run folder's config does not depend on it."""
 
     hard: list[str] = field(default_factory=list)
     soft: SoftPrompts = field(default_factory=SoftPrompts)
     lora: LoraSettings | None = None
 
     def __post_init__(self) -> None:
-        _require_distinct("hard", self.hard, [hard_prompt_label(text) for text in self.hard])
+        hard = []
+        for index, prompt in enumerate(self.hard):
+            try:
+                hard.append(prompt if prompt in HARD_PROMPTS else TEXT_FORM + hard_prompt_text(prompt))
+            except HardPromptError as error:
+                raise ConfigError(f"hard[{index}]: {error}") from None
+        _require_distinct("hard", self.hard, [hard_prompt_label(prompt) for prompt in hard])
+        object.__setattr__(self, "hard", hard)
         if self.lora is not None:  # (LoraSettings refuses repeated objectives itself)
             _require_distinct("lora.target_modules", self.lora.target_modules or [])
         if self.lora is not None and not self.soft.sources:
@@ -372,8 +381,3 @@ def _describe(value: Any) -> str:
 
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
-
-
-def hard_prompt_label(name_or_text: str) -> str:
-    """A short id for a hard prompt: its registered name, or ``text<n>`` for literal text (n = its length)."""
-    return name_or_text if name_or_text in HARD_PROMPTS else f"text{len(name_or_text)}"

@@ -22,9 +22,10 @@ from dataclasses import asdict, dataclass, replace
 
 from cpt_bench.compress.spec import Spec
 from cpt_bench.errors import UserError
-from cpt_bench.matrix.config import MatrixConfig, Target, hard_prompt_label
+from cpt_bench.matrix.config import MatrixConfig, Target
 from cpt_bench.recovery import LEARNED_KINDS, RECOVERY_KINDS
 from cpt_bench.recovery.controls import CONTROL_PROMPT_KIND, control_depends_on_seed
+from cpt_bench.recovery.hard import hard_prompt_label
 from cpt_bench.recovery.training import SoftPromptConfig
 
 # Speeds of the embedded model on 2 idle CPU cores, for --dry-run estimates only (README, "Time estimates"). Taken
@@ -68,7 +69,7 @@ class PromptChoice:
     ``control``: ``init`` / ``random`` for an untrained control prompt (no source)."""
 
     kind: str
-    hard: str | None = None  # registered name or literal text
+    hard: str | None = None  # a registered name or text:TEXT (recovery.hard)
     source: str | None = None
     trained_at: str | None = None
     seed: int | None = None

@@ -1,14 +1,25 @@
-"""Text ("hard") prompts by name, and the ``hard`` recovery kind (``hard_prompt=NAME_OR_TEXT``).
+"""Text ("hard") prompts, and the ``hard`` recovery kind (``hard_prompt=PROMPT``).
 
-``hard_prompt_text(x)`` returns the registered text when ``x`` is a name in ``HARD_PROMPTS`` and
-otherwise treats ``x`` itself as the prompt text: any string that is not a registered name is literal
-text, so a typo in a name silently becomes a (short) text prompt; check ``HARD_PROMPTS`` for names.
+A hard prompt is given in one of three forms, in the ``cpt`` adapter's ``hard_prompt`` and a matrix config's
+``prompts.hard`` alike:
+
+- ``NAME``: a registered prompt (``HARD_PROMPTS``); any other bare word is refused, with the closest name, so a
+  misspelt name is an error, never a prompt;
+- ``text:TEXT``: ``TEXT`` itself, verbatim (after the colon, spaces included);
+- ``file:PATH``: the whole content of a UTF-8 text file (its final newline kept, as a registered text ends with one).
+
+lm-eval splits ``--model_args`` on commas (outside quotes), so a ``text:`` prompt with a comma or a quote
+character is given as ``file:PATH``, or as a JSON ``--model_args`` (docs/lm-eval.md).
 """
 
 from __future__ import annotations
 
+import difflib
+from pathlib import Path
+
 import torch
 
+from cpt_bench.assets.model import first_line
 from cpt_bench.errors import UserError
 from cpt_bench.recovery.kind import Applied, RecoveryKind
 
@@ -21,19 +32,51 @@ HARD_PROMPTS: dict[str, str] = {
                    "It is crucial to verify its accuracy and make any necessary adjustments to ensure "
                    "optimal performance.\n"),
 }
+TEXT_FORM = "text:"
+FILE_FORM = "file:"
 
 
 class HardPromptError(UserError):
     """A hard prompt that cannot be used (one-line message)."""
 
 
-def hard_prompt_text(name_or_text: str) -> str:
-    """The text of registered prompt ``name_or_text``, or ``name_or_text`` itself when it is not a name."""
-    text = HARD_PROMPTS.get(name_or_text, name_or_text)
-    if not text:
-        raise HardPromptError("hard prompt is empty: give a name from "
-                              f"{sorted(HARD_PROMPTS)} or the prompt text itself")
+def hard_prompt_text(prompt: str) -> str:
+    """The text a hard prompt gives (``NAME``, ``text:TEXT`` or ``file:PATH``, see the module docstring); refuses an
+    unknown name, an empty text and a missing, unreadable or empty file in one line."""
+    if prompt.startswith(TEXT_FORM):
+        text = prompt[len(TEXT_FORM):]
+        if not text:
+            raise HardPromptError(f"hard prompt {prompt!r} is empty: expected {TEXT_FORM}TEXT with some text")
+        return text
+    if prompt.startswith(FILE_FORM):
+        return _file_text(Path(prompt[len(FILE_FORM):]))
+    if prompt in HARD_PROMPTS:
+        return HARD_PROMPTS[prompt]
+    close = difflib.get_close_matches(prompt, HARD_PROMPTS, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise HardPromptError(f"unknown hard prompt {prompt!r}{hint}; expected a registered name "
+                          f"({', '.join(HARD_PROMPTS)}), {TEXT_FORM}TEXT or {FILE_FORM}PATH")
+
+
+def _file_text(path: Path) -> str:
+    """The content of the UTF-8 text file ``path``, which must exist and hold some text."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise HardPromptError(f"hard prompt file {path} not found; expected {FILE_FORM}PATH of a UTF-8 text "
+                              "file") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise HardPromptError(f"hard prompt file {path} cannot be read as UTF-8 text: {first_line(error)}") from None
+    if not text.strip():
+        raise HardPromptError(f"hard prompt file {path} is empty; expected the prompt's text")
     return text
+
+
+def hard_prompt_label(prompt: str) -> str:
+    """A short id for a hard prompt in cell ids and summaries: its registered name, or ``text<n>`` (n: the text's
+    length in characters) for a ``text:`` or ``file:`` prompt; raises ``HardPromptError`` as ``hard_prompt_text``."""
+    text = hard_prompt_text(prompt)
+    return prompt if prompt in HARD_PROMPTS else f"text{len(text)}"
 
 
 class HardPromptKind(RecoveryKind):

@@ -29,6 +29,7 @@ from cpt_bench.matrix.store import (
     SUMMARY_REQUIRED_KEYS,
 )
 from cpt_bench.recovery import LEARNED_KINDS
+from cpt_bench.recovery.hard import TEXT_FORM
 from cpt_bench.stats import SMALL_DISCORDANT
 
 MISSING = "–"
@@ -213,12 +214,14 @@ def is_untrained(prompt: dict[str, Any]) -> bool:
 
 
 def prompt_label(prompt: dict[str, Any], target: dict[str, Any] | None = None) -> str:
-    """``none``, ``hard:<name>`` or ``<method>:<source>@<trained_at>`` (``soft``, ``soft+kd``, ``lora``, ...), +
-    `` (untrained)`` for one that never beat its initialisation and `` (in-domain)`` for ``target``'s domain."""
+    """``none``, ``hard:<name>`` (``hard:text<n>`` for a text) or ``<method>:<source>@<trained_at>`` (``soft``,
+    ``soft+kd``, ``lora``, ...), + `` (untrained)`` for one that never beat its initialisation and `` (in-domain)``
+    for ``target``'s domain."""
     if prompt["kind"] == "none":
         return "none"
-    if "name" in prompt:  # a hard prompt
-        return f"{prompt['kind']}:{prompt['name']}"
+    if "name" in prompt:  # a hard prompt: its name, or text<n> for text:TEXT (recovery.hard)
+        name = prompt["name"]
+        return f"{prompt['kind']}:{f'text{len(name) - len(TEXT_FORM)}' if name.startswith(TEXT_FORM) else name}"
     if prompt.get("control"):
         return f"{prompt['control']}@{prompt['trained_at']}{seed_suffix(prompt)}"
     label = (f"{method(prompt)}:{prompt['source']}@{prompt['trained_at']}{seed_suffix(prompt)}"
