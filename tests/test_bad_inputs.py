@@ -610,6 +610,19 @@ CASES = [
          r"could not load model '.*no-such-model': expected 'embedded' .*, a model folder or a Hugging Face id"),
     Case("matrix-dry-run-task-unknown", _matrix("--dry-run", targets=[{"task": "cpt_ppl_klingon", "limit": 2}]),
          r"targets\[0\]\.task: unknown task 'cpt_ppl_klingon'"),
+    Case("matrix-dry-run-generative-target", _before_loading(_matrix("--dry-run", targets=[
+        {"task": "cpt_ppl_wikipedia", "limit": 2}, {"task": "cpt_gsm8k_cot", "limit": 2, "metric": "acc"}])),
+         r"^targets\[1\]\.task: 'cpt_gsm8k_cot' is a generative task \(generate_until, reporting "
+         r"exact_match,strict-match, exact_match,flexible-extract\); the matrix does not run generative targets yet: "
+         r"score it with cpt-lm-eval --model cpt$"),
+    Case("matrix-dry-run-metric-not-reported", _before_loading(_matrix("--dry-run", targets=[
+        {"task": "cpt_winogrande", "limit": 2, "metric": "acc_norm"}])),
+         r"^targets\[0\]\.metric: task 'cpt_winogrande' reports no metric 'acc_norm'; expected one of "
+         r"acc$"),
+    Case("matrix-dry-run-metric-of-another-filter", _before_loading(_matrix("--dry-run", targets=[
+        {"task": "cpt_piqa", "limit": 2, "metric": "acc,strict-match"}])),
+         r"^targets\[0\]\.metric: task 'cpt_piqa' reports no metric 'acc,strict-match'; expected one of "
+         r"acc, acc_norm$"),
     Case("matrix-dry-run-prompt-longer-than-context",
          _matrix("--dry-run", prompts={"soft": {"sources": ["wikipedia"], "trained_at": ["rtn-w4g32"],
                                                 "training": {"n_virtual_tokens": 500, "seqlen": 16}}}),

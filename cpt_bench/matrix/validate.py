@@ -3,7 +3,7 @@
 ``validate_plan(plan)`` reads only configs, tokenizers and the (cached) corpora, never weights:
 
 - the model exists and is a causal LM (``assets.model.check_causal_lm``);
-- every target is a known lm-eval task (not a group);
+- every target is a known lm-eval task (not a group, not generative) and reports the target's metric;
 - windows fit the model's context (lm-eval's own ``resolve_max_length``): soft-prompt training windows plus the
   prompt, perplexity windows plus the longest prompt applied, calibration windows;
 - the corpora are long enough: the calibration corpus's train split for one calibration window, each soft-prompt
@@ -49,13 +49,26 @@ def validate_plan(plan: Plan, manager) -> ModelFacts:
 
 
 def check_targets(config: MatrixConfig, manager) -> None:
-    """Refuse unknown task names and groups (a target is one task with one metric)."""
+    """Refuse unknown task names, groups (a target is one task with one metric), generative tasks (the matrix scores
+    loglikelihood requests only; ``cpt-lm-eval`` runs them) and a metric the task does not report."""
+    from cpt_bench.lmeval.tasks import task_metrics
+
     for index, target in enumerate(config.targets):
         if target.task in manager.all_groups:
             raise ConfigError(f"targets[{index}].task: {target.task!r} is a group; list its tasks one by one")
         if target.task not in manager.all_tasks:
             raise ConfigError(f"targets[{index}].task: unknown task {target.task!r}; expected a task in tasks/ "
                               "(e.g. cpt_ppl_wikipedia, cpt_piqa) or an lm-eval built-in task")
+        metrics = task_metrics(manager, target.task)
+        if metrics is None:  # a task defined in Python: its metrics are checked when the cell reads its results
+            continue
+        if metrics.is_generative:
+            raise ConfigError(f"targets[{index}].task: {target.task!r} is a generative task (generate_until, "
+                              f"reporting {', '.join(metrics.names())}); the matrix does not run generative "
+                              "targets yet: score it with cpt-lm-eval --model cpt")
+        if not metrics.accepts(target.metric):
+            raise ConfigError(f"targets[{index}].metric: task {target.task!r} reports no metric {target.metric!r}; "
+                              f"expected one of {', '.join(metrics.names())}")
 
 
 def model_facts(path: str, tokenizer) -> ModelFacts:
