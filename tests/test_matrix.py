@@ -24,6 +24,7 @@ from cpt_bench.matrix.plan import PromptChoice, make_plan, shard_plan
 from cpt_bench.matrix.run import check_prompt_trained, merge_runs, run_matrix
 from cpt_bench.recovery.training import SoftPromptError
 from cpt_bench.report import write_run_report
+from cpt_bench.report.tables import prompt_label
 from tests.compress_helpers import _one_thread  # noqa: F401  (autouse)
 
 TRAINING = {"n_virtual_tokens": 3, "steps": 2, "batch_size": 1, "seqlen": 16, "eval_every": 2, "eval_windows": 2,
@@ -100,6 +101,24 @@ def test_planner_without_transfers_keeps_only_in_domain_prompts_and_drops_unused
     assert soft == {("rtn-w4g32", "soft-wikipedia@rtn-w4g32", "cpt_ppl_wikipedia")}
     assert [p.id for p in plan.soft_prompts] == ["soft-wikipedia@rtn-w4g32"]  # shakespeare's prompt has no cell
     assert len(plan.cells) == 4 * 2 * 2 + 1
+
+
+def test_hard_prompts_by_name_text_and_file(tmp_path):
+    """A name keeps its label; a ``file:`` prompt is read into ``text:`` its content (a run folder's config does not
+    depend on the file) and labelled ``text<n>`` like a ``text:`` one; the same text twice is refused."""
+    path = tmp_path / "prompt.txt"
+    path.write_text("Answer carefully, then check.\n", encoding="utf-8")
+    config = config_from_dict(planning_config() | {"prompts": {"hard": ["paper", f"file:{path}", "text:Go on."]}})
+    assert config.prompts.hard == ["paper", "text:Answer carefully, then check.\n", "text:Go on."]
+    assert [p.id for p in dict.fromkeys(c.prompt for c in make_plan(config).cells) if p.kind == "hard"] == [
+        "hard-paper", "hard-text30", "hard-text6"]
+    assert config_from_dict(config.to_dict()) == config  # what a run folder stores reads back the same
+    assert prompt_label({"kind": "hard", "name": "text:Answer carefully, then check.\n"}) == "hard:text30"
+    assert prompt_label({"kind": "hard", "name": "paper"}) == "hard:paper"
+    with pytest.raises(ConfigError, match=r"^prompts\.hard\[1\]: 'text:Answer carefully, then check\.\\n' repeats "
+                                          r"hard\[0\] 'file:.*prompt\.txt' \(both text30\); expected each once$"):
+        config_from_dict(planning_config() | {"prompts": {"hard": [f"file:{path}", "text:Answer carefully, then "
+                                                                   "check.\n"]}})
 
 
 def test_planner_levels_but_not_types():
