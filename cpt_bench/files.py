@@ -40,7 +40,8 @@ _NO_EXCHANGE_ERRNOS = (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP)
 # The marker of an export whose own format has no place to say it was written by cpt_bench (a PEFT adapter, a
 # GPTQ-format checkpoint, a corpus as text files): a JSON object with the export's ``format`` and its source.
 EXPORT_MARKER = "cpt_bench_export.json"
-_MARKER_READ_BYTES = 1 << 16  # a marker is a small JSON or text file; a larger one is not ours
+_MARKER_JSON_MAX_BYTES = 1 << 24  # a JSON marker (a per-layer record of a large model included) is smaller
+_MARKER_TEXT_HEAD_BYTES = 1 << 16  # a text marker shows its text (a page title) within its first bytes
 _NAMES_SHOWN = 3  # foreign entries named in a refusal
 
 
@@ -71,15 +72,16 @@ class OutputKind:
     def recognises(self, folder: Path) -> bool:
         """Whether ``folder`` holds this kind's marker, with its fields (or its text)."""
         path = Path(folder) / self.marker
+        limit = _MARKER_TEXT_HEAD_BYTES if self.contains is not None else _MARKER_JSON_MAX_BYTES + 1
         try:
             with open(path, "rb") as handle:
-                data = handle.read(_MARKER_READ_BYTES + 1)
+                data = handle.read(limit)
         except OSError:
-            return False
-        if len(data) > _MARKER_READ_BYTES:
             return False
         if self.contains is not None:
             return self.contains.encode("utf-8") in data
+        if len(data) > _MARKER_JSON_MAX_BYTES:
+            return False
         try:
             record = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError):

@@ -196,6 +196,20 @@ def test_a_marker_must_hold_its_kind_fields(tmp_path):
     ensure_replaceable(tmp_path, kind, "--out")
 
 
+def test_large_outputs_of_its_own_are_recognised(tmp_path):
+    """A leaderboard page or report of many runs, or the per-layer record of a large model, runs to megabytes: the
+    size of its own marker never makes a writer refuse to replace it."""
+    page = OutputKind("a page", "page.md", contains="# Title\n")
+    (tmp_path / "page.md").write_text("# Title\n" + "row\n" * 200_000)  # 800 kB, the title first
+    ensure_replaceable(tmp_path, page, "--out")
+    record = OutputKind("a record", "record.json", (("format", "cpt_bench.record/1"),))
+    layers = {f"model.layers.{index}.mlp.down_proj": {"bits": 4, "group_size": 128} for index in range(20_000)}
+    (tmp_path / "page.md").unlink()
+    (tmp_path / "record.json").write_text(json.dumps({"format": "cpt_bench.record/1", "layers": layers}))
+    assert (tmp_path / "record.json").stat().st_size > 1 << 20
+    ensure_replaceable(tmp_path, record, "--out")
+
+
 # --- the leaderboard writes two pages into a results folder that holds other things too -----------------------
 
 def test_leaderboard_refuses_pages_it_did_not_write_and_a_file_as_results(tmp_path, capsys):
