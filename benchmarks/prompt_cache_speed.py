@@ -23,8 +23,8 @@ import torch
 from tabulate import tabulate
 
 
-def _build_prompt(model, tokenizer, name: str, n_tokens: int, folder: Path) -> tuple[Path, Path]:
-    """An untrained prompt folder and its PEFT export."""
+def build_prompt(model, tokenizer, name: str, n_tokens: int, folder: Path) -> tuple[Path, Path]:
+    """An untrained prompt folder and its PEFT export (also used by ``generation_speed.py``)."""
     from cpt_bench.recovery.artifact import export_peft, save_prompt
     from cpt_bench.recovery.soft import initial_prompt
     from cpt_bench.recovery.target import describe_target
@@ -47,7 +47,7 @@ def _variants(args: argparse.Namespace, folder: Path) -> dict:
 
     loaded = load_model(args.model, device=args.device)
     model, tokenizer = loaded.model, loaded.tokenizer
-    prompt, peft = _build_prompt(model, tokenizer, args.model, args.n_tokens, folder)
+    prompt, peft = build_prompt(model, tokenizer, args.model, args.n_tokens, folder)
     common = {"tokenizer": tokenizer, "batch_size": args.batch_size, "device": args.device}
     peft_model = PeftModel.from_pretrained(copy.deepcopy(model), str(peft)).eval()
     unprompted = CptLM(pretrained=model, **common)
