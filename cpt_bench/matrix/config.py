@@ -17,6 +17,7 @@ Example (``configs/default.yaml`` is the full one)::
         controls: [init, random]  # optional: untrained control prompts beside the learned ones
         objectives: [lm, kd]      # optional: one prompt per training objective (default [lm])
       lora: {rank: 4, lr: 0.001}  # optional: a LoRA adapter per soft prompt's (source, level, seed)
+      trivial_prefix: true        # default: the trivial-prefix control at every level on every target
     transfer: {datasets: true, compression_levels: true, compression_types: true}
     targets:
       - {task: cpt_ppl_wikipedia, limit: 8}
@@ -50,6 +51,13 @@ the learned ones, so that the report can say whether a gain is learned recovery 
 A control is evaluated at its own level only (an untrained prompt's transfers say nothing its own-level cells do
 not), on every target that a learned prompt of that level is evaluated on there. Its artifact is a prompt folder
 (``RUN/prompts/<id>``) the ``cpt`` adapter applies like any other (``soft_prompt=DIR``).
+
+The trivial-prefix control (``prompts.trivial_prefix``, default true; ``cpt_bench.recovery.controls``): the model's
+EOS token as a one-token soft prompt, placed where prompts sit, evaluated at every level on every target (id
+``trivial``, one artifact per run: it depends on no level, corpus or seed). A gain that a neutral token before the
+window also gives is not recovery: the summary compares every prompt with it (``vs_trivial``,
+``gap_closed_vs_trivial``) and a run warns when it alone moves the dense model's perplexity by more than the
+standard error. A run folder whose ``config.json`` predates the key ran without it (``store.read_run_config``).
 
 Why our own small validator rather than pydantic: errors must be one line naming the key path
 (``prompts.soft.training.steps``) and what was expected, and the leaf checks (compression grammar,
@@ -214,11 +222,13 @@ class Prompts:
     """Prompt kinds besides "none": hard prompts, soft prompts and the LoRA adapters trained beside them (None: none).
 
     ``hard``: each ``NAME``, ``text:TEXT`` or ``file:PATH`` (``cpt_bench.recovery.hard``); a file is read when the
-    config is validated and kept as ``text:`` its content, so that a run folder's config does not depend on it."""
+    config is validated and kept as ``text:`` its content, so that a run folder's config does not depend on it.
+    ``trivial_prefix``: evaluate the trivial-prefix control (module docstring) beside every prompt."""
 
     hard: list[str] = field(default_factory=list)
     soft: SoftPrompts = field(default_factory=SoftPrompts)
     lora: LoraSettings | None = None
+    trivial_prefix: bool = True
 
     def __post_init__(self) -> None:
         hard = []

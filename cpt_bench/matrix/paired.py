@@ -16,7 +16,11 @@ The summary's comparisons of a cell (``cell_comparisons``), each against a cell 
 - ``vs_in_domain``: a transferred learned prompt or adapter (trained on another corpus, or at another level) against
   the one of its method learned at this level on the target's own corpus (zero-shot targets, which have none: on the
   same corpus), with the same seed;
-- ``gap_closed``: a prompted cell at a compressed level: ``(C - P) / (C - D)`` with its paired-bootstrap CI.
+- ``vs_trivial``: a prompted cell against the trivial-prefix control of its level (``plan.TRIVIAL_PREFIX``);
+- ``gap_closed``: a prompted cell at a compressed level: ``(C - P) / (C - D)`` with its paired-bootstrap CI;
+- ``gap_closed_vs_trivial``: the same with the trivial-prefix control's cells as the baselines, ``(T_C - P) /
+  (T_C - T_D)`` (T_C, T_D: the control at this level and on the dense model): the share of the gap left once both
+  models have a neutral token before the window, i.e. what the prompt adds to any one-token prefix.
 
 A comparison (``comparison``): ``against`` (the other cell's id), ``scale`` (``log_ppl``: the change of log token
 perplexity, this cell minus the other; ``difference``: of the per-item metric), ``estimate``, ``stderr``, ``ci``,
@@ -34,13 +38,14 @@ from typing import Any
 from cpt_bench import stats
 from cpt_bench.errors import UserError
 from cpt_bench.matrix.config import Target
-from cpt_bench.matrix.plan import NO_PROMPT, Cell, Plan, PromptChoice, control_for
+from cpt_bench.matrix.plan import NO_PROMPT, TRIVIAL_PREFIX, Cell, Plan, PromptChoice, control_for
 from cpt_bench.recovery.controls import CONTROL_PROMPT_KIND
 
 HASH_DIGITS = 12
 ALPHA = 0.05
-COMPARISON_KEYS = ("vs_none", "vs_dense", "vs_init", "vs_in_domain")
+COMPARISON_KEYS = ("vs_none", "vs_dense", "vs_init", "vs_in_domain", "vs_trivial")
 GAP_CLOSED_KEY = "gap_closed"
+GAP_CLOSED_VS_TRIVIAL_KEY = "gap_closed_vs_trivial"
 
 
 class PairingError(UserError):
@@ -181,6 +186,8 @@ def _counterparts(plan: Plan, cell: Cell) -> dict[str, tuple[str, PromptChoice]]
     reference = _in_domain_reference(cell)
     if reference is not None:
         found["vs_in_domain"] = (cell.compression, reference)
+    if cell.prompt not in (NO_PROMPT, TRIVIAL_PREFIX):
+        found["vs_trivial"] = (cell.compression, TRIVIAL_PREFIX)
     return found
 
 
@@ -198,11 +205,13 @@ def cell_comparisons(plan: Plan, records: dict[str, dict[str, Any]]) -> dict[str
         for key, (compression, prompt) in _counterparts(plan, cell).items():
             if (other := index.get((compression, prompt, task))) is not None:
                 block[key] = comparison(examples[other], mine, other)
-        compressed, dense = index.get((cell.compression, NO_PROMPT, task)), index.get(("dense", NO_PROMPT, task))
-        if cell.prompt != NO_PROMPT and cell.compression != "dense" and compressed and dense:
-            gap = gap_closed(examples[compressed], mine, examples[dense])
-            if gap is not None:
-                block[GAP_CLOSED_KEY] = gap
+        if cell.prompt != NO_PROMPT and cell.compression != "dense":
+            for key, baseline in ((GAP_CLOSED_KEY, NO_PROMPT), (GAP_CLOSED_VS_TRIVIAL_KEY, TRIVIAL_PREFIX)):
+                compressed, dense = index.get((cell.compression, baseline, task)), index.get(("dense", baseline, task))
+                if cell.prompt != baseline and compressed and dense:
+                    gap = gap_closed(examples[compressed], mine, examples[dense])
+                    if gap is not None:
+                        block[key] = gap
         if block:
             found[cell.id] = block
     return found

@@ -12,7 +12,10 @@ target T:
   when the transfer it makes is enabled: ``datasets`` (S is not T's corpus; zero-shot targets have no
   corpus, so every soft prompt transfers to them), ``compression_levels`` (C' != C, same family) and
   ``compression_types`` (another family; dense is its own family);
-- a control prompt of level C' only at C == C', on the targets that some learned prompt of C' is kept on at C'.
+- a control prompt of level C' only at C == C', on the targets that some learned prompt of C' is kept on at C';
+- the trivial-prefix control (``TRIVIAL_PREFIX``, unless ``prompts.trivial_prefix`` is false) at every level on
+  every target: one artifact of no level (written from the dense model's embedding layer, which compression leaves
+  alone), applied everywhere.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from cpt_bench.compress.spec import Spec
 from cpt_bench.errors import UserError
 from cpt_bench.matrix.config import MatrixConfig, Target
 from cpt_bench.recovery import LEARNED_KINDS, RECOVERY_KINDS
-from cpt_bench.recovery.controls import CONTROL_PROMPT_KIND, control_depends_on_seed
+from cpt_bench.recovery.controls import CONTROL_PROMPT_KIND, TRIVIAL, control_depends_on_seed
 from cpt_bench.recovery.hard import hard_prompt_label
 from cpt_bench.recovery.training import SoftPromptConfig
 
@@ -66,7 +69,8 @@ class PromptChoice:
     ...; a LoRA adapter is applied like a prompt); ``hard``: a hard prompt's name or text; learned kinds name their
     level and, unless they are controls, their source and ``objective``.
     ``seed``: the training seed, set only when the config trains several (it is then part of the id);
-    ``control``: ``init`` / ``random`` for an untrained control prompt (no source)."""
+    ``control``: ``init`` / ``random`` for an untrained control prompt (no source), ``trivial`` for the
+    trivial-prefix control (no source, no level: its id is ``trivial``)."""
 
     kind: str
     hard: str | None = None  # a registered name or text:TEXT (recovery.hard)
@@ -82,7 +86,7 @@ class PromptChoice:
         if self.hard is not None:
             return f"{self.kind}-{hard_prompt_label(self.hard)}"
         if self.control:
-            return f"{self.control}@{self.trained_at}{suffix}"
+            return self.control if self.trained_at is None else f"{self.control}@{self.trained_at}{suffix}"
         if self.kind in LEARNED_KINDS:
             return f"{self.method}-{self.source}@{self.trained_at}{suffix}"
         return "none"
@@ -99,6 +103,7 @@ class PromptChoice:
 
 
 NO_PROMPT = PromptChoice("none")
+TRIVIAL_PREFIX = PromptChoice(CONTROL_PROMPT_KIND, control=TRIVIAL)  # the trivial-prefix control, of every level
 
 
 @dataclass(frozen=True)
@@ -203,6 +208,10 @@ def make_plan(config: MatrixConfig) -> Plan:
                 and cell.prompt.trained_at == control.trained_at}
         cells += [Cell(control.trained_at, control, target, None, "same") for target in config.targets
                   if target in kept]
+    if config.prompts.trivial_prefix:
+        controls += (TRIVIAL_PREFIX,)
+        cells += [Cell(spec, TRIVIAL_PREFIX, target, None, None) for spec in config.compression.specs
+                  for target in config.targets]
     order = {spec: index for index, spec in enumerate(config.compression.specs)}
     cells.sort(key=lambda cell: order[cell.compression])  # stable: within a level, prompts then targets in order
     return _with_artifacts(config, tuple(cells), learned + controls)
@@ -211,7 +220,7 @@ def make_plan(config: MatrixConfig) -> Plan:
 def _with_artifacts(config: MatrixConfig, cells: tuple[Cell, ...], soft_prompts: tuple[PromptChoice, ...]) -> Plan:
     """A plan for ``cells`` with only the prompts they apply and the checkpoints those cells and prompts need."""
     used_prompts = tuple(p for p in soft_prompts if any(cell.prompt == p for cell in cells))
-    needed = {cell.compression for cell in cells} | {p.trained_at for p in used_prompts}
+    needed = {cell.compression for cell in cells} | {p.trained_at for p in used_prompts}  # (None: of no level)
     compressed = tuple(spec for spec in config.compression.specs if spec in needed and spec != "dense")
     return Plan(config, cells, compressed, used_prompts)
 

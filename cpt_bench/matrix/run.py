@@ -406,7 +406,9 @@ def _run_cells(plan: Plan, run_dir: Path, executor) -> None:
 
 
 def finish(run_dir: Path, plan: Plan) -> Path | None:
-    """Write ``summary.json`` if every cell of ``plan`` is in ``run_dir``; returns its path (None: cells missing)."""
+    """Write ``summary.json`` if every cell of ``plan`` is in ``run_dir``; returns its path (None: cells missing).
+    Warns once, with the figures, where the trivial-prefix control alone moves the dense model's perplexity by more
+    than its standard error (``store.trivial_prefix_warnings``)."""
     cells = store.read_cells(run_dir)
     missing = [cell.id for cell in plan.cells if cell.id not in cells]
     if missing:
@@ -415,6 +417,9 @@ def finish(run_dir: Path, plan: Plan) -> Path | None:
     summary = store.summarise(plan, cells, store.read_sessions(run_dir))
     path = run_dir / store.SUMMARY_FILE
     write_json_atomic(path, summary)
+    if warnings := store.trivial_prefix_warnings(summary):
+        log.warning("trivial-prefix control: %s; part of every prompt's gain there is a neutral token before the "
+                    "window, not recovery (README, 'Prompt gains that are not recovery')", "; ".join(warnings))
     return path
 
 
@@ -424,4 +429,4 @@ def merge_runs(out: Path, inputs: list[Path]) -> Path | None:
     out.mkdir(parents=True, exist_ok=True)
     with RunLock(out):
         store.merge(out, inputs)
-        return finish(out, make_plan(load_config(out / "config.yaml")))
+        return finish(out, make_plan(store.read_run_config(out)))

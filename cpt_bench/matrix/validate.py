@@ -5,7 +5,8 @@
 - the model exists and is a causal LM (``assets.model.check_causal_lm``);
 - every target is a known lm-eval task (not a group, not generative) and reports the target's metric;
 - windows fit the model's context (lm-eval's own ``resolve_max_length``): soft-prompt training windows plus the
-  prompt, perplexity windows plus the longest prompt applied, calibration windows;
+  prompt (when something is trained: controls are not), perplexity windows plus the longest prompt applied,
+  calibration windows;
 - the corpora are long enough: the calibration corpus's train split for one calibration window, each soft-prompt
   source's train and validation splits for one training window, each perplexity target's test split for one
   window.
@@ -93,6 +94,8 @@ def _longest_prompt_tokens(config: MatrixConfig, tokenizer) -> int:
                for text in config.prompts.hard]
     if config.prompts.soft.sources:
         lengths.append(config.prompts.soft.training.n_virtual_tokens)
+    if config.prompts.trivial_prefix:
+        lengths.append(1)  # the trivial-prefix control
     return max(lengths, default=0)
 
 
@@ -101,7 +104,7 @@ def _check_windows(plan: Plan, tokenizer, context: int) -> None:
 
     config = plan.config
     training = config.prompts.soft.training
-    if plan.soft_prompts:
+    if any(prompt.is_learned for prompt in plan.soft_prompts):  # controls are written, not trained
         check_fits_context(training.n_virtual_tokens + training.seqlen, f"prompts.soft.training n_virtual_tokens "
                            f"{training.n_virtual_tokens} + seqlen {training.seqlen}", config.model, context)
     prompt = _longest_prompt_tokens(config, tokenizer)

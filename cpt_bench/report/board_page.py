@@ -35,8 +35,8 @@ KIND_COLOURS = {name: kind.colour for name, kind in RECOVERY_KINDS.items()}
 MODEL_MARKERS = ("", " ring", " ring dashed")
 _WIDTH, _HEIGHT = 460, 334
 _LEFT, _RIGHT, _TOP, _BOTTOM = 62, 16, 42, 46
-_NUMERIC = {"rank", "value ± stderr", "Δ vs dense", "gap closed", "stored MB", "ratio to dense", "resident MiB",
-            "peak MiB"}
+_NUMERIC = {"rank", "value ± stderr", "Δ vs dense", "gap closed", "gap closed vs trivial", "stored MB",
+            "ratio to dense", "resident MiB", "peak MiB"}
 
 _STYLE = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.5em 2em;color:#222;background:#fafafa}
@@ -128,7 +128,9 @@ def _sort_keys(column: Column, row: Row, rank: int) -> dict[str, str]:
         return "" if value is None else repr(float(value))
 
     return {"rank": str(rank), "value ± stderr": number(row.cell["value"]), "Δ vs dense": number(row.cell.get("delta")),
-            "gap closed": number(row.gap_closed if row.gap_resolved else None), "stored MB": number(row.stored_mb),
+            "gap closed": number(row.gap_closed if row.gap_resolved else None),
+            "gap closed vs trivial": number(row.gap_closed_vs_trivial if row.trivial_gap_resolved else None),
+            "stored MB": number(row.stored_mb),
             "ratio to dense": number(row.compression["ratio_to_dense"]), "resident MiB": number(row.resident_mib),
             "peak MiB": number(row.peak_mib)}
 
