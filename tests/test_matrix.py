@@ -79,12 +79,12 @@ def planning_config(**transfer) -> dict:
 def test_planner_expands_every_cell_and_shares_artifacts():
     plan = make_plan(config_from_dict(planning_config()))
     specs = ["dense", "rtn-w4g32", "rtn-w3g32", "magnitude-50"]
-    prompts = ["none", "hard-paper", "soft-wikipedia@rtn-w4g32", "soft-shakespeare@rtn-w4g32"]
+    prompts = ["none", "hard-paper", "soft-wikipedia@rtn-w4g32", "soft-shakespeare@rtn-w4g32", "trivial"]
     tasks = ["cpt_ppl_wikipedia", "cpt_piqa"]
     assert ids(plan) == {(s, p, t) for s in specs for p in prompts for t in tasks}
-    assert len(plan.cells) == 32 and len(plan.groups()) == 16
+    assert len(plan.cells) == 40 and len(plan.groups()) == 20
     assert plan.compressed == ("rtn-w4g32", "rtn-w3g32", "magnitude-50")
-    assert [p.id for p in plan.soft_prompts] == ["soft-wikipedia@rtn-w4g32", "soft-shakespeare@rtn-w4g32"]
+    assert [p.id for p in plan.soft_prompts] == ["soft-wikipedia@rtn-w4g32", "soft-shakespeare@rtn-w4g32", "trivial"]
     relations = {(c.compression, c.prompt.id, c.target.task): (c.dataset_relation, c.compression_relation)
                  for c in plan.cells}
     assert relations["rtn-w4g32", "soft-wikipedia@rtn-w4g32", "cpt_ppl_wikipedia"] == ("in-domain", "same")
@@ -92,15 +92,34 @@ def test_planner_expands_every_cell_and_shares_artifacts():
     assert relations["magnitude-50", "soft-shakespeare@rtn-w4g32", "cpt_ppl_wikipedia"] == ("cross-dataset",
                                                                                               "cross-type")
     assert relations["dense", "none", "cpt_piqa"] == (None, None)
+    assert relations["magnitude-50", "trivial", "cpt_piqa"] == (None, None)
+
+
+def test_trivial_prefix_control_is_planned_by_default_at_every_level_and_can_be_turned_off():
+    """The trivial-prefix control: one artifact of no level (the EOS token, written from the dense model), applied
+    at every level on every target, with or without other prompts; ``prompts.trivial_prefix: false`` drops it."""
+    unprompted = {"name": "bare", "compression": {"specs": ["dense", "rtn-w4g32"]},
+                  "targets": [{"task": "cpt_ppl_wikipedia", "limit": 4}, {"task": "cpt_piqa", "limit": 10}]}
+    plan = make_plan(config_from_dict(unprompted))
+    assert ids(plan) == {(s, p, t) for s in ("dense", "rtn-w4g32") for p in ("none", "trivial")
+                         for t in ("cpt_ppl_wikipedia", "cpt_piqa")}
+    (trivial,) = plan.soft_prompts
+    assert (trivial.kind, trivial.control, trivial.trained_at, trivial.is_learned) == ("soft", "trivial", None, False)
+    assert plan.compressed == ("rtn-w4g32",)  # the control needs no checkpoint of its own
+    off = config_from_dict(unprompted | {"prompts": {"trivial_prefix": False}})
+    assert {p for _, p, _ in ids(make_plan(off))} == {"none"} and not make_plan(off).soft_prompts
+    shipped = make_plan(load_config(Path(__file__).parents[1] / "configs" / "default.yaml"))
+    assert {(c.compression, c.target.task) for c in shipped.cells if c.prompt.id == "trivial"} == {
+        (spec, target.task) for spec in shipped.config.compression.specs for target in shipped.config.targets}
 
 
 def test_planner_without_transfers_keeps_only_in_domain_prompts_and_drops_unused_artifacts():
     config = config_from_dict(planning_config(datasets=False, compression_levels=False, compression_types=False))
     plan = make_plan(config)
-    soft = {(c.compression, c.prompt.id, c.target.task) for c in plan.cells if c.prompt.kind == "soft"}
+    soft = {(c.compression, c.prompt.id, c.target.task) for c in plan.cells if c.prompt.is_learned}
     assert soft == {("rtn-w4g32", "soft-wikipedia@rtn-w4g32", "cpt_ppl_wikipedia")}
-    assert [p.id for p in plan.soft_prompts] == ["soft-wikipedia@rtn-w4g32"]  # shakespeare's prompt has no cell
-    assert len(plan.cells) == 4 * 2 * 2 + 1
+    assert [p.id for p in plan.soft_prompts] == ["soft-wikipedia@rtn-w4g32", "trivial"]  # shakespeare's: no cell
+    assert len(plan.cells) == 4 * 3 * 2 + 1  # (none, hard, trivial) everywhere, the soft prompt in-domain
 
 
 def test_hard_prompts_by_name_text_and_file(tmp_path):
@@ -123,7 +142,7 @@ def test_hard_prompts_by_name_text_and_file(tmp_path):
 
 def test_planner_levels_but_not_types():
     plan = make_plan(config_from_dict(planning_config(compression_types=False)))
-    soft_levels = {c.compression for c in plan.cells if c.prompt.kind == "soft"}
+    soft_levels = {c.compression for c in plan.cells if c.prompt.is_learned}
     assert soft_levels == {"rtn-w4g32", "rtn-w3g32"}  # not dense, not magnitude (other families)
 
 
@@ -136,7 +155,7 @@ def test_shards_are_disjoint_whole_groups_covering_the_plan():
         for key in shard.groups():
             assert shard.groups()[key] == plan.groups()[key]
         needed = {c.compression for c in shard.cells} | {p.trained_at for p in shard.soft_prompts}
-        assert set(shard.compressed) == needed - {"dense"}
+        assert set(shard.compressed) == needed - {"dense", None}  # None: the trivial control's (no level)
 
 
 def test_shipped_configs_validate_and_plan(capsys):
@@ -146,7 +165,7 @@ def test_shipped_configs_validate_and_plan(capsys):
         assert make_plan(load_config(path)).cells
     assert main(["matrix", str(Path(__file__).parents[1] / "configs" / "default.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "48 cells in 16 (compression, prompt) groups" in out and "estimated time" in out
+    assert "60 cells in 20 (compression, prompt) groups" in out and "estimated time" in out
 
 
 def test_dry_run_estimate_scales_with_the_models_size():
