@@ -17,7 +17,7 @@ Example (``configs/default.yaml`` is the full one)::
         controls: [init, random]  # optional: untrained control prompts beside the learned ones
         objectives: [lm, kd]      # optional: one prompt per training objective (default [lm])
       lora: {rank: 4, lr: 0.001}  # optional: a LoRA adapter per soft prompt's (source, level, seed)
-      trivial_prefix: true        # default: the trivial-prefix control at every level on every target
+      trivial_prefix: true        # default: the trivial-prefix control beside the prompts, every level and target
     transfer: {datasets: true, compression_levels: true, compression_types: true}
     targets:
       - {task: cpt_ppl_wikipedia, limit: 8}
@@ -53,7 +53,8 @@ not), on every target that a learned prompt of that level is evaluated on there.
 (``RUN/prompts/<id>``) the ``cpt`` adapter applies like any other (``soft_prompt=DIR``).
 
 The trivial-prefix control (``prompts.trivial_prefix``, default true; ``cpt_bench.recovery.controls``): the model's
-EOS token as a one-token soft prompt, placed where prompts sit, evaluated at every level on every target (id
+EOS token as a one-token soft prompt, placed where prompts sit, evaluated in a config with any prompt (hard, soft
+or LoRA) at every level on every target (id
 ``trivial``, one artifact per run: it depends on no level, corpus or seed). A gain that a neutral token before the
 window also gives is not recovery: the summary compares every prompt with it (``vs_trivial``,
 ``gap_closed_vs_trivial``) and a run warns when it alone moves the dense model's perplexity by more than the

@@ -13,9 +13,9 @@ target T:
   corpus, so every soft prompt transfers to them), ``compression_levels`` (C' != C, same family) and
   ``compression_types`` (another family; dense is its own family);
 - a control prompt of level C' only at C == C', on the targets that some learned prompt of C' is kept on at C';
-- the trivial-prefix control (``TRIVIAL_PREFIX``, unless ``prompts.trivial_prefix`` is false) at every level on
-  every target: one artifact of no level (written from the dense model's embedding layer, which compression leaves
-  alone), applied everywhere.
+- the trivial-prefix control (``TRIVIAL_PREFIX``, unless ``prompts.trivial_prefix`` is false), when the config
+  has any prompt besides ``none``, at every level on every target: one artifact of no level (written from the
+  dense model's embedding layer, which compression leaves alone), applied everywhere.
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ def make_plan(config: MatrixConfig) -> Plan:
                 and cell.prompt.trained_at == control.trained_at}
         cells += [Cell(control.trained_at, control, target, None, "same") for target in config.targets
                   if target in kept]
-    if config.prompts.trivial_prefix:
+    if config.prompts.trivial_prefix and len(prompts) > 1:  # beside some prompt: a run of none alone has no use
         controls += (TRIVIAL_PREFIX,)
         cells += [Cell(spec, TRIVIAL_PREFIX, target, None, None) for spec in config.compression.specs
                   for target in config.targets]
