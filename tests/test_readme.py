@@ -36,10 +36,10 @@ PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]  # every pag
 BIN = Path(sys.executable).parent
 FENCE = re.compile(r"^```bash\n(.*?)^```", re.MULTILINE | re.DOTALL)
 COMMAND_TIMEOUT_S = 1200
-GEMMA_CONFIG, GEMMA_CELLS = "configs/tiny-gemma3.yaml", 12  # the tiny config on gemma3-270m
+GEMMA_CONFIG, GEMMA_CELLS = "configs/tiny-gemma3.yaml", 16  # the tiny config on gemma3-270m
 OWN_DATA_CONFIG = "configs/own-data-small.yaml"  # configs/own-data.yaml with 2 steps, 64-token windows, 2 windows
-TINY_CONFIG, TINY_CELLS = "configs/tiny.yaml", 12  # 2 levels x (none, hard, soft) x 2 targets
-UNPROMPTED_CONFIG, UNPROMPTED_CELLS = "configs/tiny-unprompted.yaml", 2  # 2 levels x no prompt x 1 target
+TINY_CONFIG, TINY_CELLS = "configs/tiny.yaml", 16  # 2 levels x (none, hard, soft, trivial control) x 2 targets
+UNPROMPTED_CONFIG, UNPROMPTED_CELLS = "configs/tiny-unprompted.yaml", 2  # 2 levels x no prompt (so no control) x 1
 RAY_RELATIVE_TOLERANCE = 0.02  # Ray workers run 1 thread, the local runner 2: float reductions differ slightly
 
 
@@ -143,7 +143,7 @@ def check_run(ran: Ran, run: str, n_cells: int) -> dict[str, dict]:
 
 
 def check_dry_run(ran: Ran) -> None:
-    assert re.search(r"matrix 'default': model embedded \(.*\), 48 cells", ran.stdout), ran.stdout  # "= 48 cells"
+    assert re.search(r"matrix 'default': model embedded \(.*\), 60 cells", ran.stdout), ran.stdout  # "60 cells"
     assert "artifacts:" in ran.stdout and "estimated time" in ran.stdout
     assert not (ran.root / "runs" / "default").exists()
 
@@ -251,7 +251,7 @@ def check_own_perplexity(ran: Ran) -> None:
 
 def check_own_matrix(ran: Ran) -> None:
     assert re.search(r"run folder \S*runs/own-data: summary", ran.stdout), ran.stdout
-    assert len(read_cells(ran.root / "runs/own-data")) == 8
+    assert len(read_cells(ran.root / "runs/own-data")) == 12  # docs/own-data.md: 8 + the trivial control's 4
 
 
 def check_compare(ran: Ran) -> None:
@@ -510,7 +510,7 @@ def test_readme_commands_join_continuations_and_drop_duplicates():
 def tiny_config() -> dict:
     """configs/default.yaml made small: dense and gptq-w4g64 calibrated as the compress small form (so they share
     its cached checkpoint), the paper's hard prompt, one soft prompt trained for 2 steps, 2 Wikipedia windows of
-    64 tokens and 2 PIQA items: 2 levels x 3 prompts x 2 targets = 12 cells."""
+    64 tokens and 2 PIQA items: 2 levels x 4 prompts (the trivial-prefix control included) x 2 targets = 16 cells."""
     config = yaml.safe_load((REPO / "configs" / "default.yaml").read_text(encoding="utf-8"))
     calibration = {**config["compression"]["calibration"], "n_windows": 2, "seqlen": 64}
     targets = [{"task": "cpt_ppl_wikipedia", "limit": 2}, {"task": "cpt_piqa", "limit": 2, "metric": "acc"}]
@@ -530,7 +530,7 @@ def unprompted_config() -> dict:
 
 
 def gemma_config() -> dict:
-    """The tiny config on the second embedded model (configs/default-gemma3.yaml's model): 12 cells."""
+    """The tiny config on the second embedded model (configs/default-gemma3.yaml's model): 16 cells."""
     config = tiny_config()
     config.update(name="tiny-gemma3", model="gemma3-270m")
     return config
