@@ -419,7 +419,7 @@ def finish(run_dir: Path, plan: Plan) -> Path | None:
     write_json_atomic(path, summary)
     if warnings := store.trivial_prefix_warnings(summary):
         log.warning("trivial-prefix control: %s; part of every prompt's gain there is a neutral token before the "
-                    "window, not recovery (README, 'Prompt gains that are not recovery')", "; ".join(warnings))
+                    "window, not recovery (docs/recovery.md, 'The trivial-prefix control')", "; ".join(warnings))
     return path
 
 
