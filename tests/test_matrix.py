@@ -509,7 +509,12 @@ def test_a_run_folder_from_before_a_new_setting_still_resumes(untrained_run, mat
     stored = json.loads((old / "config.json").read_text())
     for key in ("require_improvement", "seeds", "controls"):  # as written before the settings existed
         del stored["prompts"]["soft"][key]
+    del stored["prompts"]["trivial_prefix"]
     (old / "config.json").write_text(json.dumps(stored))
+    shutil.rmtree(old / "prompts" / "trivial")  # and before the trivial-prefix control
+    for path in (old / "cells").glob("*__trivial__*.json"):
+        path.unlink()
+    assert store.read_run_config(old).prompts.trivial_prefix is False  # as it ran
     soft_cell = f"dense__{UNTRAINED_PROMPT}__cpt_ppl_wikipedia"
     record = store.read_cells(old)[soft_cell]
     del record["examples"], record["cell"]["prompt_choice"]["seed"], record["cell"]["prompt_choice"]["control"]
@@ -519,3 +524,5 @@ def test_a_run_folder_from_before_a_new_setting_still_resumes(untrained_run, mat
     assert run_matrix(config, old, resume=True) == old and (old / "summary.json").is_file()
     cells = {cell["id"]: cell for cell in json.loads((old / "summary.json").read_text())["cells"]}
     assert "vs_none" not in cells[soft_cell] and "vs_dense" not in cells[soft_cell]  # nothing to pair it with
+    # resumed, a run from before the trivial-prefix control gains its cells, and its config.json records it
+    assert "dense__trivial__cpt_ppl_wikipedia" in cells and store.read_run_config(old).prompts.trivial_prefix
