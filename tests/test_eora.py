@@ -16,11 +16,21 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cpt_bench.compress.checkpoints import compress_to_folder, load_checkpoint
 from cpt_bench.compress.cli_commands import add_compress_parser
-from cpt_bench.compress.eora import Compensator, EoraError, eigenspace, fit, plain_svd
+from cpt_bench.compress.eora import (
+    SIGNATURE_TOLERANCE,
+    Compensator,
+    EoraError,
+    eigenspace,
+    fit,
+    plain_svd,
+    signature_mismatch,
+    weight_signature,
+)
 from cpt_bench.compress.gptq import Hessian, output_error
 from cpt_bench.compress.layers import compressible_linears, state_weight, weight_of
-from cpt_bench.compress.sequential import compensate_model, compress_model
+from cpt_bench.compress.sequential import compensate_model, compress_linear, compress_model
 from cpt_bench.compress.spec import CalibrationSettings, Spec
+from cpt_bench.compress.storage import StorageError
 from cpt_bench.files import OutputPathError
 from cpt_bench.lmeval.adapter import CptLM
 from cpt_bench.recovery.eora import EoraArtifactError, read_eora
@@ -231,6 +241,28 @@ def test_an_eora_folder_scores_identically_in_plain_lm_eval_and_through_cpt(tiny
     assert info["stored_bytes"] == meta["eora"]["memory"]["adapter_bytes"]
     assert memory["adapter_bytes"] == 2 * info["stored_bytes"]  # resident in the model's fp32
     assert as_lora.prompt_info["kind"] == "lora"
+    # eora= refuses the model without the checkpoint it was fitted on, or with another compression of it
+    for other in ({}, {"compression": "rtn-w4g32"}):
+        with pytest.raises(EoraArtifactError, match=f"fitted on checkpoint {checkpoint.resolve()} \\(rtn-w2g32\\)"):
+            CptLM(pretrained=str(tiny_model_dir), eora=str(folder), **other, **common)
+
+
+def test_the_signature_tells_the_fitted_compression_from_another_but_not_from_16_bit_storage():
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, 96, generator=generator)
+    three_bit = Spec.parse("rtn-w3g32")
+    fitted = compress_model_weight(weight, three_bit)
+    signature = weight_signature("layer", fitted)
+    assert signature_mismatch(signature, fitted) is None
+    assert signature_mismatch(signature, fitted.bfloat16()) is None
+    assert signature_mismatch(signature, fitted.half()) is None
+    assert signature_mismatch(signature, compress_model_weight(weight, Spec.parse("rtn-w4g32"))) > SIGNATURE_TOLERANCE
+    assert signature_mismatch(signature, weight) > SIGNATURE_TOLERANCE
+    assert signature_mismatch(signature, fitted[:10]) == float("inf")
+
+
+def compress_model_weight(weight: torch.Tensor, spec: Spec) -> torch.Tensor:
+    return compress_linear(weight, spec, None, SETTINGS).weight()
 
 
 def test_bad_eora_inputs_are_refused_in_one_line(tiny_model_dir, cache, tmp_path):
@@ -251,12 +283,15 @@ def test_bad_eora_inputs_are_refused_in_one_line(tiny_model_dir, cache, tmp_path
     (foreign / "notes.txt").write_text("mine")
     cases.append((base + ["--out", str(tmp_path / "c"), "--eora-rank", "4", "--eora-out", str(foreign)],
                   OutputPathError, "--eora-out"))
+    cases.append((["eora", str(foreign), "--rank", "4", "--out", str(tmp_path / "e")], StorageError,
+                  "compression.json"))
+    cases.append((["eora", str(foreign), "--rank", "0", "--out", str(tmp_path / "e")], EoraError, "--rank"))
     for argv, error, message in cases:
         args = _parse(argv)
         with pytest.raises(error, match=message) as caught:
             args.run(args)
         assert "\n" not in str(caught.value)
-    assert not (tmp_path / "c").exists()  # refused before compressing
+    assert not (tmp_path / "c").exists() and not (tmp_path / "e").exists()  # refused before any work
     # a LoRA folder that is not an EoRA adapter, and an empty eora=
     lora = tmp_path / "lora"
     lora.mkdir()

@@ -99,16 +99,41 @@ class EoraFit:
 
     ``adapters``: module name -> ``(A [rank, in], B [out, rank])`` float32 on the CPU, in the order fitted;
     ``errors``: module name -> ``{"none", "svd", "eora"}``, the output error (``gptq.output_error``) of ``Ŵ``, of
-    ``Ŵ`` plus the plain rank-``rank`` SVD of ``dW`` and of ``Ŵ + B A``; ``seconds``: time spent fitting."""
+    ``Ŵ`` plus the plain rank-``rank`` SVD of ``dW`` and of ``Ŵ + B A``; ``seconds``: time spent fitting;
+    ``signature``: the first Linear's ``weight_signature`` of ``Ŵ`` (what the correction was fitted on)."""
 
     rank: int
     adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     errors: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: float = 0.0
+    signature: dict | None = None
 
     def totals(self) -> dict[str, float]:
         """The output errors summed over Linears, per correction (``none``, ``svd``, ``eora``)."""
         return {key: sum(errors[key] for errors in self.errors.values()) for key in ("none", "svd", "eora")}
+
+
+SIGNATURE_TOLERANCE = 0.02  # x sqrt(in) x rms(Ŵ): 16-bit storage moves a row sum far less, another compression more
+
+
+def weight_signature(name: str, weight: torch.Tensor) -> dict:
+    """What identifies a compressed weight ``[out, in]`` up to 16-bit storage: its row sums (float64) and their
+    scale ``sqrt(in) * rms(weight)`` (a row sum of another compression differs by about that times its relative
+    error, far more than ``SIGNATURE_TOLERANCE`` of it at 2-4 bits)."""
+    w = weight.detach().double()
+    return {"module": name, "row_sums": w.sum(1).cpu().tolist(),
+            "scale": float(w.pow(2).mean().sqrt() * w.shape[1] ** 0.5)}
+
+
+def signature_mismatch(signature: dict, weight: torch.Tensor) -> float | None:
+    """The largest row-sum difference of ``weight`` from ``signature`` in units of its scale when it exceeds
+    ``SIGNATURE_TOLERANCE`` (or the shapes differ: ``inf``); None when ``weight`` is the signed one."""
+    sums = weight.detach().double().sum(1).cpu()
+    expected = torch.tensor(signature["row_sums"], dtype=torch.float64)
+    if sums.shape != expected.shape:
+        return float("inf")
+    worst = float((sums - expected).abs().max()) / max(signature["scale"], 1e-30)
+    return worst if worst > SIGNATURE_TOLERANCE else None
 
 
 class Compensator:
@@ -135,5 +160,7 @@ class Compensator:
                                  "svd": output_error(original, compressed.float() + svd_b @ svd_a, hessian),
                                  "eora": output_error(original, corrected, hessian)}
         self.fit.adapters[name] = (a.cpu(), b.cpu())
+        if self.fit.signature is None:
+            self.fit.signature = weight_signature(name, compressed)
         self.fit.seconds += time.perf_counter() - started
         return corrected.to(compressed.dtype)

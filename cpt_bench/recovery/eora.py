@@ -29,7 +29,8 @@ from safetensors.torch import save as save_safetensors
 from tabulate import tabulate
 from transformers.pytorch_utils import Conv1D
 
-from cpt_bench.compress.eora import EoraFit
+from cpt_bench.compress.eora import EoraFit, signature_mismatch
+from cpt_bench.compress.layers import weight_of
 from cpt_bench.compress.storage import WEIGHTS_FILE
 from cpt_bench.files import OutputKind, json_bytes, replacing_folder, write_files_atomic
 from cpt_bench.provenance import environment_record
@@ -48,6 +49,7 @@ from cpt_bench.recovery.lora import (
 METHOD = "eora"
 EORA_KIND = OutputKind("an EoRA adapter", METADATA, (("format", FORMAT), ("method", METHOD)))
 _STORED_DTYPE = torch.float16
+REQUIRED_RECORD = ("rank", "checkpoint", "signature", "memory", "output_error")
 
 
 class EoraArtifactError(LoraError):
@@ -111,7 +113,7 @@ def save_eora(out: Path, fit: EoraFit, model: torch.nn.Module, target: dict[str,
     data = save_safetensors(tensors)
     adapter_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     memory = memory_account(fit, adapter_bytes, checkpoint["memory"])
-    record = {"rank": fit.rank, "base_model": checkpoint.get("base_model"),
+    record = {"rank": fit.rank, "base_model": checkpoint.get("base_model"), "signature": fit.signature,
               "checkpoint": {key: checkpoint[key] for key in ("path", "spec", "sha256")}, "calibration": calibration,
               "seconds": fit.seconds, "output_error": {"unit": "mean over calibration tokens of ||(W - W') x||^2",
                                                        "total": fit.totals(), "layers": fit.errors},
@@ -128,6 +130,21 @@ def save_eora(out: Path, fit: EoraFit, model: torch.nn.Module, target: dict[str,
     return out
 
 
+def check_fitted_on(model: torch.nn.Module, where: str, meta: dict[str, Any]) -> None:
+    """Refuse (one line) a ``model`` whose first corrected Linear does not hold the compressed weight the EoRA folder
+    ``where`` (``meta``: its ``lora.json``) was fitted on: another compression, or none."""
+    signature, checkpoint = meta["eora"]["signature"], meta["eora"]["checkpoint"]
+    try:
+        module = model.get_submodule(signature["module"])
+    except AttributeError:
+        raise EoraArtifactError(f"EoRA {where} corrects module {signature['module']}, which model has not") from None
+    worst = signature_mismatch(signature, weight_of(module))
+    if worst is not None:
+        raise EoraArtifactError(f"EoRA {where} was fitted on checkpoint {checkpoint['path']} ({checkpoint['spec']}), "
+                                f"but {signature['module']} of this model holds other weights (row sums off by "
+                                f"{worst:.3g} of their scale); load that checkpoint with compression=DIR")
+
+
 def read_eora(folder: Path) -> dict[str, Any]:
     """``lora.json`` of an EoRA folder, after the LoRA folder's checks (files, sha256); refuses a LoRA folder that
     is not an EoRA adapter."""
@@ -135,6 +152,10 @@ def read_eora(folder: Path) -> dict[str, Any]:
     if meta.get("method") != METHOD or not isinstance(meta.get("eora"), dict):
         raise EoraArtifactError(f"{folder} is a LoRA folder but not an EoRA adapter (no method {METHOD!r} in "
                                 f"{METADATA}); apply it with lora= instead")
+    missing = [key for key in REQUIRED_RECORD if key not in meta["eora"]]
+    if missing:
+        raise EoraArtifactError(f"{Path(folder) / METADATA} lacks eora.{', eora.'.join(missing)}; expected an EoRA "
+                                "folder written by cpt_bench")
     return meta
 
 
@@ -178,6 +199,7 @@ class EoraKind(RecoveryKind):
 
     def apply(self, model: torch.nn.Module, tokenizer, value: str, artifact: dict[str, Any], model_name: str,
               allow_cross_model: bool) -> Applied:
+        check_fitted_on(model, value, artifact)
         wrapped = apply_lora(model, tokenizer, Path(value), artifact, model_name, allow_cross_model)
         record = artifact["eora"]
         info = {"kind": self.name, "path": str(value), "sha256": artifact["sha256"], "rank": record["rank"],
