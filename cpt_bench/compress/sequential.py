@@ -9,6 +9,8 @@ its Linears), the Linears are compressed in place, and the compressed layer's ou
 inputs. True-sequential mode (default) compresses the groups in the order the forward reaches them, re-running
 the layer up to each group, so later Linears are calibrated on the outputs of the compressed earlier ones;
 otherwise one forward per window collects every group's Hessian before any is compressed.
+With an EoRA ``eora.Compensator`` each Linear is corrected right after it is compressed and runs corrected for the
+rest of the pass; ``compensate_model`` runs the same pass for an existing compression (a checkpoint's).
 Only Linears (and GPT-2's transposed ``Conv1D``) inside decoder layers are compressed, found across model
 families by ``layers``; embeddings, norms and ``lm_head`` stay dense.
 """
