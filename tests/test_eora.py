@@ -242,6 +242,9 @@ def test_an_eora_folder_scores_identically_in_plain_lm_eval_and_through_cpt(tiny
     assert memory["adapter_bytes"] == 2 * info["stored_bytes"]  # resident in the model's fp32
     assert as_lora.prompt_info["kind"] == "lora"
     # eora= refuses the model without the checkpoint it was fitted on, or with another compression of it
+    with pytest.raises(EoraArtifactError, match="compression_mode=simulated"):
+        CptLM(pretrained=str(tiny_model_dir), compression="rtn-w4g32", compression_mode="real", eora=str(folder),
+              **common | {"dtype": "bfloat16"})
     for other in ({}, {"compression": "rtn-w4g32"}):
         with pytest.raises(EoraArtifactError, match=f"fitted on checkpoint {checkpoint.resolve()} \\(rtn-w2g32\\)"):
             CptLM(pretrained=str(tiny_model_dir), eora=str(folder), **other, **common)

@@ -30,7 +30,7 @@ from tabulate import tabulate
 from transformers.pytorch_utils import Conv1D
 
 from cpt_bench.compress.eora import EoraFit, signature_mismatch
-from cpt_bench.compress.layers import weight_of
+from cpt_bench.compress.layers import COMPRESSIBLE_TYPES, weight_of
 from cpt_bench.compress.storage import WEIGHTS_FILE
 from cpt_bench.files import OutputKind, json_bytes, replacing_folder, write_files_atomic
 from cpt_bench.provenance import environment_record
@@ -138,6 +138,9 @@ def check_fitted_on(model: torch.nn.Module, where: str, meta: dict[str, Any]) ->
         module = model.get_submodule(signature["module"])
     except AttributeError:
         raise EoraArtifactError(f"EoRA {where} corrects module {signature['module']}, which model has not") from None
+    if not isinstance(module, COMPRESSIBLE_TYPES):  # a low-bit kernel (compression_mode=real): PEFT cannot wrap it
+        raise EoraArtifactError(f"EoRA {where} applies through PEFT to a Linear, but {signature['module']} is a "
+                                f"{type(module).__name__}; load the checkpoint with compression_mode=simulated")
     worst = signature_mismatch(signature, weight_of(module))
     if worst is not None:
         raise EoraArtifactError(f"EoRA {where} was fitted on checkpoint {checkpoint['path']} ({checkpoint['spec']}), "
