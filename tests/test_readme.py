@@ -295,6 +295,23 @@ def check_compress_out(ran: Ran) -> None:
     assert total.split()[-1] == "0.373", ran.stdout  # the compression table: gptq-w3g64 stores 0.373 of dense
 
 
+def check_eora(folder: str) -> Callable[[Ran], None]:
+    """The EoRA commands: the tables printed, a PEFT LoRA folder of rank 16 whose record says EoRA."""
+    def check(ran: Ran) -> None:
+        assert f"EoRA adapter (a PEFT LoRA folder, rank 16): {folder}" in ran.stdout, ran.stdout
+        assert "plain SVD r16" in ran.stdout and "checkpoint + EoRA" in ran.stdout, ran.stdout
+        config = json.loads((ran.root / folder / "adapter_config.json").read_text(encoding="utf-8"))
+        record = json.loads((ran.root / folder / "lora.json").read_text(encoding="utf-8"))
+        assert config["peft_type"] == "LORA" and config["r"] == config["lora_alpha"] == 16
+        total = record["eora"]["output_error"]["total"]
+        assert record["method"] == "eora" and total["eora"] <= total["svd"] < total["none"], total
+    return check
+
+
+def check_eora_evaluation(ran: Ran) -> None:
+    assert lm_eval_values(ran.stdout)["cpt_ppl_wikipedia", "token_perplexity"] > 1, ran.stdout
+
+
 def check_prompt_train(ran: Ran) -> None:
     found = re.search(r"soft prompt: (\S+) \(best validation token perplexity ([0-9.]+) at step (\d+)\)", ran.stdout)
     assert found and Path(found[1]) == Path("runs/prompt-w3") and float(found[2]) > 1, ran.stdout
@@ -356,6 +373,15 @@ OWN_EVAL = ("cpt-lm-eval --model cpt --model_args "
             "pretrained=embedded,compression=rtn-w3g64,soft_prompt=runs/prompt-poems "
             "--tasks cpt_ppl_corpus --metadata '{\"corpus\": \"text:runs/my-plays\", \"seqlen\": 512}' "
             "--include_path tasks --limit 8")
+
+# EoRA (docs/recovery.md): in the compression pass, on README's checkpoint, through lm-eval.
+EORA_COMPRESS = ("cpt-bench compress --model embedded --spec rtn-w3g64 --out runs/rtn-w3g64 --eora-rank 16 "
+                 "--eora-out runs/rtn-w3g64-eora16 --n-windows 8 --seqlen 512")
+EORA_CHECKPOINT = "cpt-bench eora runs/gptq-w3g64 --rank 16 --out runs/gptq-w3g64-eora16 --n-windows 8 --seqlen 512"
+EORA_EVAL = ("cpt-lm-eval --model cpt --model_args pretrained=embedded,compression=runs/rtn-w3g64,"
+             "eora=runs/rtn-w3g64-eora16 --tasks cpt_ppl_wikipedia --include_path tasks --limit 8 "
+             "--metadata '{\"seqlen\": 512}'")
+EORA_SMALL = ("--n-windows 8 --seqlen 512", "--n-windows 2 --seqlen 64")
 
 COMPARE = ("cpt-bench compare runs/d rtn-w3g64__none__cpt_ppl_wikipedia "
            "rtn-w3g64__soft-wikipedia@rtn-w3g64__cpt_ppl_wikipedia")
@@ -432,6 +458,12 @@ SMALL_FORMS = {
         "cpt-bench prompt export-peft runs/prompt-w3 runs/prompt-w3-peft", check_export_peft, needs=(PROMPT_TRAIN,)),
     PROMPTED_EVAL: SmallForm(f"{PROMPTED_EVAL} --limit 2", check_prompted_evaluation,
                              needs=(COMPRESS_OUT, PROMPT_TRAIN)),
+    EORA_COMPRESS: SmallForm(EORA_COMPRESS.replace(*EORA_SMALL), check_eora("runs/rtn-w3g64-eora16")),
+    EORA_CHECKPOINT: SmallForm(EORA_CHECKPOINT.replace(*EORA_SMALL), check_eora("runs/gptq-w3g64-eora16"),
+                               needs=(COMPRESS_OUT,)),
+    EORA_EVAL: SmallForm(EORA_EVAL.replace('--limit 8 --metadata \'{"seqlen": 512}\'',
+                                           '--limit 2 --metadata \'{"seqlen": 64}\''),
+                         check_eora_evaluation, needs=(EORA_COMPRESS,)),
 }
 
 VARIANTS = {  # documented command -> the small form that runs it, for commands CI cannot run as written

@@ -10,6 +10,7 @@ prompts, ``position`` where a prompt sits, ``target`` the identity of the model 
 and its line below.
 """
 
+from cpt_bench.recovery.eora import EoraKind
 from cpt_bench.recovery.hard import HardPromptKind
 from cpt_bench.recovery.kind import NoRecovery, RecoveryKind, registry
 from cpt_bench.recovery.lora import LoraKind
@@ -20,6 +21,7 @@ RECOVERY_KINDS: dict[str, RecoveryKind] = registry(
     HardPromptKind(),
     SoftPromptKind(),
     LoraKind(),
+    EoraKind(),
 )
 LEARNED_KINDS = tuple(name for name, kind in RECOVERY_KINDS.items() if kind.learned)
 
