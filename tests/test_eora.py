@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 
 import pytest
 import torch
@@ -142,14 +141,6 @@ def test_every_linear_is_corrected_on_inputs_from_the_compensated_layers_before_
         torch.testing.assert_close(b @ a, again.fit.adapters[name][1] @ again.fit.adapters[name][0], atol=1e-4,
                                    rtol=1e-3)
 
-
-@pytest.fixture
-def cache(filled_fake_cache, tmp_path, monkeypatch):
-    """A private, writable cache holding the fake corpora (the session's filled cache is read-only)."""
-    root = tmp_path / "cache"
-    shutil.copytree(filled_fake_cache / "corpora", root / "corpora")
-    monkeypatch.setenv("CPT_BENCH_CACHE", str(root))
-    return root
 
 
 def _parse(argv):
