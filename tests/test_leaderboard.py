@@ -21,8 +21,9 @@ from cpt_bench.files import write_json_atomic
 from cpt_bench.matrix import store
 from cpt_bench.matrix.config import config_from_dict
 from cpt_bench.matrix.plan import make_plan
+from cpt_bench.recovery import RECOVERY_KINDS
 from cpt_bench.report import write_leaderboard
-from cpt_bench.report.board_page import page
+from cpt_bench.report.board_page import _LEFT, _RIGHT, _WIDTH, _entry_width, _flowed, page
 from cpt_bench.report.leaderboard import (
     build_board,
     load_runs,
@@ -296,3 +297,12 @@ def test_add_refuses_a_run_that_fails_verification_in_one_line(tmp_path, damage,
 
 def test_add_of_a_missing_folder_names_it(tmp_path):
     _refusal(tmp_path / "nowhere", tmp_path / "results", "nowhere: no such run folder")
+
+
+def test_the_plot_legend_flows_every_prompt_kind_into_lines_that_fit_the_plot():
+    entries = [(kind.label, kind.colour, "") for kind in RECOVERY_KINDS.values()]
+    entries += [("a-rather-long-model-name-for-the-legend", "#666666", " ring")]
+    lines = _flowed(entries)
+    assert [entry for line in lines for entry in line] == entries  # nothing lost, order kept
+    assert len(lines) >= 2  # more kinds than one line holds
+    assert all(sum(_entry_width(entry) for entry in line) <= _WIDTH - _LEFT - _RIGHT for line in lines)
