@@ -612,9 +612,8 @@ CASES = [
          r"targets\[0\]\.task: unknown task 'cpt_ppl_klingon'"),
     Case("matrix-dry-run-generative-target", _before_loading(_matrix("--dry-run", targets=[
         {"task": "cpt_ppl_wikipedia", "limit": 2}, {"task": "cpt_gsm8k_cot", "limit": 2, "metric": "acc"}])),
-         r"^targets\[1\]\.task: 'cpt_gsm8k_cot' is a generative task \(generate_until, reporting "
-         r"exact_match,strict-match, exact_match,flexible-extract\); the matrix does not run generative targets yet: "
-         r"score it with cpt-lm-eval --model cpt$"),
+         r"^targets\[1\]\.metric: task 'cpt_gsm8k_cot' reports no metric 'acc'; expected one of "
+         r"exact_match,strict-match, exact_match,flexible-extract$"),
     Case("matrix-dry-run-metric-not-reported", _before_loading(_matrix("--dry-run", targets=[
         {"task": "cpt_winogrande", "limit": 2, "metric": "acc_norm"}])),
          r"^targets\[0\]\.metric: task 'cpt_winogrande' reports no metric 'acc_norm'; expected one of "

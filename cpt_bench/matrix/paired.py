@@ -42,6 +42,7 @@ from cpt_bench.matrix.plan import NO_PROMPT, TRIVIAL_PREFIX, Cell, Plan, PromptC
 from cpt_bench.recovery.controls import CONTROL_PROMPT_KIND
 
 HASH_DIGITS = 12
+INPUT_CHARS = 600  # characters of a generative item's context kept in its cell (the tail: the question is last)
 ALPHA = 0.05
 COMPARISON_KEYS = ("vs_none", "vs_dense", "vs_init", "vs_in_domain", "vs_trivial")
 GAP_CLOSED_KEY = "gap_closed"
@@ -67,9 +68,11 @@ class Examples:
         return self.counts is not None
 
 
-def examples_record(samples: list[dict[str, Any]], target: Target) -> dict[str, Any] | None:
+def examples_record(samples: list[dict[str, Any]], target: Target, generative: bool = False) -> dict[str, Any] | None:
     """The compact ``examples`` block of a cell from lm-eval's logged ``samples`` of its task (those of the metric's
-    filter, ``none`` unless the metric names one); None when the metric has no numeric per-sample value."""
+    filter, ``none`` unless the metric names one); None when the metric has no numeric per-sample value.
+
+    ``generative``: the task generated text; the block then also holds ``generations`` (``generations_record``)."""
     key, _, filter_name = target.metric.partition(",")
     samples = [s for s in samples if s.get("filter", "none") == (filter_name or "none")]
     record: dict[str, Any] = {"doc_ids": [int(s["doc_id"]) for s in samples],
@@ -82,7 +85,35 @@ def examples_record(samples: list[dict[str, Any]], target: Target) -> dict[str, 
     if not all(isinstance(score, int | float) for score in scores):
         return None
     record["scores"] = [float(score) for score in scores]
+    if generative:
+        record["generations"] = generations_record(samples)
     return record
+
+
+def generations_record(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a generative cell keeps of each item, aligned with ``doc_ids``: ``responses`` (the model's answer after
+    the metric's filter), ``answers`` (the gold answer or answers, lm-eval's target as the task gives it) and
+    ``inputs`` (the request's context string, its last ``INPUT_CHARS`` characters behind ``…`` when longer: the
+    story of a CoQA item runs to kilobytes and is the same in every cell); ``input_chars`` records that cut."""
+    def tail(text: str) -> str:
+        return text if len(text) <= INPUT_CHARS else "…" + text[-INPUT_CHARS:]
+
+    def response(sample: dict[str, Any]) -> str:
+        filtered = sample.get("filtered_resps") or [""]
+        first = filtered[0]
+        return first if isinstance(first, str) else str(first[0] if isinstance(first, list) and first else first)
+
+    return {"responses": [response(s) for s in samples],
+            "answers": [_json_value(s.get("target")) for s in samples],
+            "inputs": [tail(str(s["arguments"][0][0])) for s in samples],
+            "input_chars": INPUT_CHARS}
+
+
+def _json_value(value: Any) -> Any:
+    """A target as JSON keeps it: strings and numbers as they are, lists element-wise, anything else as text."""
+    if isinstance(value, list | tuple):
+        return [_json_value(item) for item in value]
+    return value if isinstance(value, str | int | float | bool) or value is None else str(value)
 
 
 def cell_examples(record: dict[str, Any]) -> Examples | None:

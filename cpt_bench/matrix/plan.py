@@ -43,6 +43,12 @@ CALIBRATION_TOKENS_PER_SECOND = 90.0  # GPTQ / SparseGPT at 16 x 512 tokens: loa
 UNCALIBRATED_SECONDS = 5.0  # RTN / magnitude: load, pack and write
 TRAIN_TOKENS_PER_SECOND = 200.0  # soft-prompt forward + backward
 KD_COST_FACTOR = 4 / 3  # kd adds the dense model's forward, about a third of a forward + backward (not measured)
+# Generation: results/benchmarks/generation-speed.json, 8 contexts x 64 new tokens at batch 8 in 21.9 s (median of 7,
+# 1 thread): 0.043 s per generated token per item; a generative item's context (~400 tokens for CoQA) is read at
+# EVAL_TOKENS_PER_SECOND. lm-eval's default max_gen_toks (256) when a target does not set it.
+GENERATED_TOKEN_SECONDS = 0.043
+GENERATIVE_CONTEXT_TOKENS = 400
+LM_EVAL_MAX_GEN_TOKS = 256
 CELL_OVERHEAD_SECONDS = 2.0  # lm-eval task set-up per cell
 MODEL_LOAD_SECONDS = 4.0  # one (compression, prompt) group
 REFERENCE_PARAMETERS = 134_515_008  # SmolLM2-135M-Instruct (tied embeddings once), the model the rates are of
@@ -124,7 +130,8 @@ class Cell:
         """The cell's identity as plain data (stored with its result)."""
         return {"id": self.id, "compression": self.compression, "prompt": self.prompt.id,
                 "prompt_choice": asdict(self.prompt), "task": self.target.name, "limit": self.target.limit,
-                "metric": self.target.metric, "dataset_relation": self.dataset_relation,
+                "metric": self.target.metric, "gen_kwargs": self.target.gen_kwargs,
+                "dataset_relation": self.dataset_relation,
                 "compression_relation": self.compression_relation}
 
 
@@ -259,9 +266,20 @@ def estimate_seconds(plan: Plan, parameters: int = REFERENCE_PARAMETERS) -> dict
     cells = MODEL_LOAD_SECONDS * scale * len(plan.groups())
     for cell in plan.cells:
         limit = cell.target.limit or 1000
-        work = limit * config.ppl_seqlen / EVAL_TOKENS_PER_SECOND if cell.target.is_perplexity else limit * ITEM_SECONDS
+        if cell.target.is_perplexity:
+            work = limit * config.ppl_seqlen / EVAL_TOKENS_PER_SECOND
+        elif cell.target.is_generative:
+            work = limit * generated_tokens(cell.target) * GENERATED_TOKEN_SECONDS \
+                + limit * GENERATIVE_CONTEXT_TOKENS / EVAL_TOKENS_PER_SECOND
+        else:
+            work = limit * ITEM_SECONDS
         cells += work * scale + CELL_OVERHEAD_SECONDS
     return {"compression": compress, "soft_prompts": prompts, "cells": cells, "total": compress + prompts + cells}
+
+
+def generated_tokens(target: Target) -> int:
+    """Tokens generated at most per item of a generative target: its ``max_gen_toks``, else lm-eval's default."""
+    return target.max_gen_toks or LM_EVAL_MAX_GEN_TOKS
 
 
 def describe(plan: Plan, parameters: int | None = REFERENCE_PARAMETERS) -> str:
@@ -287,6 +305,11 @@ def describe(plan: Plan, parameters: int | None = REFERENCE_PARAMETERS) -> str:
               for name, ids in built.items() if ids]
     lines.append(f"targets (perplexity windows of {config.ppl_seqlen} tokens): "
                  + ", ".join(f"{t.name} ({t.metric}, limit {t.limit})" for t in config.targets))
+    generated = [(t, (t.limit or 1000) * generated_tokens(t) * sum(cell.target == t for cell in plan.cells))
+                 for t in config.targets if t.is_generative]
+    if generated:
+        lines.append("generation (greedy; apply_chat_template " + str(config.apply_chat_template).lower() + "): "
+                     + ", ".join(f"{t.name} up to {tokens:,} generated tokens" for t, tokens in generated))
     for compression in config.compression.specs:
         here = [cell for cell in plan.cells if cell.compression == compression]
         prompts = list(dict.fromkeys(cell.prompt.id for cell in here))

@@ -3,10 +3,12 @@
 ``validate_plan(plan)`` reads only configs, tokenizers and the (cached) corpora, never weights:
 
 - the model exists and is a causal LM (``assets.model.check_causal_lm``);
-- every target is a known lm-eval task (not a group, not generative) and reports the target's metric;
+- every target is a known lm-eval task (not a group) and reports the target's metric; ``gen_kwargs`` only on
+  generative tasks;
 - windows fit the model's context (lm-eval's own ``resolve_max_length``): soft-prompt training windows plus the
   prompt (when something is trained: controls are not), perplexity windows plus the longest prompt applied,
-  calibration windows;
+  calibration windows, and for a generative target the longest prompt plus ``max_gen_toks`` plus at least one
+  context token (lm-eval cuts a longer context from the left);
 - the corpora are long enough: the calibration corpus's train split for one calibration window, each soft-prompt
   source's train and validation splits for one training window, each perplexity target's test split for one
   window.
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 
 from cpt_bench.compress.spec import Spec
 from cpt_bench.matrix.config import ConfigError, MatrixConfig
-from cpt_bench.matrix.plan import Plan
+from cpt_bench.matrix.plan import Plan, generated_tokens
 from cpt_bench.tokens import corpus_stream
 
 
@@ -50,8 +52,8 @@ def validate_plan(plan: Plan, manager) -> ModelFacts:
 
 
 def check_targets(config: MatrixConfig, manager) -> None:
-    """Refuse unknown task names, groups (a target is one task with one metric), generative tasks (the matrix scores
-    loglikelihood requests only; ``cpt-lm-eval`` runs them) and a metric the task does not report."""
+    """Refuse unknown task names, groups (a target is one task with one metric), ``gen_kwargs`` on a task that does
+    not generate and a metric the task does not report (``acc`` on a generative task: the error lists its metrics)."""
     from cpt_bench.lmeval.tasks import task_metrics
 
     for index, target in enumerate(config.targets):
@@ -63,10 +65,9 @@ def check_targets(config: MatrixConfig, manager) -> None:
         metrics = task_metrics(manager, target.task)
         if metrics is None:  # a task defined in Python: its metrics are checked when the cell reads its results
             continue
-        if metrics.is_generative:
-            raise ConfigError(f"targets[{index}].task: {target.task!r} is a generative task (generate_until, "
-                              f"reporting {', '.join(metrics.names())}); the matrix does not run generative "
-                              "targets yet: score it with cpt-lm-eval --model cpt")
+        if target.gen_kwargs is not None and not metrics.is_generative:
+            raise ConfigError(f"targets[{index}].gen_kwargs: task {target.task!r} is not generative "
+                              f"({metrics.output_type}); expected gen_kwargs only on generate_until tasks")
         if not metrics.accepts(target.metric):
             raise ConfigError(f"targets[{index}].metric: task {target.task!r} reports no metric {target.metric!r}; "
                               f"expected one of {', '.join(metrics.names())}")
@@ -111,6 +112,11 @@ def _check_windows(plan: Plan, tokenizer, context: int) -> None:
     if any(target.is_perplexity for target in config.targets):
         check_fits_context(config.ppl_seqlen + prompt, f"ppl_seqlen {config.ppl_seqlen} + the longest prompt "
                            f"({prompt} tokens)", config.model, context)
+    for target in config.targets:
+        if target.is_generative:
+            tokens = generated_tokens(target)
+            check_fits_context(prompt + tokens + 1, f"targets: {target.name}: the longest prompt ({prompt} tokens) + "
+                               f"max_gen_toks {tokens} + one context token", config.model, context)
     if _needs_calibration(plan):
         check_fits_context(config.compression.calibration.seqlen, "compression.calibration.seqlen", config.model,
                            context)
