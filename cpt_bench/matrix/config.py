@@ -17,6 +17,7 @@ Example (``configs/default.yaml`` is the full one)::
         controls: [init, random]  # optional: untrained control prompts beside the learned ones
         objectives: [lm, kd]      # optional: one prompt per training objective (default [lm])
       lora: {rank: 4, lr: 0.001}  # optional: a LoRA adapter per soft prompt's (source, level, seed)
+      eora: {ranks: [8, 16]}      # optional: an EoRA adapter per compressed level and rank
       trivial_prefix: true        # default: the trivial-prefix control beside the prompts, every level and target
     transfer: {datasets: true, compression_levels: true, compression_types: true}
     targets:
@@ -36,6 +37,14 @@ LoRA adapters (``prompts.lora``, ``cpt_bench.recovery.lora``): a budget-matched 
 (source, level, seed) and objective, trained with the soft prompt's settings (steps, batch, windows, schedule; its own
 ``lr``), evaluated and transferred exactly like a soft prompt (ids ``lora-wikipedia@rtn-w3g64``, ``lora+kd-...``).
 They need ``kernels: simulated``: PEFT wraps Linear layers, not the low-bit kernels.
+
+EoRA adapters (``prompts.eora``, ``EoraAdapters``, ``cpt_bench.recovery.eora``): one per compressed level (``levels``,
+default all) and rank (``ranks``), fitted in closed form, with no training, on the level's checkpoint from the
+compression's calibration windows (``compression.calibration``, the same windows whether or not the level's spec
+reads them) exactly as ``cpt-bench eora CHECKPOINT --rank R`` fits it (``recovery.eora.fit_checkpoint_eora``); ids
+``eora-r16@gptq-w3g64``, folders ``RUN/prompts/<id>`` (a PEFT LoRA folder, ``eora=DIR``). An adapter corrects the
+errors of the one checkpoint it was fitted on, so it is scored at its own level only (on every target), never
+transferred. Like LoRA they need ``kernels: simulated``.
 
 Control prompts (``prompts.soft.controls``, ``cpt_bench.recovery.controls``): untrained soft prompts evaluated beside
 the learned ones, so that the report can say whether a gain is learned recovery or any extra context would do:
@@ -286,16 +295,48 @@ class SoftPrompts:
 
 
 @dataclass(frozen=True)
+class EoraAdapters:
+    """EoRA adapters (``cpt_bench.recovery.eora``): one per compressed level and rank, fitted in closed form (no
+    training) on the level's checkpoint from the compression's own calibration windows (``compression.calibration``),
+    and scored at that level only, on every target: an adapter corrects one checkpoint's errors, so it does not
+    transfer across levels.
+
+    ``ranks``: the ranks, one adapter each (``[8, 16, 32]``); ``levels``: the compressed levels to correct (default:
+    every level of ``compression.specs`` but dense).
+    """
+
+    ranks: list[int] = field(default_factory=list)
+    levels: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.ranks) and all(rank > 0 for rank in self.ranks), "ranks", self.ranks,
+                 "a non-empty list of positive integers (EoRA ranks, e.g. [8, 16, 32])")
+        _require_distinct("ranks", self.ranks)
+        levels = []
+        for index, text in enumerate(self.levels):
+            try:
+                levels.append(str(Spec.parse(text)))
+            except UserError as error:
+                raise ConfigError(f"levels[{index}]: {error}") from None
+            _require(levels[-1] != "dense", f"levels[{index}]", text,
+                     "a compressed level (dense has no compression error to correct)")
+        _require_distinct("levels", self.levels, levels)
+        object.__setattr__(self, "levels", levels)
+
+
+@dataclass(frozen=True)
 class Prompts:
     """Prompt kinds besides "none": hard prompts, soft prompts and the LoRA adapters trained beside them (None: none).
 
     ``hard``: each ``NAME``, ``text:TEXT`` or ``file:PATH`` (``cpt_bench.recovery.hard``); a file is read when the
     config is validated and kept as ``text:`` its content, so that a run folder's config does not depend on it.
-    ``trivial_prefix``: evaluate the trivial-prefix control (module docstring) beside every prompt."""
+    ``trivial_prefix``: evaluate the trivial-prefix control (module docstring) beside every prompt; ``eora``: EoRA
+    adapters per compressed level and rank (``EoraAdapters``)."""
 
     hard: list[str] = field(default_factory=list)
     soft: SoftPrompts = field(default_factory=SoftPrompts)
     lora: LoraSettings | None = None
+    eora: EoraAdapters | None = None
     trivial_prefix: bool = True
 
     def __post_init__(self) -> None:
@@ -356,6 +397,23 @@ class MatrixConfig:
         for index, spec in enumerate(self.prompts.soft.trained_at):
             _require(str(Spec.parse(spec)) in self.compression.specs, f"prompts.soft.trained_at[{index}]", spec,
                      f"one of compression.specs ({', '.join(self.compression.specs)})")
+        if self.prompts.eora is not None:
+            _require(self.kernels == "simulated", "kernels", self.kernels,
+                     "simulated with prompts.eora (PEFT wraps Linear layers, not the real low-bit kernels)")
+            compressed = [spec for spec in self.compression.specs if spec != "dense"]
+            for index, spec in enumerate(self.prompts.eora.levels):
+                _require(spec in compressed, f"prompts.eora.levels[{index}]", spec,
+                         f"a compressed level of compression.specs ({', '.join(compressed) or 'none'})")
+            if not compressed:
+                raise ConfigError("prompts.eora: given, but compression.specs has no compressed level; expected a "
+                                  "level for EoRA to correct (e.g. gptq-w3g64)")
+
+    def eora_levels(self) -> list[str]:
+        """The levels EoRA adapters correct: ``prompts.eora.levels``, else every compressed level (none without
+        ``prompts.eora``)."""
+        if self.prompts.eora is None:
+            return []
+        return self.prompts.eora.levels or [spec for spec in self.compression.specs if spec != "dense"]
 
     def seeds(self) -> dict[str, int]:
         """lm-eval's four seeds: its defaults (0, 1234, 1234, 1234) shifted by ``seed``."""

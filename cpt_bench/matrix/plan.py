@@ -13,6 +13,8 @@ target T:
   corpus, so every soft prompt transfers to them), ``compression_levels`` (C' != C, same family) and
   ``compression_types`` (another family; dense is its own family);
 - a control prompt of level C' only at C == C', on the targets that some learned prompt of C' is kept on at C';
+- an EoRA adapter (``prompts.eora``) of level C' and rank r only at C == C', on every target: it corrects the errors of
+  C''s checkpoint and does not transfer across levels (its folder is fitted on the checkpoint, not trained);
 - the trivial-prefix control (``TRIVIAL_PREFIX``, unless ``prompts.trivial_prefix`` is false), when the config
   has any prompt besides ``none``, at every level on every target: one artifact of no level (written from the
   dense model's embedding layer, which compression leaves alone), applied everywhere.
@@ -28,6 +30,7 @@ from cpt_bench.errors import UserError
 from cpt_bench.matrix.config import MatrixConfig, Target
 from cpt_bench.recovery import LEARNED_KINDS, RECOVERY_KINDS
 from cpt_bench.recovery.controls import CONTROL_PROMPT_KIND, TRIVIAL, control_depends_on_seed
+from cpt_bench.recovery.eora import METHOD as EORA
 from cpt_bench.recovery.hard import hard_prompt_label
 from cpt_bench.recovery.training import SoftPromptConfig
 
@@ -47,6 +50,11 @@ KD_COST_FACTOR = 4 / 3  # kd adds the dense model's forward, about a third of a 
 # 1 thread): 0.043 s per generated token per item; a generative item's context (~400 tokens for CoQA) is read at
 # EVAL_TOKENS_PER_SECOND. lm-eval's default max_gen_toks (256) when a target does not set it.
 GENERATED_TOKEN_SECONDS = 0.043
+# An EoRA fit on a stored checkpoint: the calibration pass (at CALIBRATION_TOKENS_PER_SECOND) plus, per Linear, the
+# covariance's float64 eigendecomposition and two SVDs (EoRA's and the plain one it is compared with), which do not
+# depend on the windows. docs/recovery.md: `compress --spec rtn-w3g64 --eora-rank 16` on 8 x 512 tokens took 187 s
+# (RTN itself: seconds), i.e. ~140 s beyond the 4096 tokens' pass; 4 min 50 s on a rerun beside other jobs.
+EORA_FIT_SECONDS = 140.0
 GENERATIVE_CONTEXT_TOKENS = 400
 LM_EVAL_MAX_GEN_TOKS = 256
 CELL_OVERHEAD_SECONDS = 2.0  # lm-eval task set-up per cell
@@ -76,7 +84,8 @@ class PromptChoice:
     level and, unless they are controls, their source and ``objective``.
     ``seed``: the training seed, set only when the config trains several (it is then part of the id);
     ``control``: ``init`` / ``random`` for an untrained control prompt (no source), ``trivial`` for the
-    trivial-prefix control (no source, no level: its id is ``trivial``)."""
+    trivial-prefix control (no source, no level: its id is ``trivial``); ``rank``: an EoRA adapter's rank (kind
+    ``eora``, id ``eora-r16@gptq-w3g64``: no source, seed or objective)."""
 
     kind: str
     hard: str | None = None  # a registered name or text:TEXT (recovery.hard)
@@ -85,10 +94,13 @@ class PromptChoice:
     seed: int | None = None
     control: str | None = None
     objective: str = "lm"
+    rank: int | None = None
 
     @property
     def id(self) -> str:
         suffix = "" if self.seed is None else f"#s{self.seed}"
+        if self.kind == EORA:
+            return f"{EORA}-r{self.rank}@{self.trained_at}"
         if self.hard is not None:
             return f"{self.kind}-{hard_prompt_label(self.hard)}"
         if self.control:
@@ -142,7 +154,8 @@ class Plan:
     config: MatrixConfig
     cells: tuple[Cell, ...]
     compressed: tuple[str, ...]  # non-dense specs to compress, config order
-    soft_prompts: tuple[PromptChoice, ...]  # to build: learned prompts (trained), then controls; config order
+    soft_prompts: tuple[PromptChoice, ...]  # to build: learned prompts (trained), EoRA adapters (fitted), then
+    # controls; config order
 
     def groups(self) -> dict[tuple[str, PromptChoice], list[Cell]]:
         """Cells by (compression, prompt): each group shares one loaded, prompted model."""
@@ -173,6 +186,8 @@ def control_for(config: MatrixConfig, prompt: PromptChoice, kind: str) -> Prompt
 
 
 def _relations(prompt: PromptChoice, compression: str, target: Target) -> tuple[str | None, str | None]:
+    if prompt.kind == EORA:
+        return None, "same"
     if prompt.kind not in LEARNED_KINDS:
         return None, None
     dataset = "in-domain" if prompt.source == target.domain else "cross-dataset"
@@ -208,6 +223,10 @@ def make_plan(config: MatrixConfig) -> Plan:
                 dataset, level = _relations(prompt, compression, target)
                 if _wanted(config, dataset, level):
                     cells.append(Cell(compression, prompt, target, dataset, level))
+    eora = tuple(PromptChoice(EORA, trained_at=level, rank=rank) for level in config.eora_levels()
+                 for rank in config.prompts.eora.ranks)
+    cells += [Cell(prompt.trained_at, prompt, target, *_relations(prompt, prompt.trained_at, target))
+              for prompt in eora for target in config.targets]
     controls = tuple(dict.fromkeys(control_for(config, prompt, kind) for prompt in learned
                                    if prompt.kind == CONTROL_PROMPT_KIND for kind in soft.controls))
     for control in controls:
@@ -215,13 +234,13 @@ def make_plan(config: MatrixConfig) -> Plan:
                 and cell.prompt.trained_at == control.trained_at}
         cells += [Cell(control.trained_at, control, target, None, "same") for target in config.targets
                   if target in kept]
-    if config.prompts.trivial_prefix and len(prompts) > 1:  # beside some prompt: a run of none alone has no use
+    if config.prompts.trivial_prefix and len(prompts) + len(eora) > 1:  # a run of none alone has no use for it
         controls += (TRIVIAL_PREFIX,)
         cells += [Cell(spec, TRIVIAL_PREFIX, target, None, None) for spec in config.compression.specs
                   for target in config.targets]
     order = {spec: index for index, spec in enumerate(config.compression.specs)}
     cells.sort(key=lambda cell: order[cell.compression])  # stable: within a level, prompts then targets in order
-    return _with_artifacts(config, tuple(cells), learned + controls)
+    return _with_artifacts(config, tuple(cells), learned + eora + controls)
 
 
 def _with_artifacts(config: MatrixConfig, cells: tuple[Cell, ...], soft_prompts: tuple[PromptChoice, ...]) -> Plan:
@@ -263,6 +282,9 @@ def estimate_seconds(plan: Plan, parameters: int = REFERENCE_PARAMETERS) -> dict
     trained = sum((KD_COST_FACTOR if prompt.objective == "kd" else 1.0) for prompt in plan.soft_prompts
                   if prompt.is_learned)  # controls need no training
     prompts = trained * scale * (train_tokens / TRAIN_TOKENS_PER_SECOND + eval_tokens / EVAL_TOKENS_PER_SECOND)
+    fits = sum(prompt.kind == EORA for prompt in plan.soft_prompts)
+    eora = fits * scale * (EORA_FIT_SECONDS + calibration.n_windows * calibration.seqlen
+                           / CALIBRATION_TOKENS_PER_SECOND)
     cells = MODEL_LOAD_SECONDS * scale * len(plan.groups())
     for cell in plan.cells:
         limit = cell.target.limit or 1000
@@ -274,7 +296,8 @@ def estimate_seconds(plan: Plan, parameters: int = REFERENCE_PARAMETERS) -> dict
         else:
             work = limit * ITEM_SECONDS
         cells += work * scale + CELL_OVERHEAD_SECONDS
-    return {"compression": compress, "soft_prompts": prompts, "cells": cells, "total": compress + prompts + cells}
+    return {"compression": compress, "soft_prompts": prompts, "eora": eora, "cells": cells,
+            "total": compress + prompts + eora + cells}
 
 
 def generated_tokens(target: Target) -> int:
@@ -289,10 +312,12 @@ def describe(plan: Plan, parameters: int | None = REFERENCE_PARAMETERS) -> str:
     config = plan.config
     calibration, training = config.compression.calibration, config.prompts.soft.training
     built = {name: [p for p in plan.soft_prompts if p.is_learned and p.kind == name] for name in LEARNED_KINDS}
-    controls = [prompt for prompt in plan.soft_prompts if not prompt.is_learned]
+    controls = [prompt for prompt in plan.soft_prompts if prompt.control]
+    eora = [prompt for prompt in plan.soft_prompts if prompt.kind == EORA]
     artifacts = [f"{len(plan.compressed)} compressed checkpoints ({', '.join(plan.compressed) or 'none'})"]
     artifacts += [f"{len(ids)} {RECOVERY_KINDS[name].label}s ({', '.join(p.id for p in ids) or 'none'})"
                   for name, ids in built.items() if ids or name == LEARNED_KINDS[0]]  # soft prompts: always said
+    artifacts += [f"{len(eora)} {RECOVERY_KINDS[EORA].label}s ({', '.join(p.id for p in eora)})"] if eora else []
     artifacts += [f"{len(controls)} control prompts ({', '.join(p.id for p in controls)})"] if controls else []
     lines = [f"matrix {config.name!r}: model {config.model} ({config.dtype}, {config.device}, {config.kernels} "
              f"kernels), {len(plan.cells)} cells in {len(plan.groups())} (compression, prompt) groups",
@@ -303,6 +328,11 @@ def describe(plan: Plan, parameters: int | None = REFERENCE_PARAMETERS) -> str:
     lines += [f"{RECOVERY_KINDS[name].label}s: "
               + RECOVERY_KINDS[name].describe_settings(recovery_settings(config, name), training)
               for name, ids in built.items() if ids]
+    if eora:
+        lines.append(f"{RECOVERY_KINDS[EORA].label}s: ranks {', '.join(map(str, config.prompts.eora.ranks))} at "
+                     f"{', '.join(config.eora_levels())}, fitted in closed form (no training) on each level's "
+                     f"checkpoint from the calibration windows above, as cpt-bench eora does; each is scored at its "
+                     "own level only: it corrects that checkpoint's errors and does not transfer across levels")
     lines.append(f"targets (perplexity windows of {config.ppl_seqlen} tokens): "
                  + ", ".join(f"{t.name} ({t.metric}, limit {t.limit})" for t in config.targets))
     generated = [(t, (t.limit or 1000) * generated_tokens(t) * sum(cell.target == t for cell in plan.cells))

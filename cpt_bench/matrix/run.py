@@ -50,6 +50,7 @@ from cpt_bench.matrix.validate import validate_plan
 from cpt_bench.perplexity import perplexity_with_stderr
 from cpt_bench.provenance import environment_record, peak_memory, reset_peak_memory
 from cpt_bench.recovery import RECOVERY_KINDS
+from cpt_bench.recovery.eora import METHOD as EORA
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +104,22 @@ def _artifact_complete(folder: Path, kind: str) -> bool:
 def build_prompt(config: MatrixConfig, run_dir: Path, prompt: PromptChoice, compressed_folder: str | None) -> str:
     """Build prompt ``prompt`` at its level unless it is already complete: train the artifact of its learned kind
     (``RecoveryKind.train``, resuming its checkpoint) with its seed's and objective's settings, the dense model loaded
-    beside it as the teacher for ``kd``, or write a control (``recovery.controls``)."""
+    beside it as the teacher for ``kd``, fit an EoRA adapter on the level's checkpoint from the compression's
+    calibration windows (``recovery.eora.fit_checkpoint_eora``, as ``cpt-bench eora`` does), or write a control
+    (``recovery.controls``)."""
     import torch
 
     from cpt_bench.models import CheckpointFolder, load_model
     from cpt_bench.recovery.controls import write_control_prompt
+    from cpt_bench.recovery.eora import fit_checkpoint_eora
     from cpt_bench.recovery.training import CHECKPOINT
 
     folder = prompt_folder(run_dir, prompt)
+    if prompt.kind == EORA:
+        if not _artifact_complete(folder, prompt.kind):  # fitted whole into a staging folder: nothing to resume
+            fit_checkpoint_eora(Path(compressed_folder), config.compression.calibration, prompt.rank, folder)
+        artifact_meta(folder, prompt.kind)
+        return str(folder)
     if not _artifact_complete(folder, prompt.kind):
         def load(checkpoint: str | None):
             return load_model(config.model, CheckpointFolder(Path(checkpoint)) if checkpoint else None,
@@ -228,7 +237,13 @@ def _prompt_block(lm, job: GroupJob) -> dict[str, Any]:
     from cpt_bench.recovery.training import trained_improved
 
     block = dict(lm.prompt_info)
-    if job.prompt_folder:
+    if job.prompt_folder and job.prompt.kind == EORA:
+        record = artifact_meta(Path(job.prompt_folder), EORA)["eora"]
+        fitting = record.get("fitting", {})
+        block.update(path=str(Path(job.prompt_folder).relative_to(job.run_dir)), trainable_parameters=0,
+                     stored_parameters=record["memory"]["adapter_parameters"], fit_seconds=fitting.get("wall_seconds"),
+                     fit_peak_memory_bytes=fitting.get("peak_memory_bytes"), adapter_memory=record["memory"])
+    elif job.prompt_folder:
         meta = artifact_meta(Path(job.prompt_folder), job.prompt.kind)
         block.update(path=str(Path(job.prompt_folder).relative_to(job.run_dir)),
                      source=meta["source"]["corpus"], train_seconds=round(meta["train_seconds"], 1),

@@ -28,7 +28,7 @@ from cpt_bench.files import OutputKind, write_json_atomic, write_text_atomic
 from cpt_bench.matrix.config import ConfigError, MatrixConfig, config_from_dict
 from cpt_bench.matrix.lock import LOCK_FILE
 from cpt_bench.matrix.paired import COMPARISON_KEYS, GAP_CLOSED_KEY, GAP_CLOSED_VS_TRIVIAL_KEY, cell_comparisons
-from cpt_bench.matrix.plan import TRIVIAL_PREFIX, Plan, family, safe_name
+from cpt_bench.matrix.plan import EORA, TRIVIAL_PREFIX, Plan, family, safe_name
 from cpt_bench.recovery import LEARNED_KINDS, RECOVERY_KINDS
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,8 @@ SUMMARY_NUMBERS = {"summary": ("wall_seconds",), "compressions": ("weight_bytes"
                    "cells": ("value",)}
 SUMMARY_OPTIONAL_NUMBERS = {"cells": ("stderr", "delta"),
                             "prompts": ("seed", "trainable_parameters", "train_seconds", "train_peak_memory_bytes",
-                                        "tokens_seen")}
+                                        "tokens_seen", "stored_parameters", "stored_bytes",
+                                        "bits_per_weight_with_adapter", "fit_seconds", "fit_peak_memory_bytes")}
 SUMMARY_OPTIONAL_FLAGS = {"prompts": ("untrained",)}  # absent in summaries written before the flag existed
 # A cell's paired comparisons (``paired.cell_comparisons``), each an object with a numeric ``estimate``; absent in
 # summaries written before they existed and where the run lacks the other cell.
@@ -62,7 +63,8 @@ ENVIRONMENT_FILE = "environment.json"
 RUN_FOLDER_KIND = OutputKind("a matrix run folder", CONFIG_FILE, ignored=(LOCK_FILE,))  # --resume checks the config
 # Cell fields that differ between identical runs (timings, memory, dates): left out of comparisons.
 VOLATILE_FIELDS = ("seconds", "memory", "lm_eval", "environment", "checksum")
-VOLATILE_PROMPT_FIELDS = ("train_seconds", "teacher_seconds", "train_peak_memory_bytes")  # of a cell's prompt block
+VOLATILE_PROMPT_FIELDS = ("train_seconds", "teacher_seconds", "train_peak_memory_bytes", "fit_seconds",
+                          "fit_peak_memory_bytes")  # of a cell's prompt block
 # Settings whose default changed what a run does, with the value a ``config.json`` written before them ran with:
 # a stored config lacking one is read with that value (``read_run_config``), so its plan is the plan it ran.
 LEGACY_SETTINGS = {("prompts", "trivial_prefix"): False}
@@ -358,6 +360,12 @@ def _prompt_summary(record: dict[str, Any]) -> dict[str, Any]:
             summary["seed"] = choice["seed"]
         if choice.get("control"):
             summary["control"] = choice["control"]
+    if choice["kind"] == EORA:  # fitted, not trained: its rank, what it adds to the checkpoint and what fitting cost
+        memory = prompt["adapter_memory"]
+        summary.update(trained_at=choice["trained_at"], rank=choice["rank"], trainable_parameters=0,
+                       stored_parameters=memory["adapter_parameters"], stored_bytes=memory["adapter_bytes"],
+                       bits_per_weight_with_adapter=memory["compressed_bits_per_weight_with_adapter"],
+                       fit_seconds=prompt.get("fit_seconds"), fit_peak_memory_bytes=prompt.get("fit_peak_memory_bytes"))
     return summary
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from cpt_bench.compress.spec import Spec
 from cpt_bench.matrix.config import ConfigError, MatrixConfig
-from cpt_bench.matrix.plan import Plan, generated_tokens
+from cpt_bench.matrix.plan import EORA, Plan, generated_tokens
 from cpt_bench.tokens import corpus_stream
 
 
@@ -123,7 +123,9 @@ def _check_windows(plan: Plan, tokenizer, context: int) -> None:
 
 
 def _needs_calibration(plan: Plan) -> bool:
-    return any(Spec.parse(spec).needs_calibration for spec in plan.compressed)
+    """Whether the plan reads calibration windows: to compress a level, or to fit an EoRA adapter."""
+    return (any(Spec.parse(spec).needs_calibration for spec in plan.compressed)
+            or any(prompt.kind == EORA for prompt in plan.soft_prompts))
 
 
 def _check_corpora(plan: Plan, tokenizer) -> None:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +31,9 @@ from safetensors.torch import save as save_safetensors
 from tabulate import tabulate
 from transformers.pytorch_utils import Conv1D
 
-from cpt_bench.compress.eora import EoraFit, signature_mismatch
+from cpt_bench.compress.eora import Compensator, EoraFit, check_rank, signature_mismatch
 from cpt_bench.compress.layers import COMPRESSIBLE_TYPES, weight_of
+from cpt_bench.compress.spec import CalibrationSettings
 from cpt_bench.compress.storage import WEIGHTS_FILE
 from cpt_bench.files import OutputKind, json_bytes, replacing_folder, write_files_atomic
 from cpt_bench.provenance import environment_record
@@ -100,14 +103,15 @@ def memory_account(fit: EoraFit, adapter_bytes: int, checkpoint_memory: dict) ->
 
 
 def save_eora(out: Path, fit: EoraFit, model: torch.nn.Module, target: dict[str, Any], checkpoint: dict[str, Any],
-              calibration: dict[str, Any]) -> Path:
+              calibration: dict[str, Any], fitting: dict[str, Any] | None = None) -> Path:
     """Write the EoRA folder (module docstring) to ``out``, built beside it and swapped in whole.
 
     ``model``: the base model (module names and types), ``target``: its identity (``target.describe_target``),
     ``checkpoint``: ``{"path", "spec", "sha256", "memory"}`` of the compressed checkpoint it corrects,
     ``calibration``: the calibration settings (corpus, windows, seqlen, seed, true_sequential). ``out`` must be new,
     empty or an earlier EoRA folder: the caller checks it (``files.ensure_replaceable(out, EORA_KIND, flag)``) before
-    the fit.
+    the fit. ``fitting``: what the whole fit cost (``wall_seconds``, the calibration pass included, and
+    ``peak_memory_bytes``), recorded as ``eora.fitting`` when given.
     """
     tensors = adapter_tensors(fit)
     data = save_safetensors(tensors)
@@ -118,6 +122,8 @@ def save_eora(out: Path, fit: EoraFit, model: torch.nn.Module, target: dict[str,
               "seconds": fit.seconds, "output_error": {"unit": "mean over calibration tokens of ||(W - W') x||^2",
                                                        "total": fit.totals(), "layers": fit.errors},
               "memory": memory}
+    if fitting is not None:
+        record["fitting"] = fitting
     meta = {"format": FORMAT, "method": METHOD, **target, "compression": checkpoint["path"],
             "trainable_parameters": memory["adapter_parameters"], "eora": record,
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -192,6 +198,14 @@ class EoraKind(RecoveryKind):
     label = "EoRA adapter"
     colour = "#b2182b"
     model_arg = METHOD
+    metadata_file = METADATA  # a matrix's EoRA artifact (fitted per level and rank, not trained: not ``learned``)
+    summary_keys = ("trained_at", "rank")
+
+    def read_meta(self, folder: Path) -> dict[str, Any]:
+        return read_eora(folder)
+
+    def trainable_parameters(self, meta: dict[str, Any]) -> int:
+        return 0  # fitted in closed form; its stored parameters are ``eora.memory.adapter_parameters``
 
     def check_arg(self, value: str) -> None:
         if value == "":
@@ -209,6 +223,45 @@ class EoraKind(RecoveryKind):
                 "fitted_on": record["checkpoint"], "stored_bytes": record["memory"]["adapter_bytes"],
                 "bits_per_weight_with_adapter": record["memory"]["compressed_bits_per_weight_with_adapter"]}
         return Applied(wrapped, info=info, tensors=list(lora_parameters(wrapped).values()))
+
+
+def write_fit(out: Path, fit: EoraFit, checkpoint: Path, settings: CalibrationSettings,
+              model: torch.nn.Module | None = None, tokenizer=None, fitting: dict[str, Any] | None = None) -> Path:
+    """Write the EoRA folder of ``fit`` (fitted for the compressed checkpoint folder ``checkpoint`` on calibration
+    windows drawn by ``settings``) to ``out``: ``save_eora`` with the checkpoint's record and the base model's
+    identity. ``model`` / ``tokenizer``: the base model the fit ran on (None: the checkpoint's own, loaded here)."""
+    from cpt_bench.assets.model import load_tokenizer
+    from cpt_bench.compress.checkpoints import load_checkpoint
+    from cpt_bench.compress.storage import read_manifest
+    from cpt_bench.recovery.target import describe_target
+
+    manifest = read_manifest(checkpoint)
+    if model is None:
+        model, _ = load_checkpoint(checkpoint)
+        tokenizer = load_tokenizer(str(checkpoint))
+    base_name = (manifest.get("base_model") or {}).get("name") or str(checkpoint)
+    return save_eora(out, fit, model, describe_target(model, tokenizer, base_name),
+                     checkpoint_record(checkpoint, manifest), asdict(settings), fitting)
+
+
+def fit_checkpoint_eora(checkpoint: Path, settings: CalibrationSettings, rank: int, out: Path,
+                        progress: bool = True) -> dict[str, Any]:
+    """Fit EoRA of rank ``rank`` for the existing compressed checkpoint folder ``checkpoint`` on the calibration
+    windows ``settings`` draws (``checkpoints.compensate_checkpoint``) and write its folder to ``out`` (the caller
+    has checked ``out``: ``files.ensure_replaceable(out, EORA_KIND, flag)``); returns its ``lora.json``.
+
+    What ``cpt-bench eora`` and the matrix's EoRA artifacts both run; records the fit's wall time (the calibration
+    pass included) and peak memory (``provenance.peak_memory``: peak RSS on CPU, CUDA max allocated on GPU)."""
+    from cpt_bench.compress.checkpoints import compensate_checkpoint
+    from cpt_bench.provenance import peak_memory, reset_peak_memory
+
+    reset_peak_memory()
+    started = time.perf_counter()
+    compensator = Compensator(check_rank(rank, "EoRA rank"))
+    model, tokenizer, _ = compensate_checkpoint(checkpoint, settings, compensator, progress)
+    fitting = {"wall_seconds": round(time.perf_counter() - started, 2), **peak_memory()}
+    write_fit(out, compensator.fit, checkpoint, settings, model, tokenizer, fitting)
+    return read_eora(out)
 
 
 def describe(meta: dict[str, Any]) -> str:

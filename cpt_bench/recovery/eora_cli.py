@@ -22,29 +22,22 @@ def check_eora_out(out: Path, flag: str) -> None:
     ensure_replaceable(out, EORA_KIND, flag)
 
 
-def write_eora(out: Path, compensator: Compensator, checkpoint: Path, settings: CalibrationSettings,
-               model=None, tokenizer=None) -> None:
-    """Write the EoRA folder of ``compensator.fit`` for ``checkpoint`` and print its error and memory tables.
+def write_eora(out: Path, compensator: Compensator, checkpoint: Path, settings: CalibrationSettings) -> None:
+    """Write the EoRA folder of ``compensator.fit`` for ``checkpoint`` (``compress --eora-rank``: the fit ran in the
+    compression pass) and print its error and memory tables."""
+    from cpt_bench.recovery.eora import write_fit
 
-    ``model`` / ``tokenizer``: the base model the fit ran on, for the folder's identity record (None: the
-    checkpoint's own model and tokenizer, loaded here)."""
-    from dataclasses import asdict
+    write_fit(out, compensator.fit, checkpoint, settings)
+    _report(out)
 
-    from cpt_bench.assets.model import load_tokenizer
-    from cpt_bench.compress.checkpoints import load_checkpoint
-    from cpt_bench.compress.storage import read_manifest
-    from cpt_bench.recovery.eora import checkpoint_record, describe, read_eora, save_eora
-    from cpt_bench.recovery.target import describe_target
 
-    manifest = read_manifest(checkpoint)
-    if model is None:
-        model, _ = load_checkpoint(checkpoint)
-        tokenizer = load_tokenizer(str(checkpoint))
-    base_name = (manifest.get("base_model") or {}).get("name") or str(checkpoint)
-    save_eora(out, compensator.fit, model, describe_target(model, tokenizer, base_name),
-              checkpoint_record(checkpoint, manifest), asdict(settings))
-    print(describe(read_eora(out)))
-    print(f"EoRA adapter (a PEFT LoRA folder, rank {compensator.fit.rank}): {out}")
+def _report(out: Path) -> None:
+    """Print an EoRA folder's error and memory tables and where it is."""
+    from cpt_bench.recovery.eora import describe, read_eora
+
+    meta = read_eora(out)
+    print(describe(meta))
+    print(f"EoRA adapter (a PEFT LoRA folder, rank {meta['eora']['rank']}): {out}")
 
 
 EORA_OUTPUT = EoraOutput(check=check_eora_out, write=write_eora)
@@ -53,17 +46,17 @@ EORA_OUTPUT = EoraOutput(check=check_eora_out, write=write_eora)
 def cmd_eora(args: argparse.Namespace) -> None:
     """Fit EoRA for an existing compressed checkpoint and write it as a PEFT LoRA folder."""
     from cpt_bench.assets.model import check_fits_context, context_tokens
-    from cpt_bench.compress.checkpoints import compensate_checkpoint
-    from cpt_bench.compress.eora import Compensator, check_rank
+    from cpt_bench.compress.eora import check_rank
     from cpt_bench.compress.storage import read_manifest
+    from cpt_bench.recovery.eora import fit_checkpoint_eora
 
     settings = calibration_settings(args)
-    compensator = Compensator(check_rank(args.rank, "--rank"))
+    rank = check_rank(args.rank, "--rank")
     read_manifest(args.checkpoint)
     check_eora_out(args.out, "--out")
     check_fits_context(settings.seqlen, "--seqlen", str(args.checkpoint), context_tokens(str(args.checkpoint)))
-    model, tokenizer, _ = compensate_checkpoint(args.checkpoint, settings, compensator)
-    write_eora(args.out, compensator, args.checkpoint, settings, model, tokenizer)
+    fit_checkpoint_eora(args.checkpoint, settings, rank, args.out)
+    _report(args.out)
 
 
 def add_eora_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -214,7 +214,8 @@ def is_untrained(prompt: dict[str, Any]) -> bool:
 
 
 def prompt_label(prompt: dict[str, Any], target: dict[str, Any] | None = None) -> str:
-    """``none``, ``hard:<name>`` (``hard:text<n>`` for a text) or ``<method>:<source>@<trained_at>`` (``soft``,
+    """``none``, ``hard:<name>`` (``hard:text<n>`` for a text), ``eora:r<rank>@<trained_at>`` or
+    ``<method>:<source>@<trained_at>`` (``soft``,
     ``soft+kd``, ``lora``, ...), + `` (untrained)`` for one that never beat its initialisation and `` (in-domain)``
     for ``target``'s domain."""
     if prompt["kind"] == "none":
@@ -222,6 +223,8 @@ def prompt_label(prompt: dict[str, Any], target: dict[str, Any] | None = None) -
     if "name" in prompt:  # a hard prompt: its name, or text<n> for text:TEXT (recovery.hard)
         name = prompt["name"]
         return f"{prompt['kind']}:{f'text{len(name) - len(TEXT_FORM)}' if name.startswith(TEXT_FORM) else name}"
+    if prompt.get("rank") is not None:  # an EoRA adapter: fitted at its level, no source
+        return f"{prompt['kind']}:r{prompt['rank']}@{prompt['trained_at']}"
     if prompt.get("control"):  # the trivial-prefix control has no level
         level = "" if prompt.get("trained_at") is None else f"@{prompt['trained_at']}"
         return f"{prompt['control']}{level}{seed_suffix(prompt)}"
