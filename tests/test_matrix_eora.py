@@ -1,0 +1,166 @@
+"""EoRA adapters in the transfer matrix (``prompts.eora``): planned per compressed level and rank at their own level
+only, fitted as ``cpt-bench eora`` fits them, resumed without refitting, refused in one line when misconfigured."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from cpt_bench.cli import main
+from cpt_bench.matrix import store
+from cpt_bench.matrix.config import ConfigError, config_from_dict
+from cpt_bench.matrix.plan import describe, estimate_seconds, make_plan
+from cpt_bench.matrix.run import run_matrix
+from cpt_bench.recovery.lora import PEFT_WEIGHTS
+from tests.compress_helpers import _one_thread  # noqa: F401  (autouse)
+from tests.test_matrix import run_under, tiny_config, write_config
+
+CALIBRATION = {"corpus": "wikipedia", "n_windows": 3, "seqlen": 24, "seed": 0}
+LEVEL = "rtn-w3g32"
+RANK = 2
+EORA_ID = f"eora-r{RANK}@{LEVEL}"
+TARGETS = [{"task": "cpt_ppl_wikipedia", "limit": 2}, {"task": "cpt_piqa", "limit": 4}]
+
+
+def eora_config(model: str | Path = "embedded", **overrides) -> dict:
+    """dense and one compressed level x (none, EoRA r2, the trivial-prefix control) x 2 targets: 10 cells."""
+    return tiny_config(model, name="eora", compression={"specs": ["dense", LEVEL], "calibration": CALIBRATION},
+                       prompts={"eora": {"ranks": [RANK]}}, targets=TARGETS) | overrides
+
+
+# --- planning (no model) -----------------------------------------------------------------------------------------
+
+def test_eora_adapters_are_planned_per_level_and_rank_at_their_own_level_only():
+    config = config_from_dict(eora_config(compression={"specs": ["dense", "rtn-w4g32", LEVEL]},
+                                          prompts={"hard": ["paper"], "eora": {"ranks": [2, 4]}}))
+    plan = make_plan(config)
+    eora = [p for p in plan.soft_prompts if p.kind == "eora"]
+    assert [p.id for p in eora] == ["eora-r2@rtn-w4g32", "eora-r4@rtn-w4g32", "eora-r2@rtn-w3g32",
+                                    "eora-r4@rtn-w3g32"]
+    cells = {(c.compression, c.prompt.id, c.target.task): c for c in plan.cells}
+    for prompt in eora:  # every target at its own level, no other level (not dense, not the other quantization)
+        assert {(c, t) for c, p, t in cells if p == prompt.id} == {(prompt.trained_at, t["task"]) for t in TARGETS}
+    cell = cells[LEVEL, "eora-r4@rtn-w3g32", "cpt_piqa"]
+    assert (cell.dataset_relation, cell.compression_relation) == (None, "same")
+    assert cell.id == "rtn-w3g32__eora-r4@rtn-w3g32__cpt_piqa"
+    assert ("dense", "trivial", "cpt_piqa") in cells  # EoRA alone puts the trivial-prefix control beside it
+    text = describe(plan)
+    assert "4 EoRA adapters (eora-r2@rtn-w4g32" in text and "does not transfer across levels" in text
+    assert "rtn-w3g32: 10 cells; prompts none, hard-paper, eora-r2@rtn-w3g32, eora-r4@rtn-w3g32, trivial" in text
+    fewer = make_plan(config_from_dict(eora_config(compression={"specs": ["dense", "rtn-w4g32", LEVEL]},
+                                                   prompts={"eora": {"ranks": [2], "levels": [LEVEL]}})))
+    assert [p.id for p in fewer.soft_prompts if p.kind == "eora"] == ["eora-r2@rtn-w3g32"]
+    assert estimate_seconds(plan)["eora"] == pytest.approx(4 * estimate_seconds(fewer)["eora"])
+
+
+BAD = [
+    ("no_ranks", {"ranks": []}, r"^prompts\.eora\.ranks: got \[\], expected a non-empty list of positive integers"),
+    ("zero_rank", {"ranks": [8, 0]}, r"^prompts\.eora\.ranks: got \[8, 0\], expected a non-empty list of positive"),
+    ("rank_text", {"ranks": ["16"]}, r"^prompts\.eora\.ranks\[0\]: got str '16', expected int$"),
+    ("rank_twice", {"ranks": [8, 8]}, r"^prompts\.eora\.ranks\[1\]: 8 repeats ranks\[0\]; expected each once$"),
+    ("dense_level", {"ranks": [8], "levels": ["dense"]},
+     r"^prompts\.eora\.levels\[0\]: got 'dense', expected a compressed level \(dense has no compression error"),
+    ("level_not_run", {"ranks": [8], "levels": ["rtn-w4g32"]},
+     r"^prompts\.eora\.levels\[0\]: got 'rtn-w4g32', expected a compressed level of compression\.specs "
+     r"\(rtn-w3g32\)$"),
+    ("bad_level", {"ranks": [8], "levels": ["gptq-w5"]}, r"^prompts\.eora\.levels\[0\]: invalid compression spec"),
+    ("unknown_key", {"rank": 8}, r"^prompts\.eora\.rank: unknown key; expected one of levels, ranks$"),
+]
+
+
+@pytest.mark.parametrize("eora, message", [case[1:] for case in BAD], ids=[case[0] for case in BAD])
+def test_bad_eora_settings_are_refused_in_one_line(eora, message):
+    with pytest.raises(ConfigError, match=message) as caught:
+        config_from_dict(eora_config(prompts={"eora": eora}))
+    assert "\n" not in str(caught.value)
+
+
+def test_eora_needs_a_compressed_level_and_simulated_kernels():
+    with pytest.raises(ConfigError, match=r"^prompts\.eora: given, but compression\.specs has no compressed level"):
+        config_from_dict(eora_config(compression={"specs": ["dense"]}))
+    with pytest.raises(ConfigError, match=r"^kernels: got 'real', expected simulated with prompts\.eora"):
+        config_from_dict(eora_config(kernels="real"))
+
+
+# --- a run on the tiny model -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def eora_cache(_filled_fake_cache, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("eora-matrix-cache") / "cache"
+    shutil.copytree(_filled_fake_cache, root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def eora_run(eora_cache, tiny_model_dir, tmp_path_factory) -> Path:
+    return run_under(eora_cache, eora_config(tiny_model_dir), tmp_path_factory.mktemp("eora-run"))
+
+
+def test_eora_cells_record_rank_bytes_fitting_and_the_memory_account(eora_run):
+    cells = store.read_cells(eora_run)
+    assert len(cells) == 10
+    record = cells[f"{LEVEL}__{EORA_ID}__cpt_ppl_wikipedia"]
+    prompt, adapter = record["prompt"], record["prompt"]["adapter_memory"]
+    assert prompt["kind"] == "eora" and prompt["rank"] == RANK and prompt["path"] == f"prompts/{EORA_ID}"
+    assert prompt["trainable_parameters"] == 0 and prompt["stored_parameters"] == adapter["adapter_parameters"] > 0
+    assert prompt["stored_bytes"] == adapter["adapter_bytes"] == 2 * adapter["adapter_parameters"]  # fp16
+    assert prompt["fit_seconds"] > 0 and prompt["fit_peak_memory_bytes"] > 0
+    assert adapter["compressed_bits_per_weight_with_adapter"] == pytest.approx(
+        adapter["compressed_bits_per_weight"] + 8 * adapter["adapter_bytes"] / adapter["compressed_layer_weights"])
+    assert adapter["checkpoint_stored_bytes"] == record["compression"]["memory"]["stored_bytes"]
+    summary = json.loads((eora_run / "summary.json").read_text())
+    entry = next(p for p in summary["prompts"] if p["id"] == EORA_ID)
+    assert (entry["kind"], entry["rank"], entry["trained_at"]) == ("eora", RANK, LEVEL)
+    assert entry["bits_per_weight_with_adapter"] == adapter["compressed_bits_per_weight_with_adapter"]
+    flat = {c["id"]: c for c in summary["cells"]}
+    eora_cell = flat[f"{LEVEL}__{EORA_ID}__cpt_ppl_wikipedia"]
+    none_cell = flat[f"{LEVEL}__none__cpt_ppl_wikipedia"]
+    assert eora_cell["vs_none"]["against"] == none_cell["id"] and "gap_closed" in eora_cell
+    assert eora_cell["value"] != none_cell["value"]  # the adapter is applied
+    assert f"eora:r{RANK}@{LEVEL}" in (eora_run / "report" / "report.md").read_text()
+
+
+def test_the_matrix_adapter_is_the_one_cpt_bench_eora_fits_on_its_checkpoint(eora_run, eora_cache, tmp_path,
+                                                                              monkeypatch, capsys):
+    """Same code path (``fit_checkpoint_eora``), checkpoint and calibration windows, one torch thread: bit-identical
+    fp16 tensors."""
+    monkeypatch.setenv("CPT_BENCH_CACHE", str(eora_cache))
+    checkpoint = store.read_cells(eora_run)[f"{LEVEL}__{EORA_ID}__cpt_piqa"]["compression"]["checkpoint"]
+    out = tmp_path / "eora"
+    flags = ["--corpus", CALIBRATION["corpus"], "--n-windows", str(CALIBRATION["n_windows"]), "--seqlen",
+             str(CALIBRATION["seqlen"]), "--seed", str(CALIBRATION["seed"])]
+    assert main(["eora", checkpoint, "--rank", str(RANK), "--out", str(out), *flags]) == 0
+    assert f"EoRA r{RANK}" in capsys.readouterr().out
+    mine, theirs = load_file(eora_run / "prompts" / EORA_ID / PEFT_WEIGHTS), load_file(out / PEFT_WEIGHTS)
+    assert mine.keys() == theirs.keys() and len(mine) > 0
+    assert all(mine[key].equal(theirs[key]) for key in mine)
+    cli_record = json.loads((out / "lora.json").read_text())["eora"]
+    assert cli_record["calibration"] == json.loads((eora_run / "prompts" / EORA_ID / "lora.json").read_text())[
+        "eora"]["calibration"] and cli_record["fitting"]["wall_seconds"] > 0
+
+
+def test_resume_does_not_refit_an_eora_adapter(eora_run, eora_cache, tiny_model_dir, tmp_path, monkeypatch):
+    """A resumed run whose adapter is complete evaluates its missing cells with it and never fits again."""
+    import cpt_bench.recovery.eora as eora_module
+
+    monkeypatch.setenv("CPT_BENCH_CACHE", str(eora_cache))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(eora_run, resumed)
+    for path in (resumed / "cells").glob(f"*{EORA_ID}*.json"):
+        path.unlink()
+    (resumed / "summary.json").unlink()
+    adapter = resumed / "prompts" / EORA_ID / PEFT_WEIGHTS
+    before = adapter.read_bytes()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the EoRA adapter was fitted again")
+
+    monkeypatch.setattr(eora_module, "fit_checkpoint_eora", refuse)
+    assert run_matrix(write_config(tmp_path, eora_config(tiny_model_dir)), resumed, resume=True) == resumed
+    assert adapter.read_bytes() == before
+    assert store.comparable(store.read_cells(resumed)[f"{LEVEL}__{EORA_ID}__cpt_piqa"]) == store.comparable(
+        store.read_cells(eora_run)[f"{LEVEL}__{EORA_ID}__cpt_piqa"])
