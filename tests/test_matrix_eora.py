@@ -13,11 +13,11 @@ from safetensors.torch import load_file
 from cpt_bench.cli import main
 from cpt_bench.matrix import store
 from cpt_bench.matrix.config import ConfigError, config_from_dict
-from cpt_bench.matrix.plan import describe, estimate_seconds, make_plan
+from cpt_bench.matrix.plan import describe, estimate_seconds, make_plan, shard_plan
 from cpt_bench.matrix.run import run_matrix
 from cpt_bench.recovery.lora import PEFT_WEIGHTS
 from tests.compress_helpers import _one_thread  # noqa: F401  (autouse)
-from tests.test_matrix import run_under, tiny_config, write_config
+from tests.test_matrix import TRAINING, run_under, tiny_config, write_config
 
 CALIBRATION = {"corpus": "wikipedia", "n_windows": 3, "seqlen": 24, "seed": 0}
 LEVEL = "rtn-w3g32"
@@ -26,10 +26,22 @@ EORA_ID = f"eora-r{RANK}@{LEVEL}"
 TARGETS = [{"task": "cpt_ppl_wikipedia", "limit": 2}, {"task": "cpt_piqa", "limit": 4}]
 
 
+ON_EORA_ID = f"eora-r{RANK}+soft-wikipedia@{LEVEL}"
+SOFT = {"sources": ["wikipedia"], "trained_at": [LEVEL], "training": TRAINING}
+NO_LEVEL_TRANSFER = {"compression_levels": False, "compression_types": False}
+
+
 def eora_config(model: str | Path = "embedded", **overrides) -> dict:
     """dense and one compressed level x (none, EoRA r2, the trivial-prefix control) x 2 targets: 10 cells."""
     return tiny_config(model, name="eora", compression={"specs": ["dense", LEVEL], "calibration": CALIBRATION},
                        prompts={"eora": {"ranks": [RANK]}}, targets=TARGETS) | overrides
+
+
+def eora_soft_config(model: str | Path = "embedded") -> dict:
+    """``eora_config`` plus a soft prompt and a soft prompt trained on EoRA r2, both at the compressed level only:
+    dense x (none, trivial) + the level x (none, soft, EoRA, EoRA + soft, trivial), x 2 targets: 14 cells."""
+    return eora_config(model, prompts={"soft": SOFT, "eora": {"ranks": [RANK], "soft": [RANK]}},
+                       transfer=NO_LEVEL_TRANSFER)
 
 
 # --- planning (no model) -----------------------------------------------------------------------------------------
@@ -57,6 +69,25 @@ def test_eora_adapters_are_planned_per_level_and_rank_at_their_own_level_only():
     assert estimate_seconds(plan)["eora"] == pytest.approx(4 * estimate_seconds(fewer)["eora"])
 
 
+def test_a_soft_prompt_on_eora_has_its_own_id_and_is_scored_with_its_adapter_at_its_level():
+    config = config_from_dict(eora_config(compression={"specs": ["dense", "rtn-w4g32", LEVEL]},
+                                          prompts={"soft": {**SOFT, "seeds": [0, 1]},
+                                                   "eora": {"ranks": [2, 4], "soft": [4]}}))
+    plan = make_plan(config)
+    on_eora = [p for p in plan.soft_prompts if p.eora_base is not None]
+    assert [p.id for p in on_eora] == ["eora-r4+soft-wikipedia@rtn-w3g32#s0", "eora-r4+soft-wikipedia@rtn-w3g32#s1"]
+    assert on_eora[0].eora_base.id == "eora-r4@rtn-w3g32" and on_eora[0].is_learned
+    ids = [p.id for p in plan.soft_prompts]  # the adapter is built before the prompts trained on it
+    assert ids.index("eora-r4@rtn-w3g32") < ids.index("eora-r4+soft-wikipedia@rtn-w3g32#s0")
+    levels = {c.compression for c in plan.cells if c.prompt in on_eora}
+    assert levels == {LEVEL}  # never transferred, though the plain soft prompts are (transfers default to on)
+    assert {c.compression for c in plan.cells if c.prompt.id == "soft-wikipedia@rtn-w3g32#s0"} == {
+        "dense", "rtn-w4g32", LEVEL}
+    assert "rtn-w3g32__eora-r4+soft-wikipedia@rtn-w3g32-s1__cpt_piqa" in {c.id for c in plan.cells}
+    shard = next(s for s in (shard_plan(plan, i, 9) for i in range(9)) if any(c.prompt in on_eora for c in s.cells))
+    assert any(p.id == "eora-r4@rtn-w3g32" for p in shard.soft_prompts)  # a shard gets the adapter it needs
+
+
 BAD = [
     ("no_ranks", {"ranks": []}, r"^prompts\.eora\.ranks: got \[\], expected a non-empty list of positive integers"),
     ("zero_rank", {"ranks": [8, 0]}, r"^prompts\.eora\.ranks: got \[8, 0\], expected a non-empty list of positive"),
@@ -68,7 +99,11 @@ BAD = [
      r"^prompts\.eora\.levels\[0\]: got 'rtn-w4g32', expected a compressed level of compression\.specs "
      r"\(rtn-w3g32\)$"),
     ("bad_level", {"ranks": [8], "levels": ["gptq-w5"]}, r"^prompts\.eora\.levels\[0\]: invalid compression spec"),
-    ("unknown_key", {"rank": 8}, r"^prompts\.eora\.rank: unknown key; expected one of levels, ranks$"),
+    ("unknown_key", {"rank": 8}, r"^prompts\.eora\.rank: unknown key; expected one of levels, ranks, soft$"),
+    ("soft_rank_not_fitted", {"ranks": [8], "soft": [16]}, r"^prompts\.eora\.soft\[0\]: got 16, expected one of "
+     r"ranks \(8\)$"),
+    ("soft_without_soft_prompts", {"ranks": [8], "soft": [8]}, r"^prompts\.eora\.soft: got \[8\], but no level both "
+     r"trains soft prompts \(prompts\.soft\.trained_at: \[\]\) and has EoRA \(rtn-w3g32\); expected one that does$"),
 ]
 
 
@@ -97,12 +132,12 @@ def eora_cache(_filled_fake_cache, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def eora_run(eora_cache, tiny_model_dir, tmp_path_factory) -> Path:
-    return run_under(eora_cache, eora_config(tiny_model_dir), tmp_path_factory.mktemp("eora-run"))
+    return run_under(eora_cache, eora_soft_config(tiny_model_dir), tmp_path_factory.mktemp("eora-run"))
 
 
 def test_eora_cells_record_rank_bytes_fitting_and_the_memory_account(eora_run):
     cells = store.read_cells(eora_run)
-    assert len(cells) == 10
+    assert len(cells) == 14
     record = cells[f"{LEVEL}__{EORA_ID}__cpt_ppl_wikipedia"]
     prompt, adapter = record["prompt"], record["prompt"]["adapter_memory"]
     assert prompt["kind"] == "eora" and prompt["rank"] == RANK and prompt["path"] == f"prompts/{EORA_ID}"
@@ -146,11 +181,12 @@ def test_the_matrix_adapter_is_the_one_cpt_bench_eora_fits_on_its_checkpoint(eor
 def test_resume_does_not_refit_an_eora_adapter(eora_run, eora_cache, tiny_model_dir, tmp_path, monkeypatch):
     """A resumed run whose adapter is complete evaluates its missing cells with it and never fits again."""
     import cpt_bench.recovery.eora as eora_module
+    import cpt_bench.recovery.soft as soft_module
 
     monkeypatch.setenv("CPT_BENCH_CACHE", str(eora_cache))
     resumed = tmp_path / "resumed"
     shutil.copytree(eora_run, resumed)
-    for path in (resumed / "cells").glob(f"*{EORA_ID}*.json"):
+    for path in [*(resumed / "cells").glob(f"*{EORA_ID}*.json"), *(resumed / "cells").glob(f"*{ON_EORA_ID}*.json")]:
         path.unlink()
     (resumed / "summary.json").unlink()
     adapter = resumed / "prompts" / EORA_ID / PEFT_WEIGHTS
@@ -160,7 +196,34 @@ def test_resume_does_not_refit_an_eora_adapter(eora_run, eora_cache, tiny_model_
         raise AssertionError("the EoRA adapter was fitted again")
 
     monkeypatch.setattr(eora_module, "fit_checkpoint_eora", refuse)
-    assert run_matrix(write_config(tmp_path, eora_config(tiny_model_dir)), resumed, resume=True) == resumed
+    monkeypatch.setattr(soft_module, "train_soft_prompt", refuse)
+    assert run_matrix(write_config(tmp_path, eora_soft_config(tiny_model_dir)), resumed, resume=True) == resumed
     assert adapter.read_bytes() == before
     assert store.comparable(store.read_cells(resumed)[f"{LEVEL}__{EORA_ID}__cpt_piqa"]) == store.comparable(
         store.read_cells(eora_run)[f"{LEVEL}__{EORA_ID}__cpt_piqa"])
+
+
+def test_a_soft_prompt_on_eora_is_trained_and_scored_on_the_corrected_model(eora_run):
+    from cpt_bench.recovery.artifact import read_prompt
+
+    cells = store.read_cells(eora_run)
+    record = cells[f"{LEVEL}__{ON_EORA_ID}__cpt_ppl_wikipedia"]
+    prompt = record["prompt"]
+    assert prompt["kind"] == "soft" and prompt["on_eora"] == RANK and prompt["n_tokens"] == TRAINING["n_virtual_tokens"]
+    assert prompt["corrected_by"]["kind"] == "eora" and prompt["corrected_by"]["rank"] == RANK
+    assert prompt["corrected_by"]["path"] == str(eora_run / "prompts" / EORA_ID)
+    assert prompt["trained_on"] == f"{LEVEL} + EoRA r{RANK}"
+    assert record["memory"]["adapter_bytes"] == cells[f"{LEVEL}__{EORA_ID}__cpt_ppl_wikipedia"]["memory"][
+        "adapter_bytes"] > 0  # the adapter's tensors, resident under the prompt
+    on_eora = read_prompt(eora_run / "prompts" / ON_EORA_ID)
+    plain = read_prompt(eora_run / "prompts" / f"soft-wikipedia@{LEVEL}")
+    assert on_eora.meta["compression"] == f"{LEVEL} + EoRA r{RANK}" and plain.meta["compression"] == LEVEL
+    assert not on_eora.embeddings.equal(plain.embeddings)  # same start and data, another model under it
+    values = {prompt_id: cells[f"{LEVEL}__{prompt_id}__cpt_ppl_wikipedia"]["metric"]["value"]
+              for prompt_id in (ON_EORA_ID, EORA_ID, f"soft-wikipedia@{LEVEL}")}
+    assert len(set(values.values())) == 3
+    summary = json.loads((eora_run / "summary.json").read_text())
+    entry = next(p for p in summary["prompts"] if p["id"] == ON_EORA_ID)
+    assert entry["on_eora"] == RANK and entry["source"] == "wikipedia" and entry["trained_at"] == LEVEL
+    assert entry["bits_per_weight_with_adapter"] == prompt["adapter_memory"]["compressed_bits_per_weight_with_adapter"]
+    assert f"eora-r{RANK}+soft:wikipedia@{LEVEL}" in (eora_run / "report" / "report.md").read_text()

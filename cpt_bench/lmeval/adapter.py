@@ -12,6 +12,9 @@ since lm-eval has no plugin discovery). Extra model_args:
   the model like a prompt and applied unmerged on top of the (compressed) model, as plain lm-eval's
   ``hf`` model applies ``peft=DIR`` (which gives the same scores where the model's vocabulary size equals the
   tokenizer's: otherwise HFLM resizes the embeddings first). Not combined with a prompt.
+- ``eora=DIR``: an EoRA folder (``cpt_bench.recovery.eora``), applied like ``lora=`` on the checkpoint it was fitted
+  on; it may be combined with one prompt (``soft_prompt=`` or ``hard_prompt=``), placed before every request of the
+  corrected model (the prompt block then records the correction under ``corrected_by``).
 - ``prefix_cache=true|false`` (default true): compute the prompt's key/value cache once and reuse it
   for every batch, or concatenate the prompt embeddings to every batch (generation with sliding-window layers
   always concatenates: ``lmeval.generation``).
@@ -93,19 +96,22 @@ def _as_bool(value: bool | str, name: str) -> bool:
 RECOVERY_ARGS = {kind.model_arg: kind for kind in RECOVERY_KINDS.values() if kind.model_arg}  # model_arg -> kind
 
 
-def _chosen_recovery(given: dict[str, str], prompt_position: str | None) -> tuple[RecoveryKind, str] | None:
-    """The recovery method named among ``given`` (model_arg -> value, ``RECOVERY_ARGS``) and its value, checked
-    (``RecoveryKind.check_arg``); refuse two at once and a position that is unknown or given without a prompt."""
-    if len(given) > 1:
+def _chosen_recovery(given: dict[str, str], prompt_position: str | None) -> list[tuple[RecoveryKind, str]]:
+    """The recovery methods named among ``given`` (model_arg -> value, ``RECOVERY_ARGS``) with their values, checked
+    (``RecoveryKind.check_arg``): none, one, or a weight correction that combines with prompts
+    (``RecoveryKind.combines_with_prompts``: EoRA) and one prompt, the correction first; refuse any other pair and a
+    position that is unknown or given without a prompt."""
+    chosen = sorted(((RECOVERY_ARGS[arg], value) for arg, value in given.items()), key=lambda pair: pair[0].prefix)
+    combined = len(chosen) == 2 and chosen[0][0].combines_with_prompts and chosen[1][0].prefix
+    if len(chosen) > 1 and not combined:
         raise PromptAdapterError(f"give one of {_one_of(list(RECOVERY_ARGS))}, not {' and '.join(given)}")
-    chosen = next(((RECOVERY_ARGS[arg], value) for arg, value in given.items()), None)
     if prompt_position is not None:
         check_position(prompt_position)
-        if chosen is None or not chosen[0].prefix:
+        if not any(kind.prefix for kind, _ in chosen):
             prompts = [arg for arg, kind in RECOVERY_ARGS.items() if kind.prefix]
             raise PromptAdapterError(f"prompt_position {prompt_position!r} is given without {' or '.join(prompts)}")
-    if chosen is not None:
-        chosen[0].check_arg(chosen[1])
+    for kind, value in chosen:
+        kind.check_arg(value)
     return chosen
 
 
@@ -183,7 +189,7 @@ class CptLM(HFLM):
             raise PromptAdapterError(f"compression_mode must be one of {', '.join(MODES)}, got {compression_mode!r}")
         compression = parse_compression(compression)
         device = lm_eval_device(device)
-        artifact = chosen[0].read(chosen[1]) if chosen else None
+        artifacts = [kind.read(value) for kind, value in chosen]
         name, label = pretrained, "dense"
         if compression is not None:
             dtype = get_dtype(kwargs.get("dtype") or "auto")
@@ -198,13 +204,15 @@ class CptLM(HFLM):
         except (OSError, SafetensorError) as error:  # missing or truncated weight / tokenizer files
             raise ModelError(f"could not load model {name!r}: {first_line(error)}") from error
         self.prompt_info["compression"] = label
-        if chosen is not None:
-            kind, value = chosen
+        for (kind, value), artifact in zip(chosen, artifacts, strict=True):
             if kind.prefix and self.backend != "causal":
                 raise PromptAdapterError(f"prompts need a causal (decoder-only) model, this one is {self.backend}")
             applied = kind.apply(self.model, self.tokenizer, value, artifact, name, allow_cross_model)
-            self._model, self._recovery_tensors = applied.model, applied.tensors
-            self.prompt_info |= applied.info
+            self._model, self._recovery_tensors = applied.model, self._recovery_tensors + applied.tensors
+            if len(chosen) == 1 or kind.prefix:
+                self.prompt_info |= applied.info
+            else:  # a correction under a prompt: the prompt is the cell's kind, the correction what it sits on
+                self.prompt_info["corrected_by"] = applied.info
             if applied.prompt is not None:
                 self._set_prompt(applied, f"{kind.label} {value}", prefix_cache, prompt_position)
 

@@ -302,11 +302,14 @@ class EoraAdapters:
     transfer across levels.
 
     ``ranks``: the ranks, one adapter each (``[8, 16, 32]``); ``levels``: the compressed levels to correct (default:
-    every level of ``compression.specs`` but dense).
+    every level of ``compression.specs`` but dense); ``soft``: ranks (of ``ranks``) at which soft prompts are also
+    trained on the model corrected by that adapter (EoRA + soft prompt: ``prompts.soft``'s sources, settings, seeds
+    and objectives, at its ``trained_at`` levels that have EoRA), scored with the adapter, at that level only.
     """
 
     ranks: list[int] = field(default_factory=list)
     levels: list[str] = field(default_factory=list)
+    soft: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _require(bool(self.ranks) and all(rank > 0 for rank in self.ranks), "ranks", self.ranks,
@@ -322,6 +325,9 @@ class EoraAdapters:
                      "a compressed level (dense has no compression error to correct)")
         _require_distinct("levels", self.levels, levels)
         object.__setattr__(self, "levels", levels)
+        for index, rank in enumerate(self.soft):
+            _require(rank in self.ranks, f"soft[{index}]", rank, f"one of ranks ({', '.join(map(str, self.ranks))})")
+        _require_distinct("soft", self.soft)
 
 
 @dataclass(frozen=True)
@@ -407,6 +413,10 @@ class MatrixConfig:
             if not compressed:
                 raise ConfigError("prompts.eora: given, but compression.specs has no compressed level; expected a "
                                   "level for EoRA to correct (e.g. gptq-w3g64)")
+            if self.prompts.eora.soft and not self.eora_soft_levels():
+                raise ConfigError(f"prompts.eora.soft: got {self.prompts.eora.soft!r}, but no level both trains soft "
+                                  f"prompts (prompts.soft.trained_at: {self.prompts.soft.trained_at}) and has EoRA "
+                                  f"({', '.join(self.eora_levels())}); expected one that does")
 
     def eora_levels(self) -> list[str]:
         """The levels EoRA adapters correct: ``prompts.eora.levels``, else every compressed level (none without
@@ -414,6 +424,14 @@ class MatrixConfig:
         if self.prompts.eora is None:
             return []
         return self.prompts.eora.levels or [spec for spec in self.compression.specs if spec != "dense"]
+
+    def eora_soft_levels(self) -> list[str]:
+        """The levels where soft prompts are trained on EoRA (``prompts.eora.soft``): those of
+        ``prompts.soft.trained_at`` that have EoRA adapters."""
+        if self.prompts.eora is None or not self.prompts.eora.soft:
+            return []
+        levels = [str(Spec.parse(level)) for level in self.prompts.soft.trained_at]
+        return [level for level in levels if level in self.eora_levels()]
 
     def seeds(self) -> dict[str, int]:
         """lm-eval's four seeds: its defaults (0, 1234, 1234, 1234) shifted by ``seed``."""

@@ -14,7 +14,9 @@ target T:
   ``compression_types`` (another family; dense is its own family);
 - a control prompt of level C' only at C == C', on the targets that some learned prompt of C' is kept on at C';
 - an EoRA adapter (``prompts.eora``) of level C' and rank r only at C == C', on every target: it corrects the errors of
-  C''s checkpoint and does not transfer across levels (its folder is fitted on the checkpoint, not trained);
+  C''s checkpoint and does not transfer across levels (its folder is fitted on the checkpoint, not trained); a soft
+  prompt trained on it (``prompts.eora.soft``) likewise, with the adapter applied, on the targets the ``datasets``
+  transfer allows;
 - the trivial-prefix control (``TRIVIAL_PREFIX``, unless ``prompts.trivial_prefix`` is false), when the config
   has any prompt besides ``none``, at every level on every target: one artifact of no level (written from the
   dense model's embedding layer, which compression leaves alone), applied everywhere.
@@ -85,7 +87,8 @@ class PromptChoice:
     ``seed``: the training seed, set only when the config trains several (it is then part of the id);
     ``control``: ``init`` / ``random`` for an untrained control prompt (no source), ``trivial`` for the
     trivial-prefix control (no source, no level: its id is ``trivial``); ``rank``: an EoRA adapter's rank (kind
-    ``eora``, id ``eora-r16@gptq-w3g64``: no source, seed or objective)."""
+    ``eora``, id ``eora-r16@gptq-w3g64``: no source, seed or objective) or, on a soft prompt, the rank of the EoRA
+    adapter it was trained on and is applied with (``eora-r16+soft-wikipedia@gptq-w3g64``: ``eora_base``)."""
 
     kind: str
     hard: str | None = None  # a registered name or text:TEXT (recovery.hard)
@@ -111,8 +114,17 @@ class PromptChoice:
 
     @property
     def method(self) -> str:
-        """The kind (``soft``, ``lora``, ...), with ``+kd`` for the kd objective: how a learned artifact was made."""
-        return self.kind + ("" if self.objective == "lm" else f"+{self.objective}")
+        """The kind (``soft``, ``lora``, ...), with ``+kd`` for the kd objective and ``eora-r<rank>+`` before a soft
+        prompt trained on an EoRA adapter: how a learned artifact was made."""
+        on_eora = "" if self.rank is None else f"{EORA}-r{self.rank}+"
+        return on_eora + self.kind + ("" if self.objective == "lm" else f"+{self.objective}")
+
+    @property
+    def eora_base(self) -> PromptChoice | None:
+        """The EoRA adapter a soft prompt was trained on and is applied with (None: none)."""
+        if self.kind == EORA or self.rank is None:
+            return None
+        return PromptChoice(EORA, trained_at=self.trained_at, rank=self.rank)
 
     @property
     def is_learned(self) -> bool:
@@ -225,8 +237,14 @@ def make_plan(config: MatrixConfig) -> Plan:
                     cells.append(Cell(compression, prompt, target, dataset, level))
     eora = tuple(PromptChoice(EORA, trained_at=level, rank=rank) for level in config.eora_levels()
                  for rank in config.prompts.eora.ranks)
-    cells += [Cell(prompt.trained_at, prompt, target, *_relations(prompt, prompt.trained_at, target))
-              for prompt in eora for target in config.targets]
+    on_eora = tuple(PromptChoice(kind, source=source, trained_at=level, seed=seed if len(seeds) > 1 else None,
+                                 objective=objective, rank=rank)
+                    for level in config.eora_soft_levels() for rank in config.prompts.eora.soft
+                    for source in soft.sources for kind, objective in methods if kind == CONTROL_PROMPT_KIND
+                    for seed in seeds)
+    cells += [Cell(prompt.trained_at, prompt, target, *relations) for prompt in eora + on_eora
+              for target in config.targets
+              if _wanted(config, *(relations := _relations(prompt, prompt.trained_at, target)))]
     controls = tuple(dict.fromkeys(control_for(config, prompt, kind) for prompt in learned
                                    if prompt.kind == CONTROL_PROMPT_KIND for kind in soft.controls))
     for control in controls:
@@ -240,12 +258,14 @@ def make_plan(config: MatrixConfig) -> Plan:
                   for target in config.targets]
     order = {spec: index for index, spec in enumerate(config.compression.specs)}
     cells.sort(key=lambda cell: order[cell.compression])  # stable: within a level, prompts then targets in order
-    return _with_artifacts(config, tuple(cells), learned + eora + controls)
+    return _with_artifacts(config, tuple(cells), learned + eora + on_eora + controls)
 
 
 def _with_artifacts(config: MatrixConfig, cells: tuple[Cell, ...], soft_prompts: tuple[PromptChoice, ...]) -> Plan:
     """A plan for ``cells`` with only the prompts they apply and the checkpoints those cells and prompts need."""
-    used_prompts = tuple(p for p in soft_prompts if any(cell.prompt == p for cell in cells))
+    used = {cell.prompt for cell in cells}
+    used |= {p.eora_base for p in used if p.eora_base is not None}  # an EoRA + soft prompt needs its adapter
+    used_prompts = tuple(p for p in soft_prompts if p in used)
     needed = {cell.compression for cell in cells} | {p.trained_at for p in used_prompts}  # (None: of no level)
     compressed = tuple(spec for spec in config.compression.specs if spec in needed and spec != "dense")
     return Plan(config, cells, compressed, used_prompts)

@@ -126,19 +126,32 @@ def build_prompt(config: MatrixConfig, run_dir: Path, prompt: PromptChoice, comp
                               mode=config.kernels, dtype=getattr(torch, config.dtype), device=resolved_device(config))
 
         loaded = load(compressed_folder)
+        model, compression = loaded.model, loaded.compression
+        if prompt.eora_base is not None:  # a soft prompt trained on the model its EoRA adapter corrects
+            model, compression = _with_eora(config, run_dir, prompt.eora_base, compressed_folder, loaded)
         training = prompt_training(config, prompt)
         teacher = load(None).model if training.objective == "kd" else None
-        common = {"model_name": config.model, "compression": loaded.compression}
+        common = {"model_name": config.model, "compression": compression}
         if prompt.control:
-            write_control_prompt(loaded.model, loaded.tokenizer, training, prompt.control, folder, **common)
+            write_control_prompt(model, loaded.tokenizer, training, prompt.control, folder, **common)
         else:
-            RECOVERY_KINDS[prompt.kind].train(loaded.model, loaded.tokenizer, training,
+            RECOVERY_KINDS[prompt.kind].train(model, loaded.tokenizer, training,
                                               recovery_settings(config, prompt.kind), prompt.source, folder,
                                               resume=(folder / CHECKPOINT).is_file(), teacher=teacher, **common)
     artifact_meta(folder, prompt.kind)
     if not prompt.control:  # a control is its initialisation by design
         check_prompt_trained(folder, prompt, config.prompts.soft.require_improvement)
     return str(folder)
+
+
+def _with_eora(config: MatrixConfig, run_dir: Path, base: PromptChoice, compressed_folder: str | None, loaded):
+    """``loaded``'s compressed model corrected by the EoRA adapter ``base`` of the run (fitted first if it is not yet:
+    ``build_prompt``), applied unmerged through PEFT as the cells apply it, and its label (``gptq-w3g64 + EoRA
+    r16``)."""
+    folder = build_prompt(config, run_dir, base, compressed_folder)
+    kind = RECOVERY_KINDS[EORA]
+    applied = kind.apply(loaded.model, loaded.tokenizer, folder, kind.read(folder), config.model, False)
+    return applied.model, f"{loaded.compression} + EoRA r{base.rank}"
 
 
 # --- cells -------------------------------------------------------------------------------------------------------
@@ -210,6 +223,8 @@ def _load_lm(job: GroupJob):
     compression = CheckpointFolder(Path(job.compressed_folder)) if job.compressed_folder else None
     model_arg = RECOVERY_KINDS[prompt.kind].model_arg
     recovery = {model_arg: prompt.hard if prompt.hard is not None else job.prompt_folder} if model_arg else {}
+    if prompt.eora_base is not None:  # the soft prompt sits on the EoRA adapter it was trained on
+        recovery[RECOVERY_KINDS[EORA].model_arg] = str(prompt_folder(job.run_dir, prompt.eora_base))
     return CptLM(pretrained=job.config.model, compression=compression, compression_mode=job.config.kernels,
                  batch_size=job.config.batch_size, device=resolved_device(job.config), dtype=job.config.dtype,
                  **recovery)
@@ -244,6 +259,9 @@ def _prompt_block(lm, job: GroupJob) -> dict[str, Any]:
                      stored_parameters=record["memory"]["adapter_parameters"], fit_seconds=fitting.get("wall_seconds"),
                      fit_peak_memory_bytes=fitting.get("peak_memory_bytes"), adapter_memory=record["memory"])
     elif job.prompt_folder:
+        if job.prompt.eora_base is not None:  # the EoRA adapter it sits on: its rank and memory account
+            base = artifact_meta(prompt_folder(job.run_dir, job.prompt.eora_base), EORA)["eora"]
+            block.update(on_eora=base["rank"], adapter_memory=base["memory"])
         meta = artifact_meta(Path(job.prompt_folder), job.prompt.kind)
         block.update(path=str(Path(job.prompt_folder).relative_to(job.run_dir)),
                      source=meta["source"]["corpus"], train_seconds=round(meta["train_seconds"], 1),
@@ -391,8 +409,11 @@ def _build_artifacts(plan: Plan, run_dir: Path, pending: set[tuple[str, PromptCh
     specs = [spec for spec in plan.compressed
              if any(spec == c for c, _ in pending) or any(spec == p.trained_at for p in prompts_needed)]
     compressed = dict(zip(specs, executor.map(build_compressed, [(config, spec) for spec in specs]), strict=True))
-    jobs = [(config, run_dir, p, compressed.get(p.trained_at)) for p in prompts_needed]
-    prompts = dict(zip(prompts_needed, executor.map(build_prompt, jobs), strict=True))
+    prompts: dict[PromptChoice, str] = {}
+    for phase in (False, True):  # a soft prompt on EoRA after the adapters (each builds its own if it is missing)
+        built = [p for p in prompts_needed if (p.eora_base is not None) == phase]
+        jobs = [(config, run_dir, p, compressed.get(p.trained_at)) for p in built]
+        prompts |= dict(zip(built, executor.map(build_prompt, jobs), strict=True))
     return compressed, prompts
 
 

@@ -50,7 +50,7 @@ SUMMARY_NUMBERS = {"summary": ("wall_seconds",), "compressions": ("weight_bytes"
                    "cells": ("value",)}
 SUMMARY_OPTIONAL_NUMBERS = {"cells": ("stderr", "delta"),
                             "prompts": ("seed", "trainable_parameters", "train_seconds", "train_peak_memory_bytes",
-                                        "tokens_seen", "stored_parameters", "stored_bytes",
+                                        "tokens_seen", "stored_parameters", "stored_bytes", "on_eora",
                                         "bits_per_weight_with_adapter", "fit_seconds", "fit_peak_memory_bytes")}
 SUMMARY_OPTIONAL_FLAGS = {"prompts": ("untrained",)}  # absent in summaries written before the flag existed
 # A cell's paired comparisons (``paired.cell_comparisons``), each an object with a numeric ``estimate``; absent in
@@ -360,6 +360,10 @@ def _prompt_summary(record: dict[str, Any]) -> dict[str, Any]:
             summary["seed"] = choice["seed"]
         if choice.get("control"):
             summary["control"] = choice["control"]
+        if choice.get("rank") is not None:  # trained on, and applied with, an EoRA adapter of this rank
+            memory = prompt["adapter_memory"]
+            summary.update(on_eora=choice["rank"], stored_bytes=memory["adapter_bytes"],
+                           bits_per_weight_with_adapter=memory["compressed_bits_per_weight_with_adapter"])
     if choice["kind"] == EORA:  # fitted, not trained: its rank, what it adds to the checkpoint and what fitting cost
         memory = prompt["adapter_memory"]
         summary.update(trained_at=choice["trained_at"], rank=choice["rank"], trainable_parameters=0,

@@ -200,6 +200,7 @@ class EoraKind(RecoveryKind):
     model_arg = METHOD
     metadata_file = METADATA  # a matrix's EoRA artifact (fitted per level and rank, not trained: not ``learned``)
     summary_keys = ("trained_at", "rank")
+    combines_with_prompts = True  # it corrects weights; a prompt conditions inputs (a soft prompt trained on it)
 
     def read_meta(self, folder: Path) -> dict[str, Any]:
         return read_eora(folder)

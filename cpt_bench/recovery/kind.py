@@ -53,6 +53,7 @@ class RecoveryKind:
     learned: ClassVar[bool] = False  # trained per (source, level, seed, objective); transfers across targets
     metadata_file: ClassVar[str | None] = None  # a built artifact's metadata, written last: it marks it complete
     summary_keys: ClassVar[tuple[str, ...]] = ()  # the keys its entries in summary.json require
+    combines_with_prompts: ClassVar[bool] = False  # a weight correction the adapter may apply under one prompt
 
     def check_arg(self, value: str) -> None:
         """Refuse a ``model_arg`` value that cannot name an artifact (empty, an unknown name) in one line."""

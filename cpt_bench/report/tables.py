@@ -93,10 +93,10 @@ def validate_summary(raw: Any, origin: str) -> None:
         _fail(origin, f"prompts have unknown kind {', '.join(kinds)}")
     known = {"compression": _unique(raw, "compressions", "spec", origin),
              "prompt": _unique(raw, "prompts", "id", origin), "task": _unique(raw, "targets", "task", origin)}
-    learned = [(p["kind"], p.get("objective"), p["source"], p["trained_at"], p.get("seed"), p.get("control"))
-               for p in raw["prompts"] if p["kind"] in LEARNED_KINDS]
+    learned = [(p["kind"], p.get("objective"), p["source"], p["trained_at"], p.get("seed"), p.get("control"),
+                p.get("on_eora")) for p in raw["prompts"] if p["kind"] in LEARNED_KINDS]
     if len(set(learned)) != len(learned):
-        _fail(origin, "two prompts share a (kind, objective, source, trained_at, seed, control)")
+        _fail(origin, "two prompts share a (kind, objective, source, trained_at, seed, control, on_eora)")
     seen = set()
     for index, cell in enumerate(raw["cells"]):
         if unknown := [f"{k} {cell[k]!r}" for k in ("compression", "prompt", "task") if cell[k] not in known[k]]:
@@ -194,9 +194,11 @@ def is_learned(prompt: dict[str, Any]) -> bool:
 
 
 def method(prompt: dict[str, Any]) -> str:
-    """How a learned prompt was made: ``soft`` / ``lora``, with ``+kd`` for the kd objective."""
+    """How a learned prompt was made: ``soft`` / ``lora``, with ``+kd`` for the kd objective and ``eora-r<rank>+``
+    before a soft prompt trained on an EoRA adapter (``on_eora``)."""
     objective = prompt.get("objective", "lm")
-    return prompt["kind"] + ("" if objective == "lm" else f"+{objective}")
+    on_eora = "" if prompt.get("on_eora") is None else f"eora-r{prompt['on_eora']}+"
+    return on_eora + prompt["kind"] + ("" if objective == "lm" else f"+{objective}")
 
 
 def is_in_domain(prompt: dict[str, Any], target: dict[str, Any]) -> bool:
