@@ -352,7 +352,10 @@ def describe(plan: Plan, parameters: int | None = REFERENCE_PARAMETERS) -> str:
         lines.append(f"{RECOVERY_KINDS[EORA].label}s: ranks {', '.join(map(str, config.prompts.eora.ranks))} at "
                      f"{', '.join(config.eora_levels())}, fitted in closed form (no training) on each level's "
                      f"checkpoint from the calibration windows above, as cpt-bench eora does; each is scored at its "
-                     "own level only: it corrects that checkpoint's errors and does not transfer across levels")
+                     "own level only: it corrects that checkpoint's errors and does not transfer across levels"
+                     + (f"; soft prompts trained on EoRA r{', r'.join(map(str, config.prompts.eora.soft))} (at "
+                        f"{', '.join(config.eora_soft_levels())}) are applied with it, at that level only"
+                        if config.prompts.eora.soft else ""))
     lines.append(f"targets (perplexity windows of {config.ppl_seqlen} tokens): "
                  + ", ".join(f"{t.name} ({t.metric}, limit {t.limit})" for t in config.targets))
     generated = [(t, (t.limit or 1000) * generated_tokens(t) * sum(cell.target == t for cell in plan.cells))
