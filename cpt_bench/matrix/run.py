@@ -261,7 +261,9 @@ def _prompt_block(lm, job: GroupJob) -> dict[str, Any]:
     elif job.prompt_folder:
         if job.prompt.eora_base is not None:  # the EoRA adapter it sits on: its rank and memory account
             base = artifact_meta(prompt_folder(job.run_dir, job.prompt.eora_base), EORA)["eora"]
-            block.update(on_eora=base["rank"], adapter_memory=base["memory"])
+            where = str(prompt_folder(job.run_dir, job.prompt.eora_base).relative_to(job.run_dir))
+            block.update(on_eora=base["rank"], adapter_memory=base["memory"],
+                         corrected_by={**block["corrected_by"], "path": where})  # relative, as ``path`` is
         meta = artifact_meta(Path(job.prompt_folder), job.prompt.kind)
         block.update(path=str(Path(job.prompt_folder).relative_to(job.run_dir)),
                      source=meta["source"]["corpus"], train_seconds=round(meta["train_seconds"], 1),
