@@ -26,7 +26,7 @@ from cpt_bench.matrix.store import SUMMARY_FILE, trivial_prefix_warnings
 from cpt_bench.report.board_page import page
 from cpt_bench.report.leaderboard import PAGE_KINDS, build_board, check_results_folder, load_runs, markdown
 from cpt_bench.report.recovery import method_tables, recovery_tables, seed_tables
-from cpt_bench.report.serving import serving_tables
+from cpt_bench.report.serving import generation_tables, serving_tables
 from cpt_bench.report.tables import (
     SIGNIFICANT_NOTE,
     UNTRAINED_NOTE,
@@ -98,6 +98,9 @@ _SERVING_INTRO = ("Per compression level and prompt: the weight bytes compressio
                   "beside what the prompt costs to serve: its own bytes (embeddings, LoRA tensors) and its fp16 "
                   "key/value cache, held once per sequence served with it; break-even is the number of concurrent "
                   "sequences whose prompt caches take up the stored bytes saved. A LoRA adapter adds no cache.")
+_GENERATION_INTRO = ("Per generated sequence, in an fp16 cache: the prompt's keys and values held through every decode "
+                     "step, at the largest batch shown above, and read over the target's new tokens (each step "
+                     "attends to all of them). An adapter adds no cache and is left out.")
 _SEEDS_INTRO = ("For each soft prompt trained with several seeds (data order and initial noise): each seed's value and "
                 "paired comparisons, then the mean and sample standard deviation across seeds.")
 
@@ -107,7 +110,8 @@ def _sections(summary: Summary) -> list[_Section]:
                 _Section("Training seeds", _SEEDS_INTRO, seed_tables(summary)),
                 _Section("Recovery methods per compression level", _METHODS_INTRO, method_tables(summary)),
                 _Section("Memory saved by compression vs memory the prompt costs", _SERVING_INTRO,
-                         serving_tables(summary))]
+                         serving_tables(summary)),
+                _Section("Prompt cache during generation", _GENERATION_INTRO, generation_tables(summary))]
     return [
         _Section("Results per target", "One table per target task: a row per compression level, a column per prompt "
                  "evaluated on that task.", results_tables(summary)),
