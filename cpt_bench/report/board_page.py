@@ -45,7 +45,7 @@ _LEFT, _RIGHT, _BOTTOM = 62, 16, 46
 _LEGEND_LINE, _LEGEND_PAD = 16, 10  # px per legend line; margin above the first and below the last
 _NUMERIC = {"rank", "value ± stderr", "Δ vs dense", "gap closed", "gap closed vs trivial", "stored MB",
             "ratio to dense", "resident MiB", "peak MiB", "added bytes", "prompt tokens", "gap closed per added MB"}
-_ZERO_SLOT, _LOG_START = 16, 40  # log-x plots: px from the plot's left edge to the 0 B tick and to the log axis
+_ZERO_SLOT, _LOG_START = 14, 60  # log-x plots: px from the plot's left edge to the 0 B tick and to the log axis
 
 _STYLE = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.5em 2em;color:#222;background:#fafafa}
@@ -218,13 +218,11 @@ class _Axes:
 
 
 def _decades(xs: list[float]) -> tuple[float, float]:
-    """The log10 range of positive ``xs`` with a quarter decade of margin, at least two decades wide (1 kB to
-    1 MB without any)."""
+    """The log10 range of positive ``xs``: whole decades, with at least a quarter decade of margin on either side
+    (1 kB to 1 MB without any)."""
     if not xs:
         return 3.0, 6.0
-    low, high = math.log10(min(xs)) - 0.25, math.log10(max(xs)) + 0.25
-    spread = max(0.0, 2.0 - (high - low)) / 2
-    return low - spread, high + spread
+    return math.floor(math.log10(min(xs)) - 0.25), math.ceil(math.log10(max(xs)) + 0.25)
 
 
 def _bytes_tick(count: float) -> str:
