@@ -8,6 +8,7 @@ cells, ``store.summarise``) with made-up numbers, so a submission can be verifie
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -23,7 +24,7 @@ from cpt_bench.matrix.config import config_from_dict
 from cpt_bench.matrix.plan import make_plan
 from cpt_bench.recovery import RECOVERY_KINDS
 from cpt_bench.report import write_leaderboard
-from cpt_bench.report.board_page import _LEFT, _RIGHT, _WIDTH, _entry_width, _flowed, page
+from cpt_bench.report.board_page import _LEFT, _RIGHT, _WIDTH, NO_BYTES, _entry_width, _flowed, page, recovery_svg
 from cpt_bench.report.leaderboard import (
     build_board,
     load_runs,
@@ -32,7 +33,7 @@ from cpt_bench.report.leaderboard import (
     row_fields,
 )
 from cpt_bench.report.protocol import Protocol, task_fewshot
-from cpt_bench.report.recovery_board import recovery_groups, recovery_markdown
+from cpt_bench.report.recovery_board import MethodRow, recovery_groups, recovery_markdown
 from cpt_bench.report.submit import SubmissionError, add_run
 from cpt_bench.report.tables import ReportError
 
@@ -376,3 +377,16 @@ def test_recovery_view_in_the_markdown_and_the_page(lora_board):
     assert 'class="frontier" points="' in plot and 'points=""' not in plot
     assert plot.count('circle class="point') == len(groups[0].rows)
     assert recovery_markdown([]) == ""
+    unknown = dataclasses.replace(groups[0], rows=[MethodRow(m.row, None) for m in groups[0].rows])
+    assert recovery_svg(unknown) == f'<p class="protocol">{NO_BYTES}</p>'  # a run from before the byte record
+
+
+def test_a_summary_keeps_the_stored_bytes_a_kind_records():
+    """EoRA's adapter records its fp16 stored bytes; the summary keeps them, and they are its added bytes (not the
+    resident adapter bytes, float32 when loaded so)."""
+    record = {"cell": {"prompt": "eora-r16", "prompt_choice": {"kind": "eora"}},
+              "prompt": {"kind": "eora", "n_tokens": 0, "stored_bytes": 98_304}, "memory": {"adapter_bytes": 196_608}}
+    entry = store._prompt_summary(record)
+    assert entry["stored_bytes"] == 98_304 and RECOVERY_KINDS["eora"].added_bytes(entry) == 98_304
+    del record["prompt"]["stored_bytes"]
+    assert "stored_bytes" not in store._prompt_summary(record)  # summaries of other kinds are unchanged

@@ -96,7 +96,8 @@ _SCRIPT = """
       rows.forEach((tr) => { tr.hidden = !matches(tr); });
       const shown = rows.filter((tr) => !tr.hidden).length;
       section.querySelector("span.shown").textContent = shown + " of " + rows.length + " rows shown";
-      frontier(section.querySelector("svg.pareto, svg.recovery"));
+      const svg = section.querySelector("svg.pareto, svg.recovery");
+      if (svg) frontier(svg);  // a level none of whose methods records its bytes has no plot
     });
   }
   function sortBy(th) {
@@ -140,13 +141,13 @@ def _number(value: float | None) -> str:
 
 def _sort_keys(column: Column, row: Row, rank: int) -> dict[str, str]:
     """Machine-readable sort key of each numeric header ('' when missing)."""
-    number = _number
-    return {"rank": str(rank), "value ± stderr": number(row.cell["value"]), "Δ vs dense": number(row.cell.get("delta")),
-            "gap closed": number(row.gap_closed if row.gap_resolved else None),
-            "gap closed vs trivial": number(row.gap_closed_vs_trivial if row.trivial_gap_resolved else None),
-            "stored MB": number(row.stored_mb),
-            "ratio to dense": number(row.compression["ratio_to_dense"]), "resident MiB": number(row.resident_mib),
-            "peak MiB": number(row.peak_mib)}
+    return {"rank": str(rank), "value ± stderr": _number(row.cell["value"]),
+            "Δ vs dense": _number(row.cell.get("delta")),
+            "gap closed": _number(row.gap_closed if row.gap_resolved else None),
+            "gap closed vs trivial": _number(row.gap_closed_vs_trivial if row.trivial_gap_resolved else None),
+            "stored MB": _number(row.stored_mb),
+            "ratio to dense": _number(row.compression["ratio_to_dense"]), "resident MiB": _number(row.resident_mib),
+            "peak MiB": _number(row.peak_mib)}
 
 
 def _row_html(column: Column, row: Row, rank: int) -> str:
@@ -337,12 +338,17 @@ def pareto_svg(column: Column, rows: list[Row]) -> str:
     return _plot(column, points, "pareto", "stored weight MB (smaller is better)")
 
 
+NO_BYTES = "No method of this level records its added bytes: nothing to plot."
+
+
 def recovery_svg(group: Group) -> str:
     """Quality against added bytes of one group's methods whose bytes are known (log x, 0 B apart), better upwards,
-    the frontier drawn."""
+    the frontier drawn; a line saying so (``NO_BYTES``) when none is known."""
     points = [_Point(float(method.added_bytes), method.row, method.frontier,
                      f"{_row_title(group.column, method.row)} with {method_fields(group.column, method)['added bytes']}"
                      " added") for method in group.rows if method.added_bytes is not None]
+    if not points:
+        return f'<p class="protocol">{html.escape(NO_BYTES)}</p>'
     return _plot(group.column, points, "recovery", "bytes added to the compressed model (log; smaller is better)",
                  log_x=True)
 
