@@ -374,6 +374,7 @@ def test_recovery_view_in_the_markdown_and_the_page(lora_board):
     assert html.count('<svg class="recovery"') == html.count('<section class="recovery"') == len(groups)
     plot = html.split('<section class="recovery"')[1]
     assert ">0 B</text>" in plot and ">10 kB</text>" in plot  # 0 B apart, then decades
+    assert '<a href="#recovery">' in html.split("<section")[0] and '<h2 id="recovery">' in html  # linked from the top
     assert 'class="frontier" points="' in plot and 'points=""' not in plot
     assert plot.count('circle class="point') == len(groups[0].rows)
     assert recovery_markdown([]) == ""

@@ -473,9 +473,12 @@ def _runs(board: Board) -> str:
 def page(board: Board) -> str:
     """The whole page; every resource inline, so it works opened from disk without a network."""
     note = re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(board_note(board)))
+    recovery = _recovery(board)
+    view = (f' <a href="#recovery">{html.escape(RECOVERY_TITLE)}</a>, after the columns, ranks each level\'s recovery '
+            "methods by quality at the bytes they add." if recovery else "")
     body = [f"<h1>{html.escape(TITLE)}</h1>", f'<p class="note">{note} Click a header to sort; hover a marker for '
-            "its row.</p>", _filters(board),
-            *(_section(index, column, rows) for index, (column, rows) in enumerate(board.columns)), _recovery(board),
+            f"its row.{view}</p>", _filters(board),
+            *(_section(index, column, rows) for index, (column, rows) in enumerate(board.columns)), recovery,
             _runs(board)]
     head = ['<!DOCTYPE html>', '<html lang="en">', "<head>", '<meta charset="utf-8">',
             '<meta name="viewport" content="width=device-width, initial-scale=1">',
