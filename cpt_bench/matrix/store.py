@@ -345,6 +345,8 @@ def _prompt_summary(record: dict[str, Any]) -> dict[str, Any]:
     summary = {"id": cell["prompt"], "kind": choice["kind"], "n_tokens": prompt.get("n_tokens"),
                "embedding_bytes": memory.get("prompt_embedding_bytes"), "adapter_bytes": memory.get("adapter_bytes"),
                "kv_values_per_token": memory.get("kv_values_per_token")}
+    if prompt.get("stored_bytes") is not None:  # what the artifact stores, where its kind records it (EoRA)
+        summary["stored_bytes"] = prompt["stored_bytes"]
     if choice.get("hard") is not None:  # a hard prompt's name or text
         summary["name"] = choice["hard"]
     if choice["kind"] in LEARNED_KINDS:

@@ -9,6 +9,7 @@ Modules: ``tables`` (the summary's schema, the results tables and their markdown
 ``recovery`` (paired comparisons: gap closed, against controls, methods and seeds), ``serving`` (what a prompt costs
 to serve against what compression saves), ``plots`` (the figures), ``protocol`` (how each target was scored: what
 two numbers must share to be compared), ``leaderboard`` (the board: runs, columns, ranked rows, its markdown),
+``recovery_board`` (recovery methods per level ranked by quality at their added bytes, the frontier),
 ``board_page`` (the board as a self-contained HTML page), ``submit`` (verify and add a run made elsewhere) and
 ``cli_commands`` (``cpt-bench report`` and ``cpt-bench leaderboard [--add RUN_DIR]``).
 """
@@ -26,6 +27,7 @@ from cpt_bench.matrix.store import SUMMARY_FILE, trivial_prefix_warnings
 from cpt_bench.report.board_page import page
 from cpt_bench.report.leaderboard import PAGE_KINDS, build_board, check_results_folder, load_runs, markdown
 from cpt_bench.report.recovery import method_tables, recovery_tables, seed_tables
+from cpt_bench.report.recovery_board import recovery_groups, recovery_markdown
 from cpt_bench.report.serving import generation_tables, serving_tables
 from cpt_bench.report.tables import (
     SIGNIFICANT_NOTE,
@@ -215,7 +217,8 @@ def write_leaderboard(results_dir: Path) -> list[Path]:
     check_results_folder(results_dir)
     board = build_board(load_runs(results_dir))
     paths = [results_dir / kind.marker for kind in PAGE_KINDS]
-    for path, text in zip(paths, (markdown(board), page(board)), strict=True):
+    views = recovery_markdown(recovery_groups(board))
+    for path, text in zip(paths, (markdown(board, views), page(board)), strict=True):
         write_text_atomic(path, text)
     return paths
 
