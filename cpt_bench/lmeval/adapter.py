@@ -166,7 +166,7 @@ def check_model_args(extra: dict[str, Any], recovery: dict[str, Any]) -> None:
             quoted = [arg for arg, value in recovery.items() if TEXT_FORM in str(value)]
             if quoted:
                 hint += (" (lm-eval splits model_args at commas, also inside a text: hard prompt: quote the value, "
-                         f"{quoted[0]}=\"...text:...\", or give it as file:PATH)")
+                         f"{quoted[0]}=\"text:...\", or give it as file:PATH)")
             raise PromptAdapterError(f"unknown model_arg {name!r} for the cpt model{hint}; accepted: "
                                      f"{', '.join(accepted)}")
 
