@@ -119,7 +119,7 @@ class IdpKind(RecoveryKind):
     """A set of hard or soft prompts, one chosen per document (``idp=P1;P2;...``, rule ``idp_rule``)."""
 
     name = "idp"
-    label = "IDP prompt set"
+    label = "IDP prompts"
     colour = "#1b7837"
     model_arg = "idp"
     prefix = True
