@@ -16,6 +16,7 @@ from cpt_bench.compress.cli_commands import add_compress_parser
 from cpt_bench.errors import run_command
 from cpt_bench.matrix.cli_commands import add_matrix_parser
 from cpt_bench.recovery.cli_commands import add_prompt_parser
+from cpt_bench.recovery.eora_cli import EORA_OUTPUT, add_eora_parser
 from cpt_bench.report.cli_commands import add_report_parser
 
 
@@ -112,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "DIR is new or empty, or an earlier export (replaced)")
     corpus.set_defaults(run=cmd_corpus)
 
-    add_compress_parser(commands)
+    add_compress_parser(commands, EORA_OUTPUT)
+    add_eora_parser(commands)
     add_prompt_parser(commands)
     add_matrix_parser(commands, report_run=_write_run_report)
     add_report_parser(commands)

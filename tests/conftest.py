@@ -71,6 +71,15 @@ def filled_fake_cache(_filled_fake_cache, monkeypatch) -> Path:
     return _filled_fake_cache
 
 
+@pytest.fixture
+def cache(filled_fake_cache, tmp_path, monkeypatch) -> Path:
+    """A private, writable cache holding the fake corpora (the session's filled cache is read-only)."""
+    root = tmp_path / "cache"
+    shutil.copytree(filled_fake_cache / "corpora", root / "corpora")
+    monkeypatch.setenv("CPT_BENCH_CACHE", str(root))
+    return root
+
+
 def build_tiny_tokenizer():
     """``fakes.tiny_bpe`` as a transformers tokenizer."""
     from transformers import PreTrainedTokenizerFast

@@ -563,7 +563,7 @@ CASES = [
          r"seqlen and batch size must be positive, got 1024 and -1"),
     # lm-eval model_args of the cpt adapter
     Case("adapter-soft-and-hard-prompt", _adapter(soft_prompt="{prompt}", hard_prompt="paper"),
-         r"give one of hard_prompt, soft_prompt, lora and idp, not soft_prompt and hard_prompt"),
+         r"give one of hard_prompt, soft_prompt, lora, eora and idp, not soft_prompt and hard_prompt"),
     Case("adapter-prefix-cache-not-a-bool", _adapter(hard_prompt="paper", prefix_cache="maybe"),
          r"prefix_cache must be true or false, got 'maybe'"),
     Case("adapter-hard-prompt-empty", _adapter(hard_prompt=""), r"^unknown hard prompt ''; expected a registered name"),
@@ -612,9 +612,8 @@ CASES = [
          r"targets\[0\]\.task: unknown task 'cpt_ppl_klingon'"),
     Case("matrix-dry-run-generative-target", _before_loading(_matrix("--dry-run", targets=[
         {"task": "cpt_ppl_wikipedia", "limit": 2}, {"task": "cpt_gsm8k_cot", "limit": 2, "metric": "acc"}])),
-         r"^targets\[1\]\.task: 'cpt_gsm8k_cot' is a generative task \(generate_until, reporting "
-         r"exact_match,strict-match, exact_match,flexible-extract\); the matrix does not run generative targets yet: "
-         r"score it with cpt-lm-eval --model cpt$"),
+         r"^targets\[1\]\.metric: task 'cpt_gsm8k_cot' reports no metric 'acc'; expected one of "
+         r"exact_match,strict-match, exact_match,flexible-extract$"),
     Case("matrix-dry-run-metric-not-reported", _before_loading(_matrix("--dry-run", targets=[
         {"task": "cpt_winogrande", "limit": 2, "metric": "acc_norm"}])),
          r"^targets\[0\]\.metric: task 'cpt_winogrande' reports no metric 'acc_norm'; expected one of "
@@ -745,8 +744,8 @@ def test_cpt_lm_eval_reports_our_errors_in_one_line(monkeypatch, capsys):
     with pytest.raises(SystemExit) as caught:
         lmeval_cli.main()
     assert caught.value.code == 2
-    assert capsys.readouterr().err == ("cpt-lm-eval: error: give one of hard_prompt, soft_prompt, lora and idp, not "
-                                       "soft_prompt and hard_prompt\n")
+    assert capsys.readouterr().err == ("cpt-lm-eval: error: give one of hard_prompt, soft_prompt, lora, eora and "
+                                       "idp, not soft_prompt and hard_prompt\n")
 
 
 def _library_value_error(*args, **kwargs):

@@ -33,16 +33,6 @@ SPEC = Spec.parse("gptq-w4g32")  # the tiny model's Linears are 32 and 64 wide
 RTN = Spec.parse("rtn-w4g32")
 
 
-@pytest.fixture
-def cache(filled_fake_cache, tmp_path, monkeypatch):
-    """A private, writable cache holding the fake corpora (the session's filled cache is read-only)."""
-    import shutil
-
-    root = tmp_path / "cache"
-    shutil.copytree(filled_fake_cache / "corpora", root / "corpora")
-    monkeypatch.setenv("CPT_BENCH_CACHE", str(root))
-    return root
-
 
 @pytest.fixture
 def tokenizer(tiny_model_dir):

@@ -389,8 +389,8 @@ def test_tokenizer_without_a_pad_token(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("name", ["gpt2", "gemma3"])
 def test_a_small_matrix_runs_on_the_family(name, tiny_tokenizer, _filled_fake_cache, tmp_path, monkeypatch):
-    """Compression, hard and soft prompts and both kinds of targets through ``run_matrix`` (GPT-2: Conv1D layers;
-    Gemma 3: scaled embeddings and sliding-window layers)."""
+    """Compression, hard and soft prompts, the trivial-prefix control and both kinds of targets through
+    ``run_matrix`` (GPT-2: Conv1D layers; Gemma 3: scaled embeddings and sliding-window layers)."""
     from cpt_bench.matrix import store
     from cpt_bench.matrix.run import run_matrix
 
@@ -401,4 +401,4 @@ def test_a_small_matrix_runs_on_the_family(name, tiny_tokenizer, _filled_fake_ca
     folder = save_family(name, tiny_tokenizer, tmp_path / name).folder
     targets = [{"task": "cpt_piqa", "limit": 2}]
     cells = store.read_cells(run_matrix(write_config(tmp_path, tiny_config(folder, targets=targets)), tmp_path / "run"))
-    assert len(cells) == 6 and all(math.isfinite(cell["metric"]["value"]) for cell in cells.values())
+    assert len(cells) == 8 and all(math.isfinite(cell["metric"]["value"]) for cell in cells.values())  # + trivial

@@ -21,8 +21,9 @@ from cpt_bench.files import write_json_atomic
 from cpt_bench.matrix import store
 from cpt_bench.matrix.config import config_from_dict
 from cpt_bench.matrix.plan import make_plan
+from cpt_bench.recovery import RECOVERY_KINDS
 from cpt_bench.report import write_leaderboard
-from cpt_bench.report.board_page import page
+from cpt_bench.report.board_page import _LEFT, _RIGHT, _WIDTH, _entry_width, _flowed, page
 from cpt_bench.report.leaderboard import (
     build_board,
     load_runs,
@@ -47,7 +48,8 @@ ENVIRONMENT = {"versions": {"cpt_bench": "0.1.0", "torch": "2.13.0+cpu"}, "git":
 # Made-up numbers: perplexity (lower better) and accuracy of each level without prompt, and what prompts add.
 _BASE = {"cpt_ppl_wikipedia": {"dense": 20.0, "rtn-w3g64": 60.0, "sparsegpt-50": 40.0},
          "cpt_piqa": {"dense": 0.65, "rtn-w3g64": 0.55, "sparsegpt-50": 0.60}}
-_PROMPT_EFFECT = {"none": 0.0, "hard": 0.02, "soft": -0.25}
+SOFT = "soft-wikipedia@rtn-w3g64"  # the config's soft prompt
+_PROMPT_EFFECT = {"none": 0.0, "hard": 0.02, "soft": -0.25, "trivial": -0.05}  # trivial: the control
 
 
 def config_with(**changes: Any) -> dict[str, Any]:
@@ -62,7 +64,7 @@ def _value(task: str, compression: str, kind: str) -> float:
 
 
 def _record(cell: Any, seqlen: int) -> dict[str, Any]:
-    task, kind = cell.target.name, cell.prompt.kind
+    task, kind = cell.target.name, cell.prompt.control or cell.prompt.kind
     stored = {"dense": 269_000_000, "rtn-w3g64": 100_400_000, "sparsegpt-50": 176_100_000}[cell.compression]
     memory = {"stored_bytes": stored, "compressed_bits_per_weight": 16.0 * stored / 269_000_000,
               "ratio_to_dense_fp16": stored / 269_000_000}
@@ -161,19 +163,23 @@ def test_rows_are_ranked_with_gap_closed_and_memory_beside_each_number(tmp_path)
     column, rows = next((c, r) for c, r in board.columns if c.task == "cpt_ppl_wikipedia")
     values = [row.cell["value"] for row in rows]
     assert values == sorted(values)  # perplexity: lowest first
-    soft = next(r for r in rows if r.compression["spec"] == "rtn-w3g64" and r.prompt["kind"] == "soft")
+    soft = next(r for r in rows if (r.compression["spec"], r.prompt["id"]) == ("rtn-w3g64", SOFT))
     assert soft.gap_closed == pytest.approx((60.0 - 45.0) / (60.0 - 20.0))
     text = markdown(board)
-    header = "| rank | run | model | compression | prompt | value ± stderr | Δ vs dense | gap closed | stored MB | " \
-             "ratio to dense | resident MiB | peak MiB | Pareto |"
+    header = "| rank | run | model | compression | prompt | value ± stderr | Δ vs dense | gap closed | " \
+             "gap closed vs trivial | stored MB | ratio to dense | resident MiB | peak MiB | Pareto |"
     assert re.sub(r" +", " ", header) in re.sub(r" +", " ", text)
     line = next(line for line in text.splitlines() if "soft:wikipedia@rtn-w3g64" in line and "rtn-w3g64  " in line)
     cells = [cell.strip() for cell in line.strip("|").split("|")]
-    assert cells[5:] == ["45.00 ± 0.50", "+25.00", "38%", "100.4", "0.373", "191", "3072", "★"]
+    # against the trivial-prefix control (19.0 dense, 57.0 at rtn-w3g64): (57 - 45) / (57 - 19)
+    assert soft.gap_closed_vs_trivial == pytest.approx(12.0 / 38.0)
+    assert cells[5:] == ["45.00 ± 0.50", "+25.00", "38%", "32%", "100.4", "0.373", "191", "3072", "★"]
+    trivial = next(line for line in text.splitlines() if "| trivial " in line and "rtn-w3g64  " in line)
+    assert [cell.strip() for cell in trivial.strip("|").split("|")][6:9] == ["+37.00", "8%", "–"]  # (60-57)/(60-20)
     accuracy = next(rows for c, rows in board.columns if c.task == "cpt_piqa")
     assert [r.cell["value"] for r in accuracy] == sorted((r.cell["value"] for r in accuracy), reverse=True)
     # PIQA: 0.65 dense, 0.55 at rtn-w3g64, stderr 0.05 each: a 0.10 gap is under 2 x 0.071, so its share is noise
-    soft = next(r for r in accuracy if r.compression["spec"] == "rtn-w3g64" and r.prompt["kind"] == "soft")
+    soft = next(r for r in accuracy if (r.compression["spec"], r.prompt["id"]) == ("rtn-w3g64", SOFT))
     assert soft.gap_closed == pytest.approx(-0.025 / 0.10) and not soft.gap_resolved
     assert row_fields(next(c for c, _ in board.columns if c.task == "cpt_piqa"), soft)["gap closed"] == "n/s"
 
@@ -181,6 +187,23 @@ def test_rows_are_ranked_with_gap_closed_and_memory_beside_each_number(tmp_path)
 def test_pareto_flags_keep_points_no_other_beats_on_both():
     points = [(100.0, 5.0), (100.0, 6.0), (170.0, 4.0), (269.0, 4.0), (269.0, 1.0), (90.0, 9.0)]
     assert pareto_flags(points) == [True, False, True, False, True, True]
+
+
+def test_a_run_from_before_the_trivial_prefix_control_is_verified_and_shown_without_it(tmp_path):
+    """A run folder whose config.json predates ``prompts.trivial_prefix`` ran without the control: its plan is the
+    one it ran (so ``--add`` verifies it), and its rows have no gap closed vs trivial."""
+    run = make_run_folder(tmp_path / "run", config_with(prompts={**CONFIG["prompts"], "trivial_prefix": False}))
+    stored = json.loads((run / "config.json").read_text(encoding="utf-8"))
+    del stored["prompts"]["trivial_prefix"]  # as written before the setting existed
+    (run / "config.json").write_text(json.dumps(stored), encoding="utf-8")
+    folder = add_run(run, tmp_path / "results")
+    board = build_board(load_runs(folder.parent))
+    rows = [row for _, column_rows in board.columns for row in column_rows]
+    assert rows and all(row.prompt["id"] != "trivial" and row.gap_closed_vs_trivial is None for row in rows)
+    assert any(row.gap_closed is not None for row in rows)
+    text = markdown(board)
+    line = next(line for line in text.splitlines() if "soft:wikipedia@rtn-w3g64" in line and "rtn-w3g64  " in line)
+    assert [cell.strip() for cell in line.strip("|").split("|")][7:9] == ["38%", "–"]
 
 
 def test_a_run_folder_without_its_config_is_a_report_error(tmp_path):
@@ -274,3 +297,12 @@ def test_add_refuses_a_run_that_fails_verification_in_one_line(tmp_path, damage,
 
 def test_add_of_a_missing_folder_names_it(tmp_path):
     _refusal(tmp_path / "nowhere", tmp_path / "results", "nowhere: no such run folder")
+
+
+def test_the_plot_legend_flows_every_prompt_kind_into_lines_that_fit_the_plot():
+    entries = [(kind.label, kind.colour, "") for kind in RECOVERY_KINDS.values()]
+    entries += [("a-rather-long-model-name-for-the-legend", "#666666", " ring")]
+    lines = _flowed(entries)
+    assert [entry for line in lines for entry in line] == entries  # nothing lost, order kept
+    assert len(lines) >= 2  # more kinds than one line holds
+    assert all(sum(_entry_width(entry) for entry in line) <= _WIDTH - _LEFT - _RIGHT for line in lines)

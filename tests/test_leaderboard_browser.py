@@ -107,27 +107,28 @@ def test_page_loads_with_a_table_and_a_plot_per_column(browser, page_url):
                          "protocol: 4 windows of 256 tokens of other-model",  # another tokenizer: its own column
                          "protocol: 10 items"}
     piqa = _section(browser, "10 items")  # items are the same for every model: one column for the three runs
-    assert piqa.find_element(By.CSS_SELECTOR, "p.protocol").text.endswith("27 of 27 rows shown")
+    assert piqa.find_element(By.CSS_SELECTOR, "p.protocol").text.endswith("36 of 36 rows shown")  # 3 runs x 3 x 4
     assert set(_shown(piqa, "run")) == {"short (i)", "other (i)", "long (i)"}
     assert set(_shown(_section(browser, "512 tokens"), "run")) == {"long (i)"}
     circles = piqa.find_elements(By.CSS_SELECTOR, "svg.pareto circle.point")
-    assert len(circles) == 27 and all(circle.is_displayed() for circle in circles)
+    assert len(circles) == 36 and all(circle.is_displayed() for circle in circles)
 
 
 def test_sorting_a_column_orders_the_rows_both_ways(browser, page_url):
     browser.get(page_url)
     section = _section(browser, "256 tokens of smollm2")
     ranked = [float(text.split(" ± ")[0]) for text in _shown(section, "value ± stderr")]
-    assert len(ranked) == 9 and ranked == sorted(ranked)  # ranked best (lowest perplexity) first
+    assert len(ranked) == 12 and ranked == sorted(ranked)  # ranked best (lowest perplexity) first
     _click_header(section, "stored MB")
     sizes = [float(text) for text in _shown(section, "stored MB")]
     assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
     _click_header(section, "stored MB")
     assert [float(text) for text in _shown(section, "stored MB")] == sorted(sizes, reverse=True)
-    _click_header(section, "gap closed")
-    gaps = _shown(section, "gap closed")
-    known = [int(text.rstrip("%")) for text in gaps if text != "–"]
-    assert known == sorted(known) and gaps[len(known):] == ["–"] * (len(gaps) - len(known))  # missing last
+    for header in ("gap closed", "gap closed vs trivial"):
+        _click_header(section, header)
+        gaps = _shown(section, header)
+        known = [int(text.rstrip("%")) for text in gaps if text != "–"]
+        assert known and known == sorted(known) and gaps[len(known):] == ["–"] * (len(gaps) - len(known))  # – last
     _click_header(section, "compression")
     names = _shown(section, "compression")
     assert names == sorted(names)
@@ -148,17 +149,17 @@ def test_filters_hide_rows_and_markers_and_redraw_the_frontier(browser, page_url
     assert set(corners[::2]) <= {(f"{float(x):g}", f"{float(y):g}") for x, y in unprompted}
     _choose(browser, "kind", "soft")
     prompts = _shown(section, "prompt")
-    assert prompts and all(text.startswith("soft:") for text in prompts)
-    assert len(prompts) == 3 * 3  # one soft prompt applied at three levels, in three runs
-    assert section.find_element(By.CSS_SELECTOR, "p.protocol").text.endswith(f"{len(prompts)} of 27 rows shown")
+    assert prompts and all(text.startswith("soft:") or text == "trivial" for text in prompts)  # (an untrained one)
+    assert len(prompts) == 2 * 3 * 3  # a soft prompt and the trivial control at three levels, in three runs
+    assert section.find_element(By.CSS_SELECTOR, "p.protocol").text.endswith(f"{len(prompts)} of 36 rows shown")
     shown = [c for c in section.find_elements(By.CSS_SELECTOR, "svg.pareto circle.point") if c.is_displayed()]
     assert len(shown) == len(prompts)
     _choose(browser, "model", "other-model")
-    assert set(_shown(section, "model")) == {"other-model"} and len(_shown(section, "prompt")) == 3
+    assert set(_shown(section, "model")) == {"other-model"} and len(_shown(section, "prompt")) == 6
     assert _shown(_section(browser, "512 tokens"), "model") == []  # the long run is another model
     _choose(browser, "family", "pruning")
-    assert _shown(section, "compression") == ["sparsegpt-50"]
+    assert _shown(section, "compression") == ["sparsegpt-50"] * 2
     _choose(browser, "kind", "")
     _choose(browser, "model", "")
     _choose(browser, "family", "")
-    assert len(_shown(section, "prompt")) == 27
+    assert len(_shown(section, "prompt")) == 36

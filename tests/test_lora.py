@@ -142,8 +142,8 @@ def test_bad_lora_settings_are_refused_in_one_line(overrides, message):
 
 
 def test_lora_folder_checks_before_loading(tiny_model_dir, lora_dir, tmp_path):
-    with pytest.raises(PromptAdapterError, match="give one of hard_prompt, soft_prompt, lora and idp, not lora "
-                                                 "and hard_prompt"):
+    with pytest.raises(PromptAdapterError, match="give one of hard_prompt, soft_prompt, lora, eora and idp, not "
+                                                 "lora and hard_prompt"):
         CptLM(pretrained=str(tiny_model_dir), lora=str(lora_dir), hard_prompt="paper")
     damaged = tmp_path / "damaged"
     damaged.mkdir()
@@ -173,11 +173,11 @@ def test_objectives_and_lora_expand_to_their_artifacts_and_cells():
                  "controls": ["init"]}, "lora": {"objectives": ["lm", "kd"]}}}))
     learned = [f"{how}-wikipedia@rtn-w4g32#s{seed}" for how in ("soft", "soft+kd", "lora", "lora+kd")
                for seed in (0, 1)]
-    assert [p.id for p in plan.soft_prompts] == [*learned, "init@rtn-w4g32"]  # one init control for all of them
+    assert [p.id for p in plan.soft_prompts] == [*learned, "init@rtn-w4g32", "trivial"]  # one init for all of them
     assert [prompt_training(plan.config, p).objective for p in plan.soft_prompts] == ["lm", "lm", "kd", "kd"] * 2 + [
-        "lm"]
+        "lm", "lm"]
     at_level = {c.prompt.id for c in plan.cells if c.compression == "rtn-w4g32"}
-    assert at_level == {"none", *learned, "init@rtn-w4g32"}
+    assert at_level == {"none", *learned, "init@rtn-w4g32", "trivial"}
     cell = next(c for c in plan.cells if c.prompt.id == "lora-wikipedia@rtn-w4g32#s1")
     assert cell.id.startswith("rtn-w4g32__lora-wikipedia@rtn-w4g32-s1__")
     assert "4 LoRA adapters (lora-wikipedia@rtn-w4g32#s0" in describe(plan) and "LoRA adapters: rank 4" in describe(
@@ -208,7 +208,7 @@ def baselines_run(_filled_fake_cache, tiny_model_dir, tmp_path_factory):
 
 def test_lora_and_kd_cells_record_their_method_and_budget(baselines_run, tiny_model_dir):
     cells = store.read_cells(baselines_run)
-    assert len(cells) == 2 * 2 + 5 * 2  # dense: none, hard; rtn: none, hard, soft, soft+kd, lora; 2 targets each
+    assert len(cells) == 3 * 2 + 6 * 2  # dense: none, hard, trivial; rtn: those, soft, soft+kd, lora; 2 targets
     lora = cells["rtn-w4g32__lora-wikipedia@rtn-w4g32__cpt_ppl_wikipedia"]["prompt"]
     assert lora["kind"] == "lora" and lora["objective"] == "lm" and lora["trainable_parameters"] > 0
     assert lora["tokens_seen"] == TRAINING["steps"] * TRAINING["batch_size"] * TRAINING["seqlen"]

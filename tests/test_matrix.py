@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from cpt_bench.cli import main
@@ -32,7 +33,8 @@ TRAINING = {"n_virtual_tokens": 3, "steps": 2, "batch_size": 1, "seqlen": 16, "e
 
 
 def tiny_config(model: str | Path = "embedded", **overrides) -> dict:
-    """A small matrix: 2 levels x (none, hard, one soft prompt) x 2 targets = 12 cells in 6 groups."""
+    """A small matrix: 2 levels x (none, hard, one soft prompt, the trivial-prefix control) x 2 targets = 16 cells in
+    8 groups."""
     config = {
         "name": "tiny", "model": str(model), "device": "cpu", "ppl_seqlen": 32, "batch_size": 4,
         "compression": {"specs": ["dense", "rtn-w4g32"]},
@@ -79,12 +81,12 @@ def planning_config(**transfer) -> dict:
 def test_planner_expands_every_cell_and_shares_artifacts():
     plan = make_plan(config_from_dict(planning_config()))
     specs = ["dense", "rtn-w4g32", "rtn-w3g32", "magnitude-50"]
-    prompts = ["none", "hard-paper", "soft-wikipedia@rtn-w4g32", "soft-shakespeare@rtn-w4g32"]
+    prompts = ["none", "hard-paper", "soft-wikipedia@rtn-w4g32", "soft-shakespeare@rtn-w4g32", "trivial"]
     tasks = ["cpt_ppl_wikipedia", "cpt_piqa"]
     assert ids(plan) == {(s, p, t) for s in specs for p in prompts for t in tasks}
-    assert len(plan.cells) == 32 and len(plan.groups()) == 16
+    assert len(plan.cells) == 40 and len(plan.groups()) == 20
     assert plan.compressed == ("rtn-w4g32", "rtn-w3g32", "magnitude-50")
-    assert [p.id for p in plan.soft_prompts] == ["soft-wikipedia@rtn-w4g32", "soft-shakespeare@rtn-w4g32"]
+    assert [p.id for p in plan.soft_prompts] == ["soft-wikipedia@rtn-w4g32", "soft-shakespeare@rtn-w4g32", "trivial"]
     relations = {(c.compression, c.prompt.id, c.target.task): (c.dataset_relation, c.compression_relation)
                  for c in plan.cells}
     assert relations["rtn-w4g32", "soft-wikipedia@rtn-w4g32", "cpt_ppl_wikipedia"] == ("in-domain", "same")
@@ -92,15 +94,36 @@ def test_planner_expands_every_cell_and_shares_artifacts():
     assert relations["magnitude-50", "soft-shakespeare@rtn-w4g32", "cpt_ppl_wikipedia"] == ("cross-dataset",
                                                                                               "cross-type")
     assert relations["dense", "none", "cpt_piqa"] == (None, None)
+    assert relations["magnitude-50", "trivial", "cpt_piqa"] == (None, None)
+
+
+def test_trivial_prefix_control_is_planned_by_default_at_every_level_and_can_be_turned_off():
+    """The trivial-prefix control: one artifact of no level (the EOS token, written from the dense model), applied
+    at every level on every target, with or without other prompts; ``prompts.trivial_prefix: false`` drops it."""
+    unprompted = {"name": "bare", "compression": {"specs": ["dense", "rtn-w4g32"]},
+                  "targets": [{"task": "cpt_ppl_wikipedia", "limit": 4}, {"task": "cpt_piqa", "limit": 10}]}
+    assert {p for _, p, _ in ids(make_plan(config_from_dict(unprompted)))} == {"none"}  # no prompt to set it beside
+    hard = unprompted | {"prompts": {"hard": ["text:The"]}}
+    plan = make_plan(config_from_dict(hard))
+    assert ids(plan) == {(s, p, t) for s in ("dense", "rtn-w4g32") for p in ("none", "hard-text3", "trivial")
+                         for t in ("cpt_ppl_wikipedia", "cpt_piqa")}
+    (trivial,) = plan.soft_prompts
+    assert (trivial.kind, trivial.control, trivial.trained_at, trivial.is_learned) == ("soft", "trivial", None, False)
+    assert plan.compressed == ("rtn-w4g32",)  # the control needs no checkpoint of its own
+    off = config_from_dict(hard | {"prompts": {"hard": ["text:The"], "trivial_prefix": False}})
+    assert {p for _, p, _ in ids(make_plan(off))} == {"none", "hard-text3"} and not make_plan(off).soft_prompts
+    shipped = make_plan(load_config(Path(__file__).parents[1] / "configs" / "default.yaml"))
+    assert {(c.compression, c.target.task) for c in shipped.cells if c.prompt.id == "trivial"} == {
+        (spec, target.task) for spec in shipped.config.compression.specs for target in shipped.config.targets}
 
 
 def test_planner_without_transfers_keeps_only_in_domain_prompts_and_drops_unused_artifacts():
     config = config_from_dict(planning_config(datasets=False, compression_levels=False, compression_types=False))
     plan = make_plan(config)
-    soft = {(c.compression, c.prompt.id, c.target.task) for c in plan.cells if c.prompt.kind == "soft"}
+    soft = {(c.compression, c.prompt.id, c.target.task) for c in plan.cells if c.prompt.is_learned}
     assert soft == {("rtn-w4g32", "soft-wikipedia@rtn-w4g32", "cpt_ppl_wikipedia")}
-    assert [p.id for p in plan.soft_prompts] == ["soft-wikipedia@rtn-w4g32"]  # shakespeare's prompt has no cell
-    assert len(plan.cells) == 4 * 2 * 2 + 1
+    assert [p.id for p in plan.soft_prompts] == ["soft-wikipedia@rtn-w4g32", "trivial"]  # shakespeare's: no cell
+    assert len(plan.cells) == 4 * 3 * 2 + 1  # (none, hard, trivial) everywhere, the soft prompt in-domain
 
 
 def test_hard_prompts_by_name_text_and_file(tmp_path):
@@ -123,7 +146,7 @@ def test_hard_prompts_by_name_text_and_file(tmp_path):
 
 def test_planner_levels_but_not_types():
     plan = make_plan(config_from_dict(planning_config(compression_types=False)))
-    soft_levels = {c.compression for c in plan.cells if c.prompt.kind == "soft"}
+    soft_levels = {c.compression for c in plan.cells if c.prompt.is_learned}
     assert soft_levels == {"rtn-w4g32", "rtn-w3g32"}  # not dense, not magnitude (other families)
 
 
@@ -136,7 +159,7 @@ def test_shards_are_disjoint_whole_groups_covering_the_plan():
         for key in shard.groups():
             assert shard.groups()[key] == plan.groups()[key]
         needed = {c.compression for c in shard.cells} | {p.trained_at for p in shard.soft_prompts}
-        assert set(shard.compressed) == needed - {"dense"}
+        assert set(shard.compressed) == needed - {"dense", None}  # None: the trivial control's (no level)
 
 
 def test_shipped_configs_validate_and_plan(capsys):
@@ -146,7 +169,7 @@ def test_shipped_configs_validate_and_plan(capsys):
         assert make_plan(load_config(path)).cells
     assert main(["matrix", str(Path(__file__).parents[1] / "configs" / "default.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "48 cells in 16 (compression, prompt) groups" in out and "estimated time" in out
+    assert "60 cells in 20 (compression, prompt) groups" in out and "estimated time" in out
 
 
 def test_dry_run_estimate_scales_with_the_models_size():
@@ -276,9 +299,9 @@ def comparable_cells(run_dir: Path) -> dict[str, dict]:
 
 def test_run_writes_every_cell_summary_and_report(reference_run):
     cells = store.read_cells(reference_run)
-    assert len(cells) == 12
+    assert len(cells) == 16
     summary = json.loads((reference_run / "summary.json").read_text())
-    assert summary["format"] == "cpt_bench.matrix_summary/1" and len(summary["cells"]) == 12
+    assert summary["format"] == "cpt_bench.matrix_summary/1" and len(summary["cells"]) == 16
     by_id = {cell["id"]: cell for cell in summary["cells"]}
     ppl = by_id["rtn-w4g32__soft-wikipedia@rtn-w4g32__cpt_ppl_wikipedia"]
     assert ppl["value"] > 1 and ppl["stderr"] > 0 and ppl["dense_value"] > 1
@@ -297,6 +320,46 @@ def test_run_writes_every_cell_summary_and_report(reference_run):
     assert any(p.suffix == ".png" for p in report.iterdir())
 
 
+def test_trivial_prefix_control_is_the_eos_token_compared_with_every_prompt(reference_run, tiny_model_dir):
+    """The control's folder holds the EOS token's embedding as a one-token prompt at the prompts' position; every
+    prompted cell is compared with it at its level, and the compressed level's gap closed is taken over it too."""
+    from transformers import AutoModelForCausalLM
+
+    from cpt_bench.assets.model import load_tokenizer
+    from cpt_bench.recovery.artifact import read_prompt
+    from cpt_bench.recovery.position import resolve_position
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    prompt = read_prompt(reference_run / "prompts" / "trivial")
+    eos = AutoModelForCausalLM.from_pretrained(tiny_model_dir).get_input_embeddings().weight[tokenizer.eos_token_id]
+    assert prompt.embeddings.shape == (1, eos.shape[0]) and torch.equal(prompt.embeddings[0], eos.detach().float())
+    assert prompt.meta["kind"] == "trivial" and prompt.meta["hyperparameters"]["n_virtual_tokens"] == 1
+    assert prompt.meta["prompt_position"] == resolve_position(None, tokenizer)
+    cells = {cell["id"]: cell for cell in json.loads((reference_run / "summary.json").read_text())["cells"]}
+    soft = cells["rtn-w4g32__soft-wikipedia@rtn-w4g32__cpt_ppl_wikipedia"]
+    assert soft["vs_trivial"]["against"] == "rtn-w4g32__trivial__cpt_ppl_wikipedia"
+    assert soft["gap_closed_vs_trivial"]["method"] == "paired bootstrap"
+    assert cells["dense__hard-paper__cpt_piqa"]["vs_trivial"]["against"] == "dense__trivial__cpt_piqa"
+    trivial = cells["rtn-w4g32__trivial__cpt_ppl_wikipedia"]
+    assert "vs_trivial" not in trivial and "gap_closed_vs_trivial" not in trivial and "gap_closed" in trivial
+    report = (reference_run / "report" / "report.md").read_text()
+    assert "| trivial " in report and "gap closed vs trivial" in report
+
+
+def test_trivial_prefix_warning_names_the_figures_when_the_control_moves_the_dense_model():
+    def summary(trivial_value: float) -> dict:
+        cell = {"metric": "token_perplexity", "stderr": 1.2, "compression": "dense", "task": "cpt_ppl_wikipedia"}
+        return {"targets": [{"task": "cpt_ppl_wikipedia", "domain": "wikipedia"}, {"task": "cpt_piqa", "domain": None}],
+                "cells": [{**cell, "prompt": "none", "value": 36.0},
+                          {**cell, "prompt": "trivial", "value": trivial_value}]}
+
+    (warning,) = store.trivial_prefix_warnings(summary(20.7))
+    assert warning.startswith("on cpt_ppl_wikipedia the trivial prefix alone moves the dense model's token_perplexity "
+                              "from 36.00 to 20.70 (-42.5%), more than its standard error 1.20")
+    assert store.trivial_prefix_warnings(summary(35.0)) == []  # within one standard error
+    assert store.trivial_prefix_warnings({"targets": summary(20.7)["targets"], "cells": []}) == []  # no control
+
+
 def test_second_identical_run_gives_identical_cells(reference_run, matrix_env, tiny_model_dir, tmp_path):
     run_dir = run_matrix(write_config(tmp_path, tiny_config(tiny_model_dir)), tmp_path / "again")
     assert comparable_cells(run_dir) == comparable_cells(reference_run)
@@ -305,7 +368,7 @@ def test_second_identical_run_gives_identical_cells(reference_run, matrix_env, t
 def test_two_shards_merged_equal_one_full_run(reference_run, matrix_env, tiny_model_dir, tmp_path):
     config = write_config(tmp_path, tiny_config(tiny_model_dir))
     shards = [run_matrix(config, tmp_path / f"shard{i}", shard=f"{i}/2") for i in range(2)]
-    assert all(0 < len(store.read_cells(shard)) < 12 for shard in shards)
+    assert all(0 < len(store.read_cells(shard)) < 16 for shard in shards)
     assert merge_runs(tmp_path / "merged", shards) is not None
     assert comparable_cells(tmp_path / "merged") == comparable_cells(reference_run)
 
@@ -446,7 +509,12 @@ def test_a_run_folder_from_before_a_new_setting_still_resumes(untrained_run, mat
     stored = json.loads((old / "config.json").read_text())
     for key in ("require_improvement", "seeds", "controls"):  # as written before the settings existed
         del stored["prompts"]["soft"][key]
+    del stored["prompts"]["trivial_prefix"]
     (old / "config.json").write_text(json.dumps(stored))
+    shutil.rmtree(old / "prompts" / "trivial")  # and before the trivial-prefix control
+    for path in (old / "cells").glob("*__trivial__*.json"):
+        path.unlink()
+    assert store.read_run_config(old).prompts.trivial_prefix is False  # as it ran
     soft_cell = f"dense__{UNTRAINED_PROMPT}__cpt_ppl_wikipedia"
     record = store.read_cells(old)[soft_cell]
     del record["examples"], record["cell"]["prompt_choice"]["seed"], record["cell"]["prompt_choice"]["control"]
@@ -456,3 +524,5 @@ def test_a_run_folder_from_before_a_new_setting_still_resumes(untrained_run, mat
     assert run_matrix(config, old, resume=True) == old and (old / "summary.json").is_file()
     cells = {cell["id"]: cell for cell in json.loads((old / "summary.json").read_text())["cells"]}
     assert "vs_none" not in cells[soft_cell] and "vs_dense" not in cells[soft_cell]  # nothing to pair it with
+    # resumed, a run from before the trivial-prefix control gains its cells, and its config.json records it
+    assert "dense__trivial__cpt_ppl_wikipedia" in cells and store.read_run_config(old).prompts.trivial_prefix

@@ -36,10 +36,10 @@ PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]  # every pag
 BIN = Path(sys.executable).parent
 FENCE = re.compile(r"^```bash\n(.*?)^```", re.MULTILINE | re.DOTALL)
 COMMAND_TIMEOUT_S = 1200
-GEMMA_CONFIG, GEMMA_CELLS = "configs/tiny-gemma3.yaml", 12  # the tiny config on gemma3-270m
+GEMMA_CONFIG, GEMMA_CELLS = "configs/tiny-gemma3.yaml", 16  # the tiny config on gemma3-270m
 OWN_DATA_CONFIG = "configs/own-data-small.yaml"  # configs/own-data.yaml with 2 steps, 64-token windows, 2 windows
-TINY_CONFIG, TINY_CELLS = "configs/tiny.yaml", 12  # 2 levels x (none, hard, soft) x 2 targets
-UNPROMPTED_CONFIG, UNPROMPTED_CELLS = "configs/tiny-unprompted.yaml", 2  # 2 levels x no prompt x 1 target
+TINY_CONFIG, TINY_CELLS = "configs/tiny.yaml", 16  # 2 levels x (none, hard, soft, trivial control) x 2 targets
+UNPROMPTED_CONFIG, UNPROMPTED_CELLS = "configs/tiny-unprompted.yaml", 2  # 2 levels x no prompt (so no control) x 1
 RAY_RELATIVE_TOLERANCE = 0.02  # Ray workers run 1 thread, the local runner 2: float reductions differ slightly
 
 
@@ -143,7 +143,7 @@ def check_run(ran: Ran, run: str, n_cells: int) -> dict[str, dict]:
 
 
 def check_dry_run(ran: Ran) -> None:
-    assert re.search(r"matrix 'default': model embedded \(.*\), 48 cells", ran.stdout), ran.stdout  # "= 48 cells"
+    assert re.search(r"matrix 'default': model embedded \(.*\), 60 cells", ran.stdout), ran.stdout  # "60 cells"
     assert "artifacts:" in ran.stdout and "estimated time" in ran.stdout
     assert not (ran.root / "runs" / "default").exists()
 
@@ -251,7 +251,7 @@ def check_own_perplexity(ran: Ran) -> None:
 
 def check_own_matrix(ran: Ran) -> None:
     assert re.search(r"run folder \S*runs/own-data: summary", ran.stdout), ran.stdout
-    assert len(read_cells(ran.root / "runs/own-data")) == 8
+    assert len(read_cells(ran.root / "runs/own-data")) == 12  # docs/own-data.md: 8 + the trivial control's 4
 
 
 def check_compare(ran: Ran) -> None:
@@ -297,6 +297,23 @@ def check_compress_out(ran: Ran) -> None:
     assert (ran.root / "runs/gptq-w3g64/compression.json").is_file()
     total = next(line for line in ran.stdout.splitlines() if line.startswith("total"))
     assert total.split()[-1] == "0.373", ran.stdout  # the compression table: gptq-w3g64 stores 0.373 of dense
+
+
+def check_eora(folder: str) -> Callable[[Ran], None]:
+    """The EoRA commands: the tables printed, a PEFT LoRA folder of rank 16 whose record says EoRA."""
+    def check(ran: Ran) -> None:
+        assert f"EoRA adapter (a PEFT LoRA folder, rank 16): {folder}" in ran.stdout, ran.stdout
+        assert "plain SVD r16" in ran.stdout and "checkpoint + EoRA" in ran.stdout, ran.stdout
+        config = json.loads((ran.root / folder / "adapter_config.json").read_text(encoding="utf-8"))
+        record = json.loads((ran.root / folder / "lora.json").read_text(encoding="utf-8"))
+        assert config["peft_type"] == "LORA" and config["r"] == config["lora_alpha"] == 16
+        total = record["eora"]["output_error"]["total"]
+        assert record["method"] == "eora" and total["eora"] <= total["svd"] < total["none"], total
+    return check
+
+
+def check_eora_evaluation(ran: Ran) -> None:
+    assert lm_eval_values(ran.stdout)["cpt_ppl_wikipedia", "token_perplexity"] > 1, ran.stdout
 
 
 def check_prompt_train(ran: Ran) -> None:
@@ -362,6 +379,15 @@ OWN_EVAL = ("cpt-lm-eval --model cpt --model_args "
             "pretrained=embedded,compression=rtn-w3g64,soft_prompt=runs/prompt-poems "
             "--tasks cpt_ppl_corpus --metadata '{\"corpus\": \"text:runs/my-plays\", \"seqlen\": 512}' "
             "--include_path tasks --limit 8")
+
+# EoRA (docs/recovery.md): in the compression pass, on README's checkpoint, through lm-eval.
+EORA_COMPRESS = ("cpt-bench compress --model embedded --spec rtn-w3g64 --out runs/rtn-w3g64 --eora-rank 16 "
+                 "--eora-out runs/rtn-w3g64-eora16 --n-windows 8 --seqlen 512")
+EORA_CHECKPOINT = "cpt-bench eora runs/gptq-w3g64 --rank 16 --out runs/gptq-w3g64-eora16 --n-windows 8 --seqlen 512"
+EORA_EVAL = ("cpt-lm-eval --model cpt --model_args pretrained=embedded,compression=runs/rtn-w3g64,"
+             "eora=runs/rtn-w3g64-eora16 --tasks cpt_ppl_wikipedia --include_path tasks --limit 8 "
+             "--metadata '{\"seqlen\": 512}'")
+EORA_SMALL = ("--n-windows 8 --seqlen 512", "--n-windows 2 --seqlen 64")
 
 COMPARE = ("cpt-bench compare runs/d rtn-w3g64__none__cpt_ppl_wikipedia "
            "rtn-w3g64__soft-wikipedia@rtn-w3g64__cpt_ppl_wikipedia")
@@ -439,6 +465,12 @@ SMALL_FORMS = {
         "cpt-bench prompt export-peft runs/prompt-w3 runs/prompt-w3-peft", check_export_peft, needs=(PROMPT_TRAIN,)),
     PROMPTED_EVAL: SmallForm(f"{PROMPTED_EVAL} --limit 2", check_prompted_evaluation,
                              needs=(COMPRESS_OUT, PROMPT_TRAIN)),
+    EORA_COMPRESS: SmallForm(EORA_COMPRESS.replace(*EORA_SMALL), check_eora("runs/rtn-w3g64-eora16")),
+    EORA_CHECKPOINT: SmallForm(EORA_CHECKPOINT.replace(*EORA_SMALL), check_eora("runs/gptq-w3g64-eora16"),
+                               needs=(COMPRESS_OUT,)),
+    EORA_EVAL: SmallForm(EORA_EVAL.replace('--limit 8 --metadata \'{"seqlen": 512}\'',
+                                           '--limit 2 --metadata \'{"seqlen": 64}\''),
+                         check_eora_evaluation, needs=(EORA_COMPRESS,)),
 }
 
 VARIANTS = {  # documented command -> the small form that runs it, for commands CI cannot run as written
@@ -517,7 +549,7 @@ def test_readme_commands_join_continuations_and_drop_duplicates():
 def tiny_config() -> dict:
     """configs/default.yaml made small: dense and gptq-w4g64 calibrated as the compress small form (so they share
     its cached checkpoint), the paper's hard prompt, one soft prompt trained for 2 steps, 2 Wikipedia windows of
-    64 tokens and 2 PIQA items: 2 levels x 3 prompts x 2 targets = 12 cells."""
+    64 tokens and 2 PIQA items: 2 levels x 4 prompts (the trivial-prefix control included) x 2 targets = 16 cells."""
     config = yaml.safe_load((REPO / "configs" / "default.yaml").read_text(encoding="utf-8"))
     calibration = {**config["compression"]["calibration"], "n_windows": 2, "seqlen": 64}
     targets = [{"task": "cpt_ppl_wikipedia", "limit": 2}, {"task": "cpt_piqa", "limit": 2, "metric": "acc"}]
@@ -537,7 +569,7 @@ def unprompted_config() -> dict:
 
 
 def gemma_config() -> dict:
-    """The tiny config on the second embedded model (configs/default-gemma3.yaml's model): 12 cells."""
+    """The tiny config on the second embedded model (configs/default-gemma3.yaml's model): 16 cells."""
     config = tiny_config()
     config.update(name="tiny-gemma3", model="gemma3-270m")
     return config

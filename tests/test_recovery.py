@@ -46,34 +46,34 @@ def test_seeds_and_controls_expand_to_their_cells():
     plan = make_plan(config_from_dict(recovery_plan_config(seeds=[0, 1], controls=["init", "random"])))
     learned = [f"soft-{source}@rtn-w4g32#s{seed}" for source in ("wikipedia", "shakespeare") for seed in (0, 1)]
     controls = ["init@rtn-w4g32", "random@rtn-w4g32#s0", "random@rtn-w4g32#s1"]  # vocab init: one for all seeds
-    assert [p.id for p in plan.soft_prompts] == learned + controls
-    assert prompt_ids(plan, "rtn-w4g32") == ["none", *learned, *controls]
-    for level in ("dense", "rtn-w3g32"):  # controls only at their own level; learned prompts transfer
-        assert prompt_ids(plan, level) == ["none", *learned]
-    control_cells = [c for c in plan.cells if c.prompt.control]
+    assert [p.id for p in plan.soft_prompts] == learned + controls + ["trivial"]
+    assert prompt_ids(plan, "rtn-w4g32") == ["none", *learned, *controls, "trivial"]
+    for level in ("dense", "rtn-w3g32"):  # controls only at their own level (trivial: at every level)
+        assert prompt_ids(plan, level) == ["none", *learned, "trivial"]
+    control_cells = [c for c in plan.cells if c.prompt.control and c.prompt.trained_at]
     assert len(control_cells) == 3 * 2 and {c.compression_relation for c in control_cells} == {"same"}
-    assert [prompt_training(plan.config, p).seed for p in plan.soft_prompts] == [0, 1, 0, 1, 0, 0, 1]
+    assert [prompt_training(plan.config, p).seed for p in plan.soft_prompts] == [0, 1, 0, 1, 0, 0, 1, 0]
     cell = next(c for c in plan.cells if c.prompt.id == "soft-wikipedia@rtn-w4g32#s1" and c.target.task == "cpt_piqa"
                 and c.compression == "rtn-w4g32")
     assert cell.id == "rtn-w4g32__soft-wikipedia@rtn-w4g32-s1__cpt_piqa"
     text = describe(plan)
-    assert "4 soft prompts" in text and "3 control prompts (init@rtn-w4g32, random@" in text
+    assert "4 soft prompts" in text and "4 control prompts (init@rtn-w4g32, random@" in text
 
 
 def test_seeded_initialisation_gets_an_init_control_per_seed_and_one_seed_keeps_the_old_ids():
     training = {"init": "sample"}
     plan = make_plan(config_from_dict(recovery_plan_config(seeds=[3, 4], controls=["init"], training=training)))
-    assert [p.id for p in plan.soft_prompts if p.control] == ["init@rtn-w4g32#s3", "init@rtn-w4g32#s4"]
+    assert [p.id for p in plan.soft_prompts if p.control] == ["init@rtn-w4g32#s3", "init@rtn-w4g32#s4", "trivial"]
     single = make_plan(config_from_dict(recovery_plan_config(controls=["random"], training={"seed": 5})))
     assert [p.id for p in single.soft_prompts] == ["soft-wikipedia@rtn-w4g32", "soft-shakespeare@rtn-w4g32",
-                                                   "random@rtn-w4g32"]
+                                                   "random@rtn-w4g32", "trivial"]
     assert {prompt_training(single.config, p).seed for p in single.soft_prompts} == {5}
 
 
 def test_controls_follow_the_targets_their_level_keeps():
     plan = make_plan(config_from_dict(recovery_plan_config(controls=["init"])
                                       | {"transfer": {"datasets": False}}))
-    assert {c.target.task for c in plan.cells if c.prompt.control} == {"cpt_ppl_wikipedia"}
+    assert {c.target.task for c in plan.cells if c.prompt.control == "init"} == {"cpt_ppl_wikipedia"}
 
 
 def _fake_records(plan, seed: int = 0) -> dict[str, dict]:
@@ -115,6 +115,12 @@ def test_comparisons_pair_each_cell_with_its_counterparts():
     assert "gap_closed" not in found[f"dense__soft-wikipedia@rtn-w4g32-s0__{ppl}"]  # dense has no gap
     assert "gap_closed" in found[f"rtn-w3g32__init@rtn-w3g32__{ppl}"]
     assert f"dense__none__{ppl}" not in found  # the reference of everything else
+    for compression, prompt in (("dense", "soft-wikipedia@rtn-w4g32-s0"), ("rtn-w3g32", "init@rtn-w3g32")):
+        assert against(compression, prompt, piqa, "vs_trivial") == f"{compression}__trivial__{piqa}"
+    assert "gap_closed_vs_trivial" in found[f"rtn-w3g32__init@rtn-w3g32__{ppl}"]
+    assert "gap_closed_vs_trivial" not in found[f"dense__soft-wikipedia@rtn-w4g32-s0__{ppl}"]  # dense has no gap
+    trivial = found[f"rtn-w3g32__trivial__{ppl}"]
+    assert "vs_trivial" not in trivial and "gap_closed_vs_trivial" not in trivial and "gap_closed" in trivial
 
 
 @pytest.mark.parametrize(("soft", "message"), [
@@ -134,8 +140,8 @@ def test_bad_seeds_and_controls_fail_with_their_key_path(soft, message):
 # --- one tiny-model run with controls and two seeds ----------------------------------------------------------------
 
 def recovery_config(model: Path) -> dict:
-    """dense, rtn-w4g32 x (none, 2 seeds of a wikipedia prompt at rtn-w4g32, its init and random controls) x a
-    perplexity and a PIQA target: 4 + 4 + 6 = 14 cells."""
+    """dense, rtn-w4g32 x (none, 2 seeds of a wikipedia prompt at rtn-w4g32, its init and random controls, the
+    trivial-prefix control) x a perplexity and a PIQA target: 4 + 4 + 6 + 4 = 18 cells."""
     return tiny_config(model, name="recovery",
                        prompts={"soft": {"sources": ["wikipedia"], "trained_at": ["rtn-w4g32"], "training": TRAINING,
                                          "seeds": [0, 1], "controls": ["init", "random"]}},
@@ -185,7 +191,7 @@ def test_controls_are_prompt_artifacts_applied_like_soft_prompts(recovery_run, t
     cells = store.read_cells(recovery_run)
     block = cells[INIT]["prompt"]
     assert block["kind"] == "soft" and block["control"] == "init" and block["n_tokens"] == 3  # the cpt adapter's
-    assert len(cells) == 14
+    assert len(cells) == 18
 
 
 def test_cells_keep_their_per_example_values(recovery_run):

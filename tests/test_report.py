@@ -159,6 +159,24 @@ def test_untrained_soft_prompt_is_marked_in_every_format_and_the_leaderboard(tmp
     assert "soft:shakespeare@rtn-w3g64 (untrained)" in leaderboard and "never beat its initialisation" in leaderboard
 
 
+def test_trivial_prefix_control_gets_its_columns_and_its_warning_in_the_report(tmp_path):
+    """A summary with the trivial-prefix control on the dense model (the golden fixture predates it): its label,
+    and the warning with the figures when it moves the dense model by more than the standard error."""
+    summary = _summary()
+    dense = next(c for c in summary["cells"] if (c["compression"], c["prompt"], c["task"]) == (
+        "dense", "none", "cpt_ppl_wikipedia"))
+    summary["prompts"].append({"id": "trivial", "kind": "soft", "source": None, "trained_at": None,
+                               "control": "trivial", "n_tokens": 1})
+    summary["cells"].append({**{k: v for k, v in dense.items() if not k.startswith(("vs_", "gap_"))},
+                             "id": "dense__trivial__cpt_ppl_wikipedia", "prompt": "trivial",
+                             "value": dense["value"] - 3 * dense["stderr"]})
+    markdown = next(p for p in write_report(summary, tmp_path / "report") if p.name == "report.md").read_text("utf-8")
+    assert "| trivial " in markdown  # a column of the results table and a row of the prompts table
+    assert (f"Trivial-prefix control: on cpt_ppl_wikipedia the trivial prefix alone moves the dense model's "
+            f"token_perplexity from {dense['value']:.2f} to {dense['value'] - 3 * dense['stderr']:.2f}") in markdown
+    assert "Trivial-prefix control" not in (GOLDEN / "report.md").read_text(encoding="utf-8")
+
+
 def test_missing_summary_is_a_report_error_naming_the_file(tmp_path):
     with pytest.raises(ReportError, match=re.escape(f"{tmp_path / 'summary.json'}: no such file")):
         load_summary(tmp_path / "summary.json")

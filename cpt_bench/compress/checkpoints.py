@@ -30,9 +30,10 @@ from torch import nn
 from cpt_bench.assets.cache import ensure_entry
 from cpt_bench.assets.model import load_causal_lm, load_tokenizer, model_fingerprint, model_folder
 from cpt_bench.compress.calibration import corpus_calibration_ids
+from cpt_bench.compress.eora import Compensator
 from cpt_bench.compress.kernels import swap_in_kernels
 from cpt_bench.compress.layers import state_weight
-from cpt_bench.compress.sequential import compress_model
+from cpt_bench.compress.sequential import compensate_model, compress_model
 from cpt_bench.compress.spec import CalibrationSettings, Spec, SpecError
 from cpt_bench.compress.storage import CHECKPOINT_KIND, StorageError, check_fits, read_checkpoint, save_compressed
 from cpt_bench.files import ensure_replaceable, replacing_folder
@@ -64,33 +65,62 @@ def check_mode(mode: str) -> None:
 # --- compress a model --------------------------------------------------------------------------------------------
 
 def compress_to_folder(model: str | os.PathLike, spec: Spec, settings: CalibrationSettings, out: Path,
-                       progress: bool = True) -> dict:
+                       progress: bool = True, compensator: Compensator | None = None) -> dict:
     """Compress the fp32 ``model`` (``embedded``, a folder or a Hugging Face id) by ``spec`` into folder ``out``.
 
     Calibration windows come from ``settings.corpus`` (train split) when the spec needs them. Shows a tqdm bar over
     decoder layers when ``progress``. The folder is built beside ``out`` and takes its place only when complete
     (``files.replacing_folder``): a failure (a bad spec, a full disk) leaves ``out`` as it was. A folder ``out``
     that exists must be empty or an earlier checkpoint (it is replaced whole), never a folder of other files
-    (``files.OutputPathError``, before anything loads). Returns a summary (spec, seconds, base model).
+    (``files.OutputPathError``, before anything loads). With an EoRA ``compensator`` (``eora.Compensator``), each
+    Linear is corrected in the same pass and later ones are calibrated on the corrected outputs (the checkpoint then
+    differs from one compressed without it); its ``fit`` holds the corrections. Returns a summary (spec, seconds,
+    base model).
     """
     out = Path(out)
     ensure_replaceable(out, CHECKPOINT_KIND, "--out")
     with replacing_folder(out) as staging:
-        return _write_checkpoint(staging, model, spec, settings, progress)
+        return _write_checkpoint(staging, model, spec, settings, progress, compensator)
 
 
 def _write_checkpoint(folder: Path, model: str | os.PathLike, spec: Spec, settings: CalibrationSettings,
-                      progress: bool) -> dict:
+                      progress: bool, compensator: Compensator | None = None) -> dict:
     """Compress ``model`` and write the checkpoint, its config and its tokenizer into ``folder``; the summary."""
     source = model_folder(model)
     base_model = {"name": str(model), "fingerprint": model_fingerprint(source)}
     tokenizer = load_tokenizer(str(source))
-    ids = corpus_calibration_ids(tokenizer, settings) if spec.needs_calibration else None
+    calibrated = spec.needs_calibration or compensator is not None
+    ids = corpus_calibration_ids(tokenizer, settings) if calibrated else None
     network = load_causal_lm(str(source), dtype=torch.float32).to(compute_device())
-    result = compress_model(network, spec, ids, settings, progress=progress)
+    result = compress_model(network, spec, ids, settings, progress=progress, compensator=compensator)
     save_compressed(network, result, folder, base_model)
     tokenizer.save_pretrained(folder)
     return {"spec": str(spec), "seconds": result.seconds, "base_model": base_model}
+
+
+def compensate_checkpoint(folder: str | os.PathLike, settings: CalibrationSettings, compensator: Compensator,
+                          progress: bool = True) -> tuple[nn.Module, object, dict]:
+    """Fit EoRA (``compensator``) for the compressed checkpoint ``folder`` on calibration windows drawn by
+    ``settings`` from its base model's tokenizer, layer by layer as ``sequential.compensate_model`` does.
+
+    The base model is the one the checkpoint records (``compression.json``'s ``base_model``); it must still have the
+    recorded weight fingerprint (``StorageError`` otherwise, before the base weights load). Returns the base model
+    (holding ``Ŵ + B A``), its tokenizer and the checkpoint's manifest.
+    """
+    checkpoint = read_checkpoint(folder)
+    base = checkpoint.manifest.get("base_model") or {}
+    if not base.get("name"):
+        raise StorageError(f"checkpoint {folder} does not record its base model; compress it again")
+    source = model_folder(base["name"])
+    if model_fingerprint(source) != base.get("fingerprint"):
+        raise StorageError(f"checkpoint {folder} was compressed from another version of model {base['name']!r} "
+                           "(its weight fingerprint differs)")
+    tokenizer = load_tokenizer(str(source))
+    ids = corpus_calibration_ids(tokenizer, settings)
+    network = load_causal_lm(str(source), dtype=torch.float32).to(compute_device())
+    compensate_model(network, checkpoint.layers, Spec.parse(checkpoint.manifest["spec"]), ids, settings, compensator,
+                     progress)
+    return network, tokenizer, checkpoint.manifest
 
 
 # --- look up or build the cached one -----------------------------------------------------------------------------

@@ -9,6 +9,8 @@ its Linears), the Linears are compressed in place, and the compressed layer's ou
 inputs. True-sequential mode (default) compresses the groups in the order the forward reaches them, re-running
 the layer up to each group, so later Linears are calibrated on the outputs of the compressed earlier ones;
 otherwise one forward per window collects every group's Hessian before any is compressed.
+With an EoRA ``eora.Compensator`` each Linear is corrected right after it is compressed and runs corrected for the
+rest of the pass; ``compensate_model`` runs the same pass for an existing compression (a checkpoint's).
 Only Linears (and GPT-2's transposed ``Conv1D``) inside decoder layers are compressed, found across model
 families by ``layers``; embeddings, norms and ``lm_head`` stay dense.
 """
@@ -16,6 +18,7 @@ families by ``layers``; embeddings, norms and ``lm_head`` stay dense.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +26,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cpt_bench.compress.baselines import magnitude, rtn, wanda
-from cpt_bench.compress.gptq import Hessian, check_block_size, gptq_layer
+from cpt_bench.compress.eora import Compensator
+from cpt_bench.compress.gptq import Hessian, check_block_size, gptq_layer, output_error
 from cpt_bench.compress.layers import (
     compressible_linears,
     decoder_layers,
@@ -61,37 +65,77 @@ def compress_linear(weight: torch.Tensor, spec: Spec, hessian: torch.Tensor | No
     return magnitude(weight, pruning, hessian)
 
 
+Solver = Callable[[str, torch.Tensor, "torch.Tensor | None"], CompressedLinear]  # (name, W [out, in], H) -> Ŵ
+
+
 def compress_model(model: nn.Module, spec: Spec, calibration_ids: torch.Tensor | None = None,
-                   settings: CalibrationSettings | None = None, progress: bool = True) -> CompressionResult:
+                   settings: CalibrationSettings | None = None, progress: bool = True,
+                   compensator: Compensator | None = None) -> CompressionResult:
     """Compress the decoder-layer Linears of ``model`` in place by ``spec``.
 
     Args:
         model: a Hugging Face decoder-only causal LM whose decoder layers ``layers.decoder_layers`` finds.
         spec: the recipe; ``dense`` returns the model untouched.
-        calibration_ids: ``[n_windows, seqlen]`` int64 token ids; needed when ``spec.needs_calibration``.
+        calibration_ids: ``[n_windows, seqlen]`` int64 token ids; needed when ``spec.needs_calibration`` or a
+            ``compensator`` is given.
         settings: calibration settings (defaults if None); must match ``calibration_ids``' shape.
         progress: show a tqdm bar over decoder layers.
+        compensator: an EoRA ``eora.Compensator``: each Linear is corrected right after it is compressed, from its
+            Hessian, and runs as ``Ŵ + B A`` for the rest of the pass (its ``fit`` holds the corrections); the
+            returned compressed forms stay ``Ŵ``.
 
     Returns:
         The compressed form of each Linear (for ``storage.save_compressed``) and per-Linear reports.
     """
     settings = settings or CalibrationSettings()
-    result = CompressionResult(spec=spec, settings=settings if spec.needs_calibration else None)
+    calibrated = spec.needs_calibration or compensator is not None
+    result = CompressionResult(spec=spec, settings=settings if calibrated else None)
     if spec.is_dense:
         return result
     check_model(model, spec, settings)
-    if spec.needs_calibration:
-        _check_calibration_ids(calibration_ids, settings)
+
+    def solve(name: str, weight: torch.Tensor, hessian: torch.Tensor | None) -> CompressedLinear:
+        return compress_linear(weight, spec, hessian, settings)
+
+    _run_pass(model, spec, calibration_ids, settings, progress, result, solve, compensator)
+    return result
+
+
+def compensate_model(model: nn.Module, stored: dict[str, CompressedLinear], spec: Spec, calibration_ids: torch.Tensor,
+                     settings: CalibrationSettings, compensator: Compensator,
+                     progress: bool = True) -> CompressionResult:
+    """Fit EoRA (``compensator``) for an existing compression of ``model``: the same layer-by-layer pass as
+    ``compress_model``, with each Linear's compressed form taken from ``stored`` (module name -> ``Ŵ``, e.g. a
+    checkpoint's, ``spec`` its recipe) instead of computed. ``model`` holds the dense weights on entry and
+    ``Ŵ + B A`` on return. Raises ``ValueError`` when ``stored`` names other modules than the model's."""
+    names = list(compressible_linears(model))
+    if sorted(names) != sorted(stored):
+        raise ValueError(f"the stored compression holds Linears {sorted(set(stored) - set(names))[:3]} the model "
+                         f"lacks and lacks {sorted(set(names) - set(stored))[:3]}")
+    result = CompressionResult(spec=spec, settings=settings)
+
+    def solve(name: str, weight: torch.Tensor, hessian: torch.Tensor | None) -> CompressedLinear:
+        layer = stored[name]
+        layer.error = output_error(weight, layer.weight().to(weight.device), hessian)
+        return layer
+
+    _run_pass(model, spec, calibration_ids, settings, progress, result, solve, compensator)
+    return result
+
+
+def _run_pass(model: nn.Module, spec: Spec, ids: torch.Tensor | None, settings: CalibrationSettings, progress: bool,
+              result: CompressionResult, solve: Solver, compensator: Compensator | None) -> None:
+    if result.settings is not None:
+        _check_calibration_ids(ids, settings)
     started = time.perf_counter()
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            _compress_layers(model, spec, calibration_ids, settings, progress, result)
+            _compress_layers(model, spec, ids, settings, progress, result, solve, compensator)
     finally:
         model.train(was_training)
     result.seconds = time.perf_counter() - started
-    return result
 
 
 def _check_calibration_ids(ids: torch.Tensor | None, settings: CalibrationSettings) -> None:
@@ -106,6 +150,7 @@ PHASES = {  # phase -> what its seconds in ``CompressionResult.phase_seconds`` c
     "layer_forwards": "decoder-layer forwards collecting Linear inputs (Hessian time excluded) and layer outputs",
     "hessians": "accumulating H = 2 X X^T / n",
     "solve": "compressing each Linear from its Hessian (GPTQ / SparseGPT sweep, RTN, Wanda, magnitude)",
+    "eora": "fitting each Linear's EoRA correction (only with a compensator)",
 }
 
 
@@ -122,12 +167,12 @@ class _Clock:
 
 
 def _compress_layers(model: nn.Module, spec: Spec, ids: torch.Tensor | None, settings: CalibrationSettings,
-                     progress: bool, result: CompressionResult) -> None:
+                     progress: bool, result: CompressionResult, solve: Solver, compensator: Compensator | None) -> None:
     """Compress each decoder layer in turn. Linears that read the same tensor share one Hessian (it is the same
     matrix); true-sequential runs one calibration pass per such group, else one pass collects every group's."""
     clock = _Clock(result)
     path, layers = decoder_layers(model)
-    calibrated = spec.needs_calibration
+    calibrated = result.settings is not None
     started = time.perf_counter()
     inputs, calls = _capture_layer_inputs(model, layers, ids) if calibrated else ([], [])
     clock.add("capture", started)
@@ -135,7 +180,7 @@ def _compress_layers(model: nn.Module, spec: Spec, ids: torch.Tensor | None, set
         linears = layer_linears(f"{path}.{index}", layer)
         if not calibrated:
             for name, module in linears.items():
-                _compress_into(module, name, spec, None, settings, result, clock)
+                _compress_into(module, name, spec, None, solve, compensator, result, clock)
             continue
         call = calls[index]
         started = time.perf_counter()
@@ -147,20 +192,26 @@ def _compress_layers(model: nn.Module, spec: Spec, ids: torch.Tensor | None, set
                                             call, clock)
             for group in pass_groups:
                 for name in group:
-                    _compress_into(linears[name], name, spec, hessians[group[0]].matrix, settings, result, clock)
+                    _compress_into(linears[name], name, spec, hessians[group[0]].matrix, solve, compensator, result,
+                                   clock)
         started = time.perf_counter()
         inputs = [_run_layer(layer, hidden, call) for hidden in inputs]
         clock.add("layer_forwards", started)
 
 
-def _compress_into(module: nn.Module, name: str, spec: Spec, hessian: torch.Tensor | None,
-                   settings: CalibrationSettings, result: CompressionResult, clock: _Clock) -> None:
+def _compress_into(module: nn.Module, name: str, spec: Spec, hessian: torch.Tensor | None, solve: Solver,
+                   compensator: Compensator | None, result: CompressionResult, clock: _Clock) -> None:
     started = time.perf_counter()
-    compressed = compress_linear(weight_of(module), spec, hessian, settings)
-    set_weight(module, compressed.weight())
-    result.layers[name] = compressed
+    compressed = solve(name, weight_of(module), hessian)
+    weight = compressed.weight().to(weight_of(module).device)
     result.reports.append(LayerReport(name, str(spec), compressed.error, time.perf_counter() - started))
     clock.add("solve", started)
+    if compensator is not None:
+        started = time.perf_counter()
+        weight = compensator.compensate(name, weight_of(module), weight, hessian)
+        clock.add("eora", started)
+    set_weight(module, weight)
+    result.layers[name] = compressed
 
 
 class _Stop(Exception):

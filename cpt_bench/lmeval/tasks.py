@@ -59,11 +59,29 @@ def task_metrics(manager, task: str) -> TaskMetrics | None:
 
     Read from the YAML with lm-eval's own loader (functions unresolved) rather than by building the task, which
     would load its dataset (a download for a built-in task)."""
-    from lm_eval.api.registry import DEFAULT_METRIC_REGISTRY
     from lm_eval.tasks._yaml_loader import load_yaml  # the loader TaskManager itself uses (includes merged)
 
     entry = manager.task_index[task]
     config = load_yaml(entry.yaml_path, resolve_func=False) if entry.yaml_path else entry.cfg
+    return _metrics_of(config)
+
+
+@functools.lru_cache(maxsize=64)
+def local_task_metrics(task: str) -> TaskMetrics | None:
+    """``task_metrics`` of a task of our ``tasks/`` folder (``tasks/<task>.yaml``) without a TaskManager (which
+    takes seconds to index lm-eval's folders); None for any other task."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    path = TASKS_DIR / f"{task}.yaml"
+    if not path.is_file():
+        return None
+    config = load_yaml(str(path), resolve_func=False)
+    return _metrics_of(config) if isinstance(config, dict) and config.get("task") == task else None
+
+
+def _metrics_of(config: dict | None) -> TaskMetrics | None:
+    from lm_eval.api.registry import DEFAULT_METRIC_REGISTRY
+
     if not config or "class" in config:
         return None
     output_type = config.get("output_type", GENERATIVE)

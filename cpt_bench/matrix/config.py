@@ -17,6 +17,7 @@ Example (``configs/default.yaml`` is the full one)::
         controls: [init, random]  # optional: untrained control prompts beside the learned ones
         objectives: [lm, kd]      # optional: one prompt per training objective (default [lm])
       lora: {rank: 4, lr: 0.001}  # optional: a LoRA adapter per soft prompt's (source, level, seed)
+      trivial_prefix: true        # default: the trivial-prefix control beside the prompts, every level and target
     transfer: {datasets: true, compression_levels: true, compression_types: true}
     targets:
       - {task: cpt_ppl_wikipedia, limit: 8}
@@ -50,6 +51,14 @@ the learned ones, so that the report can say whether a gain is learned recovery 
 A control is evaluated at its own level only (an untrained prompt's transfers say nothing its own-level cells do
 not), on every target that a learned prompt of that level is evaluated on there. Its artifact is a prompt folder
 (``RUN/prompts/<id>``) the ``cpt`` adapter applies like any other (``soft_prompt=DIR``).
+
+The trivial-prefix control (``prompts.trivial_prefix``, default true; ``cpt_bench.recovery.controls``): the model's
+EOS token as a one-token soft prompt, placed where prompts sit, evaluated in a config with any prompt (hard, soft
+or LoRA) at every level on every target (id
+``trivial``, one artifact per run: it depends on no level, corpus or seed). A gain that a neutral token before the
+window also gives is not recovery: the summary compares every prompt with it (``vs_trivial``,
+``gap_closed_vs_trivial``) and a run warns when it alone moves the dense model's perplexity by more than the
+standard error. A run folder whose ``config.json`` predates the key ran without it (``store.read_run_config``).
 
 Why our own small validator rather than pydantic: errors must be one line naming the key path
 (``prompts.soft.training.steps``) and what was expected, and the leaf checks (compression grammar,
@@ -94,17 +103,26 @@ class Target:
     """One target: an lm-eval task (ours in tasks/ or a built-in), its example limit and the metric reported.
 
     ``limit``: windows for ``cpt_ppl_*`` tasks, items otherwise (None: all). ``metric``: default
-    ``token_perplexity`` for ``cpt_ppl_*`` tasks, else ``acc``. ``corpus``: the corpus spec (``cpt_bench.corpus``)
-    that the ``cpt_ppl_corpus`` task scores, required there and nowhere else.
+    ``token_perplexity`` for ``cpt_ppl_*`` tasks, the task's first metric under its first filter for a generative
+    task of ``tasks/`` (``em`` for ``cpt_coqa``, ``exact_match,remove_whitespace`` for ``cpt_nq_open``), else
+    ``acc``. ``corpus``: the corpus spec (``cpt_bench.corpus``) that the ``cpt_ppl_corpus`` task scores, required
+    there and nowhere else. ``gen_kwargs``: generation settings of a generative task (``GEN_KWARGS``), merged over
+    the task's own by lm-eval; part of the target's identity (``name``).
     """
 
     task: str
     limit: int | None = None
     metric: str | None = None
     corpus: str | None = None
+    gen_kwargs: dict[str, Any] | None = None
+
+    def __hash__(self) -> int:  # gen_kwargs is a dict: hash its canonical spelling
+        return hash((self.task, self.limit, self.metric, self.corpus, self.gen_kwargs_label))
 
     def __post_init__(self) -> None:
         _require(bool(self.task), "task", self.task, "a task name such as cpt_ppl_wikipedia or cpt_piqa")
+        if self.gen_kwargs is not None:
+            object.__setattr__(self, "gen_kwargs", check_gen_kwargs(self.gen_kwargs))
         _require(self.limit is None or self.limit >= 2, "limit", self.limit,
                  "an integer >= 2 (stderr needs two examples) or null for all")
         _require((self.corpus is not None) == (self.task == CORPUS_TASK), "corpus", self.corpus,
@@ -115,12 +133,38 @@ class Target:
             except UserError as error:
                 raise ConfigError(f"corpus: {error}") from None
         if self.metric is None:
-            object.__setattr__(self, "metric", PPL_METRIC if self.is_perplexity else DEFAULT_ACCURACY_METRIC)
+            object.__setattr__(self, "metric", PPL_METRIC if self.is_perplexity
+                               else default_generative_metric(self.task) or DEFAULT_ACCURACY_METRIC)
+
+    @property
+    def gen_kwargs_label(self) -> str:
+        """``+key=value`` per generation setting, keys sorted (lists joined by ``|``, control characters escaped:
+        ``until=\\n``); empty without any."""
+        def spell(value: Any) -> str:
+            items = value if isinstance(value, list) else [value]
+            return "|".join(str(item).encode("unicode_escape").decode("ascii") for item in items)
+
+        return "".join(f"+{key}={spell(value)}" for key, value in sorted((self.gen_kwargs or {}).items()))
 
     @property
     def name(self) -> str:
-        """The target's identity in cells and results: the task, with its corpus for ``cpt_ppl_corpus``."""
-        return f"{self.task}@{self.corpus}" if self.corpus else self.task
+        """The target's identity in cells and results: the task, with its corpus for ``cpt_ppl_corpus`` and its
+        generation settings (``cpt_coqa+max_gen_toks=32``)."""
+        return (f"{self.task}@{self.corpus}" if self.corpus else self.task) + self.gen_kwargs_label
+
+    @property
+    def is_generative(self) -> bool:
+        """Whether the target generates text: it sets ``gen_kwargs`` or is a generative task of ``tasks/`` (a built-in
+        generative task without ``gen_kwargs`` is known as one only once lm-eval has run it)."""
+        from cpt_bench.lmeval.tasks import local_task_metrics
+
+        metrics = None if self.is_perplexity else local_task_metrics(self.task)
+        return self.gen_kwargs is not None or (metrics is not None and metrics.is_generative)
+
+    @property
+    def max_gen_toks(self) -> int | None:
+        """Tokens generated at most per item when ``gen_kwargs`` sets it (None: the task's or lm-eval's default)."""
+        return (self.gen_kwargs or {}).get("max_gen_toks")
 
     @property
     def is_perplexity(self) -> bool:
@@ -132,6 +176,38 @@ class Target:
         if not self.is_perplexity:
             return None
         return self.corpus or self.task[len(PPL_TASK_PREFIX):]
+
+
+# Generation settings a target may set (lm-eval's names), each with its check and what it expects. Greedy decoding
+# only: a sampled answer would make paired per-item comparisons of cells noise.
+GEN_KWARGS: dict[str, tuple[Any, str]] = {
+    "max_gen_toks": (lambda v: type(v) is int and v > 0, "a positive integer"),
+    "until": (lambda v: (isinstance(v, str) and v != "") or (isinstance(v, list) and len(v) > 0
+                                                               and all(isinstance(s, str) and s for s in v)),
+              "a stop string or a non-empty list of them"),
+    "do_sample": (lambda v: v is False, "false (greedy decoding; the matrix pairs items across cells)"),
+    "temperature": (lambda v: type(v) in (int, float) and v == 0, "0 (greedy decoding)"),
+}
+
+
+def check_gen_kwargs(given: dict[str, Any]) -> dict[str, Any]:
+    """``given`` checked against ``GEN_KWARGS``, keys sorted; raises a one-line ``ConfigError`` naming the key."""
+    for key, value in given.items():
+        if key not in GEN_KWARGS:
+            raise ConfigError(f"gen_kwargs.{key}: unknown generation setting; expected some of "
+                              f"{', '.join(GEN_KWARGS)}")
+        check, expected = GEN_KWARGS[key]
+        _require(check(value), f"gen_kwargs.{key}", value, expected)
+    return dict(sorted(given.items()))
+
+
+def default_generative_metric(task: str) -> str | None:
+    """The metric a generative task of ``tasks/`` reports first, under its first filter, as a target's ``metric:``
+    spells it; None for other tasks (read from the task's YAML alone, ``lmeval.tasks.local_task_metrics``)."""
+    from cpt_bench.lmeval.tasks import local_task_metrics
+
+    metrics = local_task_metrics(task)
+    return metrics.names()[0] if metrics is not None and metrics.is_generative and metrics.keys else None
 
 
 @dataclass(frozen=True)
@@ -214,11 +290,13 @@ class Prompts:
     """Prompt kinds besides "none": hard prompts, soft prompts and the LoRA adapters trained beside them (None: none).
 
     ``hard``: each ``NAME``, ``text:TEXT`` or ``file:PATH`` (``cpt_bench.recovery.hard``); a file is read when the
-    config is validated and kept as ``text:`` its content, so that a run folder's config does not depend on it."""
+    config is validated and kept as ``text:`` its content, so that a run folder's config does not depend on it.
+    ``trivial_prefix``: evaluate the trivial-prefix control (module docstring) beside every prompt."""
 
     hard: list[str] = field(default_factory=list)
     soft: SoftPrompts = field(default_factory=SoftPrompts)
     lora: LoraSettings | None = None
+    trivial_prefix: bool = True
 
     def __post_init__(self) -> None:
         hard = []
@@ -257,6 +335,7 @@ class MatrixConfig:
     batch_size: int = 8
     seed: int = 0  # lm-eval's seeds are derived from it (see seeds())
     ppl_seqlen: int = 1024  # tokens per perplexity window
+    apply_chat_template: bool = False  # lm-eval's apply_chat_template for every target (recorded in each cell)
     compression: Compression = field(default_factory=Compression)
     prompts: Prompts = field(default_factory=Prompts)
     transfer: Transfer = field(default_factory=Transfer)
@@ -364,6 +443,10 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
             return None
         (inner,) = [arg for arg in args if arg is not type(None)]
         return _convert(inner, value, path)
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+            raise ConfigError(f"{path}: got {_describe(value)}, expected a mapping of names to values")
+        return dict(value)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{path}: got {_describe(value)}, expected a list")

@@ -16,7 +16,11 @@ The summary's comparisons of a cell (``cell_comparisons``), each against a cell 
 - ``vs_in_domain``: a transferred learned prompt or adapter (trained on another corpus, or at another level) against
   the one of its method learned at this level on the target's own corpus (zero-shot targets, which have none: on the
   same corpus), with the same seed;
-- ``gap_closed``: a prompted cell at a compressed level: ``(C - P) / (C - D)`` with its paired-bootstrap CI.
+- ``vs_trivial``: a prompted cell against the trivial-prefix control of its level (``plan.TRIVIAL_PREFIX``);
+- ``gap_closed``: a prompted cell at a compressed level: ``(C - P) / (C - D)`` with its paired-bootstrap CI;
+- ``gap_closed_vs_trivial``: the same with the trivial-prefix control's cells as the baselines, ``(T_C - P) /
+  (T_C - T_D)`` (T_C, T_D: the control at this level and on the dense model): the share of the gap left once both
+  models have a neutral token before the window, i.e. what the prompt adds to any one-token prefix.
 
 A comparison (``comparison``): ``against`` (the other cell's id), ``scale`` (``log_ppl``: the change of log token
 perplexity, this cell minus the other; ``difference``: of the per-item metric), ``estimate``, ``stderr``, ``ci``,
@@ -34,13 +38,15 @@ from typing import Any
 from cpt_bench import stats
 from cpt_bench.errors import UserError
 from cpt_bench.matrix.config import Target
-from cpt_bench.matrix.plan import NO_PROMPT, Cell, Plan, PromptChoice, control_for
+from cpt_bench.matrix.plan import NO_PROMPT, TRIVIAL_PREFIX, Cell, Plan, PromptChoice, control_for
 from cpt_bench.recovery.controls import CONTROL_PROMPT_KIND
 
 HASH_DIGITS = 12
+INPUT_CHARS = 600  # characters of a generative item's context kept in its cell (the tail: the question is last)
 ALPHA = 0.05
-COMPARISON_KEYS = ("vs_none", "vs_dense", "vs_init", "vs_in_domain")
+COMPARISON_KEYS = ("vs_none", "vs_dense", "vs_init", "vs_in_domain", "vs_trivial")
 GAP_CLOSED_KEY = "gap_closed"
+GAP_CLOSED_VS_TRIVIAL_KEY = "gap_closed_vs_trivial"
 
 
 class PairingError(UserError):
@@ -62,9 +68,11 @@ class Examples:
         return self.counts is not None
 
 
-def examples_record(samples: list[dict[str, Any]], target: Target) -> dict[str, Any] | None:
+def examples_record(samples: list[dict[str, Any]], target: Target, generative: bool = False) -> dict[str, Any] | None:
     """The compact ``examples`` block of a cell from lm-eval's logged ``samples`` of its task (those of the metric's
-    filter, ``none`` unless the metric names one); None when the metric has no numeric per-sample value."""
+    filter, ``none`` unless the metric names one); None when the metric has no numeric per-sample value.
+
+    ``generative``: the task generated text; the block then also holds ``generations`` (``generations_record``)."""
     key, _, filter_name = target.metric.partition(",")
     samples = [s for s in samples if s.get("filter", "none") == (filter_name or "none")]
     record: dict[str, Any] = {"doc_ids": [int(s["doc_id"]) for s in samples],
@@ -77,7 +85,35 @@ def examples_record(samples: list[dict[str, Any]], target: Target) -> dict[str, 
     if not all(isinstance(score, int | float) for score in scores):
         return None
     record["scores"] = [float(score) for score in scores]
+    if generative:
+        record["generations"] = generations_record(samples)
     return record
+
+
+def generations_record(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a generative cell keeps of each item, aligned with ``doc_ids``: ``responses`` (the model's answer after
+    the metric's filter), ``answers`` (the gold answer or answers, lm-eval's target as the task gives it) and
+    ``inputs`` (the request's context string, its last ``INPUT_CHARS`` characters behind ``…`` when longer: the
+    story of a CoQA item runs to kilobytes and is the same in every cell); ``input_chars`` records that cut."""
+    def tail(text: str) -> str:
+        return text if len(text) <= INPUT_CHARS else "…" + text[-INPUT_CHARS:]
+
+    def response(sample: dict[str, Any]) -> str:
+        filtered = sample.get("filtered_resps") or [""]
+        first = filtered[0]
+        return first if isinstance(first, str) else str(first[0] if isinstance(first, list) and first else first)
+
+    return {"responses": [response(s) for s in samples],
+            "answers": [_json_value(s.get("target")) for s in samples],
+            "inputs": [tail(str(s["arguments"][0][0])) for s in samples],
+            "input_chars": INPUT_CHARS}
+
+
+def _json_value(value: Any) -> Any:
+    """A target as JSON keeps it: strings and numbers as they are, lists element-wise, anything else as text."""
+    if isinstance(value, list | tuple):
+        return [_json_value(item) for item in value]
+    return value if isinstance(value, str | int | float | bool) or value is None else str(value)
 
 
 def cell_examples(record: dict[str, Any]) -> Examples | None:
@@ -181,6 +217,8 @@ def _counterparts(plan: Plan, cell: Cell) -> dict[str, tuple[str, PromptChoice]]
     reference = _in_domain_reference(cell)
     if reference is not None:
         found["vs_in_domain"] = (cell.compression, reference)
+    if cell.prompt not in (NO_PROMPT, TRIVIAL_PREFIX):
+        found["vs_trivial"] = (cell.compression, TRIVIAL_PREFIX)
     return found
 
 
@@ -198,11 +236,13 @@ def cell_comparisons(plan: Plan, records: dict[str, dict[str, Any]]) -> dict[str
         for key, (compression, prompt) in _counterparts(plan, cell).items():
             if (other := index.get((compression, prompt, task))) is not None:
                 block[key] = comparison(examples[other], mine, other)
-        compressed, dense = index.get((cell.compression, NO_PROMPT, task)), index.get(("dense", NO_PROMPT, task))
-        if cell.prompt != NO_PROMPT and cell.compression != "dense" and compressed and dense:
-            gap = gap_closed(examples[compressed], mine, examples[dense])
-            if gap is not None:
-                block[GAP_CLOSED_KEY] = gap
+        if cell.prompt != NO_PROMPT and cell.compression != "dense":
+            for key, baseline in ((GAP_CLOSED_KEY, NO_PROMPT), (GAP_CLOSED_VS_TRIVIAL_KEY, TRIVIAL_PREFIX)):
+                compressed, dense = index.get((cell.compression, baseline, task)), index.get(("dense", baseline, task))
+                if cell.prompt != baseline and compressed and dense:
+                    gap = gap_closed(examples[compressed], mine, examples[dense])
+                    if gap is not None:
+                        block[key] = gap
         if block:
             found[cell.id] = block
     return found

@@ -12,7 +12,10 @@ target T:
   when the transfer it makes is enabled: ``datasets`` (S is not T's corpus; zero-shot targets have no
   corpus, so every soft prompt transfers to them), ``compression_levels`` (C' != C, same family) and
   ``compression_types`` (another family; dense is its own family);
-- a control prompt of level C' only at C == C', on the targets that some learned prompt of C' is kept on at C'.
+- a control prompt of level C' only at C == C', on the targets that some learned prompt of C' is kept on at C';
+- the trivial-prefix control (``TRIVIAL_PREFIX``, unless ``prompts.trivial_prefix`` is false), when the config
+  has any prompt besides ``none``, at every level on every target: one artifact of no level (written from the
+  dense model's embedding layer, which compression leaves alone), applied everywhere.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from cpt_bench.compress.spec import Spec
 from cpt_bench.errors import UserError
 from cpt_bench.matrix.config import MatrixConfig, Target
 from cpt_bench.recovery import LEARNED_KINDS, RECOVERY_KINDS
-from cpt_bench.recovery.controls import CONTROL_PROMPT_KIND, control_depends_on_seed
+from cpt_bench.recovery.controls import CONTROL_PROMPT_KIND, TRIVIAL, control_depends_on_seed
 from cpt_bench.recovery.hard import hard_prompt_label
 from cpt_bench.recovery.training import SoftPromptConfig
 
@@ -40,6 +43,12 @@ CALIBRATION_TOKENS_PER_SECOND = 90.0  # GPTQ / SparseGPT at 16 x 512 tokens: loa
 UNCALIBRATED_SECONDS = 5.0  # RTN / magnitude: load, pack and write
 TRAIN_TOKENS_PER_SECOND = 200.0  # soft-prompt forward + backward
 KD_COST_FACTOR = 4 / 3  # kd adds the dense model's forward, about a third of a forward + backward (not measured)
+# Generation: results/benchmarks/generation-speed.json, 8 contexts x 64 new tokens at batch 8 in 21.9 s (median of 7,
+# 1 thread): 0.043 s per generated token per item; a generative item's context (~400 tokens for CoQA) is read at
+# EVAL_TOKENS_PER_SECOND. lm-eval's default max_gen_toks (256) when a target does not set it.
+GENERATED_TOKEN_SECONDS = 0.043
+GENERATIVE_CONTEXT_TOKENS = 400
+LM_EVAL_MAX_GEN_TOKS = 256
 CELL_OVERHEAD_SECONDS = 2.0  # lm-eval task set-up per cell
 MODEL_LOAD_SECONDS = 4.0  # one (compression, prompt) group
 REFERENCE_PARAMETERS = 134_515_008  # SmolLM2-135M-Instruct (tied embeddings once), the model the rates are of
@@ -66,7 +75,8 @@ class PromptChoice:
     ...; a LoRA adapter is applied like a prompt); ``hard``: a hard prompt's name or text; learned kinds name their
     level and, unless they are controls, their source and ``objective``.
     ``seed``: the training seed, set only when the config trains several (it is then part of the id);
-    ``control``: ``init`` / ``random`` for an untrained control prompt (no source)."""
+    ``control``: ``init`` / ``random`` for an untrained control prompt (no source), ``trivial`` for the
+    trivial-prefix control (no source, no level: its id is ``trivial``)."""
 
     kind: str
     hard: str | None = None  # a registered name or text:TEXT (recovery.hard)
@@ -82,7 +92,7 @@ class PromptChoice:
         if self.hard is not None:
             return f"{self.kind}-{hard_prompt_label(self.hard)}"
         if self.control:
-            return f"{self.control}@{self.trained_at}{suffix}"
+            return self.control if self.trained_at is None else f"{self.control}@{self.trained_at}{suffix}"
         if self.kind in LEARNED_KINDS:
             return f"{self.method}-{self.source}@{self.trained_at}{suffix}"
         return "none"
@@ -99,6 +109,7 @@ class PromptChoice:
 
 
 NO_PROMPT = PromptChoice("none")
+TRIVIAL_PREFIX = PromptChoice(CONTROL_PROMPT_KIND, control=TRIVIAL)  # the trivial-prefix control, of every level
 
 
 @dataclass(frozen=True)
@@ -119,7 +130,8 @@ class Cell:
         """The cell's identity as plain data (stored with its result)."""
         return {"id": self.id, "compression": self.compression, "prompt": self.prompt.id,
                 "prompt_choice": asdict(self.prompt), "task": self.target.name, "limit": self.target.limit,
-                "metric": self.target.metric, "dataset_relation": self.dataset_relation,
+                "metric": self.target.metric, "gen_kwargs": self.target.gen_kwargs,
+                "dataset_relation": self.dataset_relation,
                 "compression_relation": self.compression_relation}
 
 
@@ -203,6 +215,10 @@ def make_plan(config: MatrixConfig) -> Plan:
                 and cell.prompt.trained_at == control.trained_at}
         cells += [Cell(control.trained_at, control, target, None, "same") for target in config.targets
                   if target in kept]
+    if config.prompts.trivial_prefix and len(prompts) > 1:  # beside some prompt: a run of none alone has no use
+        controls += (TRIVIAL_PREFIX,)
+        cells += [Cell(spec, TRIVIAL_PREFIX, target, None, None) for spec in config.compression.specs
+                  for target in config.targets]
     order = {spec: index for index, spec in enumerate(config.compression.specs)}
     cells.sort(key=lambda cell: order[cell.compression])  # stable: within a level, prompts then targets in order
     return _with_artifacts(config, tuple(cells), learned + controls)
@@ -211,7 +227,7 @@ def make_plan(config: MatrixConfig) -> Plan:
 def _with_artifacts(config: MatrixConfig, cells: tuple[Cell, ...], soft_prompts: tuple[PromptChoice, ...]) -> Plan:
     """A plan for ``cells`` with only the prompts they apply and the checkpoints those cells and prompts need."""
     used_prompts = tuple(p for p in soft_prompts if any(cell.prompt == p for cell in cells))
-    needed = {cell.compression for cell in cells} | {p.trained_at for p in used_prompts}
+    needed = {cell.compression for cell in cells} | {p.trained_at for p in used_prompts}  # (None: of no level)
     compressed = tuple(spec for spec in config.compression.specs if spec in needed and spec != "dense")
     return Plan(config, cells, compressed, used_prompts)
 
@@ -250,9 +266,20 @@ def estimate_seconds(plan: Plan, parameters: int = REFERENCE_PARAMETERS) -> dict
     cells = MODEL_LOAD_SECONDS * scale * len(plan.groups())
     for cell in plan.cells:
         limit = cell.target.limit or 1000
-        work = limit * config.ppl_seqlen / EVAL_TOKENS_PER_SECOND if cell.target.is_perplexity else limit * ITEM_SECONDS
+        if cell.target.is_perplexity:
+            work = limit * config.ppl_seqlen / EVAL_TOKENS_PER_SECOND
+        elif cell.target.is_generative:
+            work = limit * generated_tokens(cell.target) * GENERATED_TOKEN_SECONDS \
+                + limit * GENERATIVE_CONTEXT_TOKENS / EVAL_TOKENS_PER_SECOND
+        else:
+            work = limit * ITEM_SECONDS
         cells += work * scale + CELL_OVERHEAD_SECONDS
     return {"compression": compress, "soft_prompts": prompts, "cells": cells, "total": compress + prompts + cells}
+
+
+def generated_tokens(target: Target) -> int:
+    """Tokens generated at most per item of a generative target: its ``max_gen_toks``, else lm-eval's default."""
+    return target.max_gen_toks or LM_EVAL_MAX_GEN_TOKS
 
 
 def describe(plan: Plan, parameters: int | None = REFERENCE_PARAMETERS) -> str:
@@ -278,6 +305,11 @@ def describe(plan: Plan, parameters: int | None = REFERENCE_PARAMETERS) -> str:
               for name, ids in built.items() if ids]
     lines.append(f"targets (perplexity windows of {config.ppl_seqlen} tokens): "
                  + ", ".join(f"{t.name} ({t.metric}, limit {t.limit})" for t in config.targets))
+    generated = [(t, (t.limit or 1000) * generated_tokens(t) * sum(cell.target == t for cell in plan.cells))
+                 for t in config.targets if t.is_generative]
+    if generated:
+        lines.append("generation (greedy; apply_chat_template " + str(config.apply_chat_template).lower() + "): "
+                     + ", ".join(f"{t.name} up to {tokens:,} generated tokens" for t, tokens in generated))
     for compression in config.compression.specs:
         here = [cell for cell in plan.cells if cell.compression == compression]
         prompts = list(dict.fromkeys(cell.prompt.id for cell in here))

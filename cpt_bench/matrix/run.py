@@ -163,8 +163,33 @@ def metric_value(output: dict[str, Any], target: Target) -> tuple[float, float |
         pairs = [tuple(sample[key.split(",")[0]]) for sample in output["samples"][target.task]]
         value, stderr = perplexity_with_stderr(pairs)
         return value, stderr, higher
+    value, stderr = _value_and_stderr(results, key)
+    return value, stderr, higher
+
+
+def _value_and_stderr(results: dict[str, Any], key: str) -> tuple[float, float | None]:
+    """(value, stderr) of ``key`` (``metric,filter``) in lm-eval's results of one task (stderr None when absent)."""
     stderr = results.get(key.replace(",", "_stderr,", 1))
-    return float(results[key]), (float(stderr) if isinstance(stderr, int | float) else None), higher
+    return float(results[key]), (float(stderr) if isinstance(stderr, int | float) else None)
+
+
+def is_generative(output: dict[str, Any], task: str) -> bool:
+    """Whether lm-eval ran ``task`` as a generative (``generate_until``) task, from its output's task config."""
+    return output.get("configs", {}).get(task, {}).get("output_type") == "generate_until"
+
+
+def filter_values(output: dict[str, Any], target: Target) -> dict[str, dict[str, float | None]]:
+    """Per filter of the task, ``{value, stderr}`` of the target's metric (``em`` under ``none``; ``exact_match``
+    under ``remove_whitespace`` ...), as lm-eval reports them: a generative cell's ``metric.filters``."""
+    results = output["results"][target.task]
+    name = target.metric.partition(",")[0]
+    found = {}
+    for key in results:
+        metric, _, filter_name = key.partition(",")
+        if metric == name and filter_name:
+            value, stderr = _value_and_stderr(results, key)
+            found[filter_name] = {"value": value, "stderr": stderr}
+    return found
 
 
 def _load_lm(job: GroupJob):
@@ -252,14 +277,20 @@ def evaluate_group(job: GroupJob, on_cell: Callable[[str], None] | None = None) 
         reset_peak_memory()
         started = time.perf_counter()
         manager = task_manager(job.config, cell.target)
+        gen_kwargs = dict(cell.target.gen_kwargs) if cell.target.gen_kwargs else None
         with quiet_lm_eval():
             output = simple_evaluate(model=lm, tasks=[cell.target.task], task_manager=manager, limit=cell.target.limit,
-                                     log_samples=True, **job.config.seeds())
+                                     log_samples=True, gen_kwargs=gen_kwargs,
+                                     apply_chat_template=job.config.apply_chat_template, **job.config.seeds())
         value, stderr, higher = metric_value(output, cell.target)
-        record = {"format": store.CELL_FORMAT, "cell": cell.record(),
-                  "metric": {"name": cell.target.metric, "value": value, "stderr": stderr,
-                             "higher_is_better": higher},
-                  "examples": examples_record(output["samples"][cell.target.task], cell.target),
+        generative = is_generative(output, cell.target.task)
+        metric = {"name": cell.target.metric, "value": value, "stderr": stderr, "higher_is_better": higher}
+        if generative:
+            metric["filters"] = filter_values(output, cell.target)
+        record = {"format": store.CELL_FORMAT,
+                  "cell": {**cell.record(), "apply_chat_template": job.config.apply_chat_template},
+                  "metric": metric,
+                  "examples": examples_record(output["samples"][cell.target.task], cell.target, generative),
                   "compression": compression, "prompt": prompt,
                   "memory": {**lm.memory_record(), **peak_memory()},
                   "seconds": round(time.perf_counter() - started, 2),
@@ -406,7 +437,9 @@ def _run_cells(plan: Plan, run_dir: Path, executor) -> None:
 
 
 def finish(run_dir: Path, plan: Plan) -> Path | None:
-    """Write ``summary.json`` if every cell of ``plan`` is in ``run_dir``; returns its path (None: cells missing)."""
+    """Write ``summary.json`` if every cell of ``plan`` is in ``run_dir``; returns its path (None: cells missing).
+    Warns once, with the figures, where the trivial-prefix control alone moves the dense model's perplexity by more
+    than its standard error (``store.trivial_prefix_warnings``)."""
     cells = store.read_cells(run_dir)
     missing = [cell.id for cell in plan.cells if cell.id not in cells]
     if missing:
@@ -415,6 +448,9 @@ def finish(run_dir: Path, plan: Plan) -> Path | None:
     summary = store.summarise(plan, cells, store.read_sessions(run_dir))
     path = run_dir / store.SUMMARY_FILE
     write_json_atomic(path, summary)
+    if warnings := store.trivial_prefix_warnings(summary):
+        log.warning("trivial-prefix control: %s; part of every prompt's gain there is a neutral token before the "
+                    "window, not recovery (docs/recovery.md, 'The trivial-prefix control')", "; ".join(warnings))
     return path
 
 
@@ -424,4 +460,4 @@ def merge_runs(out: Path, inputs: list[Path]) -> Path | None:
     out.mkdir(parents=True, exist_ok=True)
     with RunLock(out):
         store.merge(out, inputs)
-        return finish(out, make_plan(load_config(out / "config.yaml")))
+        return finish(out, make_plan(store.read_run_config(out)))

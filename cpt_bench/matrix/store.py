@@ -27,8 +27,8 @@ from cpt_bench.errors import UserError
 from cpt_bench.files import OutputKind, write_json_atomic, write_text_atomic
 from cpt_bench.matrix.config import ConfigError, MatrixConfig, config_from_dict
 from cpt_bench.matrix.lock import LOCK_FILE
-from cpt_bench.matrix.paired import COMPARISON_KEYS, GAP_CLOSED_KEY, cell_comparisons
-from cpt_bench.matrix.plan import Plan, family, safe_name
+from cpt_bench.matrix.paired import COMPARISON_KEYS, GAP_CLOSED_KEY, GAP_CLOSED_VS_TRIVIAL_KEY, cell_comparisons
+from cpt_bench.matrix.plan import TRIVIAL_PREFIX, Plan, family, safe_name
 from cpt_bench.recovery import LEARNED_KINDS, RECOVERY_KINDS
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ SUMMARY_OPTIONAL_NUMBERS = {"cells": ("stderr", "delta"),
 SUMMARY_OPTIONAL_FLAGS = {"prompts": ("untrained",)}  # absent in summaries written before the flag existed
 # A cell's paired comparisons (``paired.cell_comparisons``), each an object with a numeric ``estimate``; absent in
 # summaries written before they existed and where the run lacks the other cell.
-SUMMARY_OPTIONAL_COMPARISONS = {"cells": (*COMPARISON_KEYS, GAP_CLOSED_KEY)}
+SUMMARY_OPTIONAL_COMPARISONS = {"cells": (*COMPARISON_KEYS, GAP_CLOSED_KEY, GAP_CLOSED_VS_TRIVIAL_KEY)}
 CONFIG_FILE = "config.json"
 CELLS_DIR = "cells"
 SUMMARY_FILE = "summary.json"
@@ -63,6 +63,9 @@ RUN_FOLDER_KIND = OutputKind("a matrix run folder", CONFIG_FILE, ignored=(LOCK_F
 # Cell fields that differ between identical runs (timings, memory, dates): left out of comparisons.
 VOLATILE_FIELDS = ("seconds", "memory", "lm_eval", "environment", "checksum")
 VOLATILE_PROMPT_FIELDS = ("train_seconds", "teacher_seconds", "train_peak_memory_bytes")  # of a cell's prompt block
+# Settings whose default changed what a run does, with the value a ``config.json`` written before them ran with:
+# a stored config lacking one is read with that value (``read_run_config``), so its plan is the plan it ran.
+LEGACY_SETTINGS = {("prompts", "trivial_prefix"): False}
 
 
 class RunFolderError(UserError):
@@ -109,14 +112,16 @@ def prepare(run_dir: Path, config: MatrixConfig, config_text: str, resume: bool)
         if not resume:
             raise RunFolderError(f"run folder {run_dir} already holds a run; pass --resume to continue it or "
                                  "choose another --out")
-        stored = _current_form(json.loads(stored_path.read_text(encoding="utf-8")), run_dir)
-        difference = first_difference(stored, wanted)
+        raw = json.loads(stored_path.read_text(encoding="utf-8"))
+        difference = first_difference(_current_form(raw, run_dir), wanted)
         if difference:
             raise RunFolderError(f"--resume: run folder {run_dir} was made from another config (differs at "
                                  f"{difference}); resume it with its own config ({run_dir / 'config.yaml'}) "
                                  "or choose another --out")
         for orphan in run_dir.rglob(".*.tmp"):  # temp files of writes cut short by a kill; never results
             orphan.unlink()
+        if raw != wanted:  # settings added since the run started: recorded, as this session runs them
+            write_json_atomic(stored_path, wanted)
         return
     if any(path.name != LOCK_FILE for path in run_dir.iterdir()):
         raise RunFolderError(f"output folder {run_dir} exists, is not empty and holds no run; choose another --out")
@@ -124,9 +129,47 @@ def prepare(run_dir: Path, config: MatrixConfig, config_text: str, resume: bool)
     write_json_atomic(run_dir / CONFIG_FILE, wanted)
 
 
+def read_run_config(run_dir: Path) -> MatrixConfig:
+    """The config a run folder ran with, from its ``config.json``: a setting in ``LEGACY_SETTINGS`` that the file
+    lacks (written before it existed) takes its legacy value, other missing keys their defaults;
+    ``RunFolderError`` when the file is missing or invalid."""
+    path = run_dir / CONFIG_FILE
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        for keys, value in LEGACY_SETTINGS.items():
+            section = stored
+            for key in keys[:-1]:
+                section = section.setdefault(key, {})
+            section.setdefault(keys[-1], value)
+        return config_from_dict(stored)
+    except (OSError, ValueError, AttributeError, ConfigError) as error:
+        raise RunFolderError(f"{path}: not a usable run config ({error}); expected the config.json that "
+                             "'cpt-bench matrix' writes") from None
+
+
+def trivial_prefix_warnings(summary: dict[str, Any]) -> list[str]:
+    """Per perplexity target of a summary, a sentence when the trivial-prefix control alone moves the dense model's
+    perplexity by more than that cell's standard error (the figures included); empty without the control."""
+    cells = {(c["compression"], c["prompt"], c["task"]): c for c in summary["cells"]}
+    found = []
+    for target in summary["targets"]:
+        task = target["task"]
+        dense, trivial = cells.get(("dense", "none", task)), cells.get(("dense", TRIVIAL_PREFIX.id, task))
+        if not target.get("domain") or None in (dense, trivial) or dense.get("stderr") is None:
+            continue
+        moved = trivial["value"] - dense["value"]
+        if abs(moved) > dense["stderr"]:
+            found.append(f"on {task} the trivial prefix alone moves the dense model's {dense['metric']} from "
+                         f"{dense['value']:.2f} to {trivial['value']:.2f} ({moved / dense['value']:+.1%}), more than "
+                         f"its standard error {dense['stderr']:.2f}: read prompts' gains there against the control "
+                         "(vs trivial, gap closed vs trivial), not against no prompt")
+    return found
+
+
 def _current_form(stored: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """A stored ``config.json`` as this version writes it: keys added since the run started get their defaults
-    (which keep the older behaviour), so adding a setting does not orphan existing run folders."""
+    (which keep the older behaviour, except ``prompts.trivial_prefix``: a resumed run gains the control's cells),
+    so adding a setting does not orphan existing run folders."""
     try:
         return _json_roundtrip(config_from_dict(stored).to_dict())
     except ConfigError as error:

@@ -3,9 +3,12 @@
 ``validate_plan(plan)`` reads only configs, tokenizers and the (cached) corpora, never weights:
 
 - the model exists and is a causal LM (``assets.model.check_causal_lm``);
-- every target is a known lm-eval task (not a group, not generative) and reports the target's metric;
+- every target is a known lm-eval task (not a group) and reports the target's metric; ``gen_kwargs`` only on
+  generative tasks;
 - windows fit the model's context (lm-eval's own ``resolve_max_length``): soft-prompt training windows plus the
-  prompt, perplexity windows plus the longest prompt applied, calibration windows;
+  prompt (when something is trained: controls are not), perplexity windows plus the longest prompt applied,
+  calibration windows, and for a generative target the longest prompt plus ``max_gen_toks`` plus at least one
+  context token (lm-eval cuts a longer context from the left);
 - the corpora are long enough: the calibration corpus's train split for one calibration window, each soft-prompt
   source's train and validation splits for one training window, each perplexity target's test split for one
   window.
@@ -19,7 +22,7 @@ from dataclasses import dataclass
 
 from cpt_bench.compress.spec import Spec
 from cpt_bench.matrix.config import ConfigError, MatrixConfig
-from cpt_bench.matrix.plan import Plan
+from cpt_bench.matrix.plan import Plan, generated_tokens
 from cpt_bench.tokens import corpus_stream
 
 
@@ -49,8 +52,8 @@ def validate_plan(plan: Plan, manager) -> ModelFacts:
 
 
 def check_targets(config: MatrixConfig, manager) -> None:
-    """Refuse unknown task names, groups (a target is one task with one metric), generative tasks (the matrix scores
-    loglikelihood requests only; ``cpt-lm-eval`` runs them) and a metric the task does not report."""
+    """Refuse unknown task names, groups (a target is one task with one metric), ``gen_kwargs`` on a task that does
+    not generate and a metric the task does not report (``acc`` on a generative task: the error lists its metrics)."""
     from cpt_bench.lmeval.tasks import task_metrics
 
     for index, target in enumerate(config.targets):
@@ -62,10 +65,9 @@ def check_targets(config: MatrixConfig, manager) -> None:
         metrics = task_metrics(manager, target.task)
         if metrics is None:  # a task defined in Python: its metrics are checked when the cell reads its results
             continue
-        if metrics.is_generative:
-            raise ConfigError(f"targets[{index}].task: {target.task!r} is a generative task (generate_until, "
-                              f"reporting {', '.join(metrics.names())}); the matrix does not run generative "
-                              "targets yet: score it with cpt-lm-eval --model cpt")
+        if target.gen_kwargs is not None and not metrics.is_generative:
+            raise ConfigError(f"targets[{index}].gen_kwargs: task {target.task!r} is not generative "
+                              f"({metrics.output_type}); expected gen_kwargs only on generate_until tasks")
         if not metrics.accepts(target.metric):
             raise ConfigError(f"targets[{index}].metric: task {target.task!r} reports no metric {target.metric!r}; "
                               f"expected one of {', '.join(metrics.names())}")
@@ -93,6 +95,8 @@ def _longest_prompt_tokens(config: MatrixConfig, tokenizer) -> int:
                for text in config.prompts.hard]
     if config.prompts.soft.sources:
         lengths.append(config.prompts.soft.training.n_virtual_tokens)
+    if config.prompts.trivial_prefix:
+        lengths.append(1)  # the trivial-prefix control
     return max(lengths, default=0)
 
 
@@ -101,13 +105,18 @@ def _check_windows(plan: Plan, tokenizer, context: int) -> None:
 
     config = plan.config
     training = config.prompts.soft.training
-    if plan.soft_prompts:
+    if any(prompt.is_learned for prompt in plan.soft_prompts):  # controls are written, not trained
         check_fits_context(training.n_virtual_tokens + training.seqlen, f"prompts.soft.training n_virtual_tokens "
                            f"{training.n_virtual_tokens} + seqlen {training.seqlen}", config.model, context)
     prompt = _longest_prompt_tokens(config, tokenizer)
     if any(target.is_perplexity for target in config.targets):
         check_fits_context(config.ppl_seqlen + prompt, f"ppl_seqlen {config.ppl_seqlen} + the longest prompt "
                            f"({prompt} tokens)", config.model, context)
+    for target in config.targets:
+        if target.is_generative:
+            tokens = generated_tokens(target)
+            check_fits_context(prompt + tokens + 1, f"targets: {target.name}: the longest prompt ({prompt} tokens) + "
+                               f"max_gen_toks {tokens} + one context token", config.model, context)
     if _needs_calibration(plan):
         check_fits_context(config.compression.calibration.seqlen, "compression.calibration.seqlen", config.model,
                            context)

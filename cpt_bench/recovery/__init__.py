@@ -1,8 +1,8 @@
 """Recovery methods: what conditions or corrects a (possibly compressed) frozen model to recover its quality.
 
 ``RECOVERY_KINDS`` registers every method (a ``kind.RecoveryKind`` each, in the order reports list them): ``none``,
-text prompts (``hard``), learned soft prompts (``soft``), LoRA adapters (``lora``)
-and sets of prompts chosen per document (``idp``); ``kind`` says what each
+text prompts (``hard``), learned soft prompts (``soft``), LoRA adapters (``lora``), training-free low-rank
+corrections (``eora``) and sets of prompts chosen per document (``idp``); ``kind`` says what each
 offers the matrix, the ``cpt`` adapter and the reports. Besides them:
 ``training`` holds the training loop and settings the learned kinds share, ``soft_init`` a soft prompt's
 initialisations, ``artifact`` a soft prompt on disk (and its PEFT export), ``controls`` the untrained control
@@ -11,6 +11,7 @@ prompts, ``position`` where a prompt sits, ``target`` the identity of the model 
 and its line below.
 """
 
+from cpt_bench.recovery.eora import EoraKind
 from cpt_bench.recovery.hard import HardPromptKind
 from cpt_bench.recovery.idp import IdpKind
 from cpt_bench.recovery.kind import NoRecovery, RecoveryKind, registry
@@ -22,6 +23,7 @@ RECOVERY_KINDS: dict[str, RecoveryKind] = registry(
     HardPromptKind(),
     SoftPromptKind(),
     LoraKind(),
+    EoraKind(),
     IdpKind(),
 )
 LEARNED_KINDS = tuple(name for name, kind in RECOVERY_KINDS.items() if kind.learned)

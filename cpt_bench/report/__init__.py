@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cpt_bench.files import OutputKind, ensure_replaceable, write_text_atomic
-from cpt_bench.matrix.store import SUMMARY_FILE
+from cpt_bench.matrix.store import SUMMARY_FILE, trivial_prefix_warnings
 from cpt_bench.report.board_page import page
 from cpt_bench.report.leaderboard import PAGE_KINDS, build_board, check_results_folder, load_runs, markdown
 from cpt_bench.report.recovery import method_tables, recovery_tables, seed_tables
@@ -64,9 +64,10 @@ _PLOT_NOTE = ("Lines: metric against stored weight size, one line per prompt ove
 
 
 def _legend(summary: Summary) -> str:
-    """The legend, with the untrained-prompt note when a prompt of the run carries the flag and the significance
-    note when its cells carry paired comparisons."""
+    """The legend, with the untrained-prompt note when a prompt of the run carries the flag, the significance
+    note when its cells carry paired comparisons, and the warnings of ``store.trivial_prefix_warnings``."""
     notes = [_LEGEND]
+    notes += [f"Trivial-prefix control: {warning}." for warning in trivial_prefix_warnings(summary.raw)]
     if any(is_untrained(prompt) for prompt in summary.prompts):
         notes.append(UNTRAINED_NOTE)
     if has_paired_statistics(summary):
@@ -84,8 +85,10 @@ class _Section:
 _PAIRED_INTRO = ("For each compression level and target: every prompt applied there against no prompt at that level "
                  "(perplexity: % change of token perplexity; accuracy: difference), the share of the gap to dense it "
                  "closes, (C - P) / (C - D), with a paired-bootstrap CI over the windows or items, learned prompts "
-                 "against their untrained init control, and transferred prompts against the prompt learned at this "
-                 "level on the target's own corpus; 95% CIs in brackets, * where the CI excludes zero.")
+                 "against their untrained init control, transferred prompts against the prompt learned at this "
+                 "level on the target's own corpus, and every prompt against the trivial-prefix control (the EOS "
+                 "token as a one-token prompt) with the gap closed over it, (T_C - P) / (T_C - T_D): what the prompt "
+                 "adds to any one-token prefix; 95% CIs in brackets, * where the CI excludes zero.")
 _METHODS_INTRO = ("For each level prompts or adapters were trained at: every method applied there, what it cost to "
                   "train (trainable parameters, seconds, peak memory of the training) and what it buys: the share of "
                   "the perplexity gap to dense it closes and the change against no prompt elsewhere, with 95% CIs "

@@ -33,10 +33,11 @@ KIND_COLOURS = {name: kind.colour for name, kind in RECOVERY_KINDS.items()}
 # A plot holding rows of several models draws the first model's (by name) markers filled, the second's as rings,
 # the rest as dashed rings (the colour stays the prompt kind's); a second legend line names them.
 MODEL_MARKERS = ("", " ring", " ring dashed")
-_WIDTH, _HEIGHT = 460, 334
-_LEFT, _RIGHT, _TOP, _BOTTOM = 62, 16, 42, 46
-_NUMERIC = {"rank", "value ± stderr", "Δ vs dense", "gap closed", "stored MB", "ratio to dense", "resident MiB",
-            "peak MiB"}
+_WIDTH, _PLOT_HEIGHT = 460, 246  # px; the legend's lines above the plot add to the height
+_LEFT, _RIGHT, _BOTTOM = 62, 16, 46
+_LEGEND_LINE, _LEGEND_PAD = 16, 10  # px per legend line; margin above the first and below the last
+_NUMERIC = {"rank", "value ± stderr", "Δ vs dense", "gap closed", "gap closed vs trivial", "stored MB",
+            "ratio to dense", "resident MiB", "peak MiB"}
 
 _STYLE = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.5em 2em;color:#222;background:#fafafa}
@@ -128,7 +129,9 @@ def _sort_keys(column: Column, row: Row, rank: int) -> dict[str, str]:
         return "" if value is None else repr(float(value))
 
     return {"rank": str(rank), "value ± stderr": number(row.cell["value"]), "Δ vs dense": number(row.cell.get("delta")),
-            "gap closed": number(row.gap_closed if row.gap_resolved else None), "stored MB": number(row.stored_mb),
+            "gap closed": number(row.gap_closed if row.gap_resolved else None),
+            "gap closed vs trivial": number(row.gap_closed_vs_trivial if row.trivial_gap_resolved else None),
+            "stored MB": number(row.stored_mb),
             "ratio to dense": number(row.compression["ratio_to_dense"]), "resident MiB": number(row.resident_mib),
             "peak MiB": number(row.peak_mib)}
 
@@ -152,7 +155,8 @@ def _row_html(column: Column, row: Row, rank: int) -> str:
 class _Axes:
     """Data to SVG coordinates: x stored MB (linear), y the metric (log for perplexities) with better upwards."""
 
-    def __init__(self, column: Column, rows: list[Row]) -> None:
+    def __init__(self, column: Column, rows: list[Row], top: float) -> None:
+        self.top = top  # px from the SVG's top edge to the plot's
         self.log = is_perplexity(column.metric) and all(row.cell["value"] > 0 for row in rows)
         xs = [row.stored_mb for row in rows]
         ys = [self._y(row.cell["value"]) for row in rows]
@@ -171,7 +175,7 @@ class _Axes:
         low, high = self.y_range
         share = (self._y(value) - low) / (high - low)
         share = share if self.up else 1.0 - share
-        return _HEIGHT - _BOTTOM - share * (_HEIGHT - _TOP - _BOTTOM)
+        return self.top + _PLOT_HEIGHT - share * _PLOT_HEIGHT
 
     def x_ticks(self) -> list[float]:
         low, high = self.x_range
@@ -229,14 +233,18 @@ def _marker(kind: str, x: float, y: float, radius: float, colour: str, marker: s
 def pareto_svg(column: Column, rows: list[Row]) -> str:
     """Quality against stored MB of one column's rows, better upwards, frontier drawn; markers coloured by prompt
     kind and, where the column holds several models, filled or ringed by model."""
-    axes = _Axes(column, rows)
-    right, bottom = _WIDTH - _RIGHT, _HEIGHT - _BOTTOM
-    parts = [f'<svg class="pareto" xmlns="http://www.w3.org/2000/svg" width="{_WIDTH}" height="{_HEIGHT}" '
-             f'viewBox="0 0 {_WIDTH} {_HEIGHT}" role="img" '
+    markers = _model_markers(rows)
+    legend = _legend_lines(rows, markers)
+    top = 2 * _LEGEND_PAD + _LEGEND_LINE * len(legend)
+    height = top + _PLOT_HEIGHT + _BOTTOM
+    axes = _Axes(column, rows, top)
+    right, bottom = _WIDTH - _RIGHT, top + _PLOT_HEIGHT
+    parts = [f'<svg class="pareto" xmlns="http://www.w3.org/2000/svg" width="{_WIDTH}" height="{height}" '
+             f'viewBox="0 0 {_WIDTH} {height}" role="img" '
              f'aria-label="{html.escape(column.title())} against stored MB">']
     for tick in axes.x_ticks():
         x = axes.px(tick)
-        parts += [f'<line class="grid" x1="{x:.1f}" y1="{_TOP}" x2="{x:.1f}" y2="{bottom}"/>',
+        parts += [f'<line class="grid" x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{bottom}"/>',
                   _svg_text(x, bottom + 14, f"{tick:g}")]
     for tick in axes.y_ticks():
         y = axes.py(tick)
@@ -244,38 +252,62 @@ def pareto_svg(column: Column, rows: list[Row]) -> str:
                   _svg_text(_LEFT - 5, y + 4, f"{tick:g}", "end")]
     better = "higher" if column.higher_is_better else "lower"
     scale = ", log scale" if axes.log else ""
-    parts += [f'<rect class="axis" x="{_LEFT}" y="{_TOP}" width="{right - _LEFT}" height="{bottom - _TOP}" '
+    parts += [f'<rect class="axis" x="{_LEFT}" y="{top}" width="{right - _LEFT}" height="{_PLOT_HEIGHT}" '
               'fill="none"/>',
-              _svg_text((_LEFT + right) / 2, _HEIGHT - 10, "stored weight MB (smaller is better)"),
-              _svg_text(14, (_TOP + bottom) / 2, f"{column.metric} ({better} is better, up{scale})", "middle",
-                        f' transform="rotate(-90 14 {(_TOP + bottom) / 2:.1f})"'),
+              _svg_text((_LEFT + right) / 2, height - 10, "stored weight MB (smaller is better)"),
+              _svg_text(14, (top + bottom) / 2, f"{column.metric} ({better} is better, up{scale})", "middle",
+                        f' transform="rotate(-90 14 {(top + bottom) / 2:.1f})"'),
               f'<polyline class="frontier" points="{_frontier_points(axes, rows)}"/>']
-    markers = _model_markers(rows)
     for row in rows:
         title = (f"{row.run.name} · {row.run.model} · {row.compression['spec']} · {row_fields(column, row)['prompt']}:"
                  f" {row_fields(column, row)['value ± stderr']} at {row.stored_mb:.1f} MB")
         circle = _marker("point", axes.px(row.stored_mb), axes.py(row.cell["value"]), 5,
                          KIND_COLOURS[row.prompt["kind"]], markers.get(row.run.model, ""), _attributes(_data(row)))
         parts.append(f"{circle}><title>{html.escape(title)}</title></circle>")
-    parts += _legend(markers)
+    for index, line in enumerate(legend):
+        parts += _legend_line(line, _LEGEND_PAD + _LEGEND_LINE * index + 6)
     return "".join([*parts, "</svg>"])
 
 
-def _legend(markers: dict[str, str]) -> list[str]:
-    """Above the plot: the prompt kinds' colours; on a second line the frontier and, when given, each model's
-    marker."""
-    parts, legend_x, kinds_y, second_y = [], _LEFT + 6, _TOP - 26, _TOP - 10
-    for index, (kind, colour) in enumerate(KIND_COLOURS.items()):
-        x = legend_x + index * 86
-        parts += [_marker("legend", x + 4, kinds_y, 4, colour, "") + "/>",
-                  _svg_text(x + 12, kinds_y + 4, RECOVERY_KINDS[kind].label, "start")]
-    parts += [f'<line class="frontier" x1="{legend_x}" y1="{second_y}" x2="{legend_x + 18}" y2="{second_y}"/>',
-              _svg_text(legend_x + 22, second_y + 4, "Pareto frontier", "start")]
-    x = legend_x + 110
-    for model, marker in markers.items():
-        parts += [_marker("legend", x + 4, second_y, 4, KIND_COLOURS["none"], marker) + "/>",
-                  _svg_text(x + 12, second_y + 4, model, "start")]
-        x += 30 + 7 * len(model)
+_LegendEntry = tuple[str, str, str]  # (label, colour, marker class: "", " ring...", or "frontier" for the line)
+
+
+def _legend_lines(rows: list[Row], markers: dict[str, str]) -> list[list[_LegendEntry]]:
+    """The legend's entries, flowed into lines that fit the plot's width: the colours of the prompt kinds the rows
+    hold (registry order), then on a new line the frontier and, when given, each model's marker."""
+    kinds = {row.prompt["kind"] for row in rows}
+    colours = [(RECOVERY_KINDS[kind].label, colour, "") for kind, colour in KIND_COLOURS.items() if kind in kinds]
+    others = [("Pareto frontier", "", "frontier"),
+              *((model, KIND_COLOURS["none"], marker) for model, marker in markers.items())]
+    return _flowed(colours) + _flowed(others)
+
+
+def _entry_width(entry: _LegendEntry) -> float:
+    """Estimated px of one entry: its marker and gap, and ~6.5 px per character of the 11 px label."""
+    return (24 if entry[2] == "frontier" else 14) + 6.5 * len(entry[0]) + 14
+
+
+def _flowed(entries: list[_LegendEntry]) -> list[list[_LegendEntry]]:
+    lines: list[list[_LegendEntry]] = []
+    width = 0.0
+    for entry in entries:
+        if not lines or width + _entry_width(entry) > _WIDTH - _LEFT - _RIGHT:
+            lines.append([])
+            width = 0.0
+        lines[-1].append(entry)
+        width += _entry_width(entry)
+    return lines
+
+
+def _legend_line(line: list[_LegendEntry], y: float) -> list[str]:
+    parts, x = [], _LEFT + 6.0
+    for label, colour, marker in line:
+        if marker == "frontier":
+            parts += [f'<line class="frontier" x1="{x:.1f}" y1="{y:.1f}" x2="{x + 18:.1f}" y2="{y:.1f}"/>',
+                      _svg_text(x + 22, y + 4, label, "start")]
+        else:
+            parts += [_marker("legend", x + 4, y, 4, colour, marker) + "/>", _svg_text(x + 12, y + 4, label, "start")]
+        x += _entry_width((label, colour, marker))
     return parts
 
 

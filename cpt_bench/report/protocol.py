@@ -13,7 +13,6 @@ default is 0); for a task that is not ours it is unknown (None, shown as "task d
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ import yaml
 from cpt_bench.assets.model import model_label
 from cpt_bench.lmeval.tasks import TASKS_DIR
 from cpt_bench.matrix.config import PPL_TASK_PREFIX, ConfigError, MatrixConfig, config_from_dict
-from cpt_bench.matrix.store import CONFIG_FILE
+from cpt_bench.matrix.store import CONFIG_FILE, RunFolderError, read_run_config
 from cpt_bench.report.tables import ReportError
 
 CONFIG_YAML = "config.yaml"
@@ -55,14 +54,19 @@ class Protocol:
 
 
 def run_config(folder: Path) -> MatrixConfig:
-    """The config a run folder was made from (``config.json``, else ``config.yaml``); ``ReportError`` when absent."""
-    for name, parse in ((CONFIG_FILE, json.loads), (CONFIG_YAML, yaml.safe_load)):
-        path = folder / name
-        if path.is_file():
-            try:
-                return config_from_dict(parse(path.read_text(encoding="utf-8")))
-            except (ValueError, yaml.YAMLError, ConfigError) as error:
-                raise ReportError(f"{path}: not a usable matrix config ({error})") from None
+    """The config a run folder was made from (``config.json`` as ``store.read_run_config`` reads it, else
+    ``config.yaml``); ``ReportError`` when absent."""
+    if (folder / CONFIG_FILE).is_file():
+        try:
+            return read_run_config(folder)
+        except RunFolderError as error:
+            raise ReportError(str(error)) from None
+    path = folder / CONFIG_YAML
+    if path.is_file():
+        try:
+            return config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")))
+        except (ValueError, yaml.YAMLError, ConfigError) as error:
+            raise ReportError(f"{path}: not a usable matrix config ({error})") from None
     raise ReportError(f"{folder}: neither {CONFIG_FILE} nor {CONFIG_YAML} found (a run folder keeps the config it "
                       "was made from; the leaderboard reads the protocol from it)")
 

@@ -1,8 +1,9 @@
 """Paired-comparison tables of a run summary (from the cells' comparisons, ``matrix.paired``).
 
 - ``recovery_tables``: per compression level and target, every prompt applied there against no prompt at that
-  level, the gap it closes, against its ``init`` control (learned prompts at their own level) and, for transfers,
-  against the prompt learned at this level on the target's own corpus: learned recovery versus any extra context.
+  level, the gap it closes, against its ``init`` control (learned prompts at their own level), for transfers
+  against the prompt learned at this level on the target's own corpus, and against the trivial-prefix control with
+  the gap closed over it: learned recovery versus any extra context.
 - ``seed_tables``: per learned prompt trained with several seeds, each seed's value and paired comparisons, then
   their mean and spread (sample standard deviation) across seeds.
 - ``method_tables``: per compression level that prompts or adapters were trained at, every recovery method applied
@@ -36,8 +37,10 @@ from cpt_bench.report.tables import (
 )
 
 COMPARISON_COLUMNS = (("vs_none", "vs none"), ("gap_closed", "gap closed"), ("vs_init", "vs init"),
-                      ("vs_in_domain", "vs in-domain"))
+                      ("vs_in_domain", "vs in-domain"), ("vs_trivial", "vs trivial"),
+                      ("gap_closed_vs_trivial", "gap closed vs trivial"))
 SEED_COLUMNS = COMPARISON_COLUMNS[:3]
+GAP_KEYS = ("gap_closed", "gap_closed_vs_trivial")
 
 
 def _percent_change(log_change: float) -> float:
@@ -73,7 +76,7 @@ def format_gap(gap: dict[str, Any] | None) -> str:
 def _format(key: str, cell: dict[str, Any] | None) -> str:
     if cell is None:
         return MISSING
-    return format_gap(cell.get(key)) if key == "gap_closed" else format_comparison(cell.get(key))
+    return format_gap(cell.get(key)) if key in GAP_KEYS else format_comparison(cell.get(key))
 
 
 def _without_empty_columns(headers: list[str], rows: list[list[str]], keep: int) -> tuple[list[str], list[list[str]]]:
@@ -134,13 +137,16 @@ def method_tables(summary: Summary) -> list[Table]:
         return []
     tables = []
     for spec in dict.fromkeys(p["trained_at"] for p in summary.learned):
-        prompts = [p for p in summary.prompts if p["kind"] != "none" and p.get("trained_at", spec) == spec
+        prompts = [p for p in summary.prompts if p["kind"] != "none" and (p.get("trained_at") or spec) == spec
                    and any(summary.cell(spec, p["id"], t["task"]) for t in summary.targets)]
+        trivial_columns = [t for t in summary.targets if is_perplexity(t["metric"])]
         rows = []
         for prompt in prompts:
             cells = [summary.cell(spec, prompt["id"], t["task"]) for t in summary.targets]
             rows.append([prompt_label(prompt), *_budget(prompt),
-                         *(_format(_effect_key(t), cell) for t, cell in zip(summary.targets, cells, strict=True))])
+                         *(_format(_effect_key(t), cell) for t, cell in zip(summary.targets, cells, strict=True)),
+                         *(_format("gap_closed_vs_trivial", summary.cell(spec, prompt["id"], t["task"]))
+                           for t in trivial_columns)])
         for (how, source, _), group in _seed_groups(summary).items():
             if group[0]["trained_at"] != spec:
                 continue
@@ -148,8 +154,11 @@ def method_tables(summary: Summary) -> list[Table]:
             effects = [_effect_spread([summary.cell(spec, p["id"], t["task"]) for p in group], t)
                        for t in summary.targets]
             rows.append([f"{how}:{source}@{spec}, mean ± sd ({len(group)} seeds)", _budget(group[0])[0],
-                         _spread(seconds, lambda v: f"{v:.0f}"), MISSING, *effects])
-        headers = ["method", "trainable params", "train s", "train peak MiB", *map(_effect_header, summary.targets)]
+                         _spread(seconds, lambda v: f"{v:.0f}"), MISSING, *effects,
+                         *(MISSING for _ in trivial_columns)])
+        headers = ["method", "trainable params", "train s", "train peak MiB", *map(_effect_header, summary.targets),
+                   *(f"gap closed vs trivial, {t['task']}" for t in trivial_columns)]
+        headers, rows = _without_empty_columns(headers, rows, keep=4 + len(summary.targets))
         domains = ", ".join(sorted({p["source"] for p in summary.learned if p["trained_at"] == spec}))
         title = (f"{spec}: recovery methods and their budget; trained on {domains} (in-domain where a target reads "
                  "it); gap closed or change against no prompt, 95% CI")

@@ -222,8 +222,9 @@ def prompt_label(prompt: dict[str, Any], target: dict[str, Any] | None = None) -
     if "name" in prompt:  # a hard prompt: its name, or text<n> for text:TEXT (recovery.hard)
         name = prompt["name"]
         return f"{prompt['kind']}:{f'text{len(name) - len(TEXT_FORM)}' if name.startswith(TEXT_FORM) else name}"
-    if prompt.get("control"):
-        return f"{prompt['control']}@{prompt['trained_at']}{seed_suffix(prompt)}"
+    if prompt.get("control"):  # the trivial-prefix control has no level
+        level = "" if prompt.get("trained_at") is None else f"@{prompt['trained_at']}"
+        return f"{prompt['control']}{level}{seed_suffix(prompt)}"
     label = (f"{method(prompt)}:{prompt['source']}@{prompt['trained_at']}{seed_suffix(prompt)}"
              + (" (untrained)" if is_untrained(prompt) else ""))
     return f"{label} (in-domain)" if target is not None and is_in_domain(prompt, target) else label
