@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
+import yaml
 
 from cpt_bench.matrix import store
-from cpt_bench.matrix.config import ConfigError, config_from_dict
+from cpt_bench.matrix.config import ConfigError, config_from_dict, load_config
 from cpt_bench.matrix.plan import describe, make_plan
 from tests.compress_helpers import _one_thread  # noqa: F401  (autouse)
 from tests.test_matrix import matrix_cache, run_under  # noqa: F401  (module-scoped fixture)
@@ -136,3 +138,17 @@ def test_summary_and_report_set_idp_against_each_member_and_the_best_in_hindsigh
         chosen = " / ".join(f"{member} {count}" for member, count in block["chosen"].items())
         assert chosen in report
     assert "best single prompt in hindsight (chosen on the same items: optimistic)" in report
+
+
+def test_the_matrix_page_entry_and_the_shipped_config_validate():
+    """docs/matrix.md's ``prompts.idp`` example is a valid config entry; configs/idp.yaml plans its 4 IDP cells."""
+    repo = Path(__file__).resolve().parents[1]
+    page = (repo / "docs" / "matrix.md").read_text(encoding="utf-8")
+    snippet = page.split("## IDP prompts", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    prompts = yaml.safe_load(snippet)["prompts"]
+    config = config_from_dict({"name": "doc", "compression": {"specs": ["dense", "rtn-w3g64"]}, "prompts": prompts,
+                               "targets": [{"task": "cpt_piqa", "limit": 10}]})
+    assert [p.id for p in config.prompts.idp_choices()] == [
+        f"idp-{rule}:hard-paper+{member}" for member in ("soft-wikipedia@rtn-w3g64", "hard-text3")
+        for rule in ("attention", "loss")]
+    assert len(idp_cells(make_plan(load_config(repo / "configs" / "idp.yaml")))) == 4
