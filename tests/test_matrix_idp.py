@@ -13,7 +13,7 @@ import yaml
 
 from cpt_bench.matrix import store
 from cpt_bench.matrix.config import ConfigError, config_from_dict, load_config
-from cpt_bench.matrix.plan import describe, make_plan
+from cpt_bench.matrix.plan import describe, make_plan, shard_plan
 from tests.compress_helpers import _one_thread  # noqa: F401  (autouse)
 from tests.test_matrix import matrix_cache, run_under  # noqa: F401  (module-scoped fixture)
 
@@ -56,6 +56,16 @@ def test_a_soft_member_is_applied_as_the_transfer_settings_say():
     config = config_from_dict(planning_config() | {"transfer": {"compression_levels": False,
                                                                 "compression_types": False}})
     assert {spec for spec, _, _ in idp_cells(make_plan(config))} == {"rtn-w4g32"}
+
+
+def test_a_shard_holding_an_idp_group_builds_its_members_artifacts():
+    """A shard of one group: the IDP group at rtn-w3g32 needs the soft member, trained at rtn-w4g32, built."""
+    plan = make_plan(config_from_dict(planning_config()))
+    groups = list(plan.groups())
+    index = groups.index(next(key for key in groups if key[0] == "rtn-w3g32" and key[1].kind == "idp"))
+    shard = shard_plan(plan, index, len(groups))
+    assert [p.id for p in shard.soft_prompts] == ["soft-wikipedia@rtn-w4g32"]
+    assert shard.compressed == ("rtn-w4g32", "rtn-w3g32")
 
 
 def test_a_user_folder_is_a_member_kept_as_its_absolute_path(tmp_path):

@@ -296,8 +296,9 @@ IDP_KIND = "idp"  # recovery.idp.IdpKind.name
 
 
 def is_folder_member(member: str) -> bool:
-    """Whether an IDP member names a folder of the user's (a path: it holds ``/``) rather than a prompt id."""
-    return "/" in member
+    """Whether an IDP member as its set keeps it names a folder of the user's (an absolute path; prompt ids never
+    start with ``/``) rather than a prompt id."""
+    return Path(member).is_absolute()
 
 
 def member_label(member: str) -> str:
@@ -468,7 +469,7 @@ class Prompts:
         known = self.idp_members()
         if value in known:
             return value
-        if is_folder_member(value) and not value.startswith((TEXT_FORM, FILE_FORM)):
+        if "/" in value and not value.startswith((TEXT_FORM, FILE_FORM)):
             folder = Path(value).expanduser().resolve()
             _require(folder.is_dir(), key, value, "an existing soft-prompt folder (a path holding '/')")
             return str(folder)
