@@ -9,6 +9,7 @@ Modules: ``tables`` (the summary's schema, the results tables and their markdown
 ``recovery`` (paired comparisons: gap closed, against controls, methods and seeds), ``serving`` (what a prompt costs
 to serve against what compression saves), ``plots`` (the figures), ``protocol`` (how each target was scored: what
 two numbers must share to be compared), ``leaderboard`` (the board: runs, columns, ranked rows, its markdown),
+``recovery_board`` (recovery methods per level ranked by quality at their added bytes, the frontier),
 ``board_page`` (the board as a self-contained HTML page), ``submit`` (verify and add a run made elsewhere) and
 ``cli_commands`` (``cpt-bench report`` and ``cpt-bench leaderboard [--add RUN_DIR]``).
 """
@@ -26,7 +27,8 @@ from cpt_bench.matrix.store import SUMMARY_FILE, trivial_prefix_warnings
 from cpt_bench.report.board_page import page
 from cpt_bench.report.leaderboard import PAGE_KINDS, build_board, check_results_folder, load_runs, markdown
 from cpt_bench.report.recovery import idp_tables, method_tables, recovery_tables, seed_tables
-from cpt_bench.report.serving import serving_tables
+from cpt_bench.report.recovery_board import recovery_groups, recovery_markdown
+from cpt_bench.report.serving import generation_tables, serving_tables
 from cpt_bench.report.tables import (
     SIGNIFICANT_NOTE,
     UNTRAINED_NOTE,
@@ -103,6 +105,9 @@ _IDP_INTRO = ("Each IDP prompt (a set of prompts, one chosen per document from i
               "member's own cell and minus the best single member in hindsight, paired over the same items. That "
               "member is chosen on the very items compared (the matrix's targets have no validation split), so the "
               "last column flatters the single prompt: IDP that matches it is doing well.")
+_GENERATION_INTRO = ("Per generated sequence, in an fp16 cache: the prompt's keys and values held through every decode "
+                     "step, at the largest batch shown above, and read over the target's new tokens (each step "
+                     "attends to all of them). An adapter adds no cache and is left out.")
 _SEEDS_INTRO = ("For each soft prompt trained with several seeds (data order and initial noise): each seed's value and "
                 "paired comparisons, then the mean and sample standard deviation across seeds.")
 
@@ -113,7 +118,8 @@ def _sections(summary: Summary) -> list[_Section]:
                 _Section("Recovery methods per compression level", _METHODS_INTRO, method_tables(summary)),
                 _Section("IDP prompts", _IDP_INTRO, idp_tables(summary)),
                 _Section("Memory saved by compression vs memory the prompt costs", _SERVING_INTRO,
-                         serving_tables(summary))]
+                         serving_tables(summary)),
+                _Section("Prompt cache during generation", _GENERATION_INTRO, generation_tables(summary))]
     return [
         _Section("Results per target", "One table per target task: a row per compression level, a column per prompt "
                  "evaluated on that task.", results_tables(summary)),
@@ -217,7 +223,8 @@ def write_leaderboard(results_dir: Path) -> list[Path]:
     check_results_folder(results_dir)
     board = build_board(load_runs(results_dir))
     paths = [results_dir / kind.marker for kind in PAGE_KINDS]
-    for path, text in zip(paths, (markdown(board), page(board)), strict=True):
+    views = recovery_markdown(recovery_groups(board))
+    for path, text in zip(paths, (markdown(board, views), page(board)), strict=True):
         write_text_atomic(path, text)
     return paths
 
