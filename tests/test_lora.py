@@ -142,8 +142,8 @@ def test_bad_lora_settings_are_refused_in_one_line(overrides, message):
 
 
 def test_lora_folder_checks_before_loading(tiny_model_dir, lora_dir, tmp_path):
-    with pytest.raises(PromptAdapterError, match="give one of hard_prompt, soft_prompt, lora and eora, not lora and "
-                                                 "hard_prompt"):
+    with pytest.raises(PromptAdapterError, match="give one of hard_prompt, soft_prompt, lora, eora and idp, not "
+                                                 "lora and hard_prompt"):
         CptLM(pretrained=str(tiny_model_dir), lora=str(lora_dir), hard_prompt="paper")
     damaged = tmp_path / "damaged"
     damaged.mkdir()

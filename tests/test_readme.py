@@ -281,6 +281,10 @@ def check_adapter_table(ran: Ran) -> None:
         assert values[task, "acc"] == plain_values[task, "acc"], task
 
 
+def check_idp_table(ran: Ran) -> None:
+    assert 0 <= lm_eval_values(ran.stdout)["cpt_piqa", "acc"] <= 1, ran.stdout
+
+
 def check_compress(ran: Ran) -> None:
     folder = Path(re.search(r"compressed checkpoint: (\S+)", ran.stdout)[1])
     assert folder.parent == ran.root / "cache" / "compressed" and (folder / "compression.json").is_file()
@@ -350,6 +354,8 @@ class SmallForm:
 
 MODEL_LINE = 'MODEL=$(python -c "from cpt_bench.assets.model import embedded_model_path; print(embedded_model_path())")'
 MATRIX_RUN = "cpt-bench matrix configs/default.yaml --out runs/d"
+IDP_EVAL = ('cpt-lm-eval --model cpt --model_args "pretrained=embedded,idp=paper;text:The,idp_rule=loss" '
+            "--tasks cpt_piqa --include_path tasks --limit 50")
 SHARD = "cpt-bench matrix configs/paper.yaml --shard 0/4 --out runs/p0"
 LM_EVAL_HF = "lm_eval --model hf --model_args pretrained=$MODEL --tasks cpt_zeroshot --include_path tasks --limit 50"
 COMPRESS = "cpt-bench compress --model embedded --spec gptq-w4g64 --n-windows 32 --seqlen 512"
@@ -447,6 +453,7 @@ SMALL_FORMS = {
     "cpt-lm-eval --model cpt --model_args pretrained=embedded --tasks cpt_ppl,cpt_zeroshot --include_path tasks":
         SmallForm("cpt-lm-eval --model cpt --model_args pretrained=embedded --tasks cpt_ppl,cpt_zeroshot "
                   "--include_path tasks --limit 2", check_adapter_table, needs=(LM_EVAL_HF,)),
+    IDP_EVAL: SmallForm(IDP_EVAL.replace("--limit 50", "--limit 2"), check_idp_table),
     # README's first recipe, as written but calibrated, trained and scored briefly.
     COMPRESS_OUT: SmallForm(COMPRESS_OUT.replace("--n-windows 32 --seqlen 512", "--n-windows 2 --seqlen 64"),
                             check_compress_out),

@@ -27,7 +27,14 @@ from cpt_bench.errors import UserError
 from cpt_bench.files import OutputKind, write_json_atomic, write_text_atomic
 from cpt_bench.matrix.config import ConfigError, MatrixConfig, config_from_dict
 from cpt_bench.matrix.lock import LOCK_FILE
-from cpt_bench.matrix.paired import COMPARISON_KEYS, GAP_CLOSED_KEY, GAP_CLOSED_VS_TRIVIAL_KEY, cell_comparisons
+from cpt_bench.matrix.paired import (
+    COMPARISON_KEYS,
+    GAP_CLOSED_KEY,
+    GAP_CLOSED_VS_TRIVIAL_KEY,
+    IDP_KEY,
+    cell_comparisons,
+    idp_comparisons,
+)
 from cpt_bench.matrix.plan import TRIVIAL_PREFIX, Plan, family, generated_tokens, safe_name
 from cpt_bench.recovery import LEARNED_KINDS, RECOVERY_KINDS
 
@@ -293,7 +300,8 @@ def merge(out_dir: Path, inputs: list[Path]) -> dict[str, dict[str, Any]]:
 
 def summarise(plan: Plan, cells: dict[str, dict[str, Any]], sessions: list[dict[str, Any]]) -> dict[str, Any]:
     """The run summary (``SUMMARY_FORMAT``): compressions with memory, targets, prompts, flattened cells with their
-    paired comparisons (``paired.cell_comparisons``; the per-example values stay in the cells).
+    paired comparisons (``paired.cell_comparisons``; IDP cells' ``idp`` block, ``paired.idp_comparisons``; the
+    per-example values stay in the cells).
 
     ``wall_seconds`` sums the recorded sessions; ``environment`` is the first session's.
     """
@@ -316,6 +324,8 @@ def summarise(plan: Plan, cells: dict[str, dict[str, Any]], sessions: list[dict[
     for record in records:
         prompts.setdefault(record["cell"]["prompt"], _prompt_summary(record))
     comparisons = cell_comparisons(plan, cells)
+    for cell_id, block in idp_comparisons(plan, cells).items():
+        comparisons.setdefault(cell_id, {})[IDP_KEY] = block
     flat = [{**_flat_cell(record, dense.get(record["cell"]["task"])), **comparisons.get(record["cell"]["id"], {})}
             for record in records]
     hardware = environment.get("hardware", {})
@@ -349,6 +359,8 @@ def _prompt_summary(record: dict[str, Any]) -> dict[str, Any]:
         summary["stored_bytes"] = prompt["stored_bytes"]
     if choice.get("hard") is not None:  # a hard prompt's name or text
         summary["name"] = choice["hard"]
+    if choice.get("members") is not None:  # an IDP set and its rule
+        summary.update(members=list(choice["members"]), rule=choice["rule"])
     if choice["kind"] in LEARNED_KINDS:
         summary.update(source=choice["source"], trained_at=choice["trained_at"],
                        train_seconds=prompt.get("train_seconds"), best_val_ppl=prompt.get("best_val_ppl"),

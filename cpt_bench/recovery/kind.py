@@ -31,13 +31,15 @@ class Applied:
     placed before every request (None: none); ``position``: where the artifact was trained to sit (None: the
     caller's choice or the tokenizer's default, ``recovery.position``); ``info``: what was applied, for the
     results' ``prompt`` block (``kind``, ``path``, ``sha256``, ...); ``tensors``: what it adds to the model's own
-    weights (its resident bytes)."""
+    weights (its resident bytes); ``choices``: prompts to choose among per document, each applied, by label (IDP,
+    ``recovery.idp``; ``prompt`` is then None)."""
 
     model: torch.nn.Module
     prompt: torch.Tensor | None = None
     position: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
     tensors: list[torch.Tensor] = field(default_factory=list)
+    choices: dict[str, Applied] = field(default_factory=dict)
 
 
 class RecoveryKind:

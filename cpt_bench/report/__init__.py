@@ -26,7 +26,7 @@ from cpt_bench.files import OutputKind, ensure_replaceable, write_text_atomic
 from cpt_bench.matrix.store import SUMMARY_FILE, trivial_prefix_warnings
 from cpt_bench.report.board_page import page
 from cpt_bench.report.leaderboard import PAGE_KINDS, build_board, check_results_folder, load_runs, markdown
-from cpt_bench.report.recovery import method_tables, recovery_tables, seed_tables
+from cpt_bench.report.recovery import idp_tables, method_tables, recovery_tables, seed_tables
 from cpt_bench.report.recovery_board import recovery_groups, recovery_markdown
 from cpt_bench.report.serving import generation_tables, serving_tables
 from cpt_bench.report.tables import (
@@ -100,6 +100,11 @@ _SERVING_INTRO = ("Per compression level and prompt: the weight bytes compressio
                   "beside what the prompt costs to serve: its own bytes (embeddings, LoRA tensors) and its fp16 "
                   "key/value cache, held once per sequence served with it; break-even is the number of concurrent "
                   "sequences whose prompt caches take up the stored bytes saved. A LoRA adapter adds no cache.")
+_IDP_INTRO = ("Each IDP prompt (a set of prompts, one chosen per document from its context alone by the rule) at "
+              "every level and target it ran: the documents each member was chosen for, then the IDP cell minus each "
+              "member's own cell and minus the best single member in hindsight, paired over the same items. That "
+              "member is chosen on the very items compared (the matrix's targets have no validation split), so the "
+              "last column flatters the single prompt: IDP that matches it is doing well.")
 _GENERATION_INTRO = ("Per generated sequence, in an fp16 cache: the prompt's keys and values held through every decode "
                      "step, at the largest batch shown above, and read over the target's new tokens (each step "
                      "attends to all of them). An adapter adds no cache and is left out.")
@@ -111,6 +116,7 @@ def _sections(summary: Summary) -> list[_Section]:
     optional = [_Section("Paired comparisons per compression level", _PAIRED_INTRO, recovery_tables(summary)),
                 _Section("Training seeds", _SEEDS_INTRO, seed_tables(summary)),
                 _Section("Recovery methods per compression level", _METHODS_INTRO, method_tables(summary)),
+                _Section("IDP prompts", _IDP_INTRO, idp_tables(summary)),
                 _Section("Memory saved by compression vs memory the prompt costs", _SERVING_INTRO,
                          serving_tables(summary)),
                 _Section("Prompt cache during generation", _GENERATION_INTRO, generation_tables(summary))]
