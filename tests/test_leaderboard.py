@@ -21,7 +21,7 @@ from cpt_bench.cli import main
 from cpt_bench.files import write_json_atomic
 from cpt_bench.matrix import store
 from cpt_bench.matrix.config import config_from_dict
-from cpt_bench.matrix.plan import make_plan
+from cpt_bench.matrix.plan import make_plan, stored_cell
 from cpt_bench.recovery import RECOVERY_KINDS
 from cpt_bench.report import write_leaderboard
 from cpt_bench.report.board_page import _LEFT, _RIGHT, _WIDTH, NO_BYTES, _entry_width, _flowed, page, recovery_svg
@@ -67,7 +67,7 @@ def _value(task: str, compression: str, kind: str) -> float:
     return base * (1.0 + _PROMPT_EFFECT[kind]) if task.startswith("cpt_ppl") else base + _PROMPT_EFFECT[kind] / 10
 
 
-def _record(cell: Any, seqlen: int) -> dict[str, Any]:
+def _record(cell: Any, config: Any) -> dict[str, Any]:
     task, kind = cell.target.name, cell.prompt.control or cell.prompt.kind
     stored = {"dense": 269_000_000, "rtn-w3g64": 100_400_000, "sparsegpt-50": 176_100_000}[cell.compression]
     memory = {"stored_bytes": stored, "compressed_bits_per_weight": 16.0 * stored / 269_000_000,
@@ -75,7 +75,8 @@ def _record(cell: Any, seqlen: int) -> dict[str, Any]:
     prompt = {"n_tokens": None if kind == "none" else 0 if kind == "lora" else 20}
     if kind in _TRAINABLE:
         prompt.update(train_seconds=12.5, best_val_ppl=70.0, untrained=False, trainable_parameters=_TRAINABLE[kind])
-    return {"format": store.CELL_FORMAT, "cell": cell.record(),
+    seqlen = config.ppl_seqlen
+    return {"format": store.CELL_FORMAT, "cell": stored_cell(cell, config),
             "metric": {"name": cell.target.metric, "value": _value(task, cell.compression, kind),
                        "stderr": 0.5 if task.startswith("cpt_ppl") else 0.05,
                        "higher_is_better": not task.startswith("cpt_ppl")},
@@ -93,7 +94,7 @@ def make_run_folder(folder: Path, config_data: dict[str, Any]) -> Path:
     store.prepare(folder, config, yaml.safe_dump(config_data), resume=False)
     store.end_session(folder, store.start_session(folder, ENVIRONMENT), 42.0)
     for cell in plan.cells:
-        store.write_cell(folder, _record(cell, config.ppl_seqlen))
+        store.write_cell(folder, _record(cell, config))
     write_json_atomic(folder / store.SUMMARY_FILE, store.summarise(plan, store.read_cells(folder),
                                                                    store.read_sessions(folder)))
     return folder
@@ -282,6 +283,8 @@ def test_add_refuses_a_cell_changed_after_it_was_written(tmp_path, capsys):
 @pytest.mark.parametrize(("damage", "problem"), [
     (lambda run: _rewrite_cell(run, lambda r: r["cell"].update(limit=3), keep_checksum=False),
      "evaluated under another protocol than its config states \\(differs at limit\\)"),
+    (lambda run: _rewrite_cell(run, lambda r: r["cell"].update(apply_chat_template=True), keep_checksum=False),
+     "evaluated under another protocol than its config states \\(differs at apply_chat_template\\)"),
     (lambda run: _rewrite_cell(run, lambda r: r["lm_eval"]["n-shot"].update({r["cell"]["task"]: 5}), False),
      "were run with different few-shot counts \\[0, 5\\]"),
     (lambda run: _rewrite_cell(run, lambda r: r["lm_eval"]["configs"][r["cell"]["task"]]["metadata"].update(

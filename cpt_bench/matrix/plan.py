@@ -103,6 +103,12 @@ class Cell:
                 "compression_relation": self.compression_relation}
 
 
+def stored_cell(cell: Cell, config: MatrixConfig) -> dict:
+    """The cell's identity as its result stores it: the cell's record and the run-wide settings that shape its
+    requests (``leaderboard --add`` checks a submitted cell against this)."""
+    return {**cell.record(), "apply_chat_template": config.apply_chat_template}
+
+
 @dataclass(frozen=True)
 class Plan:
     """Cells in a fixed order (compression, prompt, target: config order) and the artifacts they need."""

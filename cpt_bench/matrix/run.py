@@ -47,6 +47,7 @@ from cpt_bench.matrix.plan import (
     recovery_settings,
     safe_name,
     shard_plan,
+    stored_cell,
 )
 from cpt_bench.matrix.validate import validate_plan
 from cpt_bench.perplexity import perplexity_with_stderr
@@ -317,7 +318,7 @@ def evaluate_group(job: GroupJob, on_cell: Callable[[str], None] | None = None) 
             if examples is not None:
                 examples["choices"] = [per_item[doc] for doc in examples["doc_ids"]]
         record = {"format": store.CELL_FORMAT,
-                  "cell": {**cell.record(), "apply_chat_template": job.config.apply_chat_template},
+                  "cell": stored_cell(cell, job.config),
                   "metric": metric,
                   "examples": examples,
                   "compression": compression, "prompt": cell_prompt,
