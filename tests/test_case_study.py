@@ -8,7 +8,6 @@ whose CoQA cells hold hand-made per-item scores and answers (``SCORES``); PIQA c
 from __future__ import annotations
 
 import copy
-import json
 import math
 import re
 import sys
@@ -269,4 +268,3 @@ def test_cli_writes_the_default_folder_and_refuses_bad_input_in_one_line(run, tm
 
 if __name__ == "__main__":  # docs' small form: a fake finished generation run at the given folder
     print(make_generation_run(Path(sys.argv[1])))
-    print(json.dumps(sorted(store.read_cells(Path(sys.argv[1])))))

@@ -9,8 +9,9 @@ Modules: ``tables`` (the summary's schema, the results tables and their markdown
 ``recovery`` (paired comparisons: gap closed, against controls, methods and seeds), ``serving`` (what a prompt costs
 to serve against what compression saves), ``plots`` (the figures), ``protocol`` (how each target was scored: what
 two numbers must share to be compared), ``leaderboard`` (the board: runs, columns, ranked rows, its markdown),
-``board_page`` (the board as a self-contained HTML page), ``submit`` (verify and add a run made elsewhere) and
-``cli_commands`` (``cpt-bench report`` and ``cpt-bench leaderboard [--add RUN_DIR]``).
+``board_page`` (the board as a self-contained HTML page), ``submit`` (verify and add a run made elsewhere),
+``case_study`` (a generative target's answers side by side, ``cpt-bench case-study``) and ``cli_commands``
+(``cpt-bench report``, ``case-study`` and ``leaderboard [--add RUN_DIR]``).
 """
 
 from __future__ import annotations
