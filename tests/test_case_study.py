@@ -17,13 +17,14 @@ from typing import Any
 
 import pytest
 
-from cpt_bench.cli import main
+from cpt_bench.cli import build_parser, main
 from cpt_bench.files import OutputPathError
 from cpt_bench.matrix import store
 from cpt_bench.matrix.config import Target
 from cpt_bench.matrix.paired import PairingError
 from cpt_bench.report.case_study import (
     CASE_STUDY_KIND,
+    DEFAULT_QUESTIONS,
     CaseStudyError,
     Column,
     build_case_study,
@@ -261,6 +262,7 @@ def test_cli_writes_the_default_folder_and_refuses_bad_input_in_one_line(run, tm
     assert capsys.readouterr().out.split() == [str(mine / "case-study" / name)
                                                for name in ("case-study.md", "case-study.html")]
     assert "## Questions (2 of 10)" in (mine / "case-study" / "case-study.md").read_text(encoding="utf-8")
+    assert build_parser().parse_args(["case-study", str(mine)]).questions == DEFAULT_QUESTIONS
     assert main(["case-study", str(mine), "--level", "nosuch"]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("cpt-bench: error: --level nosuch") and "\n" not in error

@@ -67,7 +67,7 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> list[argparse.A
                                  "(default: the run's first generative target)")
     case_study.add_argument("--level", default=None, metavar="SPEC",
                             help="the compressed level (default: the one of fewest bits per weight with prompts)")
-    case_study.add_argument("--questions", type=_positive_int, default=8, metavar="N",
+    case_study.add_argument("--questions", type=_positive_int, default=8, metavar="N",  # case_study.DEFAULT_QUESTIONS
                             help="questions shown (default 8; which: see the report's selection rule)")
     case_study.add_argument("--out", type=Path, default=None, help="case-study folder (default: RUN/case-study)")
     case_study.set_defaults(run=cmd_case_study)
