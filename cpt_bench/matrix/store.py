@@ -28,7 +28,7 @@ from cpt_bench.files import OutputKind, write_json_atomic, write_text_atomic
 from cpt_bench.matrix.config import ConfigError, MatrixConfig, config_from_dict
 from cpt_bench.matrix.lock import LOCK_FILE
 from cpt_bench.matrix.paired import COMPARISON_KEYS, GAP_CLOSED_KEY, GAP_CLOSED_VS_TRIVIAL_KEY, cell_comparisons
-from cpt_bench.matrix.plan import TRIVIAL_PREFIX, Plan, family, safe_name
+from cpt_bench.matrix.plan import TRIVIAL_PREFIX, Plan, family, generated_tokens, safe_name
 from cpt_bench.recovery import LEARNED_KINDS, RECOVERY_KINDS
 
 log = logging.getLogger(__name__)
@@ -327,7 +327,8 @@ def summarise(plan: Plan, cells: dict[str, dict[str, Any]], sessions: list[dict[
         "environment": environment,
         "compressions": [compressions[spec] for spec in config.compression.specs if spec in compressions],
         "targets": [{"task": t.name, "metric": t.metric, "domain": t.domain,
-                     "higher_is_better": _higher_is_better(records, t.name)} for t in config.targets],
+                     "higher_is_better": _higher_is_better(records, t.name),
+                     **({"max_gen_toks": generated_tokens(t)} if t.is_generative else {})} for t in config.targets],
         "prompts": list(prompts.values()),
         "cells": flat,
     }
@@ -344,6 +345,8 @@ def _prompt_summary(record: dict[str, Any]) -> dict[str, Any]:
     summary = {"id": cell["prompt"], "kind": choice["kind"], "n_tokens": prompt.get("n_tokens"),
                "embedding_bytes": memory.get("prompt_embedding_bytes"), "adapter_bytes": memory.get("adapter_bytes"),
                "kv_values_per_token": memory.get("kv_values_per_token")}
+    if prompt.get("stored_bytes") is not None:  # what the artifact stores, where its kind records it (EoRA)
+        summary["stored_bytes"] = prompt["stored_bytes"]
     if choice.get("hard") is not None:  # a hard prompt's name or text
         summary["name"] = choice["hard"]
     if choice["kind"] in LEARNED_KINDS:

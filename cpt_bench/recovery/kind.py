@@ -11,7 +11,7 @@ module of this package holding a ``RecoveryKind`` subclass; ``cpt_bench.recovery
   (before any weight loads) and ``apply`` (on the loaded model): an ``Applied``, i.e. the model to evaluate, the
   prompt embeddings to place before each request (``prefix`` kinds) and the tensors it adds (memory account);
 - the summary, reports and leaderboard (``matrix.store``, ``report``): ``summary_keys`` (what its entries in
-  ``summary.json`` carry), ``label`` and ``colour``.
+  ``summary.json`` carry), ``label``, ``colour`` and ``added_bytes`` (the weights it stores on top of the model's).
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ class RecoveryKind:
     learned: ClassVar[bool] = False  # trained per (source, level, seed, objective); transfers across targets
     metadata_file: ClassVar[str | None] = None  # a built artifact's metadata, written last: it marks it complete
     summary_keys: ClassVar[tuple[str, ...]] = ()  # the keys its entries in summary.json require
+    # Bytes per value its artifact stores (float32: 4); 0: it stores no tensor; None: not known from its summary entry.
+    stored_value_bytes: ClassVar[int | None] = None
 
     def check_arg(self, value: str) -> None:
         """Refuse a ``model_arg`` value that cannot name an artifact (empty, an unknown name) in one line."""
@@ -82,6 +84,20 @@ class RecoveryKind:
         ``training``: the shared ``SoftPromptConfig``)."""
         raise TypeError(f"recovery kind {self.name} is not learned")
 
+    def added_bytes(self, prompt: dict[str, Any]) -> int | None:
+        """Bytes the method stores on top of the (compressed) model's weights, from its entry ``prompt`` of a
+        ``summary.json``: the entry's ``stored_bytes`` when it records them, else 0 for a kind that stores no tensor,
+        else its artifact's values (``trainable_parameters``) x ``stored_value_bytes``; None when the entry does not
+        tell (an untrained control, an entry from before the record)."""
+        if prompt.get("stored_bytes") is not None:
+            return int(prompt["stored_bytes"])
+        if self.stored_value_bytes is None:
+            return None
+        if self.stored_value_bytes == 0:
+            return 0
+        values = prompt.get("trainable_parameters")
+        return int(values) * self.stored_value_bytes if values else None
+
     def trainable_parameters(self, meta: dict[str, Any]) -> int | None:
         """How many parameters training the artifact of ``meta`` optimised (its stored parameters)."""
         return meta.get("trainable_parameters")
@@ -102,3 +118,4 @@ class NoRecovery(RecoveryKind):
     name = "none"
     label = "no prompt"
     colour = "#666666"
+    stored_value_bytes = 0

@@ -183,6 +183,7 @@ class LoraKind(RecoveryKind):
     name = "lora"
     label = "LoRA adapter"
     colour = "#1b7837"
+    stored_value_bytes = 4  # adapter_model.safetensors holds lora_A / lora_B in float32
     model_arg = "lora"
     learned = True
     metadata_file = METADATA
