@@ -44,7 +44,7 @@ DOCS = list(range(10))
 SCORES = {("dense", "none"): [1, 1, 1, 1, 1, 0, 1, 1, 0, 1],
           ("rtn-w3g64", "none"): [0, 1, 0, 1, 0, 0, 1, 0, 0, 1],
           ("rtn-w3g64", "hard"): [1, 1, 1, 0, 1, 1, 1, 1, 0, 1],  # fixes 0 2 4 5 7, breaks 3
-          ("rtn-w3g64", "soft"): [1, 0, 0, 0, 0, 0, 0, 0, 0, 1],  # fixes 0, breaks 1 3 6
+          ("rtn-w3g64", "soft"): [1, 0, 0, 0, 0, 0, 0, 0, 0, 0.5],  # fixes 0, breaks 1 3 6; 0.5: right
           ("sparsegpt-50", "none"): [1, 1, 0, 1, 0, 1, 1, 0, 1, 1]}
 GOLD = {doc: f"answer {doc}" for doc in [*DOCS, 10]}
 MESSY = {(2, "dense"): " ANSWER  2\n"}  # the gold answer as the metric normalises it: not another distinct answer
@@ -162,9 +162,12 @@ def test_selection_rule_on_hand_made_columns():
     assert select_questions(columns, [10, 30, 20, 40], 1) == [1]
 
 
-def test_effect_of_scores_that_are_not_zero_one_counts_rises_and_falls_without_mcnemar():
-    found = effect([0.5, 0.0, 1.0, 0.2], [1.0, 0.0, 0.5, 0.2])
-    assert (found.fixes, found.breaks, found.mcnemar_p) == (1, 1, None)
+def test_a_partial_score_counts_as_right():
+    """CoQA's em averages exact match over the gold answers left out in turn: 0.5 or 0.67 is a matching answer."""
+    found = effect([0.5, 0.0, 1.0, 0.67, 0.0, 0.0], [1.0, 0.0, 0.5, 0.0, 0.67, 0.5])
+    assert (found.fixes, found.breaks, found.both_right, found.both_wrong) == (2, 1, 2, 1)
+    assert found.mcnemar_p == pytest.approx(_binomial_mcnemar(2, 1)) == 1.0
+    assert found.difference.estimate == pytest.approx((0.5 - 0.5 - 0.67 + 0.67 + 0.5) / 6)
 
 
 def test_markdown_and_html_are_written_and_escaped(written):

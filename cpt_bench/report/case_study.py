@@ -10,16 +10,19 @@ an earlier case study (``CASE_STUDY_KIND``).
 Columns: the dense model without prompt, the compressed model without prompt (the reference), then the compressed
 model with each prompt applied at that level in the run's order (hard prompts, learned prompts, controls).
 
-Per column against the reference, over the ``k`` shared items (scores ``c_i`` of the reference, ``p_i`` of the
-column): **fixes** = #{c_i = 0, p_i = 1}, **breaks** = #{c_i = 1, p_i = 0}, the exact two-sided McNemar p-value of
-fixes against breaks (``stats.mcnemar_exact``) and the paired difference of the mean score with its 95% CI
-(``stats.paired_difference``). Scores that are not all 0 / 1 (an F1 metric) count as fixes / breaks when they rise
-/ fall, and get no McNemar test.
+An answer counts as **right** when its score is above 0 (``is_right``): for a 0 / 1 exact match, when it matches;
+for CoQA's ``em``, which lm-eval averages over the gold answers left out one at a time (an answer equal to one of
+two or three gold answers scores 0.5 or 0.67), when it equals one of the gold answers; for an overlap score such as
+F1, when it overlaps at all. Per column against the reference, over the ``k`` shared items: **fixes** = items the
+reference gets wrong and the column right, **breaks** = the reverse, the exact two-sided McNemar p-value of fixes
+against breaks (``stats.mcnemar_exact``) and the paired difference of the mean score itself (the metric as lm-eval
+reports it) with its 95% CI (``stats.paired_difference``).
 
 Which questions are shown (``--questions N``, ``select_questions``): ranked by (1) how many other columns score
 the question differently from the reference (dense and every prompt), most first; (2) how many distinct answers
-the columns give (stripped, case-folded), most first; (3) document id, ascending. The first ``N`` are shown in that
-order: the questions the prompts (or compression) change first, then those where the answers differ most.
+the columns give (stripped, case-folded), most first; (3) document id, ascending ("differently": right in one, wrong
+in the other). The first ``N`` are shown in that order: the questions the prompts (or compression) change first,
+then those where the answers differ most.
 """
 
 from __future__ import annotations
@@ -44,9 +47,9 @@ DEFAULT_QUESTIONS = 8
 DEFAULT_FOLDER = "case-study"
 REFERENCE, DENSE = "compressed", "dense"  # the kinds of the two unprompted columns
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|~#&])")
-SELECTION_RULE = ("Questions shown: ranked by how many other columns (dense and each prompt) score the question "
-                  "differently from the compressed model, most first; then by how many distinct answers the columns "
-                  "give (stripped, case-folded), most first; then by document id.")
+SELECTION_RULE = ("Questions shown: ranked by how many other columns (dense and each prompt) are right where the "
+                  "compressed model is wrong or wrong where it is right, most first; then by how many distinct "
+                  "answers the columns give (stripped, case-folded), most first; then by document id.")
 
 
 class CaseStudyError(UserError):
@@ -67,15 +70,15 @@ class Column:
 
 @dataclass(frozen=True)
 class Effect:
-    """A column against the reference over the shared items: ``fixes`` (reference wrong, column right), ``breaks``
-    (right -> wrong), items right / wrong in both, the exact McNemar p (None for scores not all 0 / 1) and the
-    paired difference of the mean score (column - reference) with its 95% CI."""
+    """A column against the reference over the shared items (right: ``is_right``): ``fixes`` (reference wrong, column
+    right), ``breaks`` (right -> wrong), items right / wrong in both, the exact McNemar p and the paired difference
+    of the mean score (column - reference) with its 95% CI."""
 
     fixes: int
     breaks: int
     both_right: int
     both_wrong: int
-    mcnemar_p: float | None
+    mcnemar_p: float
     difference: stats.Estimate
 
 
@@ -98,17 +101,17 @@ class CaseStudy:
     shown: list[int]
 
 
+def is_right(score: float) -> bool:
+    """Whether an answer with this per-item score counts as right: a score above 0 (module docstring)."""
+    return score > 0
+
+
 def effect(reference: list[float], column: list[float]) -> Effect:
     """Fixes, breaks and the paired tests of ``column`` against ``reference`` (per-item scores, same items)."""
-    pairs = list(zip(reference, column, strict=True))
-    counts = stats.discordant(reference, column)  # (right only in the reference, right only in the column)
-    if counts is not None:
-        breaks, fixes = counts
-        p_value: float | None = stats.mcnemar_exact(breaks, fixes)
-    else:
-        fixes, breaks = sum(c > r for r, c in pairs), sum(c < r for r, c in pairs)
-        p_value = None
-    return Effect(fixes, breaks, sum(r == c == 1 for r, c in pairs), sum(r == c == 0 for r, c in pairs), p_value,
+    right = [[float(is_right(score)) for score in scores] for scores in (reference, column)]
+    breaks, fixes = stats.discordant(*right)  # (right only in the reference, right only in the column)
+    pairs = list(zip(*right, strict=True))
+    return Effect(fixes, breaks, pairs.count((1.0, 1.0)), pairs.count((0.0, 0.0)), stats.mcnemar_exact(breaks, fixes),
                   stats.paired_difference(reference, column))
 
 
@@ -121,7 +124,8 @@ def select_questions(columns: list[Column], doc_ids: list[int], n: int, referenc
     base = columns[reference].scores
 
     def key(index: int) -> tuple[int, int, int]:
-        changed = sum(column.scores[index] != base[index] for i, column in enumerate(columns) if i != reference)
+        changed = sum(is_right(column.scores[index]) != is_right(base[index])
+                      for i, column in enumerate(columns) if i != reference)
         distinct = len({_normalised(column.responses[index]) for column in columns})
         return -changed, -distinct, doc_ids[index]
 
@@ -262,11 +266,8 @@ def _score(value: float) -> str:
 
 
 def _change(reference: float, value: float) -> str:
-    return "fixed" if value > reference else "broken" if value < reference else ""
-
-
-def _p_value(p: float | None) -> str:
-    return "n/a" if p is None else f"{p:.3g}"
+    before, after = is_right(reference), is_right(value)
+    return "fixed" if after and not before else "broken" if before and not after else ""
 
 
 def effects_table(study: CaseStudy) -> Table:
@@ -282,7 +283,7 @@ def effects_table(study: CaseStudy) -> Table:
         interval = "" if ci is None else f" [{ci[0]:+.3f}, {ci[1]:+.3f}]"
         rows.append([column.label, column.kind, f"{mean:.3f}", f"{found.difference.estimate:+.3f}{interval}",
                      str(found.fixes), str(found.breaks), str(found.both_right), str(found.both_wrong),
-                     _p_value(found.mcnemar_p)])
+                     f"{found.mcnemar_p:.3g}"])
     headers = ["model", "kind", study.metric, f"Δ vs {study.level} [95% CI]", "fixes", "breaks", "both right",
                "both wrong", "McNemar p"]
     return Table(f"{study.target}: {study.metric} per model, against {study.level} without prompt", headers, rows,
@@ -301,14 +302,13 @@ def _question_table(study: CaseStudy, index: int, escape) -> Table:
 def _question_heading(study: CaseStudy, rank: int, index: int) -> str:
     reference = study.columns[1].scores[index]
     notes = []
-    for verb, sign in (("fixed by", 1), ("broken by", -1)):
-        names = [column.label for column in study.columns[2:]
-                 if (column.scores[index] - reference) * sign > 0]
+    for verb, change in (("fixed by", "fixed"), ("broken by", "broken")):
+        names = [column.label for column in study.columns[2:] if _change(reference, column.scores[index]) == change]
         if names:
             notes.append(f"{verb} {', '.join(names)}")
-    dense = study.columns[0].scores[index]
-    if dense != reference:
-        notes.insert(0, f"{'lost' if dense > reference else 'gained'} by compression")
+    dense = _change(reference, study.columns[0].scores[index])
+    if dense:
+        notes.insert(0, f"{'lost' if dense == 'fixed' else 'gained'} by compression")
     return f"{rank}. document {study.doc_ids[index]}" + (f" ({'; '.join(notes)})" if notes else "")
 
 
@@ -319,8 +319,9 @@ def _fixed_and_broken(study: CaseStudy) -> list[tuple[str, list[int], list[int]]
     for i, column in enumerate(study.columns):
         if i == 1:
             continue
-        fixed = [doc for doc, r, c in zip(study.doc_ids, reference, column.scores, strict=True) if c > r]
-        broken = [doc for doc, r, c in zip(study.doc_ids, reference, column.scores, strict=True) if c < r]
+        changes = [_change(r, c) for r, c in zip(reference, column.scores, strict=True)]
+        fixed = [doc for doc, change in zip(study.doc_ids, changes, strict=True) if change == "fixed"]
+        broken = [doc for doc, change in zip(study.doc_ids, changes, strict=True) if change == "broken"]
         found.append((column.label, fixed, broken))
     return found
 
@@ -332,6 +333,8 @@ def _ids(ids: list[int]) -> str:
 def _intro(study: CaseStudy) -> list[str]:
     return [f"Run {study.run} (model {study.model}); target {study.target} ({study.metric} per item); compression "
             f"level {study.level}; {len(study.doc_ids)} questions shared by every column.",
+            "An answer counts as right when its score is above 0 (for CoQA's em, which averages exact match over the "
+            "gold answers left out one at a time: when it equals one of the gold answers). "
             f"Fixes: questions the compressed model ({study.level}, no prompt) gets wrong and the column gets right; "
             "breaks: the reverse. McNemar p: the exact two-sided test of fixes against breaks (binomial, 1/2, on "
             "the discordant questions); Δ: the paired difference of the mean score with its 95% CI. The dense row "
