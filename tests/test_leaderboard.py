@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,15 +87,17 @@ def _record(cell: Any, config: Any) -> dict[str, Any]:
             "environment": {"seeds": {"random_seed": 0}, "device": "cpu"}}
 
 
-def make_run_folder(folder: Path, config_data: dict[str, Any]) -> Path:
-    """A finished run folder of ``config_data`` as the matrix runner leaves it (config, sessions, cells, summary)."""
+def make_run_folder(folder: Path, config_data: dict[str, Any],
+                    record: Callable[[Any, Any], dict[str, Any]] = _record) -> Path:
+    """A finished run folder of ``config_data`` as the matrix runner leaves it (config, sessions, cells, summary);
+    ``record(cell, config)`` makes each cell's stored record."""
     folder.mkdir(parents=True)
     config = config_from_dict(config_data)
     plan = make_plan(config)
     store.prepare(folder, config, yaml.safe_dump(config_data), resume=False)
     store.end_session(folder, store.start_session(folder, ENVIRONMENT), 42.0)
     for cell in plan.cells:
-        store.write_cell(folder, _record(cell, config))
+        store.write_cell(folder, record(cell, config))
     write_json_atomic(folder / store.SUMMARY_FILE, store.summarise(plan, store.read_cells(folder),
                                                                    store.read_sessions(folder)))
     return folder

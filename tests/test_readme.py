@@ -258,6 +258,13 @@ def check_compare(ran: Ran) -> None:
     assert "paired" in ran.stdout.lower() and "CI" in ran.stdout, ran.stdout
 
 
+def check_case_study(ran: Ran) -> None:
+    folder = ran.root / "runs/generation/case-study"
+    assert f"{folder.relative_to(ran.root)}/case-study.md" in ran.stdout.split(), ran.stdout
+    text = (folder / "case-study.md").read_text("utf-8")
+    assert "## Questions (8 of 10)" in text and "McNemar p" in text and (folder / "case-study.html").is_file()
+
+
 def check_model_path(ran: Ran) -> None:
     assert (Path(ran.stdout.strip()) / "config.json").is_file(), ran.stdout
 
@@ -392,6 +399,8 @@ EORA_SMALL = ("--n-windows 8 --seqlen 512", "--n-windows 2 --seqlen 64")
 COMPARE = ("cpt-bench compare runs/d rtn-w3g64__none__cpt_ppl_wikipedia "
            "rtn-w3g64__soft-wikipedia@rtn-w3g64__cpt_ppl_wikipedia")
 
+CASE_STUDY = "cpt-bench case-study runs/generation"
+
 RUN_BY_CI = {  # documented command -> (file, what it must contain for CI to be that command)
     "python3 -m pip install tox": (".ci/run", r"-m pip install .* tox$"),
     "tox -e lint,py": (".ci/run", r"tox -e lint,py\b"),
@@ -422,6 +431,10 @@ SMALL_FORMS = {
     "cpt-bench leaderboard": SmallForm("cpt-bench leaderboard", check_leaderboard),
     COMPARE: SmallForm("cpt-bench compare runs/d gptq-w4g64__none__cpt_ppl_wikipedia "
                        "gptq-w4g64__soft-wikipedia@gptq-w4g64__cpt_ppl_wikipedia", check_compare, needs=(MATRIX_RUN,)),
+    # On a finished generation run made up by tests/test_case_study.py (hand-made cells through the matrix store):
+    # what `cpt-bench matrix configs/generation.yaml` leaves, without its 45 minutes.
+    CASE_STUDY: SmallForm(f"PYTHONPATH='{REPO}' python -m tests.test_case_study runs/generation && {CASE_STUDY}",
+                          check_case_study),
     "tox -e paper": SmallForm(" && ".join(tox_commands("paper")), check_paper_opt_plan),
     # After the leaderboard above: a run made elsewhere (here runs/d) verified and copied into results/.
     "cpt-bench leaderboard --add runs/mine": SmallForm("cpt-bench leaderboard --add runs/d", check_added_run,

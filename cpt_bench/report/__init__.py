@@ -10,8 +10,9 @@ Modules: ``tables`` (the summary's schema, the results tables and their markdown
 to serve against what compression saves), ``plots`` (the figures), ``protocol`` (how each target was scored: what
 two numbers must share to be compared), ``leaderboard`` (the board: runs, columns, ranked rows, its markdown),
 ``recovery_board`` (recovery methods per level ranked by quality at their added bytes, the frontier),
-``board_page`` (the board as a self-contained HTML page), ``submit`` (verify and add a run made elsewhere) and
-``cli_commands`` (``cpt-bench report`` and ``cpt-bench leaderboard [--add RUN_DIR]``).
+``board_page`` (the board as a self-contained HTML page), ``submit`` (verify and add a run made elsewhere),
+``case_study`` (a generative target's answers side by side, ``cpt-bench case-study``) and ``cli_commands``
+(``cpt-bench report``, ``case-study`` and ``leaderboard [--add RUN_DIR]``).
 """
 
 from __future__ import annotations
