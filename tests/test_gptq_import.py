@@ -197,3 +197,17 @@ def test_unreadable_folders_are_refused(bases, export_v1, tmp_path):
     (tmp_path / "plain" / "config.json").write_text("{}")
     with pytest.raises(GptqImportError, match="has no GPTQ quantization settings"):
         import_gptq(tmp_path / "plain", bases["llama"], tmp_path / "imported")
+
+
+def test_the_command_line_imports_and_refuses_in_one_line(bases, compressed, export_v1, tmp_path, capsys):
+    from cpt_bench.cli import main
+
+    out = tmp_path / "imported"
+    assert main(["import-gptq", str(export_v1), "--model", str(bases["llama"]), "--out", str(out)]) == 0
+    assert f"imported gptq folder {export_v1} (spec gptq-w4g32) as compressed checkpoint: {out}" in (
+        capsys.readouterr().out)
+    assert_same_model(compressed("llama", "rtn-w4g32"), out)
+    edit_settings(export_v1, bits=6)
+    assert main(["import-gptq", str(export_v1), "--model", str(bases["llama"]), "--out", str(out)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "bits 6 is not read" in error and "\n" not in error
