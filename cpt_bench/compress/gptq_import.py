@@ -225,6 +225,10 @@ def unpack_int32(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     if sys.byteorder != "little":
         raise GptqImportError("GPTQ import assumes a little-endian machine")
     rows = words.shape[0]
+    if 32 % bits == 0:  # 2, 4, 8 bits: whole codes per word, code i at bits * (i % per_word) of word i // per_word
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32)
+        codes = (words.contiguous()[..., None] >> shifts) & (2**bits - 1)
+        return codes.reshape(rows, -1)[:, :count].to(torch.uint8)
     return unpack_bits(words.contiguous().view(torch.uint8).reshape(-1), bits, rows * count).reshape(rows, count)
 
 
