@@ -211,3 +211,31 @@ def test_the_command_line_imports_and_refuses_in_one_line(bases, compressed, exp
     assert main(["import-gptq", str(export_v1), "--model", str(bases["llama"]), "--out", str(out)]) == 2
     error = capsys.readouterr().err.strip()
     assert "bits 6 is not read" in error and "\n" not in error
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # PEFT 0.21 on transformers 5
+def test_recovery_methods_apply_to_a_gptq_folder_as_to_the_checkpoint(tiny_model_dir, fake_cache, tmp_path):
+    """The ``cpt`` model with ``compression=<GPTQ folder>`` scores as with the checkpoint it was exported from, with a
+    hard prompt and with a PEFT LoRA written elsewhere."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from cpt_bench.lmeval.adapter import CptLM
+
+    from .prompt_helpers import instances, mc_pairs
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    result = compress_model(model, Spec.parse("rtn-w4g32"), progress=False)
+    save_compressed(model, result, tmp_path / "ckpt")
+    model.config.save_pretrained(tmp_path / "ckpt")
+    exported = export_gptq(tmp_path / "ckpt", tmp_path / "gptq", "gptq_v2")
+    torch.manual_seed(0)
+    lora = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora).save_pretrained(tmp_path / "lora")
+    requests = instances("loglikelihood", mc_pairs())
+    common = {"pretrained": str(tiny_model_dir), "device": "cpu", "dtype": "float32", "batch_size": 4}
+    for recovery in ({"hard_prompt": "paper"}, {"lora": str(tmp_path / "lora")}):
+        theirs = CptLM(compression=str(exported), **recovery, **common)
+        ours = CptLM(compression=CheckpointFolder(tmp_path / "ckpt"), **recovery, **common)
+        assert theirs.loglikelihood(requests) == ours.loglikelihood(requests), recovery
+        assert theirs.prompt_info["compression"] == "gptq-w4g32"
