@@ -159,14 +159,20 @@ def test_settings_files_that_disagree_are_refused(export_v1):
         read_gptq_config(export_v1)
 
 
-def test_a_base_of_other_shapes_is_refused_naming_the_tensor(export_v1, tmp_path):
+@pytest.mark.parametrize(("change", "message"), [
+    ({"intermediate_size": 96}, r"tensor model\.layers\.0\.mlp\.down_proj\.qweight has shape \[16, 64\], but the "
+                                r"base model's layer needs \[12, 64\]"),
+    ({"vocab_size": 96}, r"tensor model\.embed_tokens\.weight has shape \[128, 64\] in the GPTQ folder but "
+                         r"\[96, 64\] in the base model"),
+])
+def test_a_base_of_other_shapes_is_refused_naming_the_tensor(export_v1, tmp_path, change, message):
     other = tmp_path / "other"
     model = tiny_llama(tie=True)
-    model.config.intermediate_size = 96
+    for key, value in change.items():
+        setattr(model.config, key, value)
     type(model)(model.config).save_pretrained(other)
     build_tiny_tokenizer().save_pretrained(other)
-    with pytest.raises(GptqImportError, match=r"tensor model\.layers\.0\.mlp\.down_proj\.qweight has shape "
-                                              r"\[16, 64\], but the base model's layer needs \[12, 64\]"):
+    with pytest.raises(GptqImportError, match=message):
         import_gptq(export_v1, other, tmp_path / "imported")
 
 
