@@ -72,8 +72,8 @@ def _coqa_record(cell: Any, config: Any) -> dict[str, Any]:
     if kind == "hard":  # stored in another order: paired by document id
         docs, scores = docs[::-1], scores[::-1]
     inputs = {doc: f"Story {doc} ```code``` <i>tag</i>\nQ: question {doc}?\n\nA:" for doc in docs}
-    record.update(cell=stored_cell(cell, config), metric={"name": "em", "value": sum(scores) / len(scores), "stderr": 0.1,
-                                              "higher_is_better": True},
+    record.update(cell=stored_cell(cell, config),
+                  metric={"name": "em", "value": sum(scores) / len(scores), "stderr": 0.1, "higher_is_better": True},
                   lm_eval={"n-shot": {COQA_ID: 0}, "configs": {COQA_ID: {"metadata": {}}}},
                   examples={"doc_ids": docs, "doc_hashes": [f"{doc:012x}" for doc in docs],
                             "scores": [float(score) for score in scores],

@@ -323,6 +323,25 @@ def check_eora_evaluation(ran: Ran) -> None:
     assert lm_eval_values(ran.stdout)["cpt_ppl_wikipedia", "token_perplexity"] > 1, ran.stdout
 
 
+def check_gptq_export(ran: Ran) -> None:
+    assert "GPTQ-format export: runs/rtn-w4g64-gptq" in ran.stdout, ran.stdout
+    config = json.loads((ran.root / "runs/rtn-w4g64-gptq/quantize_config.json").read_text(encoding="utf-8"))
+    assert (config["bits"], config["group_size"], config["checkpoint_format"]) == (4, 64, "gptq"), config
+
+
+def check_gptq_evaluation(ran: Ran) -> None:
+    """The GPTQ folder and the spec it was exported from print the same table (the model line aside)."""
+    lines = table_lines(ran.stdout)
+    assert lines and lines[:len(lines) // 2] == lines[len(lines) // 2:], ran.stdout
+    assert lm_eval_values(ran.stdout)["cpt_ppl_wikipedia", "token_perplexity"] > 1, ran.stdout
+
+
+def check_gptq_import(ran: Ran) -> None:
+    assert "(spec gptq-w4g64) as compressed checkpoint: runs/rtn-w4g64-imported" in ran.stdout, ran.stdout
+    manifest = json.loads((ran.root / "runs/rtn-w4g64-imported/compression.json").read_text(encoding="utf-8"))
+    assert manifest["imported"]["checkpoint_format"] == "gptq" and manifest["base_model"]["name"] == "embedded"
+
+
 def check_prompt_train(ran: Ran) -> None:
     found = re.search(r"soft prompt: (\S+) \(best validation token perplexity ([0-9.]+) at step (\d+)\)", ran.stdout)
     assert found and Path(found[1]) == Path("runs/prompt-w3") and float(found[2]) > 1, ran.stdout
@@ -395,6 +414,14 @@ EORA_EVAL = ("cpt-lm-eval --model cpt --model_args pretrained=embedded,compressi
              "eora=runs/rtn-w3g64-eora16 --tasks cpt_ppl_wikipedia --include_path tasks --limit 8 "
              "--metadata '{\"seqlen\": 512}'")
 EORA_SMALL = ("--n-windows 8 --seqlen 512", "--n-windows 2 --seqlen 64")
+
+# A model compressed elsewhere (docs/compression.md): a GPTQ folder (here our own export) as compression=, and imported.
+GPTQ_EXPORT = "cpt-bench compress --model embedded --spec rtn-w4g64 --export-gptq runs/rtn-w4g64-gptq"
+GPTQ_EVAL = ("cpt-lm-eval --model cpt --model_args pretrained=embedded,compression=runs/rtn-w4g64-gptq "
+             "--tasks cpt_ppl_wikipedia --include_path tasks --limit 8 --metadata '{\"seqlen\": 512}'")
+GPTQ_EVAL_SMALL = GPTQ_EVAL.replace('--limit 8 --metadata \'{"seqlen": 512}\'',
+                                   '--limit 2 --metadata \'{"seqlen": 64}\'')
+GPTQ_IMPORT = "cpt-bench import-gptq runs/rtn-w4g64-gptq --model embedded --out runs/rtn-w4g64-imported"
 
 COMPARE = ("cpt-bench compare runs/d rtn-w3g64__none__cpt_ppl_wikipedia "
            "rtn-w3g64__soft-wikipedia@rtn-w3g64__cpt_ppl_wikipedia")
@@ -484,6 +511,10 @@ SMALL_FORMS = {
     EORA_EVAL: SmallForm(EORA_EVAL.replace('--limit 8 --metadata \'{"seqlen": 512}\'',
                                            '--limit 2 --metadata \'{"seqlen": 64}\''),
                          check_eora_evaluation, needs=(EORA_COMPRESS,)),
+    GPTQ_EXPORT: SmallForm(GPTQ_EXPORT, check_gptq_export),
+    GPTQ_EVAL: SmallForm(f"{GPTQ_EVAL_SMALL} && {GPTQ_EVAL_SMALL.replace('runs/rtn-w4g64-gptq', 'rtn-w4g64')}",
+                         check_gptq_evaluation, needs=(GPTQ_EXPORT,)),
+    GPTQ_IMPORT: SmallForm(GPTQ_IMPORT, check_gptq_import, needs=(GPTQ_EXPORT,)),
 }
 
 VARIANTS = {  # documented command -> the small form that runs it, for commands CI cannot run as written

@@ -8,10 +8,11 @@ since lm-eval has no plugin discovery). Extra model_args:
   ``allow_cross_model=true`` accepts one trained for another model / tokenizer of the same hidden size.
 - ``hard_prompt=NAME|text:TEXT|file:PATH``: a registered text prompt, literal text or a UTF-8 file
   (``cpt_bench.recovery.hard``; a text with commas goes in a file: lm-eval splits model_args on commas).
-- ``lora=DIR``: a LoRA folder (``cpt_bench.recovery.lora``, a PEFT adapter with our ``lora.json``), checked against
-  the model like a prompt and applied unmerged on top of the (compressed) model, as plain lm-eval's
-  ``hf`` model applies ``peft=DIR`` (which gives the same scores where the model's vocabulary size equals the
-  tokenizer's: otherwise HFLM resizes the embeddings first). Not combined with a prompt.
+- ``lora=DIR``: a LoRA folder (``cpt_bench.recovery.lora``: a PEFT adapter with our ``lora.json``, checked against
+  the model like a prompt, or any PEFT LoRA folder, shape-checked, with what cannot be verified recorded), applied
+  unmerged on top of the (compressed) model, as plain lm-eval's ``hf`` model applies ``peft=DIR`` (which gives the
+  same scores where the model's vocabulary size equals the tokenizer's: otherwise HFLM resizes the embeddings
+  first). Not combined with a prompt.
 - ``prefix_cache=true|false`` (default true): compute the prompt's key/value cache once and reuse it
   for every batch, or concatenate the prompt embeddings to every batch (generation with sliding-window layers
   always concatenates: ``lmeval.generation``).
@@ -20,8 +21,8 @@ since lm-eval has no plugin discovery). Extra model_args:
   when the tokenizer adds one, else first.
 - ``compression=SPEC|DIR``: evaluate the model as compressed (``cpt_bench.models.load_model``; a spec is
   compressed with the default calibration and cached on first use, a folder must be a checkpoint of this very
-  model from ``cpt-bench compress --out``); ``compression_mode=simulated|real`` (default simulated: dequantized
-  weights).
+  model from ``cpt-bench compress --out`` or a GPTQ folder written elsewhere, ``compress.gptq_import``);
+  ``compression_mode=simulated|real`` (default simulated: dequantized weights).
 - ``device``: as lm-eval's ``hf`` model: CUDA when available, else the CPU, also for lm-eval's default ``cuda:0``.
 
 Bad model_args (an unknown name, both prompts, an empty one, a flag that is not true / false, an unknown mode, a
