@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 import cpt_bench.lmeval  # noqa: F401  (registers the lmeval: corpus kind that corpus options accept)
 from cpt_bench.assets.model import EMBEDDED_MODELS, EMBEDDED_NAME, MODEL_HELP
-from cpt_bench.compress.cli_commands import add_compress_parser
+from cpt_bench.compress.cli_commands import add_compress_parser, add_import_parser
 from cpt_bench.errors import run_command
 from cpt_bench.matrix.cli_commands import add_matrix_parser
 from cpt_bench.recovery.cli_commands import add_prompt_parser
@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     corpus.set_defaults(run=cmd_corpus)
 
     add_compress_parser(commands, EORA_OUTPUT)
+    add_import_parser(commands)
     add_eora_parser(commands)
     add_prompt_parser(commands)
     add_matrix_parser(commands, report_run=_write_run_report)

@@ -9,7 +9,10 @@
   given (or default) calibration;
 - a folder holding ``compression.json``: a checkpoint written by ``cpt-bench compress --out``. It must have been
   compressed from ``name``: the base model's weight fingerprint recorded in ``compression.json`` is compared
-  with ``name``'s, and another model is refused in one line.
+  with ``name``'s, and another model is refused in one line;
+- a GPTQ-format folder written by another tool (auto-gptq, GPTQModel, ``--export-gptq``; ``quantize_config.json``
+  or a ``config.json`` with a gptq ``quantization_config``): converted over ``name`` into a cached checkpoint on
+  first use (``compress.gptq_import``), its shapes checked against ``name``'s.
 
 A value that is both a valid spec and an existing path is refused by name (write ``./gptq-w4g64`` for the
 folder); a folder without ``compression.json`` and a value that is neither are refused with the grammar.
@@ -33,6 +36,7 @@ from torch import nn
 
 from cpt_bench.assets.model import ModelError, load_causal_lm, load_tokenizer, model_fingerprint
 from cpt_bench.compress.checkpoints import cached_checkpoint, check_mode, default_dtype, load_checkpoint
+from cpt_bench.compress.gptq_import import imported_checkpoint, is_gptq_folder
 from cpt_bench.compress.spec import CalibrationSettings, Spec, SpecError
 from cpt_bench.compress.storage import MANIFEST_FILE, read_manifest
 
@@ -48,16 +52,24 @@ class CheckpointFolder:
     path: Path
 
 
-Compression = Spec | CheckpointFolder | None
+@dataclass(frozen=True)
+class GptqFolder:
+    """A GPTQ-format folder written by another tool (``compress.gptq_import``) given in place of a spec."""
+
+    path: Path
 
 
-def parse_compression(value: str | os.PathLike | Spec | CheckpointFolder | None,
+Compression = Spec | CheckpointFolder | GptqFolder | None
+
+
+def parse_compression(value: str | os.PathLike | Spec | CheckpointFolder | GptqFolder | None,
                       what: str = "compression") -> Compression:
-    """A user's compression value as a ``Spec``, a ``CheckpointFolder`` or None (dense); see the module docstring.
+    """A user's compression value as a ``Spec``, a ``CheckpointFolder``, a ``GptqFolder`` or None (dense); see the
+    module docstring.
 
     ``what`` names the argument in errors (e.g. ``--compression``). Raises ``SpecError`` (one line).
     """
-    if value is None or isinstance(value, Spec | CheckpointFolder):
+    if value is None or isinstance(value, Spec | CheckpointFolder | GptqFolder):
         return None if isinstance(value, Spec) and value.is_dense else value
     text = str(value)
     if text in ("", DENSE):
@@ -74,9 +86,12 @@ def parse_compression(value: str | os.PathLike | Spec | CheckpointFolder | None,
         return spec
     if path.is_dir() and (path / MANIFEST_FILE).is_file():
         return CheckpointFolder(path.resolve())
+    if is_gptq_folder(path):
+        return GptqFolder(path.resolve())
     if path.is_dir():
-        raise SpecError(f"{what} {text!r} is a folder without {MANIFEST_FILE}; expected a compressed checkpoint "
-                        "folder (cpt-bench compress --out DIR) or a spec")
+        raise SpecError(f"{what} {text!r} is a folder without {MANIFEST_FILE} or GPTQ quantization settings; expected "
+                        "a compressed checkpoint folder (cpt-bench compress --out DIR), a GPTQ-format folder or a "
+                        "spec")
     raise SpecError(f"{what} {text!r} is neither a compressed checkpoint folder nor a valid spec: {spec_error}")
 
 
@@ -134,7 +149,8 @@ def load_model(name_or_path: str, compression: Compression | str = None, *, mode
 
     Args:
         name_or_path: ``embedded``, a model folder or a Hugging Face id.
-        compression: a ``Spec``, a ``CheckpointFolder``, None (dense), or text for ``parse_compression``.
+        compression: a ``Spec``, a ``CheckpointFolder``, a ``GptqFolder``, None (dense), or text for
+            ``parse_compression``.
         mode: ``simulated`` (dequantized weights) or ``real`` (packed low-bit kernels); compressed models only.
         dtype: float dtype (None: fp32, or bf16 for real kernels; ``checkpoints.default_dtype``).
         device: torch device (None: cuda when available, else cpu).
@@ -152,6 +168,8 @@ def load_model(name_or_path: str, compression: Compression | str = None, *, mode
         return LoadedModel(load_causal_lm(name_or_path, dtype=dtype).to(device).eval(), tokenizer)
     if isinstance(compression, Spec):
         folder = cached_checkpoint(name_or_path, compression, calibration, progress)
+    elif isinstance(compression, GptqFolder):
+        folder = imported_checkpoint(name_or_path, compression.path)
     else:
         folder = compression.path
         check_base_model(folder, name_or_path)

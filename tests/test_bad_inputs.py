@@ -563,7 +563,7 @@ CASES = [
          r"seqlen and batch size must be positive, got 1024 and -1"),
     # lm-eval model_args of the cpt adapter
     Case("adapter-soft-and-hard-prompt", _adapter(soft_prompt="{prompt}", hard_prompt="paper"),
-         r"give one of hard_prompt, soft_prompt, lora and eora, not soft_prompt and hard_prompt"),
+         r"give one of hard_prompt, soft_prompt, lora, eora and idp, not soft_prompt and hard_prompt"),
     Case("adapter-prefix-cache-not-a-bool", _adapter(hard_prompt="paper", prefix_cache="maybe"),
          r"prefix_cache must be true or false, got 'maybe'"),
     Case("adapter-hard-prompt-empty", _adapter(hard_prompt=""), r"^unknown hard prompt ''; expected a registered name"),
@@ -744,8 +744,8 @@ def test_cpt_lm_eval_reports_our_errors_in_one_line(monkeypatch, capsys):
     with pytest.raises(SystemExit) as caught:
         lmeval_cli.main()
     assert caught.value.code == 2
-    assert capsys.readouterr().err == ("cpt-lm-eval: error: give one of hard_prompt, soft_prompt, lora and eora, not "
-                                       "soft_prompt and hard_prompt\n")
+    assert capsys.readouterr().err == ("cpt-lm-eval: error: give one of hard_prompt, soft_prompt, lora, eora and "
+                                       "idp, not soft_prompt and hard_prompt\n")
 
 
 def _library_value_error(*args, **kwargs):

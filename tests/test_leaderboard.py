@@ -8,8 +8,10 @@ cells, ``store.summarise``) with made-up numbers, so a submission can be verifie
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +22,10 @@ from cpt_bench.cli import main
 from cpt_bench.files import write_json_atomic
 from cpt_bench.matrix import store
 from cpt_bench.matrix.config import config_from_dict
-from cpt_bench.matrix.plan import make_plan
+from cpt_bench.matrix.plan import make_plan, stored_cell
 from cpt_bench.recovery import RECOVERY_KINDS
 from cpt_bench.report import write_leaderboard
-from cpt_bench.report.board_page import _LEFT, _RIGHT, _WIDTH, _entry_width, _flowed, page
+from cpt_bench.report.board_page import _LEFT, _RIGHT, _WIDTH, NO_BYTES, _entry_width, _flowed, page, recovery_svg
 from cpt_bench.report.leaderboard import (
     build_board,
     load_runs,
@@ -32,6 +34,7 @@ from cpt_bench.report.leaderboard import (
     row_fields,
 )
 from cpt_bench.report.protocol import Protocol, task_fewshot
+from cpt_bench.report.recovery_board import MethodRow, recovery_groups, recovery_markdown
 from cpt_bench.report.submit import SubmissionError, add_run
 from cpt_bench.report.tables import ReportError
 
@@ -49,7 +52,9 @@ ENVIRONMENT = {"versions": {"cpt_bench": "0.1.0", "torch": "2.13.0+cpu"}, "git":
 _BASE = {"cpt_ppl_wikipedia": {"dense": 20.0, "rtn-w3g64": 60.0, "sparsegpt-50": 40.0},
          "cpt_piqa": {"dense": 0.65, "rtn-w3g64": 0.55, "sparsegpt-50": 0.60}}
 SOFT = "soft-wikipedia@rtn-w3g64"  # the config's soft prompt
-_PROMPT_EFFECT = {"none": 0.0, "hard": 0.02, "soft": -0.25, "trivial": -0.05}  # trivial: the control
+_PROMPT_EFFECT = {"none": 0.0, "hard": 0.02, "soft": -0.25, "lora": -0.30, "trivial": -0.05}  # trivial: the control
+# Made-up trained values of each learned kind (a 20-token soft prompt of hidden 64; a LoRA adapter): float32 on disk.
+_TRAINABLE = {"soft": 20 * 64, "lora": 4096}
 
 
 def config_with(**changes: Any) -> dict[str, Any]:
@@ -63,15 +68,16 @@ def _value(task: str, compression: str, kind: str) -> float:
     return base * (1.0 + _PROMPT_EFFECT[kind]) if task.startswith("cpt_ppl") else base + _PROMPT_EFFECT[kind] / 10
 
 
-def _record(cell: Any, seqlen: int) -> dict[str, Any]:
+def _record(cell: Any, config: Any) -> dict[str, Any]:
     task, kind = cell.target.name, cell.prompt.control or cell.prompt.kind
     stored = {"dense": 269_000_000, "rtn-w3g64": 100_400_000, "sparsegpt-50": 176_100_000}[cell.compression]
     memory = {"stored_bytes": stored, "compressed_bits_per_weight": 16.0 * stored / 269_000_000,
               "ratio_to_dense_fp16": stored / 269_000_000}
-    prompt = {"n_tokens": None if kind == "none" else 20}
-    if kind == "soft":
-        prompt.update(train_seconds=12.5, best_val_ppl=70.0, untrained=False)
-    return {"format": store.CELL_FORMAT, "cell": cell.record(),
+    prompt = {"n_tokens": None if kind == "none" else 0 if kind == "lora" else 20}
+    if kind in _TRAINABLE:
+        prompt.update(train_seconds=12.5, best_val_ppl=70.0, untrained=False, trainable_parameters=_TRAINABLE[kind])
+    seqlen = config.ppl_seqlen
+    return {"format": store.CELL_FORMAT, "cell": stored_cell(cell, config),
             "metric": {"name": cell.target.metric, "value": _value(task, cell.compression, kind),
                        "stderr": 0.5 if task.startswith("cpt_ppl") else 0.05,
                        "higher_is_better": not task.startswith("cpt_ppl")},
@@ -81,15 +87,17 @@ def _record(cell: Any, seqlen: int) -> dict[str, Any]:
             "environment": {"seeds": {"random_seed": 0}, "device": "cpu"}}
 
 
-def make_run_folder(folder: Path, config_data: dict[str, Any]) -> Path:
-    """A finished run folder of ``config_data`` as the matrix runner leaves it (config, sessions, cells, summary)."""
+def make_run_folder(folder: Path, config_data: dict[str, Any],
+                    record: Callable[[Any, Any], dict[str, Any]] = _record) -> Path:
+    """A finished run folder of ``config_data`` as the matrix runner leaves it (config, sessions, cells, summary);
+    ``record(cell, config)`` makes each cell's stored record."""
     folder.mkdir(parents=True)
     config = config_from_dict(config_data)
     plan = make_plan(config)
     store.prepare(folder, config, yaml.safe_dump(config_data), resume=False)
     store.end_session(folder, store.start_session(folder, ENVIRONMENT), 42.0)
     for cell in plan.cells:
-        store.write_cell(folder, _record(cell, config.ppl_seqlen))
+        store.write_cell(folder, record(cell, config))
     write_json_atomic(folder / store.SUMMARY_FILE, store.summarise(plan, store.read_cells(folder),
                                                                    store.read_sessions(folder)))
     return folder
@@ -278,6 +286,8 @@ def test_add_refuses_a_cell_changed_after_it_was_written(tmp_path, capsys):
 @pytest.mark.parametrize(("damage", "problem"), [
     (lambda run: _rewrite_cell(run, lambda r: r["cell"].update(limit=3), keep_checksum=False),
      "evaluated under another protocol than its config states \\(differs at limit\\)"),
+    (lambda run: _rewrite_cell(run, lambda r: r["cell"].update(apply_chat_template=True), keep_checksum=False),
+     "evaluated under another protocol than its config states \\(differs at apply_chat_template\\)"),
     (lambda run: _rewrite_cell(run, lambda r: r["lm_eval"]["n-shot"].update({r["cell"]["task"]: 5}), False),
      "were run with different few-shot counts \\[0, 5\\]"),
     (lambda run: _rewrite_cell(run, lambda r: r["lm_eval"]["configs"][r["cell"]["task"]]["metadata"].update(
@@ -306,3 +316,84 @@ def test_the_plot_legend_flows_every_prompt_kind_into_lines_that_fit_the_plot():
     assert [entry for line in lines for entry in line] == entries  # nothing lost, order kept
     assert len(lines) >= 2  # more kinds than one line holds
     assert all(sum(_entry_width(entry) for entry in line) <= _WIDTH - _LEFT - _RIGHT for line in lines)
+
+
+def test_added_bytes_count_stored_tensors_only_per_kind():
+    """No prompt and a hard prompt store no weights (a hard prompt's embeddings and cache are serving costs); a soft
+    prompt and a LoRA adapter their values as float32; an entry that records ``stored_bytes`` (EoRA, fp16) those;
+    an entry that does not tell (a run from before the record, an untrained control) is unknown."""
+    kinds = RECOVERY_KINDS
+    assert kinds["none"].added_bytes({"id": "none", "kind": "none"}) == 0
+    assert kinds["hard"].added_bytes({"kind": "hard", "n_tokens": 20, "embedding_bytes": 51_200}) == 0
+    assert kinds["soft"].added_bytes({"kind": "soft", "n_tokens": 20, "trainable_parameters": 11_520}) == 46_080
+    assert kinds["soft"].added_bytes({"kind": "soft", "n_tokens": 20}) is None
+    assert kinds["soft"].added_bytes({"kind": "soft", "control": "random", "trainable_parameters": 0}) is None
+    assert kinds["lora"].added_bytes({"kind": "lora", "trainable_parameters": 57_600}) == 230_400
+    assert kinds["eora"].added_bytes({"kind": "eora", "stored_bytes": 98_304, "adapter_bytes": 196_608}) == 98_304
+    assert kinds["eora"].added_bytes({"kind": "eora", "adapter_bytes": 196_608}) is None
+
+
+@pytest.fixture(scope="module")
+def lora_board(tmp_path_factory):
+    prompts = {**CONFIG["prompts"], "lora": {"rank": 1, "target_modules": ["q_proj", "v_proj"]}}
+    results = _results_with(tmp_path_factory.mktemp("lora"), config_with(prompts=prompts))
+    return build_board(load_runs(results))
+
+
+def test_recovery_view_ranks_methods_per_level_by_quality_at_added_bytes(lora_board):
+    groups = recovery_groups(lora_board)
+    columns = [column for column, _ in lora_board.columns]
+    # every target at both compressed levels (dense has no compression loss to recover), in the run's level order
+    assert [(g.column.task, g.spec) for g in groups] == [(c.task, spec) for c in columns
+                                                         for spec in ("rtn-w3g64", "sparsegpt-50")]
+    group = next(g for g in groups if (g.column.task, g.spec) == ("cpt_ppl_wikipedia", "rtn-w3g64"))
+    kinds = [method.row.prompt["kind"] for method in group.rows]
+    values = [method.row.cell["value"] for method in group.rows]
+    assert values == sorted(values) and sorted(kinds) == ["hard", "lora", "none", "soft"]  # no trivial control
+    added = {method.row.prompt["kind"]: method.added_bytes for method in group.rows}
+    assert added == {"none": 0, "hard": 0, "soft": 4 * _TRAINABLE["soft"], "lora": 4 * _TRAINABLE["lora"]}
+    # frontier of (added bytes, perplexity): LoRA (best), the soft prompt (fewer bytes), no prompt (0 B, better than
+    # the hard prompt at 0 B); the hard prompt is beaten by no prompt on both
+    assert {m.row.prompt["kind"]: m.frontier for m in group.rows} == {"lora": True, "soft": True, "none": True,
+                                                                      "hard": False}
+    flags = pareto_flags([(float(m.added_bytes), m.row.cell["value"]) for m in group.rows])
+    assert [m.frontier for m in group.rows] == flags
+    soft = next(m for m in group.rows if m.row.prompt["kind"] == "soft")
+    assert soft.gap_per_added_mb == pytest.approx(soft.row.gap_closed / (4 * _TRAINABLE["soft"] / 1e6))
+    assert next(m for m in group.rows if m.row.prompt["kind"] == "none").gap_per_added_mb is None  # 0 bytes
+    piqa = next(g for g in groups if (g.column.task, g.spec) == ("cpt_piqa", "rtn-w3g64"))
+    accuracies = [method.row.cell["value"] for method in piqa.rows]
+    assert accuracies == sorted(accuracies, reverse=True)  # higher is better: best first
+
+
+def test_recovery_view_in_the_markdown_and_the_page(lora_board):
+    groups = recovery_groups(lora_board)
+    text = markdown(lora_board, recovery_markdown(groups))
+    assert text.index("## Recovery per added byte") < text.index("## Runs: where each row came from")
+    assert text.count("\n### ") == len(groups)
+    line = next(line for line in text.split("## Recovery per added byte")[1].splitlines()
+                if "lora:wikipedia@rtn-w3g64" in line and "45.00" not in line)
+    cells = [cell.strip() for cell in line.strip("|").split("|")]
+    per_mb = 100 * (60.0 - 42.0) / (60.0 - 20.0) / (4 * _TRAINABLE["lora"] / 1e6)  # gap closed 45% over 16,384 B
+    assert cells[2] == "LoRA adapter" and cells[7:] == ["16.4 kB", "0", f"{per_mb:.1f}%/MB", "★"]
+    html = page(lora_board)
+    assert html.count('<svg class="recovery"') == html.count('<section class="recovery"') == len(groups)
+    plot = html.split('<section class="recovery"')[1]
+    assert ">0 B</text>" in plot and ">10 kB</text>" in plot  # 0 B apart, then decades
+    assert '<a href="#recovery">' in html.split("<section")[0] and '<h2 id="recovery">' in html  # linked from the top
+    assert 'class="frontier" points="' in plot and 'points=""' not in plot
+    assert plot.count('circle class="point') == len(groups[0].rows)
+    assert recovery_markdown([]) == ""
+    unknown = dataclasses.replace(groups[0], rows=[MethodRow(m.row, None) for m in groups[0].rows])
+    assert recovery_svg(unknown) == f'<p class="protocol">{NO_BYTES}</p>'  # a run from before the byte record
+
+
+def test_a_summary_keeps_the_stored_bytes_a_kind_records():
+    """EoRA's adapter records its fp16 stored bytes; the summary keeps them, and they are its added bytes (not the
+    resident adapter bytes, float32 when loaded so)."""
+    record = {"cell": {"prompt": "eora-r16", "prompt_choice": {"kind": "eora"}},
+              "prompt": {"kind": "eora", "n_tokens": 0, "stored_bytes": 98_304}, "memory": {"adapter_bytes": 196_608}}
+    entry = store._prompt_summary(record)
+    assert entry["stored_bytes"] == 98_304 and RECOVERY_KINDS["eora"].added_bytes(entry) == 98_304
+    del record["prompt"]["stored_bytes"]
+    assert "stored_bytes" not in store._prompt_summary(record)  # summaries of other kinds are unchanged

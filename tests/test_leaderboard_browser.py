@@ -163,3 +163,22 @@ def test_filters_hide_rows_and_markers_and_redraw_the_frontier(browser, page_url
     _choose(browser, "model", "")
     _choose(browser, "family", "")
     assert len(_shown(section, "prompt")) == 36
+
+
+def test_recovery_plots_render_and_follow_the_filters(browser, page_url):
+    from selenium.webdriver.common.by import By
+
+    browser.get(page_url)
+    section = browser.find_elements(By.CSS_SELECTOR, "section.recovery")[0]  # the first column's first level
+    svg = section.find_element(By.CSS_SELECTOR, "svg.recovery")
+    assert svg.is_displayed() and svg.size["width"] > 400 and svg.size["height"] > 250
+    assert _shown(section, "method") == ["soft prompt", "no prompt", "hard prompt"]  # ranked; no trivial control
+    assert all(c.is_displayed() for c in section.find_elements(By.CSS_SELECTOR, "circle.point"))
+    assert len(section.find_element(By.CSS_SELECTOR, "polyline.frontier").get_attribute("points").split()) == 3
+    _choose(browser, "kind", "soft")
+    assert _shown(section, "method") == ["soft prompt"]
+    shown = [c for c in section.find_elements(By.CSS_SELECTOR, "circle.point") if c.is_displayed()]
+    assert len(shown) == 1  # and the frontier is that marker alone
+    assert section.find_element(By.CSS_SELECTOR, "polyline.frontier").get_attribute("points") == \
+        f"{float(shown[0].get_attribute('cx')):g},{float(shown[0].get_attribute('cy')):g}"
+    _choose(browser, "kind", "")

@@ -142,8 +142,8 @@ def test_bad_lora_settings_are_refused_in_one_line(overrides, message):
 
 
 def test_lora_folder_checks_before_loading(tiny_model_dir, lora_dir, tmp_path):
-    with pytest.raises(PromptAdapterError, match="give one of hard_prompt, soft_prompt, lora and eora, not lora and "
-                                                 "hard_prompt"):
+    with pytest.raises(PromptAdapterError, match="give one of hard_prompt, soft_prompt, lora, eora and idp, not "
+                                                 "lora and hard_prompt"):
         CptLM(pretrained=str(tiny_model_dir), lora=str(lora_dir), hard_prompt="paper")
     damaged = tmp_path / "damaged"
     damaged.mkdir()
@@ -152,8 +152,75 @@ def test_lora_folder_checks_before_loading(tiny_model_dir, lora_dir, tmp_path):
     (damaged / PEFT_WEIGHTS).write_bytes(b"x" + (lora_dir / PEFT_WEIGHTS).read_bytes()[1:])
     with pytest.raises(LoraError, match="fails its sha256 check"):
         CptLM(pretrained=str(tiny_model_dir), lora=str(damaged))
-    with pytest.raises(LoraError, match="is not a LoRA folder: lora.json is missing"):
+    with pytest.raises(LoraError, match="is not a LoRA folder: adapter_config.json is missing"):
         CptLM(pretrained=str(tiny_model_dir), lora=str(tmp_path))
+
+
+# --- PEFT LoRA folders written elsewhere ---------------------------------------------------------------------------
+
+def _peft_folder(model, folder, config):
+    from peft import get_peft_model
+
+    torch.manual_seed(0)
+    get_peft_model(model, config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def peft_dir(tiny_model_dir, tmp_path_factory):
+    """A LoRA written by PEFT itself on the tiny model, with random B (PEFT's init_lora_weights=False) so it acts."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    return _peft_folder(_load(tiny_model_dir)[0], tmp_path_factory.mktemp("peft") / "a", config)
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # PEFT 0.21 on transformers 5
+def test_a_lora_folder_written_by_peft_scores_as_plain_peft(tiny_model_dir, peft_dir):
+    from peft import PeftModel
+
+    assert not (peft_dir / METADATA).exists()
+    plain = HFLM(pretrained=str(tiny_model_dir), peft=str(peft_dir), device="cpu", dtype="float32", batch_size=4)
+    ours = CptLM(pretrained=str(tiny_model_dir), lora=str(peft_dir), device="cpu", dtype="float32", batch_size=4)
+    mc = instances("loglikelihood", mc_pairs())
+    assert [s for s, _ in ours.loglikelihood(mc)] == [s for s, _ in plain.loglikelihood(mc)]
+    reference = PeftModel.from_pretrained(_load(tiny_model_dir)[0], str(peft_dir)).eval()
+    ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = ours.model(ids).logits
+        assert torch.equal(logits, reference(ids).logits)
+        assert not torch.equal(logits, _load(tiny_model_dir)[0](ids).logits)  # the adapter acts
+    info = ours.prompt_info
+    stored = [param for name, param in reference.named_parameters() if ".lora_" in name]
+    assert info["kind"] == "lora" and info["format"] == "peft" and info["trained_on"] is None
+    assert info["trainable_parameters"] == sum(param.numel() for param in stored)
+    verification = info["verification"]
+    assert verification["base_model"] == {"adapter_config": str(tiny_model_dir), "loaded": str(tiny_model_dir),
+                                          "same_name": True}
+    assert verification["tensors_shape_checked"] == len(stored) and verification["modules_found"] == len(stored) // 2
+    assert verification["training_record"] is False and verification["tensors_not_shape_checked"] == []
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # PEFT 0.21 on transformers 5
+def test_peft_folders_that_are_no_lora_or_do_not_fit_are_refused(tiny_model_dir, peft_dir, tmp_path):
+    from peft import LoraConfig, PromptTuningConfig, TaskType
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model, _ = _load(tiny_model_dir)
+    prompt = _peft_folder(model, tmp_path / "prompt", PromptTuningConfig(task_type=TaskType.CAUSAL_LM,
+                                                                         num_virtual_tokens=2))
+    with pytest.raises(LoraError, match="is a PEFT folder of peft_type 'PROMPT_TUNING', not LORA") as caught:
+        CptLM(pretrained=str(tiny_model_dir), lora=str(prompt))
+    assert "\n" not in str(caught.value)
+    wider = LlamaForCausalLM(LlamaConfig(**(model.config.to_dict() | {"hidden_size": 48})))
+    other = _peft_folder(wider, tmp_path / "other", LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(LoraError, match=r"tensor base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.lora_A\."
+                                        r"weight has shape \[2, 48\], but model\.layers\.0\.self_attn\.q_proj of "
+                                        r"model .* needs \[2, 32\]"):
+        CptLM(pretrained=str(tiny_model_dir), lora=str(other))
+    (other / PEFT_WEIGHTS).rename(other / "adapter_model.bin")
+    with pytest.raises(LoraError, match=r"adapter_model.safetensors is missing \(pickled adapter_model.bin"):
+        CptLM(pretrained=str(tiny_model_dir), lora=str(other))
 
 
 # --- in the matrix -----------------------------------------------------------------------------------------------

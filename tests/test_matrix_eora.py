@@ -228,17 +228,20 @@ def test_a_soft_prompt_on_eora_is_trained_and_scored_on_the_corrected_model(eora
     entry = next(p for p in summary["prompts"] if p["id"] == ON_EORA_ID)
     assert entry["on_eora"] == RANK and entry["source"] == "wikipedia" and entry["trained_at"] == LEVEL
     assert entry["bits_per_weight_with_adapter"] == prompt["adapter_memory"]["compressed_bits_per_weight_with_adapter"]
+    assert entry["stored_bytes"] == prompt["adapter_memory"]["adapter_bytes"] + 4 * entry["trainable_parameters"]
     assert f"eora-r{RANK}+soft:wikipedia@{LEVEL}" in (eora_run / "report" / "report.md").read_text()
 
 
 @pytest.mark.parametrize("args, named", [({"eora": "e", "lora": "l"}, "eora and lora"),
                                          ({"lora": "l", "soft_prompt": "p"}, "lora and soft_prompt"),
                                          ({"eora": "e", "soft_prompt": "p", "hard_prompt": "paper"},
-                                          "eora and soft_prompt and hard_prompt")])
+                                          "eora and soft_prompt and hard_prompt"),
+                                         ({"eora": "e", "idp": "paper;paper_long"}, "eora and idp")])
 def test_the_cpt_model_combines_eora_with_one_prompt_only(tiny_model_dir, args, named):
-    """EoRA + a prompt is the one pair the adapter applies (the matrix's EoRA + soft cells above); any other pair is
-    refused in one line before anything loads."""
+    """EoRA + a prompt (hard or soft, not an IDP set) is the one pair the adapter applies (the matrix's EoRA + soft
+    cells above); any other pair is refused in one line before anything loads."""
     from cpt_bench.lmeval.adapter import CptLM, PromptAdapterError
 
-    with pytest.raises(PromptAdapterError, match=f"^give one of hard_prompt, soft_prompt, lora and eora, not {named}$"):
+    with pytest.raises(PromptAdapterError,
+                       match=f"^give one of hard_prompt, soft_prompt, lora, eora and idp, not {named}$"):
         CptLM(pretrained=str(tiny_model_dir), **args)

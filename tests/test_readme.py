@@ -258,6 +258,13 @@ def check_compare(ran: Ran) -> None:
     assert "paired" in ran.stdout.lower() and "CI" in ran.stdout, ran.stdout
 
 
+def check_case_study(ran: Ran) -> None:
+    folder = ran.root / "runs/generation/case-study"
+    assert f"{folder.relative_to(ran.root)}/case-study.md" in ran.stdout.split(), ran.stdout
+    text = (folder / "case-study.md").read_text("utf-8")
+    assert "## Questions (8 of 10)" in text and "McNemar p" in text and (folder / "case-study.html").is_file()
+
+
 def check_model_path(ran: Ran) -> None:
     assert (Path(ran.stdout.strip()) / "config.json").is_file(), ran.stdout
 
@@ -279,6 +286,10 @@ def check_adapter_table(ran: Ran) -> None:
         assert values[task, "token_perplexity"] > 1, (task, ran.stdout)
     for task in group_members("cpt_zeroshot"):  # the adapter without compression or prompt is the plain model
         assert values[task, "acc"] == plain_values[task, "acc"], task
+
+
+def check_idp_table(ran: Ran) -> None:
+    assert 0 <= lm_eval_values(ran.stdout)["cpt_piqa", "acc"] <= 1, ran.stdout
 
 
 def check_compress(ran: Ran) -> None:
@@ -310,6 +321,25 @@ def check_eora(folder: str) -> Callable[[Ran], None]:
 
 def check_eora_evaluation(ran: Ran) -> None:
     assert lm_eval_values(ran.stdout)["cpt_ppl_wikipedia", "token_perplexity"] > 1, ran.stdout
+
+
+def check_gptq_export(ran: Ran) -> None:
+    assert "GPTQ-format export: runs/rtn-w4g64-gptq" in ran.stdout, ran.stdout
+    config = json.loads((ran.root / "runs/rtn-w4g64-gptq/quantize_config.json").read_text(encoding="utf-8"))
+    assert (config["bits"], config["group_size"], config["checkpoint_format"]) == (4, 64, "gptq"), config
+
+
+def check_gptq_evaluation(ran: Ran) -> None:
+    """The GPTQ folder and the spec it was exported from print the same table (the model line aside)."""
+    lines = table_lines(ran.stdout)
+    assert lines and lines[:len(lines) // 2] == lines[len(lines) // 2:], ran.stdout
+    assert lm_eval_values(ran.stdout)["cpt_ppl_wikipedia", "token_perplexity"] > 1, ran.stdout
+
+
+def check_gptq_import(ran: Ran) -> None:
+    assert "(spec gptq-w4g64) as compressed checkpoint: runs/rtn-w4g64-imported" in ran.stdout, ran.stdout
+    manifest = json.loads((ran.root / "runs/rtn-w4g64-imported/compression.json").read_text(encoding="utf-8"))
+    assert manifest["imported"]["checkpoint_format"] == "gptq" and manifest["base_model"]["name"] == "embedded"
 
 
 def check_prompt_train(ran: Ran) -> None:
@@ -350,6 +380,8 @@ class SmallForm:
 
 MODEL_LINE = 'MODEL=$(python -c "from cpt_bench.assets.model import embedded_model_path; print(embedded_model_path())")'
 MATRIX_RUN = "cpt-bench matrix configs/default.yaml --out runs/d"
+IDP_EVAL = ('cpt-lm-eval --model cpt --model_args "pretrained=embedded,idp=paper;text:The,idp_rule=loss" '
+            "--tasks cpt_piqa --include_path tasks --limit 50")
 SHARD = "cpt-bench matrix configs/paper.yaml --shard 0/4 --out runs/p0"
 LM_EVAL_HF = "lm_eval --model hf --model_args pretrained=$MODEL --tasks cpt_zeroshot --include_path tasks --limit 50"
 COMPRESS = "cpt-bench compress --model embedded --spec gptq-w4g64 --n-windows 32 --seqlen 512"
@@ -383,8 +415,18 @@ EORA_EVAL = ("cpt-lm-eval --model cpt --model_args pretrained=embedded,compressi
              "--metadata '{\"seqlen\": 512}'")
 EORA_SMALL = ("--n-windows 8 --seqlen 512", "--n-windows 2 --seqlen 64")
 
+# A model compressed elsewhere (docs/compression.md): a GPTQ folder (here our own export) as compression=, and imported.
+GPTQ_EXPORT = "cpt-bench compress --model embedded --spec rtn-w4g64 --export-gptq runs/rtn-w4g64-gptq"
+GPTQ_EVAL = ("cpt-lm-eval --model cpt --model_args pretrained=embedded,compression=runs/rtn-w4g64-gptq "
+             "--tasks cpt_ppl_wikipedia --include_path tasks --limit 8 --metadata '{\"seqlen\": 512}'")
+GPTQ_EVAL_SMALL = GPTQ_EVAL.replace('--limit 8 --metadata \'{"seqlen": 512}\'',
+                                   '--limit 2 --metadata \'{"seqlen": 64}\'')
+GPTQ_IMPORT = "cpt-bench import-gptq runs/rtn-w4g64-gptq --model embedded --out runs/rtn-w4g64-imported"
+
 COMPARE = ("cpt-bench compare runs/d rtn-w3g64__none__cpt_ppl_wikipedia "
            "rtn-w3g64__soft-wikipedia@rtn-w3g64__cpt_ppl_wikipedia")
+
+CASE_STUDY = "cpt-bench case-study runs/generation"
 
 RUN_BY_CI = {  # documented command -> (file, what it must contain for CI to be that command)
     "python3 -m pip install tox": (".ci/run", r"-m pip install .* tox$"),
@@ -416,6 +458,10 @@ SMALL_FORMS = {
     "cpt-bench leaderboard": SmallForm("cpt-bench leaderboard", check_leaderboard),
     COMPARE: SmallForm("cpt-bench compare runs/d gptq-w4g64__none__cpt_ppl_wikipedia "
                        "gptq-w4g64__soft-wikipedia@gptq-w4g64__cpt_ppl_wikipedia", check_compare, needs=(MATRIX_RUN,)),
+    # On a finished generation run made up by tests/test_case_study.py (hand-made cells through the matrix store):
+    # what `cpt-bench matrix configs/generation.yaml` leaves, without its 45 minutes.
+    CASE_STUDY: SmallForm(f"PYTHONPATH='{REPO}' python -m tests.test_case_study runs/generation && {CASE_STUDY}",
+                          check_case_study),
     "tox -e paper": SmallForm(" && ".join(tox_commands("paper")), check_paper_opt_plan),
     # After the leaderboard above: a run made elsewhere (here runs/d) verified and copied into results/.
     "cpt-bench leaderboard --add runs/mine": SmallForm("cpt-bench leaderboard --add runs/d", check_added_run,
@@ -447,6 +493,7 @@ SMALL_FORMS = {
     "cpt-lm-eval --model cpt --model_args pretrained=embedded --tasks cpt_ppl,cpt_zeroshot --include_path tasks":
         SmallForm("cpt-lm-eval --model cpt --model_args pretrained=embedded --tasks cpt_ppl,cpt_zeroshot "
                   "--include_path tasks --limit 2", check_adapter_table, needs=(LM_EVAL_HF,)),
+    IDP_EVAL: SmallForm(IDP_EVAL.replace("--limit 50", "--limit 2"), check_idp_table),
     # README's first recipe, as written but calibrated, trained and scored briefly.
     COMPRESS_OUT: SmallForm(COMPRESS_OUT.replace("--n-windows 32 --seqlen 512", "--n-windows 2 --seqlen 64"),
                             check_compress_out),
@@ -464,6 +511,10 @@ SMALL_FORMS = {
     EORA_EVAL: SmallForm(EORA_EVAL.replace('--limit 8 --metadata \'{"seqlen": 512}\'',
                                            '--limit 2 --metadata \'{"seqlen": 64}\''),
                          check_eora_evaluation, needs=(EORA_COMPRESS,)),
+    GPTQ_EXPORT: SmallForm(GPTQ_EXPORT, check_gptq_export),
+    GPTQ_EVAL: SmallForm(f"{GPTQ_EVAL_SMALL} && {GPTQ_EVAL_SMALL.replace('runs/rtn-w4g64-gptq', 'rtn-w4g64')}",
+                         check_gptq_evaluation, needs=(GPTQ_EXPORT,)),
+    GPTQ_IMPORT: SmallForm(GPTQ_IMPORT, check_gptq_import, needs=(GPTQ_EXPORT,)),
 }
 
 VARIANTS = {  # documented command -> the small form that runs it, for commands CI cannot run as written

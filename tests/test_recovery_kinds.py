@@ -37,7 +37,8 @@ def test_the_package_lists_the_registry():
     assert list(SUMMARY_KEYS_BY_PROMPT_KIND) == list(KIND_COLOURS) == list(RECOVERY_KINDS)
     assert LEARNED_KINDS == ("soft", "lora")
     assert RECOVERY_ARGS == {"hard_prompt": RECOVERY_KINDS["hard"], "soft_prompt": RECOVERY_KINDS["soft"],
-                             "lora": RECOVERY_KINDS["lora"], "eora": RECOVERY_KINDS["eora"]}
+                             "lora": RECOVERY_KINDS["lora"], "eora": RECOVERY_KINDS["eora"],
+                             "idp": RECOVERY_KINDS["idp"]}
 
 
 def test_a_name_or_model_arg_registered_twice_is_refused():
@@ -52,7 +53,7 @@ def test_a_name_or_model_arg_registered_twice_is_refused():
 
 
 def test_two_kinds_at_once_are_refused_naming_every_model_arg(tiny_model_dir):
-    with pytest.raises(PromptAdapterError, match="^give one of hard_prompt, soft_prompt, lora and eora, not "
+    with pytest.raises(PromptAdapterError, match="^give one of hard_prompt, soft_prompt, lora, eora and idp, not "
                                                  "soft_prompt and hard_prompt$"):
         CptLM(pretrained=str(tiny_model_dir), soft_prompt="x", hard_prompt="paper")
 

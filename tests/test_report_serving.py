@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from cpt_bench.report import write_report
-from cpt_bench.report.serving import FP16_BYTES, serving_tables
+from cpt_bench.report.serving import FP16_BYTES, generation_tables, serving_tables
 from cpt_bench.report.tables import Summary
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -48,3 +48,18 @@ def test_summaries_without_the_memory_record_have_no_serving_section(tmp_path):
     paths = write_report(_summary_with_memory(), tmp_path)
     assert "## Memory saved by compression vs memory the prompt costs" in paths[0].read_text(encoding="utf-8")
     assert tmp_path / "serving-cost.png" in paths
+
+
+def test_generation_table_holds_the_prompt_cache_per_sequence_and_its_reads_over_the_decode(tmp_path):
+    summary = _summary_with_memory()
+    assert generation_tables(Summary(summary)) == []  # no generative target
+    summary["targets"][0]["max_gen_toks"] = 16
+    (table,) = generation_tables(Summary(summary))
+    assert table.title.startswith(f"Prompt cache during generation on {summary['targets'][0]['task']}")
+    rows = {(row[0], row[1]): row for row in table.rows}
+    kv = 20 * KV_VALUES * FP16_BYTES
+    assert rows[("rtn-w3g64", "soft (20 tokens)")][2:] == [f"{kv / 1e3:.1f}", f"{32 * kv / 1e6:.1f}",
+                                                           f"{16 * kv / 1e6:.1f}"]
+    assert not any(row[1].startswith("lora") for row in table.rows)  # an adapter holds no cache
+    paths = write_report(summary, tmp_path)
+    assert "## Prompt cache during generation" in paths[0].read_text(encoding="utf-8")

@@ -65,6 +65,8 @@ WRITERS = {
     "merge OUT": Writer(lambda i, out: ["merge", str(out), str(i.run)], "cpt_bench.matrix.store:merge"),
     "report --out": Writer(lambda i, out: ["report", str(i.run), "--out", str(out)],
                            "cpt_bench.report.plots:write_plots"),
+    "case-study --out": Writer(lambda i, out: ["case-study", str(i.run), "--out", str(out)],
+                               "cpt_bench.report.case_study:build_case_study"),
     "prompt train --out": Writer(lambda i, out: ["prompt", "train", "--model", str(i.model), "--source", "wikipedia",
                                                  "--out", str(out), "--n-virtual-tokens", "2", "--steps", "1",
                                                  "--eval-every", "1", "--seqlen", "16", "--eval-windows", "1",

@@ -9,12 +9,13 @@ One entry per job:
 - ``load_checkpoint``: a runnable model from a checkpoint folder, simulated or on real low-bit kernels.
 
 To load a model by name, dense or compressed, use ``cpt_bench.models.load_model``. ``export_gptq`` writes the
-standard GPTQ format.
+standard GPTQ format; ``import_gptq`` reads one written elsewhere into a checkpoint folder.
 """
 
 from cpt_bench.compress.calibration import CalibrationError
 from cpt_bench.compress.checkpoints import cached_checkpoint, compress_to_folder, load_checkpoint
 from cpt_bench.compress.export import ExportError, export_gptq
+from cpt_bench.compress.gptq_import import GptqImportError, import_gptq
 from cpt_bench.compress.kernels import UnsupportedLayerError
 from cpt_bench.compress.sequential import compress_model
 from cpt_bench.compress.spec import CalibrationSettings, CompressionResult, Spec, SpecError
@@ -25,6 +26,7 @@ __all__ = [
     "CalibrationSettings",
     "CompressionResult",
     "ExportError",
+    "GptqImportError",
     "Spec",
     "SpecError",
     "StorageError",
@@ -33,6 +35,7 @@ __all__ = [
     "compress_model",
     "compress_to_folder",
     "export_gptq",
+    "import_gptq",
     "load_checkpoint",
     "memory_table",
     "read_manifest",

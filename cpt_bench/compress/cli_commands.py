@@ -1,4 +1,5 @@
-"""The ``cpt-bench compress`` subcommand; ``cpt_bench.cli`` registers it with ``add_compress_parser``."""
+"""The ``cpt-bench compress`` and ``cpt-bench import-gptq`` subcommands; ``cpt_bench.cli`` registers them with
+``add_compress_parser`` and ``add_import_parser``."""
 
 from __future__ import annotations
 
@@ -126,4 +127,29 @@ def add_compress_parser(subparsers: argparse._SubParsersAction,
                              "read by vLLM and transformers; cannot hold a zero point of 0, common at 2-3 bits) or "
                              "gptq_v2 (GPTQModel's, stored as they are) (default: gptq)")
     parser.set_defaults(run=cmd_compress, eora_output=eora_output)
+    return parser
+
+
+def cmd_import_gptq(args: argparse.Namespace) -> None:
+    """Read a GPTQ-format folder written elsewhere into a checkpoint folder over its dense base; print its memory
+    account."""
+    from cpt_bench.compress.gptq_import import import_gptq
+    from cpt_bench.compress.storage import memory_table, read_manifest
+
+    summary = import_gptq(args.folder, args.model, args.out)
+    print(memory_table(read_manifest(args.out)))
+    print(f"imported {summary['checkpoint_format']} folder {args.folder} (spec {summary['spec']}) as compressed "
+          f"checkpoint: {args.out}")
+
+
+def add_import_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``import-gptq`` to ``cpt-bench``'s subcommands (``run`` default: ``cmd_import_gptq``)."""
+    parser = subparsers.add_parser("import-gptq", help="read a GPTQ-format folder written by another tool (auto-gptq, "
+                                   "GPTQModel) into a compressed checkpoint over its dense base model")
+    parser.add_argument("folder", type=Path, help="the GPTQ folder: quantize_config.json or config.json's "
+                        "quantization_config, model.safetensors or shards with model.safetensors.index.json")
+    parser.add_argument("--model", default="embedded", help=f"the dense base model it was quantized from: {MODEL_HELP}")
+    parser.add_argument("--out", type=Path, required=True, help="the checkpoint folder to write: new, empty or an "
+                        "earlier checkpoint (replaced)")
+    parser.set_defaults(run=cmd_import_gptq)
     return parser

@@ -17,6 +17,10 @@ so a zero point of 0 cannot be represented and is refused; ``"gptq_v2"`` (GPTQMo
 ``benchmarks/gptqmodel_interop.py``) stores ``zero`` itself. Dequantization: ``w[o, i] =
 scales[g, o] * (q[i, o] - z[g, o])`` with ``g = g_idx[i]``, which reproduces our simulated weights exactly.
 Pruned weights of a joint spec are stored as their group's zero point, i.e. as exact zeros.
+
+With ``max_shard_bytes`` the tensors are split over ``model-0000k-of-0000n.safetensors`` files named by
+``model.safetensors.index.json`` (its ``weight_map``), as ``save_pretrained`` shards a model.
+``compress.gptq_import`` reads such folders (ours and other tools') back into a compressed checkpoint.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from cpt_bench.files import EXPORT_MARKER, OutputKind, ensure_replaceable, json_
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
 QUANTIZE_CONFIG_FILE = "quantize_config.json"
 EXPORT_FORMAT = "cpt_bench.gptq_export/1"
 GPTQ_EXPORT_KIND = OutputKind("a GPTQ-format export", EXPORT_MARKER, (("format", EXPORT_FORMAT),))
@@ -110,14 +115,16 @@ def quantization_config(spec: Spec, calibration: dict | None, checkpoint_format:
 
 
 def export_gptq(compressed_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                checkpoint_format: str = "gptq", flag: str = "--export-gptq") -> Path:
+                checkpoint_format: str = "gptq", flag: str = "--export-gptq",
+                max_shard_bytes: int | None = None) -> Path:
     """Write the GPTQ-format checkpoint of a compressed folder (``checkpoints.compress_to_folder``) to ``out_dir``.
 
     Writes ``model.safetensors``, ``config.json`` with ``quantization_config``, ``quantize_config.json``, the
     tokenizer files and ``files.EXPORT_MARKER`` (what it was exported from), all replaced together or not at all
-    (``write_files_atomic``). ``out_dir`` must be new, empty or an earlier GPTQ export (``files.OutputPathError``
-    naming ``flag`` otherwise). Raises ``ExportError`` for a spec without quantization or a layer the format
-    cannot hold.
+    (``write_files_atomic``); with ``max_shard_bytes``, shards of at most that many tensor bytes and their index
+    instead of ``model.safetensors`` (weight files of an earlier export that the new one lacks are removed).
+    ``out_dir`` must be new, empty or an earlier GPTQ export (``files.OutputPathError`` naming ``flag`` otherwise).
+    Raises ``ExportError`` for a spec without quantization or a layer the format cannot hold.
     """
     check_checkpoint_format(checkpoint_format)
     source, out = Path(compressed_dir), Path(out_dir)
@@ -131,11 +138,29 @@ def export_gptq(compressed_dir: str | os.PathLike, out_dir: str | os.PathLike,
         tensors |= gptq_tensors(name, layer, checkpoint_format)
     qconfig = quantization_config(spec, checkpoint.manifest["calibration"], checkpoint_format)
     config = json.loads((source / "config.json").read_text())
-    files = {WEIGHTS_FILE: save_safetensors(tensors, metadata={"format": "pt"}),
-             "config.json": json_bytes(config | {"quantization_config": qconfig}),
-             QUANTIZE_CONFIG_FILE: json_bytes(qconfig)}
+    files = weight_files(tensors, max_shard_bytes)
+    files |= {"config.json": json_bytes(config | {"quantization_config": qconfig}),
+              QUANTIZE_CONFIG_FILE: json_bytes(qconfig)}
     files |= {name: (source / name).read_bytes() for name in _COPIED_FILES if (source / name).is_file()}
     files[EXPORT_MARKER] = json_bytes({"format": EXPORT_FORMAT, "source": str(source.resolve()),
                                        "spec": str(spec), "checkpoint_format": checkpoint_format})
     write_files_atomic(out, files)
+    for stale in out.glob("model*.safetensors*"):
+        if stale.name not in files:
+            stale.unlink()
     return out
+
+
+def weight_files(tensors: dict[str, torch.Tensor], max_shard_bytes: int | None = None) -> dict[str, bytes]:
+    """``{WEIGHTS_FILE: bytes}``, or with ``max_shard_bytes`` the safetensors shards of ``tensors`` and their
+    ``INDEX_FILE`` (one shard when everything fits: then no index)."""
+    if max_shard_bytes is None:
+        return {WEIGHTS_FILE: save_safetensors(tensors, metadata={"format": "pt"})}
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_bytes)
+    files = {name: save_safetensors({key: tensors[key] for key in keys}, metadata={"format": "pt"})
+             for name, keys in split.filename_to_tensors.items()}
+    if split.is_sharded:
+        files[INDEX_FILE] = json_bytes({"metadata": split.metadata, "weight_map": split.tensor_to_filename})
+    return files

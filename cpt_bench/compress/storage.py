@@ -84,17 +84,19 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
 
 
 def save_compressed(model: nn.Module, result: CompressionResult, out_dir: str | os.PathLike,
-                    base_model: dict[str, str] | None = None) -> Path:
+                    base_model: dict[str, str] | None = None, imported: dict | None = None) -> Path:
     """Write ``model`` compressed as in ``result`` to ``out_dir``; returns the path of ``compression.json``.
 
     ``base_model``: the ``{"name", "fingerprint"}`` of the model it was compressed from (``assets.model``'s
-    ``model_fingerprint``), recorded so that loading can refuse another base model. Both files are written
+    ``model_fingerprint``), recorded so that loading can refuse another base model. ``imported``: where a checkpoint
+    read from another tool's files came from (``gptq_import``), recorded as ``compression.json``'s ``imported``. Both
+    files are written
     atomically and together with the model's ``config.json`` (``write_files_atomic``): a failure keeps the old
     files.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state, aliases = _unique_state(model)
+    state, aliases = unique_state(model)
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict] = {}
     reports = {report.name: report for report in result.reports}
@@ -118,6 +120,8 @@ def save_compressed(model: nn.Module, result: CompressionResult, out_dir: str | 
         "memory": _memory_account(model, tensors, layers),
         "files": {WEIGHTS_FILE: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}},
     }
+    if imported is not None:
+        manifest["imported"] = imported
     write_files_atomic(out, {WEIGHTS_FILE: data, CONFIG_FILE: model.config.to_json_string(use_diff=True).encode(),
                              MANIFEST_FILE: (json.dumps(manifest, indent=2) + "\n").encode()})
     return out / MANIFEST_FILE
@@ -241,7 +245,7 @@ def _quantization_mismatches(spec: Spec, name: str, meta: dict, keep: torch.Tens
 
 def check_fits(checkpoint: StoredCheckpoint, model: nn.Module, where: str) -> None:
     """Refuse ``model`` unless its tied tensors and state-dict names match ``checkpoint`` (at ``where``)."""
-    state, aliases = _unique_state(model)
+    state, aliases = unique_state(model)
     if aliases != checkpoint.manifest["tied"]:
         raise StorageError(f"checkpoint {where} does not match {type(model).__name__}: tied tensors "
                            f"{checkpoint.manifest['tied']} in the checkpoint, {aliases} in the model")
@@ -261,7 +265,7 @@ def _storage_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The state dict without tied duplicates, and each dropped name -> the name it is tied to."""
     state: dict[str, torch.Tensor] = {}
     first: dict[tuple, str] = {}
@@ -345,7 +349,7 @@ def _nbytes(tensor: torch.Tensor) -> int:
 
 def dense_fp16_bytes(model: nn.Module) -> int:
     """Bytes of the model's dense fp16 checkpoint: every unique tensor, floats at 2 bytes per value."""
-    state, _ = _unique_state(model)
+    state, _ = unique_state(model)
     return sum(t.numel() * (2 if t.is_floating_point() else t.element_size()) for t in state.values())
 
 

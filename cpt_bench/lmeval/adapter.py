@@ -8,13 +8,14 @@ since lm-eval has no plugin discovery). Extra model_args:
   ``allow_cross_model=true`` accepts one trained for another model / tokenizer of the same hidden size.
 - ``hard_prompt=NAME|text:TEXT|file:PATH``: a registered text prompt, literal text or a UTF-8 file
   (``cpt_bench.recovery.hard``; a text with commas goes in a file: lm-eval splits model_args on commas).
-- ``lora=DIR``: a LoRA folder (``cpt_bench.recovery.lora``, a PEFT adapter with our ``lora.json``), checked against
-  the model like a prompt and applied unmerged on top of the (compressed) model, as plain lm-eval's
-  ``hf`` model applies ``peft=DIR`` (which gives the same scores where the model's vocabulary size equals the
-  tokenizer's: otherwise HFLM resizes the embeddings first). Not combined with a prompt.
+- ``lora=DIR``: a LoRA folder (``cpt_bench.recovery.lora``: a PEFT adapter with our ``lora.json``, checked against
+  the model like a prompt, or any PEFT LoRA folder, shape-checked, with what cannot be verified recorded), applied
+  unmerged on top of the (compressed) model, as plain lm-eval's ``hf`` model applies ``peft=DIR`` (which gives the
+  same scores where the model's vocabulary size equals the tokenizer's: otherwise HFLM resizes the embeddings
+  first). Not combined with a prompt.
 - ``eora=DIR``: an EoRA folder (``cpt_bench.recovery.eora``), applied like ``lora=`` on the checkpoint it was fitted
-  on; it may be combined with one prompt (``soft_prompt=`` or ``hard_prompt=``), placed before every request of the
-  corrected model (the prompt block then records the correction under ``corrected_by``).
+  on; it may be combined with one prompt (``soft_prompt=`` or ``hard_prompt=``; not ``idp=``), placed before every
+  request of the corrected model (the prompt block then records the correction under ``corrected_by``).
 - ``prefix_cache=true|false`` (default true): compute the prompt's key/value cache once and reuse it
   for every batch, or concatenate the prompt embeddings to every batch (generation with sliding-window layers
   always concatenates: ``lmeval.generation``).
@@ -23,8 +24,8 @@ since lm-eval has no plugin discovery). Extra model_args:
   when the tokenizer adds one, else first.
 - ``compression=SPEC|DIR``: evaluate the model as compressed (``cpt_bench.models.load_model``; a spec is
   compressed with the default calibration and cached on first use, a folder must be a checkpoint of this very
-  model from ``cpt-bench compress --out``); ``compression_mode=simulated|real`` (default simulated: dequantized
-  weights).
+  model from ``cpt-bench compress --out`` or a GPTQ folder written elsewhere, ``compress.gptq_import``);
+  ``compression_mode=simulated|real`` (default simulated: dequantized weights).
 - ``device``: as lm-eval's ``hf`` model: CUDA when available, else the CPU, also for lm-eval's default ``cuda:0``.
 
 Bad model_args (an unknown name, both prompts, an empty one, a flag that is not true / false, an unknown mode, a
@@ -51,6 +52,9 @@ from __future__ import annotations
 
 import difflib
 import inspect
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import lm_eval.models  # noqa: F401  (fills the registry first: registering into an empty one hides the built-ins)
@@ -75,7 +79,17 @@ from cpt_bench.models import (
 )
 from cpt_bench.provenance import peak_memory
 from cpt_bench.recovery import RECOVERY_KINDS, RecoveryKind
-from cpt_bench.recovery.hard import TEXT_FORM, HardPromptKind
+from cpt_bench.recovery.hard import TEXT_FORM
+from cpt_bench.recovery.idp import (
+    DEFAULT_RULE,
+    IdpKind,
+    check_rule,
+    choose,
+    common_prefix,
+    document_key,
+    eager_attention,
+    prompt_score,
+)
 from cpt_bench.recovery.kind import Applied
 from cpt_bench.recovery.position import AFTER_BOS, check_position, resolve_position
 
@@ -96,13 +110,20 @@ def _as_bool(value: bool | str, name: str) -> bool:
 RECOVERY_ARGS = {kind.model_arg: kind for kind in RECOVERY_KINDS.values() if kind.model_arg}  # model_arg -> kind
 
 
-def _chosen_recovery(given: dict[str, str], prompt_position: str | None) -> list[tuple[RecoveryKind, str]]:
+def _chosen_recovery(given: dict[str, str], prompt_position: str | None,
+                     idp_rule: str | None = None) -> list[tuple[RecoveryKind, str]]:
     """The recovery methods named among ``given`` (model_arg -> value, ``RECOVERY_ARGS``) with their values, checked
     (``RecoveryKind.check_arg``): none, one, or a weight correction that combines with prompts
-    (``RecoveryKind.combines_with_prompts``: EoRA) and one prompt, the correction first; refuse any other pair and a
-    position that is unknown or given without a prompt."""
+    (``RecoveryKind.combines_with_prompts``: EoRA) and one prompt (hard or soft: not an IDP set), the correction
+    first; refuse any other pair, a position that is unknown or given without a prompt, and an ``idp_rule`` that is
+    unknown or given without ``idp``."""
+    if idp_rule is not None:
+        check_rule(idp_rule)
+        if IdpKind.model_arg not in given:
+            raise PromptAdapterError(f"idp_rule {idp_rule!r} is given without {IdpKind.model_arg}")
     chosen = sorted(((RECOVERY_ARGS[arg], value) for arg, value in given.items()), key=lambda pair: pair[0].prefix)
-    combined = len(chosen) == 2 and chosen[0][0].combines_with_prompts and chosen[1][0].prefix
+    combined = (len(chosen) == 2 and chosen[0][0].combines_with_prompts and chosen[1][0].prefix
+                and chosen[1][0].model_arg != IdpKind.model_arg)
     if len(chosen) > 1 and not combined:
         raise PromptAdapterError(f"give one of {_one_of(list(RECOVERY_ARGS))}, not {' and '.join(given)}")
     if prompt_position is not None:
@@ -150,11 +171,25 @@ def check_model_args(extra: dict[str, Any], recovery: dict[str, Any]) -> None:
         if name not in accepted:
             close = difflib.get_close_matches(name, accepted, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            if str(recovery.get(HardPromptKind.model_arg, "")).startswith(TEXT_FORM):
+            quoted = [arg for arg, value in recovery.items() if TEXT_FORM in str(value)]
+            if quoted:
                 hint += (" (lm-eval splits model_args at commas, also inside a text: hard prompt: quote the value, "
-                         "hard_prompt=\"text:...\", or give it as file:PATH)")
+                         f"{quoted[0]}=\"text:...\", or give it as file:PATH)")
             raise PromptAdapterError(f"unknown model_arg {name!r} for the cpt model{hint}; accepted: "
                                      f"{', '.join(accepted)}")
+
+
+@dataclass
+class _PrefixState:
+    """What the adapter places before each request for one prompt (``CptLM._set_prompt``): the prompt ``[n, hidden]``,
+    the prefix ``[P, hidden]``, the BOS id (after_bos), the prefix's cache and last logits, and where it sits."""
+
+    prompt: torch.Tensor | None
+    prefix: torch.Tensor | None
+    bos: int | None
+    key_values: list[tuple[torch.Tensor, torch.Tensor]] | None
+    logits: torch.Tensor | None
+    position: str | None
 
 
 @register_model("cpt")
@@ -164,7 +199,7 @@ class CptLM(HFLM):
     def __init__(self, pretrained: str = "embedded", allow_cross_model: bool | str = False,
                  prefix_cache: bool | str = True, prompt_position: str | None = None,
                  compression: str | Compression = None, compression_mode: str = "simulated", device: str | None = None,
-                 **kwargs):
+                 idp_rule: str | None = None, **kwargs):
         """``kwargs``: HFLM's, and at most one recovery method by its model_arg (``RECOVERY_ARGS``: ``soft_prompt``,
         ``hard_prompt``, ``lora``, ...)."""
         # Set before HFLM's init, which reads max_length while loading.
@@ -178,11 +213,14 @@ class CptLM(HFLM):
         self.prompt_info: dict[str, Any] = {"kind": "none", "n_tokens": 0}
         self._recovery_tensors: list[torch.Tensor] = []  # what the recovery method adds to the model (memory)
         self._layer_modes: dict[str, str] | str | None = None  # how each compressed Linear runs (None: dense)
+        self._choices: dict[str, _PrefixState] = {}  # IDP: each prompt's prefix, by label (``recovery.idp``)
+        self._idp_rule = idp_rule or DEFAULT_RULE
+        self.idp_chosen: dict[tuple, str] = {}  # IDP: the label chosen for each document (``idp.document_key``)
         # Every argument and file is checked before any weight loads.
         recovery_args = {arg: kwargs.pop(arg) for arg in list(kwargs)  # in the user's order, for messages
                          if arg in RECOVERY_ARGS and kwargs[arg] is not None}
         check_model_args(kwargs, recovery_args)
-        chosen = _chosen_recovery(recovery_args, prompt_position)
+        chosen = _chosen_recovery(recovery_args, prompt_position, idp_rule)
         allow_cross_model = _as_bool(allow_cross_model, "allow_cross_model")
         prefix_cache = _as_bool(prefix_cache, "prefix_cache")
         if compression_mode not in MODES:
@@ -215,6 +253,29 @@ class CptLM(HFLM):
                 self.prompt_info["corrected_by"] = applied.info
             if applied.prompt is not None:
                 self._set_prompt(applied, f"{kind.label} {value}", prefix_cache, prompt_position)
+            if applied.choices:
+                self._set_choices(applied, prefix_cache, prompt_position)
+
+    def _set_choices(self, applied: Applied, prefix_cache: bool, prompt_position: str | None) -> None:
+        """IDP: each of ``applied.choices`` set up as a prompt of its own (``_set_prompt``) and kept by label; the
+        longest prefix stays in place between calls (the window lm-eval sees is then the smallest)."""
+        members = {}
+        for label, member in applied.choices.items():
+            self._set_prompt(member, f"idp prompt {label}", prefix_cache, prompt_position)
+            self._choices[label] = self._prefix_state()
+            members[label] = member.info | {k: self.prompt_info[k] for k in ("n_tokens", "position")}
+        self._use_prefix(max(self._choices.values(), key=lambda state: state.prefix.shape[0]))
+        self.prompt_info |= {"rule": self._idp_rule, "prompts": members, "chosen": dict.fromkeys(members, 0),
+                             "n_tokens": max(member["n_tokens"] for member in members.values())}
+
+    def _prefix_state(self) -> _PrefixState:
+        return _PrefixState(self._prompt, self._prefix, self._bos, self._prefix_kv, self._prefix_logits,
+                            self.prompt_info.get("position"))
+
+    def _use_prefix(self, state: _PrefixState) -> None:
+        """Place ``state``'s prompt before the following requests."""
+        self._prompt, self._prefix, self._bos = state.prompt, state.prefix, state.bos
+        self._prefix_kv, self._prefix_logits = state.key_values, state.logits
 
     def _set_prompt(self, applied: Applied, what: str, prefix_cache: bool, prompt_position: str | None) -> None:
         """Place ``applied.prompt`` before every request, where it was trained (``applied.position``), else at
@@ -320,11 +381,72 @@ class CptLM(HFLM):
         return ids, mask
 
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
-        """HFLM's, then one warning if any context was cut to fit the window (``generation.TruncationCount``)."""
+        """HFLM's (IDP: per chosen prompt), then one warning if any context was cut to fit the window
+        (``generation.TruncationCount``)."""
         self._truncation = TruncationCount()
-        results = super().generate_until(requests, disable_tqdm)
+        results = self._per_chosen_prompt(requests, lambda group: super(CptLM, self).generate_until(group,
+                                                                                                    disable_tqdm))
         self._truncation.report(super().max_length)
         return results
+
+    def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """HFLM's; with IDP, each document's requests under the prompt chosen for it."""
+        return self._per_chosen_prompt(requests, lambda group: super(CptLM, self).loglikelihood(group, disable_tqdm))
+
+    def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
+        """HFLM's; refused with IDP (a rolling text has no context apart from what is scored)."""
+        if self._choices:
+            raise PromptAdapterError("idp cannot score rolling loglikelihoods (perplexity tasks): a text scored "
+                                     "whole has no context apart from what is scored to choose a prompt from; use "
+                                     "hard_prompt or soft_prompt")
+        return super().loglikelihood_rolling(requests, disable_tqdm)
+
+    def _per_chosen_prompt(self, requests: list, run: Callable[[list], list]) -> list:
+        """``run(requests)`` without IDP; with it, ``run`` on each chosen prompt's requests with that prompt in
+        place (``_choose``), results put back in the requests' order."""
+        if not self._choices:
+            return run(requests)
+        labels = self._choose(requests)
+        results: list = [None] * len(requests)
+        resting = self._prefix_state()
+        try:
+            for label, state in self._choices.items():
+                indices = [i for i, chosen in enumerate(labels) if chosen == label]
+                if indices:
+                    self._use_prefix(state)
+                    for i, result in zip(indices, run([requests[i] for i in indices]), strict=True):
+                        results[i] = result
+        finally:
+            self._use_prefix(resting)
+        return results
+
+    def _choose(self, requests: list) -> list[str]:
+        """IDP: the label of the prompt for each request, chosen once per document (``idp.document_key``) by the
+        rule on the common token prefix of its requests' contexts (``recovery.idp``), and counted in
+        ``prompt_info['chosen']`` (documents)."""
+        contexts: dict[tuple, list[str]] = {}
+        for request in requests:
+            contexts.setdefault(document_key(request), []).append(request.args[0])
+        new = [key for key in contexts if key not in self.idp_chosen]
+        if new:
+            with eager_attention(self.model) if self._idp_rule == "attention" else nullcontext():
+                for key in new:
+                    ids = common_prefix([self.tok_encode(context) for context in dict.fromkeys(contexts[key])])
+                    label = self._choice_for(ids or [self.prefix_token_id])
+                    self.idp_chosen[key] = label
+                    self.prompt_info["chosen"][label] += 1
+        return [self.idp_chosen[document_key(request)] for request in requests]
+
+    def _choice_for(self, ids: list[int]) -> str:
+        """The label whose prompt scores best (``idp.prompt_score``) on the context ``ids``."""
+        scores = []
+        for state in self._choices.values():
+            kept = ids[1:] if state.bos is not None and ids[0] == state.bos and len(ids) > 1 else ids
+            kept = kept[-(super().max_length - state.prefix.shape[0]):]
+            context = torch.tensor(kept, device=state.prefix.device)
+            scores.append(prompt_score(self.model, state.prefix, state.prompt.shape[0], context, self._idp_rule,
+                                       self._autocast))
+        return list(self._choices)[choose(scores)]
 
     def memory_record(self) -> dict[str, Any]:
         """Memory as a deployment sees it, in bytes: what the loaded model holds resident (``models.resident_bytes``,
@@ -332,17 +454,22 @@ class CptLM(HFLM):
         cache of ``prefix_tokens`` positions per sequence, BOS included when after it, and ``kv_values_per_token``:
         the keys' and values' scalars one position adds to the cache over all layers), the tensors a recovery method
         adds to the model (a LoRA adapter's),
-        and this process's peak memory so far."""
+        and this process's peak memory so far. With IDP, the bytes of every prompt of the set (all are held) and the
+        tokens of the longest (what one sequence needs at most)."""
         def nbytes(tensors) -> int:
             return int(sum(t.numel() * t.element_size() for t in tensors))
 
-        kv = [t for pair in self._prefix_kv or [] for t in pair]
-        prefix_tokens = 0 if self._prefix is None else int(self._prefix.shape[0])
+        states = list(self._choices.values()) or [self._prefix_state()]
+        kv = [t for state in states for pair in state.key_values or [] for t in pair]
+        prompts = [state.prompt for state in states if state.prompt is not None]
+        prefix_tokens = max(0 if state.prefix is None else int(state.prefix.shape[0]) for state in states)
+        longest = max(states, key=lambda state: 0 if state.prefix is None else state.prefix.shape[0])
+        longest_kv = [t for pair in longest.key_values or [] for t in pair]
         return {"model_resident_bytes": resident_bytes(self.model), "weight_formats": weight_formats(self._layer_modes),
                 "prompt_tokens": self.prompt_info["n_tokens"],
-                "prompt_embedding_bytes": nbytes([] if self._prompt is None else [self._prompt]),
+                "prompt_embedding_bytes": nbytes(prompts),
                 "prefix_tokens": prefix_tokens, "prefix_cache_bytes": nbytes(kv),
-                "kv_values_per_token": sum(t.numel() for t in kv) // prefix_tokens if kv else None,
+                "kv_values_per_token": sum(t.numel() for t in longest_kv) // prefix_tokens if longest_kv else None,
                 "adapter_bytes": nbytes(self._recovery_tensors), **peak_memory()}
 
     def get_model_info(self) -> dict[str, Any]:

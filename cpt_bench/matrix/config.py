@@ -19,6 +19,7 @@ Example (``configs/default.yaml`` is the full one)::
       lora: {rank: 4, lr: 0.001}  # optional: a LoRA adapter per soft prompt's (source, level, seed)
       eora: {ranks: [8, 16]}      # optional: an EoRA adapter per compressed level and rank
       trivial_prefix: true        # default: the trivial-prefix control beside the prompts, every level and target
+      idp: {sets: [[paper, soft-wikipedia@rtn-w3g64]], rules: [attention]}  # optional: a prompt chosen per document
     transfer: {datasets: true, compression_levels: true, compression_types: true}
     targets:
       - {task: cpt_ppl_wikipedia, limit: 8}
@@ -69,6 +70,13 @@ window also gives is not recovery: the summary compares every prompt with it (``
 ``gap_closed_vs_trivial``) and a run warns when it alone moves the dense model's perplexity by more than the
 standard error. A run folder whose ``config.json`` predates the key ran without it (``store.read_run_config``).
 
+IDP (``prompts.idp``, ``IdpSettings``; ``cpt_bench.recovery.idp``): sets of two or more of the matrix's own
+prompts, one chosen per document from its context by each rule in ``rules``. A member names a hard prompt of
+``prompts.hard`` (as written there, by its label, or by its prompt id ``hard-paper``), a soft prompt or control the
+matrix builds by its prompt id (``soft-wikipedia@rtn-w3g64``, ``soft+kd-...``, ``...#s1``, ``init@rtn-w3g64``,
+``trivial``), or a soft-prompt folder of the user's (a path with ``/``). One prompt per (set, rule), id
+``idp-<rule>:<member>+<member>...`` (``PromptChoice.id``).
+
 Why our own small validator rather than pydantic: errors must be one line naming the key path
 (``prompts.soft.training.steps``) and what was expected, and the leaf checks (compression grammar,
 calibration and soft-prompt settings) already live in the dataclasses they configure.
@@ -89,8 +97,18 @@ import cpt_bench.lmeval  # noqa: F401  (registers the lmeval: corpus kind that c
 from cpt_bench.compress.spec import CalibrationSettings, Spec
 from cpt_bench.corpus import parse_corpus
 from cpt_bench.errors import UserError
-from cpt_bench.recovery.controls import CONTROL_KINDS
-from cpt_bench.recovery.hard import HARD_PROMPTS, TEXT_FORM, HardPromptError, hard_prompt_label, hard_prompt_text
+from cpt_bench.recovery import LEARNED_KINDS
+from cpt_bench.recovery.controls import CONTROL_KINDS, CONTROL_PROMPT_KIND, TRIVIAL, control_depends_on_seed
+from cpt_bench.recovery.eora import METHOD as EORA
+from cpt_bench.recovery.hard import (
+    FILE_FORM,
+    HARD_PROMPTS,
+    TEXT_FORM,
+    HardPromptError,
+    hard_prompt_label,
+    hard_prompt_text,
+)
+from cpt_bench.recovery.idp import DEFAULT_RULE, RULES, SEPARATOR
 from cpt_bench.recovery.lora import LoraSettings
 from cpt_bench.recovery.training import OBJECTIVES, SoftPromptConfig
 
@@ -239,6 +257,104 @@ class Compression:
 
 
 @dataclass(frozen=True)
+class PromptChoice:
+    """A prompt applied in cells. ``kind``: a recovery method (``recovery.RECOVERY_KINDS``: none, hard, soft, lora,
+    idp, ...; a LoRA adapter is applied like a prompt); ``hard``: a hard prompt's name or text; learned kinds name
+    their level and, unless they are controls, their source and ``objective``.
+    ``seed``: the training seed, set only when the config trains several (it is then part of the id);
+    ``control``: ``init`` / ``random`` for an untrained control prompt (no source), ``trivial`` for the
+    trivial-prefix control (no source, no level: its id is ``trivial``); ``members`` and ``rule``: an IDP set (its
+    members' prompt ids, or folders of the user's) and its choice rule (``IdpSettings``); ``rank``: an EoRA
+    adapter's rank (kind ``eora``, id ``eora-r16@gptq-w3g64``: no source, seed or objective) or, on a soft prompt,
+    the rank of the EoRA adapter it was trained on and is applied with (``eora-r16+soft-wikipedia@gptq-w3g64``:
+    ``eora_base``)."""
+
+    kind: str
+    hard: str | None = None  # a registered name or text:TEXT (recovery.hard)
+    source: str | None = None
+    trained_at: str | None = None
+    seed: int | None = None
+    control: str | None = None
+    objective: str = "lm"
+    members: tuple[str, ...] | None = None
+    rule: str | None = None
+    rank: int | None = None
+
+    @property
+    def id(self) -> str:
+        suffix = "" if self.seed is None else f"#s{self.seed}"
+        if self.kind == EORA:
+            return f"{EORA}-r{self.rank}@{self.trained_at}"
+        if self.members is not None:
+            return f"{self.kind}-{self.rule}:" + "+".join(member_label(member) for member in self.members)
+        if self.hard is not None:
+            return f"{self.kind}-{hard_prompt_label(self.hard)}"
+        if self.control:
+            return self.control if self.trained_at is None else f"{self.control}@{self.trained_at}{suffix}"
+        if self.kind in LEARNED_KINDS:
+            return f"{self.method}-{self.source}@{self.trained_at}{suffix}"
+        return "none"
+
+    @property
+    def method(self) -> str:
+        """The kind (``soft``, ``lora``, ...), with ``+kd`` for the kd objective and ``eora-r<rank>+`` before a soft
+        prompt trained on an EoRA adapter: how a learned artifact was made."""
+        on_eora = "" if self.rank is None else f"{EORA}-r{self.rank}+"
+        return on_eora + self.kind + ("" if self.objective == "lm" else f"+{self.objective}")
+
+    @property
+    def eora_base(self) -> PromptChoice | None:
+        """The EoRA adapter a soft prompt was trained on and is applied with (None: none)."""
+        if self.kind == EORA or self.rank is None:
+            return None
+        return PromptChoice(EORA, trained_at=self.trained_at, rank=self.rank)
+
+    @property
+    def is_learned(self) -> bool:
+        """A trained artifact of a learned kind (not a control)."""
+        return self.kind in LEARNED_KINDS and self.control is None
+
+
+NO_PROMPT = PromptChoice("none")
+TRIVIAL_PREFIX = PromptChoice(CONTROL_PROMPT_KIND, control=TRIVIAL)  # the trivial-prefix control, of every level
+IDP_KIND = "idp"  # recovery.idp.IdpKind.name
+
+
+def is_folder_member(member: str) -> bool:
+    """Whether an IDP member as its set keeps it names a folder of the user's (an absolute path; prompt ids never
+    start with ``/``) rather than a prompt id."""
+    return Path(member).is_absolute()
+
+
+def member_label(member: str) -> str:
+    """An IDP member in its set's id: a prompt id as it is, a user's folder by its name."""
+    return Path(member).name if is_folder_member(member) else member
+
+
+@dataclass(frozen=True)
+class IdpSettings:
+    """IDP prompts in a matrix (module docstring): ``sets`` of two or more members each, one IDP prompt per set and
+    rule of ``rules`` (``recovery.idp.RULES``). Members are checked against the config's prompts by ``Prompts``."""
+
+    sets: list[list[str]] = field(default_factory=list)
+    rules: list[str] = field(default_factory=lambda: [DEFAULT_RULE])
+
+    def __post_init__(self) -> None:
+        _require(len(self.sets) > 0, "sets", self.sets, "a non-empty list of prompt sets such as [[paper, "
+                 "soft-wikipedia@rtn-w3g64]]")
+        for index, members in enumerate(self.sets):
+            _require(len(members) >= 2, f"sets[{index}]", members, "two or more prompts (IDP chooses among them; "
+                     "one prompt alone is prompts.hard or a soft prompt)")
+            for number, member in enumerate(members):
+                _require(bool(member) and SEPARATOR not in member, f"sets[{index}][{number}]", member,
+                         f"a prompt id or folder, non-empty and without {SEPARATOR!r}")
+        _require(len(self.rules) > 0, "rules", self.rules, f"a non-empty list out of {', '.join(RULES)}")
+        for index, rule in enumerate(self.rules):
+            _require(rule in RULES, f"rules[{index}]", rule, f"one of {', '.join(RULES)}")
+        _require_distinct("rules", self.rules)
+
+
+@dataclass(frozen=True)
 class SoftPrompts:
     """Soft prompts: one per (source corpus, compression level it is trained at, training seed).
 
@@ -332,18 +448,21 @@ class EoraAdapters:
 
 @dataclass(frozen=True)
 class Prompts:
-    """Prompt kinds besides "none": hard prompts, soft prompts and the LoRA adapters trained beside them (None: none).
+    """Prompt kinds besides "none": hard prompts, soft prompts, the LoRA adapters trained beside them (None: none)
+    and IDP prompts.
 
     ``hard``: each ``NAME``, ``text:TEXT`` or ``file:PATH`` (``cpt_bench.recovery.hard``); a file is read when the
     config is validated and kept as ``text:`` its content, so that a run folder's config does not depend on it.
     ``trivial_prefix``: evaluate the trivial-prefix control (module docstring) beside every prompt; ``eora``: EoRA
-    adapters per compressed level and rank (``EoraAdapters``)."""
+    adapters per compressed level and rank (``EoraAdapters``); ``idp``: IDP prompts over sets of these
+    (``IdpSettings``)."""
 
     hard: list[str] = field(default_factory=list)
     soft: SoftPrompts = field(default_factory=SoftPrompts)
     lora: LoraSettings | None = None
     eora: EoraAdapters | None = None
     trivial_prefix: bool = True
+    idp: IdpSettings | None = None
 
     def __post_init__(self) -> None:
         hard = []
@@ -359,6 +478,78 @@ class Prompts:
         if self.lora is not None and not self.soft.sources:
             raise ConfigError("lora: given without soft prompts; expected prompts.soft.sources and trained_at, which "
                               "say what LoRA adapters are trained on")
+        if self.idp is not None:
+            sets = []
+            for index, members in enumerate(self.idp.sets):
+                canonical = [self._idp_member(f"idp.sets[{index}][{number}]", member)
+                             for number, member in enumerate(members)]
+                _require_distinct(f"idp.sets[{index}]", members, canonical)
+                sets.append(canonical)
+            _require_distinct("idp.sets", self.idp.sets, [tuple(sorted(members)) for members in sets])
+            _require_distinct("idp.sets", self.idp.sets, ["+".join(map(member_label, members)) for members in sets])
+            object.__setattr__(self, "idp", dataclasses.replace(self.idp, sets=sets))
+
+    def learned(self) -> tuple[PromptChoice, ...]:
+        """The artifacts of learned kinds (soft prompts, LoRA adapters) the config trains: per level, source, method
+        (kind and objective) and seed, in that order (seeds in ids only when there are several)."""
+        seeds = self.soft.training_seeds()
+        methods = [(kind, objective) for kind in LEARNED_KINDS if (settings := getattr(self, kind, None))
+                   for objective in settings.objectives]
+        return tuple(PromptChoice(kind, source=source, trained_at=str(Spec.parse(level)),
+                                  seed=seed if len(seeds) > 1 else None, objective=objective)
+                     for level in self.soft.trained_at for source in self.soft.sources for kind, objective in methods
+                     for seed in seeds)
+
+    def control_for(self, prompt: PromptChoice, kind: str) -> PromptChoice:
+        """The ``kind`` control of learned ``prompt``: of its level and, where the control depends on it, its seed."""
+        seeded = control_depends_on_seed(kind, self.soft.training)
+        return PromptChoice(CONTROL_PROMPT_KIND, trained_at=prompt.trained_at, seed=prompt.seed if seeded else None,
+                            control=kind)
+
+    def controls(self) -> tuple[PromptChoice, ...]:
+        """The ``init`` / ``random`` controls of the learned soft prompts, each once, in order."""
+        return tuple(dict.fromkeys(self.control_for(prompt, kind) for prompt in self.learned()
+                                   if prompt.kind == CONTROL_PROMPT_KIND for kind in self.soft.controls))
+
+    def idp_members(self) -> dict[str, PromptChoice]:
+        """The prompts an IDP set may name, by prompt id: hard prompts, soft prompts, their controls and the
+        trivial-prefix control (not LoRA adapters: no prompt to place before a document)."""
+        found = [*(PromptChoice("hard", hard=text) for text in self.hard), *self.learned(), *self.controls()]
+        found += [TRIVIAL_PREFIX] if self.trivial_prefix else []
+        return {prompt.id: prompt for prompt in found if prompt.kind in ("hard", CONTROL_PROMPT_KIND)}
+
+    def idp_choices(self) -> tuple[PromptChoice, ...]:
+        """One IDP prompt per (set, rule), sets first (none without ``idp``)."""
+        if self.idp is None:
+            return ()
+        return tuple(PromptChoice(IDP_KIND, members=tuple(members), rule=rule)
+                     for members in self.idp.sets for rule in self.idp.rules)
+
+    def _idp_member(self, key: str, value: str) -> str:
+        """An IDP member as its set keeps it: a prompt id of ``idp_members`` (a hard prompt may be named as in
+        ``hard`` or by its label), or a user's folder resolved to an absolute path; a one-line ``ConfigError``
+        naming ``key`` for anything else."""
+        known = self.idp_members()
+        if value in known:
+            return value
+        if "/" in value and not value.startswith((TEXT_FORM, FILE_FORM)):
+            folder = Path(value).expanduser().resolve()
+            _require(folder.is_dir(), key, value, "an existing soft-prompt folder (a path holding '/')")
+            return str(folder)
+        try:
+            hard = value if value in HARD_PROMPTS else (TEXT_FORM + hard_prompt_text(value)
+                                                        if value.startswith((TEXT_FORM, FILE_FORM)) else None)
+        except HardPromptError as error:
+            raise ConfigError(f"{key}: {error}") from None
+        labels = {hard_prompt_label(text): text for text in self.hard}
+        hard = hard if hard is not None else labels.get(value)
+        if hard is not None:
+            _require(hard in self.hard, key, value, "a hard prompt listed in prompts.hard (IDP is set against each "
+                     "prompt of its set alone)")
+            _require(SEPARATOR not in hard, key, value, f"a hard prompt without {SEPARATOR!r}")
+            return PromptChoice("hard", hard=hard).id
+        raise ConfigError(f"{key}: got {value!r}, expected a prompt of this config ({', '.join(known) or 'none'}) "
+                          "or a soft-prompt folder (a path holding '/')")
 
 
 @dataclass(frozen=True)

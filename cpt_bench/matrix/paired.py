@@ -22,6 +22,12 @@ The summary's comparisons of a cell (``cell_comparisons``), each against a cell 
   (T_C - T_D)`` (T_C, T_D: the control at this level and on the dense model): the share of the gap left once both
   models have a neutral token before the window, i.e. what the prompt adds to any one-token prefix.
 
+IDP cells (``idp_comparisons``, the summary's ``idp`` block of a cell): the rule, the set's ``members`` and how
+often each was ``chosen``; ``vs_members``: the IDP cell against each member's own cell at its level on its target;
+``best_in_hindsight``: against the member whose own cell scored best on the items the cells share, chosen on those
+same items (``member``, ``values`` per member, ``selection``): matrix targets have no validation split to choose it
+on, so the comparison flatters that member (``optimistic``: true).
+
 A comparison (``comparison``): ``against`` (the other cell's id), ``scale`` (``log_ppl``: the change of log token
 perplexity, this cell minus the other; ``difference``: of the per-item metric), ``estimate``, ``stderr``, ``ci``,
 ``n`` (shared examples) and ``significant``; for 0 / 1 metrics also ``discordant`` ([right only in the other, right
@@ -38,7 +44,7 @@ from typing import Any
 from cpt_bench import stats
 from cpt_bench.errors import UserError
 from cpt_bench.matrix.config import Target
-from cpt_bench.matrix.plan import NO_PROMPT, TRIVIAL_PREFIX, Cell, Plan, PromptChoice, control_for
+from cpt_bench.matrix.plan import NO_PROMPT, TRIVIAL_PREFIX, Cell, Plan, PromptChoice, artifacts_of, control_for
 from cpt_bench.recovery.controls import CONTROL_PROMPT_KIND
 
 HASH_DIGITS = 12
@@ -47,6 +53,8 @@ ALPHA = 0.05
 COMPARISON_KEYS = ("vs_none", "vs_dense", "vs_init", "vs_in_domain", "vs_trivial")
 GAP_CLOSED_KEY = "gap_closed"
 GAP_CLOSED_VS_TRIVIAL_KEY = "gap_closed_vs_trivial"
+IDP_KEY = "idp"
+HINDSIGHT_SELECTION = "on the same items (no validation split: optimistic)"
 
 
 class PairingError(UserError):
@@ -246,6 +254,40 @@ def cell_comparisons(plan: Plan, records: dict[str, dict[str, Any]]) -> dict[str
         if block:
             found[cell.id] = block
     return found
+
+
+def idp_comparisons(plan: Plan, records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per IDP cell id with kept examples, its ``idp`` block (module docstring); members of a user's folder have no
+    cell of their own and are compared with nothing."""
+    found: dict[str, dict[str, Any]] = {}
+    for cell in plan.cells:
+        record = records.get(cell.id)
+        if cell.prompt.members is None or record is None or (mine := cell_examples(record)) is None:
+            continue
+        block: dict[str, Any] = {"rule": cell.prompt.rule, "members": list(cell.prompt.members),
+                                 "chosen": record["prompt"].get("chosen"), "vs_members": {}}
+        alone = {}
+        for member in artifacts_of(plan.config, cell.prompt):
+            other = Cell(cell.compression, member, cell.target, None, None).id
+            if other in records and (theirs := cell_examples(records[other])) is not None:
+                alone[member.id] = (other, theirs)
+                block["vs_members"][member.id] = comparison(theirs, mine, other)
+        if len(alone) >= 2:
+            block["best_in_hindsight"] = _best_in_hindsight(mine, alone, record["metric"].get("higher_is_better"))
+        found[cell.id] = block
+    return found
+
+
+def _best_in_hindsight(mine: Examples, alone: dict[str, tuple[str, Examples]],
+                       higher_is_better: bool | None) -> dict[str, Any]:
+    """The IDP cell (``mine``) against the member whose cell scores best (mean per-item metric; ties to the first
+    member) on the items all the cells share: that choice is made on the items compared (``HINDSIGHT_SELECTION``)."""
+    aligned = align(mine, *(examples for _, examples in alone.values()))
+    means = {member: sum(e.values) / len(e.values) for member, e in zip(alone, aligned[1:], strict=True)}
+    sign = -1.0 if higher_is_better is False else 1.0
+    best = max(means, key=lambda member: sign * means[member])
+    return {"member": best, "values": means, "selection": HINDSIGHT_SELECTION, "optimistic": True,
+            **comparison(alone[best][1], mine, alone[best][0])}
 
 
 # --- cpt-bench compare --------------------------------------------------------------------------------------------

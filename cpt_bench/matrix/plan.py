@@ -19,7 +19,10 @@ target T:
   transfer allows;
 - the trivial-prefix control (``TRIVIAL_PREFIX``, unless ``prompts.trivial_prefix`` is false), when the config
   has any prompt besides ``none``, at every level on every target: one artifact of no level (written from the
-  dense model's embedding layer, which compression leaves alone), applied everywhere.
+  dense model's embedding layer, which compression leaves alone), applied everywhere;
+- an IDP prompt (``prompts.idp``: a set of the prompts above, or folders of the user's, and a rule) on every target
+  but perplexity ones, wherever every member of its set from the matrix has a cell of its own (``_idp_cells``): its
+  soft members are thus applied as the transfer settings allow, and IDP is always set against each member alone.
 """
 
 from __future__ import annotations
@@ -29,12 +32,21 @@ from dataclasses import asdict, dataclass, replace
 
 from cpt_bench.compress.spec import Spec
 from cpt_bench.errors import UserError
-from cpt_bench.matrix.config import MatrixConfig, Target
+from cpt_bench.matrix.config import (
+    IDP_KIND,
+    NO_PROMPT,
+    TRIVIAL_PREFIX,
+    MatrixConfig,
+    PromptChoice,
+    Target,
+    is_folder_member,
+)
 from cpt_bench.recovery import LEARNED_KINDS, RECOVERY_KINDS
-from cpt_bench.recovery.controls import CONTROL_PROMPT_KIND, TRIVIAL, control_depends_on_seed
+from cpt_bench.recovery.controls import CONTROL_PROMPT_KIND
 from cpt_bench.recovery.eora import METHOD as EORA
-from cpt_bench.recovery.hard import hard_prompt_label
 from cpt_bench.recovery.training import SoftPromptConfig
+
+__all__ = ["NO_PROMPT", "TRIVIAL_PREFIX", "Cell", "Plan", "PromptChoice", "make_plan"]  # (PromptChoice: config's)
 
 # Speeds of the embedded model on 2 idle CPU cores, for --dry-run estimates only (README, "Time estimates"). Taken
 # from the committed runs made with nothing else running (results/default/summary.json cell seconds, README
@@ -80,63 +92,6 @@ def safe_name(text: str) -> str:
 
 
 @dataclass(frozen=True)
-class PromptChoice:
-    """A prompt applied in cells. ``kind``: a recovery method (``recovery.RECOVERY_KINDS``: none, hard, soft, lora,
-    ...; a LoRA adapter is applied like a prompt); ``hard``: a hard prompt's name or text; learned kinds name their
-    level and, unless they are controls, their source and ``objective``.
-    ``seed``: the training seed, set only when the config trains several (it is then part of the id);
-    ``control``: ``init`` / ``random`` for an untrained control prompt (no source), ``trivial`` for the
-    trivial-prefix control (no source, no level: its id is ``trivial``); ``rank``: an EoRA adapter's rank (kind
-    ``eora``, id ``eora-r16@gptq-w3g64``: no source, seed or objective) or, on a soft prompt, the rank of the EoRA
-    adapter it was trained on and is applied with (``eora-r16+soft-wikipedia@gptq-w3g64``: ``eora_base``)."""
-
-    kind: str
-    hard: str | None = None  # a registered name or text:TEXT (recovery.hard)
-    source: str | None = None
-    trained_at: str | None = None
-    seed: int | None = None
-    control: str | None = None
-    objective: str = "lm"
-    rank: int | None = None
-
-    @property
-    def id(self) -> str:
-        suffix = "" if self.seed is None else f"#s{self.seed}"
-        if self.kind == EORA:
-            return f"{EORA}-r{self.rank}@{self.trained_at}"
-        if self.hard is not None:
-            return f"{self.kind}-{hard_prompt_label(self.hard)}"
-        if self.control:
-            return self.control if self.trained_at is None else f"{self.control}@{self.trained_at}{suffix}"
-        if self.kind in LEARNED_KINDS:
-            return f"{self.method}-{self.source}@{self.trained_at}{suffix}"
-        return "none"
-
-    @property
-    def method(self) -> str:
-        """The kind (``soft``, ``lora``, ...), with ``+kd`` for the kd objective and ``eora-r<rank>+`` before a soft
-        prompt trained on an EoRA adapter: how a learned artifact was made."""
-        on_eora = "" if self.rank is None else f"{EORA}-r{self.rank}+"
-        return on_eora + self.kind + ("" if self.objective == "lm" else f"+{self.objective}")
-
-    @property
-    def eora_base(self) -> PromptChoice | None:
-        """The EoRA adapter a soft prompt was trained on and is applied with (None: none)."""
-        if self.kind == EORA or self.rank is None:
-            return None
-        return PromptChoice(EORA, trained_at=self.trained_at, rank=self.rank)
-
-    @property
-    def is_learned(self) -> bool:
-        """A trained artifact of a learned kind (not a control)."""
-        return self.kind in LEARNED_KINDS and self.control is None
-
-
-NO_PROMPT = PromptChoice("none")
-TRIVIAL_PREFIX = PromptChoice(CONTROL_PROMPT_KIND, control=TRIVIAL)  # the trivial-prefix control, of every level
-
-
-@dataclass(frozen=True)
 class Cell:
     """One evaluation: the model compressed by ``compression``, prompted by ``prompt``, on ``target``."""
 
@@ -157,6 +112,12 @@ class Cell:
                 "metric": self.target.metric, "gen_kwargs": self.target.gen_kwargs,
                 "dataset_relation": self.dataset_relation,
                 "compression_relation": self.compression_relation}
+
+
+def stored_cell(cell: Cell, config: MatrixConfig) -> dict:
+    """The cell's identity as its result stores it: the cell's record and the run-wide settings that shape its
+    requests (``leaderboard --add`` checks a submitted cell against this)."""
+    return {**cell.record(), "apply_chat_template": config.apply_chat_template}
 
 
 @dataclass(frozen=True)
@@ -192,9 +153,24 @@ def prompt_training(config: MatrixConfig, prompt: PromptChoice) -> SoftPromptCon
 
 def control_for(config: MatrixConfig, prompt: PromptChoice, kind: str) -> PromptChoice:
     """The ``kind`` control of learned ``prompt``: of its level and, where the control depends on it, its seed."""
-    seeded = control_depends_on_seed(kind, config.prompts.soft.training)
-    return PromptChoice(CONTROL_PROMPT_KIND, trained_at=prompt.trained_at, seed=prompt.seed if seeded else None,
-                        control=kind)
+    return config.prompts.control_for(prompt, kind)
+
+
+def idp_members(config: MatrixConfig, prompt: PromptChoice) -> tuple[PromptChoice | str, ...]:
+    """The members of IDP prompt ``prompt``: the matrix's own prompts, or a user's folder (its path); () for a prompt
+    of another kind."""
+    if prompt.members is None:
+        return ()
+    known = config.prompts.idp_members()
+    return tuple(member if is_folder_member(member) else known[member] for member in prompt.members)
+
+
+def artifacts_of(config: MatrixConfig, prompt: PromptChoice) -> tuple[PromptChoice, ...]:
+    """The prompts whose artifacts applying ``prompt`` needs built: its IDP set's members of the matrix, else
+    itself."""
+    if prompt.kind == IDP_KIND:
+        return tuple(member for member in idp_members(config, prompt) if isinstance(member, PromptChoice))
+    return (prompt,)
 
 
 def _relations(prompt: PromptChoice, compression: str, target: Target) -> tuple[str | None, str | None]:
@@ -219,14 +195,7 @@ def _wanted(config: MatrixConfig, dataset: str | None, level: str | None) -> boo
 
 def make_plan(config: MatrixConfig) -> Plan:
     """Every wanted cell of ``config`` and the artifacts they need, each listed once."""
-    soft = config.prompts.soft
-    seeds = soft.training_seeds()
-    methods = [(kind, objective) for kind in LEARNED_KINDS if (settings := recovery_settings(config, kind))
-               for objective in settings.objectives]
-    learned = tuple(PromptChoice(kind, source=source, trained_at=str(Spec.parse(level)),
-                                 seed=seed if len(seeds) > 1 else None, objective=objective)
-                    for level in soft.trained_at for source in soft.sources for kind, objective in methods
-                    for seed in seeds)
+    learned = config.prompts.learned()
     prompts = (NO_PROMPT, *(PromptChoice("hard", hard=text) for text in config.prompts.hard), *learned)
     cells = []
     for compression in config.compression.specs:
@@ -237,16 +206,13 @@ def make_plan(config: MatrixConfig) -> Plan:
                     cells.append(Cell(compression, prompt, target, dataset, level))
     eora = tuple(PromptChoice(EORA, trained_at=level, rank=rank) for level in config.eora_levels()
                  for rank in config.prompts.eora.ranks)
-    on_eora = tuple(PromptChoice(kind, source=source, trained_at=level, seed=seed if len(seeds) > 1 else None,
-                                 objective=objective, rank=rank)
-                    for level in config.eora_soft_levels() for rank in config.prompts.eora.soft
-                    for source in soft.sources for kind, objective in methods if kind == CONTROL_PROMPT_KIND
-                    for seed in seeds)
+    on_eora = tuple(replace(prompt, rank=rank) for level in config.eora_soft_levels()
+                    for rank in config.prompts.eora.soft for prompt in learned
+                    if prompt.trained_at == level and prompt.kind == CONTROL_PROMPT_KIND)
     cells += [Cell(prompt.trained_at, prompt, target, *relations) for prompt in eora + on_eora
               for target in config.targets
               if _wanted(config, *(relations := _relations(prompt, prompt.trained_at, target)))]
-    controls = tuple(dict.fromkeys(control_for(config, prompt, kind) for prompt in learned
-                                   if prompt.kind == CONTROL_PROMPT_KIND for kind in soft.controls))
+    controls = config.prompts.controls()
     for control in controls:
         kept = {cell.target for cell in cells if cell.prompt.is_learned and cell.compression == control.trained_at
                 and cell.prompt.trained_at == control.trained_at}
@@ -256,16 +222,29 @@ def make_plan(config: MatrixConfig) -> Plan:
         controls += (TRIVIAL_PREFIX,)
         cells += [Cell(spec, TRIVIAL_PREFIX, target, None, None) for spec in config.compression.specs
                   for target in config.targets]
+    cells += _idp_cells(config, cells)
     order = {spec: index for index, spec in enumerate(config.compression.specs)}
     cells.sort(key=lambda cell: order[cell.compression])  # stable: within a level, prompts then targets in order
     return _with_artifacts(config, tuple(cells), learned + eora + on_eora + controls)
 
 
+def _idp_cells(config: MatrixConfig, cells: list[Cell]) -> list[Cell]:
+    """IDP cells: each IDP prompt at every level on every target that is not a perplexity one (a text scored whole
+    has no context to choose from, ``recovery.idp``) where each member of its set from the matrix has a cell of its
+    own (so that IDP is set against each member alone, transfers included as the matrix runs them)."""
+    planned = {(cell.compression, cell.prompt, cell.target) for cell in cells}
+    return [Cell(compression, prompt, target, None, None) for prompt in config.prompts.idp_choices()
+            for compression in config.compression.specs for target in config.targets
+            if not target.is_perplexity and all((compression, member, target) in planned
+                                                for member in artifacts_of(config, prompt))]
+
+
 def _with_artifacts(config: MatrixConfig, cells: tuple[Cell, ...], soft_prompts: tuple[PromptChoice, ...]) -> Plan:
-    """A plan for ``cells`` with only the prompts they apply and the checkpoints those cells and prompts need."""
-    used = {cell.prompt for cell in cells}
-    used |= {p.eora_base for p in used if p.eora_base is not None}  # an EoRA + soft prompt needs its adapter
-    used_prompts = tuple(p for p in soft_prompts if p in used)
+    """A plan for ``cells`` with only the prompts they apply (IDP sets' members included, and the EoRA adapter an
+    EoRA + soft prompt sits on) and the checkpoints those cells and prompts need."""
+    applied = {prompt for cell in cells for prompt in artifacts_of(config, cell.prompt)}
+    applied |= {p.eora_base for p in applied if p.eora_base is not None}  # an EoRA + soft prompt needs its adapter
+    used_prompts = tuple(p for p in soft_prompts if p in applied)
     needed = {cell.compression for cell in cells} | {p.trained_at for p in used_prompts}  # (None: of no level)
     compressed = tuple(spec for spec in config.compression.specs if spec in needed and spec != "dense")
     return Plan(config, cells, compressed, used_prompts)
@@ -363,6 +342,11 @@ def describe(plan: Plan, parameters: int | None = REFERENCE_PARAMETERS) -> str:
     if generated:
         lines.append("generation (greedy; apply_chat_template " + str(config.apply_chat_template).lower() + "): "
                      + ", ".join(f"{t.name} up to {tokens:,} generated tokens" for t, tokens in generated))
+    if idp := [prompt for prompt in config.prompts.idp_choices() if any(cell.prompt == prompt for cell in plan.cells)]:
+        lines.append("IDP prompts (one member per document, chosen from its context by the rule; not on perplexity "
+                     "targets; the time estimate leaves out the choice's forward passes): "
+                     + ", ".join(f"{prompt.id} ({sum(cell.prompt == prompt for cell in plan.cells)} cells)"
+                                 for prompt in idp))
     for compression in config.compression.specs:
         here = [cell for cell in plan.cells if cell.compression == compression]
         prompts = list(dict.fromkeys(cell.prompt.id for cell in here))

@@ -38,19 +38,23 @@ from cpt_bench.matrix.plan import (
     Cell,
     Plan,
     PromptChoice,
+    artifacts_of,
     describe,
+    idp_members,
     make_plan,
     parse_shard,
     prompt_training,
     recovery_settings,
     safe_name,
     shard_plan,
+    stored_cell,
 )
 from cpt_bench.matrix.validate import validate_plan
 from cpt_bench.perplexity import perplexity_with_stderr
 from cpt_bench.provenance import environment_record, peak_memory, reset_peak_memory
 from cpt_bench.recovery import RECOVERY_KINDS
 from cpt_bench.recovery.eora import METHOD as EORA
+from cpt_bench.recovery.idp import SEPARATOR as IDP_SEPARATOR
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +171,7 @@ class GroupJob:
     cells: tuple[Cell, ...]
     compressed_folder: str | None
     prompt_folder: str | None
+    idp_values: tuple[str, ...] = ()  # an IDP prompt's members as the cpt adapter's idp= names them, in set order
 
 
 def metric_value(output: dict[str, Any], target: Target) -> tuple[float, float | None, bool | None]:
@@ -225,6 +230,8 @@ def _load_lm(job: GroupJob):
     recovery = {model_arg: prompt.hard if prompt.hard is not None else job.prompt_folder} if model_arg else {}
     if prompt.eora_base is not None:  # the soft prompt sits on the EoRA adapter it was trained on
         recovery[RECOVERY_KINDS[EORA].model_arg] = str(prompt_folder(job.run_dir, prompt.eora_base))
+    if prompt.members is not None:
+        recovery = {model_arg: IDP_SEPARATOR.join(job.idp_values), "idp_rule": prompt.rule}
     return CptLM(pretrained=job.config.model, compression=compression, compression_mode=job.config.kernels,
                  batch_size=job.config.batch_size, device=resolved_device(job.config), dtype=job.config.dtype,
                  **recovery)
@@ -252,6 +259,9 @@ def _prompt_block(lm, job: GroupJob) -> dict[str, Any]:
     from cpt_bench.recovery.training import trained_improved
 
     block = dict(lm.prompt_info)
+    if job.prompt.members is not None:  # per cell: idp_choices
+        block.pop("chosen", None)
+        block["members"] = list(job.prompt.members)
     if job.prompt_folder and job.prompt.kind == EORA:
         record = artifact_meta(Path(job.prompt_folder), EORA)["eora"]
         fitting = record.get("fitting", {})
@@ -299,6 +309,19 @@ def check_prompt_trained(folder: Path, prompt: PromptChoice, required: bool) -> 
     return False
 
 
+def idp_choices(lm, prompt: PromptChoice, task: str, samples: list[dict[str, Any]]) -> tuple[dict[str, int],
+                                                                                              dict[int, str]]:
+    """What an IDP cell chose: documents per member of ``prompt``'s set (every member, 0 included; they sum to the
+    cell's documents) and the member chosen per document id, read from the adapter's choices (``CptLM.idp_chosen``,
+    by its labels, which follow the set's order) for the documents of ``samples`` (lm-eval's, of ``task``)."""
+    by_label = dict(zip(lm.prompt_info["prompts"], prompt.members, strict=True))
+    per_item = {int(s["doc_id"]): by_label[lm.idp_chosen[(task, int(s["doc_id"]))]] for s in samples}
+    chosen = dict.fromkeys(prompt.members, 0)
+    for member in per_item.values():
+        chosen[member] += 1
+    return chosen, per_item
+
+
 def evaluate_group(job: GroupJob, on_cell: Callable[[str], None] | None = None) -> list[str]:
     """Evaluate the group's cells in order, writing each cell's result as soon as it is done; returns their ids."""
     from lm_eval import simple_evaluate
@@ -322,11 +345,18 @@ def evaluate_group(job: GroupJob, on_cell: Callable[[str], None] | None = None) 
         metric = {"name": cell.target.metric, "value": value, "stderr": stderr, "higher_is_better": higher}
         if generative:
             metric["filters"] = filter_values(output, cell.target)
+        examples = examples_record(output["samples"][cell.target.task], cell.target, generative)
+        cell_prompt = prompt
+        if job.prompt.members is not None:
+            chosen, per_item = idp_choices(lm, job.prompt, cell.target.task, output["samples"][cell.target.task])
+            cell_prompt = {**prompt, "chosen": chosen}
+            if examples is not None:
+                examples["choices"] = [per_item[doc] for doc in examples["doc_ids"]]
         record = {"format": store.CELL_FORMAT,
-                  "cell": {**cell.record(), "apply_chat_template": job.config.apply_chat_template},
+                  "cell": stored_cell(cell, job.config),
                   "metric": metric,
-                  "examples": examples_record(output["samples"][cell.target.task], cell.target, generative),
-                  "compression": compression, "prompt": prompt,
+                  "examples": examples,
+                  "compression": compression, "prompt": cell_prompt,
                   "memory": {**lm.memory_record(), **peak_memory()},
                   "seconds": round(time.perf_counter() - started, 2),
                   "lm_eval": {key: item for key, item in output.items() if key not in _DROPPED_LM_EVAL_KEYS},
@@ -407,7 +437,8 @@ def _build_artifacts(plan: Plan, run_dir: Path, pending: set[tuple[str, PromptCh
                      executor) -> tuple[dict[str, str], dict[PromptChoice, str]]:
     """Compressed checkpoints and soft prompts that the pending groups need (each built once)."""
     config = plan.config
-    prompts_needed = [p for p in plan.soft_prompts if any(p == prompt for _, prompt in pending)]
+    prompts_needed = [p for p in plan.soft_prompts
+                      if any(p in artifacts_of(config, prompt) for _, prompt in pending)]
     specs = [spec for spec in plan.compressed
              if any(spec == c for c, _ in pending) or any(spec == p.trained_at for p in prompts_needed)]
     compressed = dict(zip(specs, executor.map(build_compressed, [(config, spec) for spec in specs]), strict=True))
@@ -417,6 +448,14 @@ def _build_artifacts(plan: Plan, run_dir: Path, pending: set[tuple[str, PromptCh
         jobs = [(config, run_dir, p, compressed.get(p.trained_at)) for p in built]
         prompts |= dict(zip(built, executor.map(build_prompt, jobs), strict=True))
     return compressed, prompts
+
+
+def _idp_value(member: PromptChoice | str, built: dict[PromptChoice, str]) -> str:
+    """An IDP member as the ``cpt`` adapter's ``idp=`` names it: a hard prompt's name or text, a built prompt's
+    folder, a user's folder."""
+    if isinstance(member, str):
+        return member
+    return member.hard if member.hard is not None else built[member]
 
 
 def default_run_dir(config: MatrixConfig, shard: tuple[int, int] | None) -> Path:
@@ -466,7 +505,8 @@ def _run_cells(plan: Plan, run_dir: Path, executor) -> None:
     """Build what the pending cells need, then evaluate them with a progress bar over all cells."""
     pending = _pending_groups(plan, set(store.read_cells(run_dir)))
     compressed, prompts = _build_artifacts(plan, run_dir, set(pending), executor)
-    jobs = [GroupJob(plan.config, run_dir, compression, prompt, cells, compressed.get(compression), prompts.get(prompt))
+    jobs = [GroupJob(plan.config, run_dir, compression, prompt, cells, compressed.get(compression), prompts.get(prompt),
+                     tuple(_idp_value(member, prompts) for member in idp_members(plan.config, prompt)))
             for (compression, prompt), cells in pending.items()]
     remaining = sum(len(cells) for cells in pending.values())
     with (tqdm(total=len(plan.cells), initial=len(plan.cells) - remaining, desc="cells", unit="cell") as progress,

@@ -27,8 +27,15 @@ from cpt_bench.errors import UserError
 from cpt_bench.files import OutputKind, write_json_atomic, write_text_atomic
 from cpt_bench.matrix.config import ConfigError, MatrixConfig, config_from_dict
 from cpt_bench.matrix.lock import LOCK_FILE
-from cpt_bench.matrix.paired import COMPARISON_KEYS, GAP_CLOSED_KEY, GAP_CLOSED_VS_TRIVIAL_KEY, cell_comparisons
-from cpt_bench.matrix.plan import EORA, TRIVIAL_PREFIX, Plan, family, safe_name
+from cpt_bench.matrix.paired import (
+    COMPARISON_KEYS,
+    GAP_CLOSED_KEY,
+    GAP_CLOSED_VS_TRIVIAL_KEY,
+    IDP_KEY,
+    cell_comparisons,
+    idp_comparisons,
+)
+from cpt_bench.matrix.plan import EORA, TRIVIAL_PREFIX, Plan, family, generated_tokens, safe_name
 from cpt_bench.recovery import LEARNED_KINDS, RECOVERY_KINDS
 
 log = logging.getLogger(__name__)
@@ -295,7 +302,8 @@ def merge(out_dir: Path, inputs: list[Path]) -> dict[str, dict[str, Any]]:
 
 def summarise(plan: Plan, cells: dict[str, dict[str, Any]], sessions: list[dict[str, Any]]) -> dict[str, Any]:
     """The run summary (``SUMMARY_FORMAT``): compressions with memory, targets, prompts, flattened cells with their
-    paired comparisons (``paired.cell_comparisons``; the per-example values stay in the cells).
+    paired comparisons (``paired.cell_comparisons``; IDP cells' ``idp`` block, ``paired.idp_comparisons``; the
+    per-example values stay in the cells).
 
     ``wall_seconds`` sums the recorded sessions; ``environment`` is the first session's.
     """
@@ -318,6 +326,8 @@ def summarise(plan: Plan, cells: dict[str, dict[str, Any]], sessions: list[dict[
     for record in records:
         prompts.setdefault(record["cell"]["prompt"], _prompt_summary(record))
     comparisons = cell_comparisons(plan, cells)
+    for cell_id, block in idp_comparisons(plan, cells).items():
+        comparisons.setdefault(cell_id, {})[IDP_KEY] = block
     flat = [{**_flat_cell(record, dense.get(record["cell"]["task"])), **comparisons.get(record["cell"]["id"], {})}
             for record in records]
     hardware = environment.get("hardware", {})
@@ -329,7 +339,8 @@ def summarise(plan: Plan, cells: dict[str, dict[str, Any]], sessions: list[dict[
         "environment": environment,
         "compressions": [compressions[spec] for spec in config.compression.specs if spec in compressions],
         "targets": [{"task": t.name, "metric": t.metric, "domain": t.domain,
-                     "higher_is_better": _higher_is_better(records, t.name)} for t in config.targets],
+                     "higher_is_better": _higher_is_better(records, t.name),
+                     **({"max_gen_toks": generated_tokens(t)} if t.is_generative else {})} for t in config.targets],
         "prompts": list(prompts.values()),
         "cells": flat,
     }
@@ -346,8 +357,12 @@ def _prompt_summary(record: dict[str, Any]) -> dict[str, Any]:
     summary = {"id": cell["prompt"], "kind": choice["kind"], "n_tokens": prompt.get("n_tokens"),
                "embedding_bytes": memory.get("prompt_embedding_bytes"), "adapter_bytes": memory.get("adapter_bytes"),
                "kv_values_per_token": memory.get("kv_values_per_token")}
+    if prompt.get("stored_bytes") is not None:  # what the artifact stores, where its kind records it (EoRA)
+        summary["stored_bytes"] = prompt["stored_bytes"]
     if choice.get("hard") is not None:  # a hard prompt's name or text
         summary["name"] = choice["hard"]
+    if choice.get("members") is not None:  # an IDP set and its rule
+        summary.update(members=list(choice["members"]), rule=choice["rule"])
     if choice["kind"] in LEARNED_KINDS:
         summary.update(source=choice["source"], trained_at=choice["trained_at"],
                        train_seconds=prompt.get("train_seconds"), best_val_ppl=prompt.get("best_val_ppl"),
@@ -362,9 +377,12 @@ def _prompt_summary(record: dict[str, Any]) -> dict[str, Any]:
             summary["control"] = choice["control"]
         if choice.get("rank") is not None:  # trained on, and applied with, an EoRA adapter of this rank
             memory = prompt["adapter_memory"]
-            summary.update(on_eora=choice["rank"], stored_bytes=memory["adapter_bytes"],
+            own = RECOVERY_KINDS[choice["kind"]].added_bytes(  # the prompt's own values (float32)
+                {key: value for key, value in summary.items() if key != "stored_bytes"})
+            summary.update(on_eora=choice["rank"], stored_bytes=memory["adapter_bytes"] + (own or 0),  # both stored
                            bits_per_weight_with_adapter=memory["compressed_bits_per_weight_with_adapter"])
-    if choice["kind"] == EORA:  # fitted, not trained: its rank, what it adds to the checkpoint and what fitting cost
+    if choice["kind"] == EORA and "adapter_memory" in prompt:  # a matrix's adapter (``run._prompt_block``): fitted,
+        # not trained; its rank, what it adds to the checkpoint and what fitting cost
         memory = prompt["adapter_memory"]
         summary.update(trained_at=choice["trained_at"], rank=choice["rank"], trainable_parameters=0,
                        stored_parameters=memory["adapter_parameters"], stored_bytes=memory["adapter_bytes"],

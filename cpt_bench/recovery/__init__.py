@@ -1,7 +1,8 @@
 """Recovery methods: what conditions or corrects a (possibly compressed) frozen model to recover its quality.
 
 ``RECOVERY_KINDS`` registers every method (a ``kind.RecoveryKind`` each, in the order reports list them): ``none``,
-text prompts (``hard``), learned soft prompts (``soft``) and LoRA adapters (``lora``); ``kind`` says what each
+text prompts (``hard``), learned soft prompts (``soft``), LoRA adapters (``lora``), training-free low-rank
+corrections (``eora``) and sets of prompts chosen per document (``idp``); ``kind`` says what each
 offers the matrix, the ``cpt`` adapter and the reports. Besides them:
 ``training`` holds the training loop and settings the learned kinds share, ``soft_init`` a soft prompt's
 initialisations, ``artifact`` a soft prompt on disk (and its PEFT export), ``controls`` the untrained control
@@ -12,6 +13,7 @@ and its line below.
 
 from cpt_bench.recovery.eora import EoraKind
 from cpt_bench.recovery.hard import HardPromptKind
+from cpt_bench.recovery.idp import IdpKind
 from cpt_bench.recovery.kind import NoRecovery, RecoveryKind, registry
 from cpt_bench.recovery.lora import LoraKind
 from cpt_bench.recovery.soft import SoftPromptKind
@@ -22,6 +24,7 @@ RECOVERY_KINDS: dict[str, RecoveryKind] = registry(
     SoftPromptKind(),
     LoraKind(),
     EoraKind(),
+    IdpKind(),
 )
 LEARNED_KINDS = tuple(name for name, kind in RECOVERY_KINDS.items() if kind.learned)
 

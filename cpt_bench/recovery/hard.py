@@ -85,6 +85,7 @@ class HardPromptKind(RecoveryKind):
     name = "hard"
     label = "hard prompt"
     colour = "#e08214"
+    stored_value_bytes = 0  # its text: no weights (its tokens cost key/value cache per sequence: report.serving)
     model_arg = "hard_prompt"
     prefix = True
     summary_keys = ("name",)

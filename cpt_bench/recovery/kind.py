@@ -11,7 +11,7 @@ module of this package holding a ``RecoveryKind`` subclass; ``cpt_bench.recovery
   (before any weight loads) and ``apply`` (on the loaded model): an ``Applied``, i.e. the model to evaluate, the
   prompt embeddings to place before each request (``prefix`` kinds) and the tensors it adds (memory account);
 - the summary, reports and leaderboard (``matrix.store``, ``report``): ``summary_keys`` (what its entries in
-  ``summary.json`` carry), ``label`` and ``colour``.
+  ``summary.json`` carry), ``label``, ``colour`` and ``added_bytes`` (the weights it stores on top of the model's).
 """
 
 from __future__ import annotations
@@ -31,13 +31,15 @@ class Applied:
     placed before every request (None: none); ``position``: where the artifact was trained to sit (None: the
     caller's choice or the tokenizer's default, ``recovery.position``); ``info``: what was applied, for the
     results' ``prompt`` block (``kind``, ``path``, ``sha256``, ...); ``tensors``: what it adds to the model's own
-    weights (its resident bytes)."""
+    weights (its resident bytes); ``choices``: prompts to choose among per document, each applied, by label (IDP,
+    ``recovery.idp``; ``prompt`` is then None)."""
 
     model: torch.nn.Module
     prompt: torch.Tensor | None = None
     position: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
     tensors: list[torch.Tensor] = field(default_factory=list)
+    choices: dict[str, Applied] = field(default_factory=dict)
 
 
 class RecoveryKind:
@@ -54,6 +56,8 @@ class RecoveryKind:
     metadata_file: ClassVar[str | None] = None  # a built artifact's metadata, written last: it marks it complete
     summary_keys: ClassVar[tuple[str, ...]] = ()  # the keys its entries in summary.json require
     combines_with_prompts: ClassVar[bool] = False  # a weight correction the adapter may apply under one prompt
+    # Bytes per value its artifact stores (float32: 4); 0: it stores no tensor; None: not known from its summary entry.
+    stored_value_bytes: ClassVar[int | None] = None
 
     def check_arg(self, value: str) -> None:
         """Refuse a ``model_arg`` value that cannot name an artifact (empty, an unknown name) in one line."""
@@ -83,6 +87,20 @@ class RecoveryKind:
         ``training``: the shared ``SoftPromptConfig``)."""
         raise TypeError(f"recovery kind {self.name} is not learned")
 
+    def added_bytes(self, prompt: dict[str, Any]) -> int | None:
+        """Bytes the method stores on top of the (compressed) model's weights, from its entry ``prompt`` of a
+        ``summary.json``: the entry's ``stored_bytes`` when it records them, else 0 for a kind that stores no tensor,
+        else its artifact's values (``trainable_parameters``) x ``stored_value_bytes``; None when the entry does not
+        tell (an untrained control, an entry from before the record)."""
+        if prompt.get("stored_bytes") is not None:
+            return int(prompt["stored_bytes"])
+        if self.stored_value_bytes is None:
+            return None
+        if self.stored_value_bytes == 0:
+            return 0
+        values = prompt.get("trainable_parameters")
+        return int(values) * self.stored_value_bytes if values else None
+
     def trainable_parameters(self, meta: dict[str, Any]) -> int | None:
         """How many parameters training the artifact of ``meta`` optimised (its stored parameters)."""
         return meta.get("trainable_parameters")
@@ -103,3 +121,4 @@ class NoRecovery(RecoveryKind):
     name = "none"
     label = "no prompt"
     colour = "#666666"
+    stored_value_bytes = 0

@@ -7,6 +7,13 @@ Folder layout: PEFT's ``adapter_config.json`` + ``adapter_model.safetensors`` (s
 was trained on, the training record (source, settings, curve, seconds, trainable parameters, peak memory) and the
 sha256 of ``adapter_model.safetensors`` (verified on every load). The three files are replaced together.
 
+A PEFT LoRA folder written elsewhere (PEFT's ``save_pretrained``, GPTQModel's EoRA, a Hub adapter) has no
+``lora.json``: ``read_lora`` then reads its ``adapter_config.json`` (``peft_type`` must be ``LORA``) and the shapes of
+its tensors (``format: "peft"``), and ``apply_lora`` checks each ``lora_A [r, in]`` / ``lora_B [out, r]`` against
+the module it targets (refused in one line naming the tensor and both shapes) and records what it could and could
+not verify (``verification``: the base model named in ``adapter_config.json`` against the loaded one, the modules
+found, the tensors shape-checked; never the training record, the tokenizer or what it was trained on).
+
 An adapter adds ``B @ A`` (rank ``rank``, scaled by ``alpha / rank``) to each targeted Linear and is not merged:
 merging into a quantized or pruned weight would make it dense, and unmerged it scores exactly as PEFT does in
 plain lm-eval. ``B`` starts at zero (PEFT's default), so the untrained adapter is the unprompted model; a LoRA
@@ -18,6 +25,9 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
+import json
+import logging
+import math
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -36,10 +46,16 @@ from cpt_bench.recovery.position import lead_ids, resolve_position
 from cpt_bench.recovery.target import describe_target
 from cpt_bench.recovery.training import OBJECTIVES, Learner, SoftPromptConfig, TrainingRun, train_learner
 
+log = logging.getLogger(__name__)
+
 METADATA = "lora.json"
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 FORMAT = "cpt_bench.lora/1"
+PEFT_FORMAT = "peft"  # ``format`` of the record read from a PEFT LoRA folder without ``lora.json``
+_PEFT_PREFIX = "base_model.model."
+_UNVERIFIABLE = ("training record (what it was trained on, how, for how long)", "tokenizer",
+                 "the compression it was fitted to")
 REQUIRED_FIELDS = ("sha256", "hidden_size", "model", "tokenizer", "compression", "trainable_parameters")
 
 
@@ -152,9 +168,12 @@ def _save_lora(wrapped, out_dir: Path, target: dict[str, Any], compression: str,
 
 
 def read_lora(folder: Path) -> dict[str, Any]:
-    """``lora.json`` of a LoRA folder, after checking its files and the weights' sha256 (no model checks)."""
+    """``lora.json`` of a LoRA folder, after checking its files and the weights' sha256 (no model checks); for a PEFT
+    LoRA folder without ``lora.json``, the record ``read_peft_lora`` makes of it."""
     folder = Path(folder)
-    for name in (METADATA, PEFT_CONFIG, PEFT_WEIGHTS):
+    if not (folder / METADATA).is_file() and (folder / PEFT_CONFIG).is_file():
+        return read_peft_lora(folder)
+    for name in (PEFT_CONFIG, PEFT_WEIGHTS, METADATA):
         if not (folder / name).is_file():
             raise LoraError(f"{folder} is not a LoRA folder: {name} is missing")
     meta = read_metadata(folder / METADATA, FORMAT, REQUIRED_FIELDS, LoraError)
@@ -163,13 +182,95 @@ def read_lora(folder: Path) -> dict[str, Any]:
     return meta
 
 
+def read_peft_lora(folder: Path) -> dict[str, Any]:
+    """The record of a PEFT LoRA folder that has no ``lora.json``: ``format`` ``"peft"``, the weights' ``sha256``,
+    ``trainable_parameters``, ``peft`` (settings from ``adapter_config.json``) and ``shapes`` (each tensor's, read
+    from the safetensors header without loading it). Raises ``LoraError`` for another ``peft_type`` or missing files."""
+    from safetensors import SafetensorError, safe_open
+
+    config_path, weights = folder / PEFT_CONFIG, folder / PEFT_WEIGHTS
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise LoraError(f"cannot read {config_path}: {error}") from None
+    peft_type = config.get("peft_type") if isinstance(config, dict) else None
+    if peft_type != "LORA":
+        raise LoraError(f"{folder} is a PEFT folder of peft_type {peft_type!r}, not LORA; lora= takes a PEFT LoRA "
+                        "adapter")
+    if not weights.is_file():
+        pickled = " (pickled adapter_model.bin is not read)" if (folder / "adapter_model.bin").is_file() else ""
+        raise LoraError(f"{folder} is not a LoRA folder: {PEFT_WEIGHTS} is missing{pickled}")
+    try:
+        with safe_open(weights, "pt") as handle:
+            shapes = {key: list(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+    except (OSError, SafetensorError) as error:
+        raise LoraError(f"cannot read {weights}: {error}") from None
+    settings = {key: config.get(key) for key in ("base_model_name_or_path", "r", "lora_alpha", "target_modules",
+                                                 "fan_in_fan_out", "use_dora", "use_rslora", "modules_to_save")}
+    return {"format": PEFT_FORMAT, "sha256": sha256_of(weights), "compression": None,
+            "trainable_parameters": sum(math.prod(shape) for shape in shapes.values()), "peft": settings,
+            "shapes": shapes}
+
+
+def check_peft_fits(model: torch.nn.Module, meta: dict[str, Any], folder: Path, name: str) -> dict[str, Any]:
+    """Check a PEFT LoRA record (``read_peft_lora``) against ``model``: every ``lora_A`` / ``lora_B`` weight's module
+    exists and has the input / output width the tensor needs (``LoraError`` naming the tensor and both shapes).
+    Returns what was and was not verified (``verification``, recorded with the cell)."""
+    checked, unchecked, modules = 0, [], set()
+    for key, shape in meta["shapes"].items():
+        module_name, _, part = key.removeprefix(_PEFT_PREFIX).rpartition(".lora_")
+        if part not in ("A.weight", "B.weight"):
+            unchecked.append(key)
+            continue
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            raise LoraError(f"LoRA {folder}: tensor {key} targets {module_name}, which model {name!r} does not "
+                            "have") from None
+        widths = _linear_widths(module)
+        if widths is None:
+            unchecked.append(key)
+            continue
+        width_in, width_out = widths
+        expected = [shape[0], width_in] if part == "A.weight" else [width_out, shape[1]]
+        if shape != expected:
+            raise LoraError(f"LoRA {folder}: tensor {key} has shape {shape}, but {module_name} of model {name!r} needs "
+                            f"{expected} ({width_in} in, {width_out} out)")
+        checked += 1
+        modules.add(module_name)
+    named = meta["peft"].get("base_model_name_or_path")
+    return {"training_record": False, "not_verifiable": list(_UNVERIFIABLE),
+            "base_model": {"adapter_config": named, "loaded": name, "same_name": named == name},
+            "target_modules": meta["peft"].get("target_modules"), "modules_found": len(modules),
+            "tensors_shape_checked": checked, "tensors_not_shape_checked": unchecked}
+
+
+def _linear_widths(module: torch.nn.Module) -> tuple[int, int] | None:
+    """``(in, out)`` of a Linear-like module (``nn.Linear``, GPT-2's ``Conv1D``, a low-bit kernel), else None."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, Conv1D):
+        return module.nx, module.nf
+    if isinstance(getattr(module, "in_features", None), int) and isinstance(getattr(module, "out_features", None),
+                                                                            int):
+        return module.in_features, module.out_features
+    return None
+
+
 def apply_lora(model: torch.nn.Module, tokenizer, folder: Path, meta: dict[str, Any], name: str,
                allow_cross_model: bool = False):
     """``model`` wrapped by the adapter in ``folder`` (its ``meta`` from ``read_lora``), for inference, after the
-    same fit checks as a prompt's (``artifact.check_fits``)."""
+    same fit checks as a prompt's (``artifact.check_fits``), or for a PEFT folder without ``lora.json`` the shape
+    checks of ``check_peft_fits`` (whose record is put in ``meta["verification"]``)."""
     from peft import PeftModel
 
-    check_fits(meta, describe_target(model, tokenizer, name), allow_cross_model)
+    if meta["format"] == PEFT_FORMAT:
+        meta["verification"] = check_peft_fits(model, meta, folder, name)
+        if not meta["verification"]["base_model"]["same_name"]:
+            log.warning("LoRA %s names base model %r, not %r; its shapes fit, its training cannot be checked",
+                        folder, meta["peft"].get("base_model_name_or_path"), name)
+    else:
+        check_fits(meta, describe_target(model, tokenizer, name), allow_cross_model)
     try:
         with _without_peft_deprecation():
             return PeftModel.from_pretrained(model, str(folder), is_trainable=False).eval()
@@ -183,6 +284,7 @@ class LoraKind(RecoveryKind):
     name = "lora"
     label = "LoRA adapter"
     colour = "#1b7837"
+    stored_value_bytes = 4  # adapter_model.safetensors holds lora_A / lora_B in float32
     model_arg = "lora"
     learned = True
     metadata_file = METADATA
@@ -190,7 +292,8 @@ class LoraKind(RecoveryKind):
 
     def check_arg(self, value: str) -> None:
         if value == "":
-            raise LoraError("lora is empty: expected a LoRA folder written by the matrix (prompts.lora)")
+            raise LoraError("lora is empty: expected a PEFT LoRA folder (written by the matrix's prompts.lora, "
+                        "cpt-bench eora, PEFT or GPTQModel)")
 
     def read(self, value: str) -> dict[str, Any]:
         return read_lora(Path(value))
@@ -200,6 +303,8 @@ class LoraKind(RecoveryKind):
         wrapped = apply_lora(model, tokenizer, Path(value), artifact, model_name, allow_cross_model)
         info = {"kind": self.name, "path": str(value), "sha256": artifact["sha256"],
                 "trained_on": artifact["compression"], "trainable_parameters": artifact["trainable_parameters"]}
+        if artifact["format"] == PEFT_FORMAT:  # written elsewhere: what could and could not be verified
+            info |= {"format": PEFT_FORMAT, "peft": artifact["peft"], "verification": artifact["verification"]}
         return Applied(wrapped, info=info, tensors=list(lora_parameters(wrapped).values()))
 
     def read_meta(self, folder: Path) -> dict[str, Any]:

@@ -107,6 +107,7 @@ class SoftPromptKind(RecoveryKind):
     name = "soft"
     label = "soft prompt"
     colour = "#2166ac"
+    stored_value_bytes = 4  # prompt.safetensors holds the [n_virtual_tokens, hidden] prompt in float32
     model_arg = "soft_prompt"
     prefix = True
     learned = True

@@ -9,8 +9,10 @@ Modules: ``tables`` (the summary's schema, the results tables and their markdown
 ``recovery`` (paired comparisons: gap closed, against controls, methods and seeds), ``serving`` (what a prompt costs
 to serve against what compression saves), ``plots`` (the figures), ``protocol`` (how each target was scored: what
 two numbers must share to be compared), ``leaderboard`` (the board: runs, columns, ranked rows, its markdown),
-``board_page`` (the board as a self-contained HTML page), ``submit`` (verify and add a run made elsewhere) and
-``cli_commands`` (``cpt-bench report`` and ``cpt-bench leaderboard [--add RUN_DIR]``).
+``recovery_board`` (recovery methods per level ranked by quality at their added bytes, the frontier),
+``board_page`` (the board as a self-contained HTML page), ``submit`` (verify and add a run made elsewhere),
+``case_study`` (a generative target's answers side by side, ``cpt-bench case-study``) and ``cli_commands``
+(``cpt-bench report``, ``case-study`` and ``leaderboard [--add RUN_DIR]``).
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from cpt_bench.files import OutputKind, ensure_replaceable, write_text_atomic
 from cpt_bench.matrix.store import SUMMARY_FILE, trivial_prefix_warnings
 from cpt_bench.report.board_page import page
 from cpt_bench.report.leaderboard import PAGE_KINDS, build_board, check_results_folder, load_runs, markdown
-from cpt_bench.report.recovery import method_tables, recovery_tables, seed_tables
-from cpt_bench.report.serving import serving_tables
+from cpt_bench.report.recovery import idp_tables, method_tables, recovery_tables, seed_tables
+from cpt_bench.report.recovery_board import recovery_groups, recovery_markdown
+from cpt_bench.report.serving import generation_tables, serving_tables
 from cpt_bench.report.tables import (
     SIGNIFICANT_NOTE,
     UNTRAINED_NOTE,
@@ -98,6 +101,14 @@ _SERVING_INTRO = ("Per compression level and prompt: the weight bytes compressio
                   "beside what the prompt costs to serve: its own bytes (embeddings, LoRA tensors) and its fp16 "
                   "key/value cache, held once per sequence served with it; break-even is the number of concurrent "
                   "sequences whose prompt caches take up the stored bytes saved. A LoRA adapter adds no cache.")
+_IDP_INTRO = ("Each IDP prompt (a set of prompts, one chosen per document from its context alone by the rule) at "
+              "every level and target it ran: the documents each member was chosen for, then the IDP cell minus each "
+              "member's own cell and minus the best single member in hindsight, paired over the same items. That "
+              "member is chosen on the very items compared (the matrix's targets have no validation split), so the "
+              "last column flatters the single prompt: IDP that matches it is doing well.")
+_GENERATION_INTRO = ("Per generated sequence, in an fp16 cache: the prompt's keys and values held through every decode "
+                     "step, at the largest batch shown above, and read over the target's new tokens (each step "
+                     "attends to all of them). An adapter adds no cache and is left out.")
 _SEEDS_INTRO = ("For each soft prompt trained with several seeds (data order and initial noise): each seed's value and "
                 "paired comparisons, then the mean and sample standard deviation across seeds.")
 
@@ -106,8 +117,10 @@ def _sections(summary: Summary) -> list[_Section]:
     optional = [_Section("Paired comparisons per compression level", _PAIRED_INTRO, recovery_tables(summary)),
                 _Section("Training seeds", _SEEDS_INTRO, seed_tables(summary)),
                 _Section("Recovery methods per compression level", _METHODS_INTRO, method_tables(summary)),
+                _Section("IDP prompts", _IDP_INTRO, idp_tables(summary)),
                 _Section("Memory saved by compression vs memory the prompt costs", _SERVING_INTRO,
-                         serving_tables(summary))]
+                         serving_tables(summary)),
+                _Section("Prompt cache during generation", _GENERATION_INTRO, generation_tables(summary))]
     return [
         _Section("Results per target", "One table per target task: a row per compression level, a column per prompt "
                  "evaluated on that task.", results_tables(summary)),
@@ -211,7 +224,8 @@ def write_leaderboard(results_dir: Path) -> list[Path]:
     check_results_folder(results_dir)
     board = build_board(load_runs(results_dir))
     paths = [results_dir / kind.marker for kind in PAGE_KINDS]
-    for path, text in zip(paths, (markdown(board), page(board)), strict=True):
+    views = recovery_markdown(recovery_groups(board))
+    for path, text in zip(paths, (markdown(board, views), page(board)), strict=True):
         write_text_atomic(path, text)
     return paths
 

@@ -1,9 +1,11 @@
 """The leaderboard as one self-contained HTML page: inline CSS, inline JavaScript, inline SVG, no network.
 
 Per column (task, metric, protocol): a Pareto view (quality against stored MB, one marker per row, better drawn
-upwards, the frontier as a staircase) beside the ranked table. Headers sort the table (numbers by value, missing
-last); the selects at the top filter every table and plot by model, compression family, prompt kind and run, and
-the frontier is redrawn over the markers still shown. The runs table at the bottom says where each row came from.
+upwards, the frontier as a staircase) beside the ranked table. Then the recovery-per-added-byte view
+(``recovery_board``): per (column, model, level), its methods' table beside quality against added bytes (log scale,
+with 0 B as a tick of its own left of it). Headers sort a table (numbers by value, missing last); the selects at the
+top filter every table and plot by model, compression family, prompt kind and run, and each frontier is redrawn over
+the markers still shown. The runs table at the bottom says where each row came from.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import html
 import math
 import re
+from dataclasses import dataclass
 
 from matplotlib.ticker import LogLocator, MaxNLocator
 
@@ -26,6 +29,10 @@ from cpt_bench.report.leaderboard import (
     provenance_fields,
     row_fields,
 )
+from cpt_bench.report.recovery_board import HEADERS as RECOVERY_HEADERS
+from cpt_bench.report.recovery_board import NOTE as RECOVERY_NOTE
+from cpt_bench.report.recovery_board import TITLE as RECOVERY_TITLE
+from cpt_bench.report.recovery_board import Group, MethodRow, method_fields, recovery_groups
 from cpt_bench.report.tables import is_perplexity
 
 FILTERS = (("model", "model"), ("family", "compression family"), ("kind", "prompt kind"), ("run", "run"))
@@ -37,7 +44,8 @@ _WIDTH, _PLOT_HEIGHT = 460, 246  # px; the legend's lines above the plot add to 
 _LEFT, _RIGHT, _BOTTOM = 62, 16, 46
 _LEGEND_LINE, _LEGEND_PAD = 16, 10  # px per legend line; margin above the first and below the last
 _NUMERIC = {"rank", "value ± stderr", "Δ vs dense", "gap closed", "gap closed vs trivial", "stored MB",
-            "ratio to dense", "resident MiB", "peak MiB"}
+            "ratio to dense", "resident MiB", "peak MiB", "added bytes", "prompt tokens", "gap closed per added MB"}
+_ZERO_SLOT, _LOG_START = 14, 60  # log-x plots: px from the plot's left edge to the 0 B tick and to the log axis
 
 _STYLE = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.5em 2em;color:#222;background:#fafafa}
@@ -55,8 +63,10 @@ thead th[aria-sort=ascending]::after{content:"▲";position:absolute;right:3px;f
 thead th[aria-sort=descending]::after{content:"▼";position:absolute;right:3px;font-size:.7em}
 tbody tr:nth-child(even){background:#f6f7f9}tbody tr:hover{background:#fff3c4}
 tr.pareto td:last-child{color:#b8860b;font-weight:bold}
-svg.pareto{background:#fff;border:1px solid #ccc;flex:none}svg text{font-size:11px;fill:#333}
-svg .grid{stroke:#e6e6e6}svg .axis{stroke:#666}svg .frontier{fill:none;stroke:#b8860b;stroke-width:2}
+svg.pareto,svg.recovery{background:#fff;border:1px solid #ccc;flex:none}
+h3{font-size:1em;margin:1.3em 0 .2em}svg text{font-size:11px;fill:#333}
+svg .grid{stroke:#e6e6e6}svg .axis{stroke:#666}svg .break{stroke:#aaa;stroke-dasharray:4 3}
+svg .frontier{fill:none;stroke:#b8860b;stroke-width:2}
 svg circle.point{stroke:#fff;stroke-width:1;opacity:.85}svg circle.ring{fill:#fff;stroke-width:2}
 svg circle.dashed{stroke-dasharray:3 2}span.shown{font-size:.85em;color:#666}
 table.runs td{white-space:normal;max-width:40em}
@@ -81,12 +91,13 @@ _SCRIPT = """
     svg.querySelector("polyline.frontier").setAttribute("points", path.map((p) => p.join(",")).join(" "));
   }
   function apply() {
-    document.querySelectorAll("section.board").forEach((section) => {
+    document.querySelectorAll("section.board, section.recovery").forEach((section) => {
       const rows = Array.from(section.querySelectorAll("tbody tr"));
       rows.forEach((tr) => { tr.hidden = !matches(tr); });
       const shown = rows.filter((tr) => !tr.hidden).length;
       section.querySelector("span.shown").textContent = shown + " of " + rows.length + " rows shown";
-      frontier(section.querySelector("svg.pareto"));
+      const svg = section.querySelector("svg.pareto, svg.recovery");
+      if (svg) frontier(svg);  // a level none of whose methods records its bytes has no plot
     });
   }
   function sortBy(th) {
@@ -123,17 +134,20 @@ def _data(row: Row) -> dict[str, str]:
             "data-run": row.run.name}
 
 
+def _number(value: float | None) -> str:
+    """A numeric sort key ('' when missing)."""
+    return "" if value is None else repr(float(value))
+
+
 def _sort_keys(column: Column, row: Row, rank: int) -> dict[str, str]:
     """Machine-readable sort key of each numeric header ('' when missing)."""
-    def number(value: float | None) -> str:
-        return "" if value is None else repr(float(value))
-
-    return {"rank": str(rank), "value ± stderr": number(row.cell["value"]), "Δ vs dense": number(row.cell.get("delta")),
-            "gap closed": number(row.gap_closed if row.gap_resolved else None),
-            "gap closed vs trivial": number(row.gap_closed_vs_trivial if row.trivial_gap_resolved else None),
-            "stored MB": number(row.stored_mb),
-            "ratio to dense": number(row.compression["ratio_to_dense"]), "resident MiB": number(row.resident_mib),
-            "peak MiB": number(row.peak_mib)}
+    return {"rank": str(rank), "value ± stderr": _number(row.cell["value"]),
+            "Δ vs dense": _number(row.cell.get("delta")),
+            "gap closed": _number(row.gap_closed if row.gap_resolved else None),
+            "gap closed vs trivial": _number(row.gap_closed_vs_trivial if row.trivial_gap_resolved else None),
+            "stored MB": _number(row.stored_mb),
+            "ratio to dense": _number(row.compression["ratio_to_dense"]), "resident MiB": _number(row.resident_mib),
+            "peak MiB": _number(row.peak_mib)}
 
 
 def _row_html(column: Column, row: Row, rank: int) -> str:
@@ -153,23 +167,29 @@ def _row_html(column: Column, row: Row, rank: int) -> str:
 
 
 class _Axes:
-    """Data to SVG coordinates: x stored MB (linear), y the metric (log for perplexities) with better upwards."""
+    """Data to SVG coordinates: x linear (stored MB), or (``log_x``, added bytes) log10 with 0 at a tick of its own
+    left of the log axis; y the metric (log for perplexities) with better upwards."""
 
-    def __init__(self, column: Column, rows: list[Row], top: float) -> None:
+    def __init__(self, column: Column, xs: list[float], values: list[float], top: float, log_x: bool = False) -> None:
         self.top = top  # px from the SVG's top edge to the plot's
-        self.log = is_perplexity(column.metric) and all(row.cell["value"] > 0 for row in rows)
-        xs = [row.stored_mb for row in rows]
-        ys = [self._y(row.cell["value"]) for row in rows]
-        self.x_range = _padded(min(xs), max(xs))
+        self.log = is_perplexity(column.metric) and all(value > 0 for value in values)
+        self.log_x = log_x
+        ys = [self._y(value) for value in values]
+        self.x_range = _decades([x for x in xs if x > 0]) if log_x else _padded(min(xs), max(xs))
         self.y_range = _padded(min(ys), max(ys))
         self.up = column.higher_is_better
 
     def _y(self, value: float) -> float:
         return math.log10(value) if self.log else value
 
-    def px(self, megabytes: float) -> float:
+    def px(self, x: float) -> float:
         low, high = self.x_range
-        return _LEFT + (megabytes - low) / (high - low) * (_WIDTH - _LEFT - _RIGHT)
+        width = _WIDTH - _LEFT - _RIGHT
+        if not self.log_x:
+            return _LEFT + (x - low) / (high - low) * width
+        if x <= 0:
+            return _LEFT + _ZERO_SLOT
+        return _LEFT + _LOG_START + (math.log10(x) - low) / (high - low) * (width - _LOG_START)
 
     def py(self, value: float) -> float:
         low, high = self.y_range
@@ -179,7 +199,12 @@ class _Axes:
 
     def x_ticks(self) -> list[float]:
         low, high = self.x_range
+        if self.log_x:
+            return [0.0, *(10.0**k for k in range(math.ceil(low), math.floor(high) + 1))]
         return [t for t in MaxNLocator(nbins=5).tick_values(low, high) if low <= t <= high]
+
+    def x_label(self, tick: float) -> str:
+        return _bytes_tick(tick) if self.log_x else f"{tick:g}"
 
     def y_ticks(self) -> list[float]:
         low, high = self.y_range
@@ -193,6 +218,22 @@ class _Axes:
         return [t for t in MaxNLocator(nbins=5).tick_values(low, high) if low <= t <= high]
 
 
+def _decades(xs: list[float]) -> tuple[float, float]:
+    """The log10 range of positive ``xs``: whole decades, with at least a quarter decade of margin on either side
+    (1 kB to 1 MB without any)."""
+    if not xs:
+        return 3.0, 6.0
+    return math.floor(math.log10(min(xs)) - 0.25), math.ceil(math.log10(max(xs)) + 0.25)
+
+
+def _bytes_tick(count: float) -> str:
+    """A tick label in bytes: ``0 B``, ``100 B``, ``10 kB``, ``1 MB``, ``1 GB`` (powers of 1000)."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count / size:g} {unit}"
+    return f"{count:g} B"
+
+
 def _padded(low: float, high: float) -> tuple[float, float]:
     """The range with 6% margins (1 unit around a single value)."""
     margin = (high - low) * 0.06 if high > low else 1.0
@@ -203,9 +244,10 @@ def _svg_text(x: float, y: float, text: str, anchor: str = "middle", extra: str 
     return f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}"{extra}>{html.escape(text)}</text>'
 
 
-def _frontier_points(axes: _Axes, rows: list[Row]) -> str:
-    """The staircase through the Pareto rows, by increasing stored MB (the page's script redraws it on filter)."""
-    front = sorted({(axes.px(r.stored_mb), axes.py(r.cell["value"])) for r in rows if r.pareto})
+def _frontier_points(front_points: list[tuple[float, float]]) -> str:
+    """The staircase through the frontier's (x, y) px points, by increasing x (the page's script redraws it on
+    filter)."""
+    front = sorted(set(front_points))
     path: list[tuple[float, float]] = []
     for index, point in enumerate(front):
         if index:
@@ -230,43 +272,85 @@ def _marker(kind: str, x: float, y: float, radius: float, colour: str, marker: s
     return f'<circle class="{kind}{marker}" cx="{x:.1f}" cy="{y:.1f}" r="{radius}" fill="{colour}"{style}{extra}'
 
 
-def pareto_svg(column: Column, rows: list[Row]) -> str:
-    """Quality against stored MB of one column's rows, better upwards, frontier drawn; markers coloured by prompt
-    kind and, where the column holds several models, filled or ringed by model."""
+@dataclass(frozen=True)
+class _Point:
+    """One marker of a plot: its x (data units), the row it shows, whether it is on the frontier, its hover text."""
+
+    x: float
+    row: Row
+    frontier: bool
+    title: str
+
+
+def _plot(column: Column, points: list[_Point], svg_class: str, x_title: str, log_x: bool = False) -> str:
+    """Quality against ``x`` of ``points``, better upwards, frontier drawn as a staircase; markers coloured by prompt
+    kind and, where the points hold several models, filled or ringed by model."""
+    rows = [point.row for point in points]
     markers = _model_markers(rows)
     legend = _legend_lines(rows, markers)
     top = 2 * _LEGEND_PAD + _LEGEND_LINE * len(legend)
     height = top + _PLOT_HEIGHT + _BOTTOM
-    axes = _Axes(column, rows, top)
+    axes = _Axes(column, [point.x for point in points], [row.cell["value"] for row in rows], top, log_x)
     right, bottom = _WIDTH - _RIGHT, top + _PLOT_HEIGHT
-    parts = [f'<svg class="pareto" xmlns="http://www.w3.org/2000/svg" width="{_WIDTH}" height="{height}" '
+    parts = [f'<svg class="{svg_class}" xmlns="http://www.w3.org/2000/svg" width="{_WIDTH}" height="{height}" '
              f'viewBox="0 0 {_WIDTH} {height}" role="img" '
-             f'aria-label="{html.escape(column.title())} against stored MB">']
+             f'aria-label="{html.escape(column.title())} against {html.escape(x_title)}">']
     for tick in axes.x_ticks():
         x = axes.px(tick)
         parts += [f'<line class="grid" x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{bottom}"/>',
-                  _svg_text(x, bottom + 14, f"{tick:g}")]
+                  _svg_text(x, bottom + 14, axes.x_label(tick))]
+    if log_x:  # the 0 B tick stands apart from the log axis
+        x = _LEFT + (_ZERO_SLOT + _LOG_START) / 2
+        parts.append(f'<line class="axis break" x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{bottom}"/>')
     for tick in axes.y_ticks():
         y = axes.py(tick)
         parts += [f'<line class="grid" x1="{_LEFT}" y1="{y:.1f}" x2="{right}" y2="{y:.1f}"/>',
                   _svg_text(_LEFT - 5, y + 4, f"{tick:g}", "end")]
     better = "higher" if column.higher_is_better else "lower"
     scale = ", log scale" if axes.log else ""
+    front = [(axes.px(point.x), axes.py(point.row.cell["value"])) for point in points if point.frontier]
     parts += [f'<rect class="axis" x="{_LEFT}" y="{top}" width="{right - _LEFT}" height="{_PLOT_HEIGHT}" '
               'fill="none"/>',
-              _svg_text((_LEFT + right) / 2, height - 10, "stored weight MB (smaller is better)"),
+              _svg_text((_LEFT + right) / 2, height - 10, x_title),
               _svg_text(14, (top + bottom) / 2, f"{column.metric} ({better} is better, up{scale})", "middle",
                         f' transform="rotate(-90 14 {(top + bottom) / 2:.1f})"'),
-              f'<polyline class="frontier" points="{_frontier_points(axes, rows)}"/>']
-    for row in rows:
-        title = (f"{row.run.name} · {row.run.model} · {row.compression['spec']} · {row_fields(column, row)['prompt']}:"
-                 f" {row_fields(column, row)['value ± stderr']} at {row.stored_mb:.1f} MB")
-        circle = _marker("point", axes.px(row.stored_mb), axes.py(row.cell["value"]), 5,
+              f'<polyline class="frontier" points="{_frontier_points(front)}"/>']
+    for point in points:
+        row = point.row
+        circle = _marker("point", axes.px(point.x), axes.py(row.cell["value"]), 5,
                          KIND_COLOURS[row.prompt["kind"]], markers.get(row.run.model, ""), _attributes(_data(row)))
-        parts.append(f"{circle}><title>{html.escape(title)}</title></circle>")
+        parts.append(f"{circle}><title>{html.escape(point.title)}</title></circle>")
     for index, line in enumerate(legend):
         parts += _legend_line(line, _LEGEND_PAD + _LEGEND_LINE * index + 6)
     return "".join([*parts, "</svg>"])
+
+
+def _row_title(column: Column, row: Row) -> str:
+    fields = row_fields(column, row)
+    return (f"{row.run.name} · {row.run.model} · {row.compression['spec']} · {fields['prompt']}: "
+            f"{fields['value ± stderr']}")
+
+
+def pareto_svg(column: Column, rows: list[Row]) -> str:
+    """Quality against stored MB of one column's rows, better upwards, the Pareto frontier drawn."""
+    points = [_Point(row.stored_mb, row, row.pareto, f"{_row_title(column, row)} at {row.stored_mb:.1f} MB")
+              for row in rows]
+    return _plot(column, points, "pareto", "stored weight MB (smaller is better)")
+
+
+NO_BYTES = "No method of this level records its added bytes: nothing to plot."
+
+
+def recovery_svg(group: Group) -> str:
+    """Quality against added bytes of one group's methods whose bytes are known (log x, 0 B apart), better upwards,
+    the frontier drawn; a line saying so (``NO_BYTES``) when none is known."""
+    points = [_Point(float(method.added_bytes), method.row, method.frontier,
+                     f"{_row_title(group.column, method.row)} with {method_fields(group.column, method)['added bytes']}"
+                     " added") for method in group.rows if method.added_bytes is not None]
+    if not points:
+        return f'<p class="protocol">{html.escape(NO_BYTES)}</p>'
+    return _plot(group.column, points, "recovery", "bytes added to the compressed model (log; smaller is better)",
+                 log_x=True)
 
 
 _LegendEntry = tuple[str, str, str]  # (label, colour, marker class: "", " ring...", or "frontier" for the line)
@@ -323,6 +407,42 @@ def _section(index: int, column: Column, rows: list[Row]) -> str:
             f'<div class="column">{pareto_svg(column, rows)}{table}</div></section>')
 
 
+def _method_html(group: Group, method: MethodRow, rank: int) -> str:
+    """A method's table row: its text, numeric sort keys, and the row's filter attributes."""
+    fields = {"rank": str(rank), **method_fields(group.column, method)}
+    row = method.row
+    tokens = fields["prompt tokens"]
+    keys = {"rank": str(rank), "value ± stderr": _number(row.cell["value"]),
+            "gap closed": _number(row.gap_closed if row.gap_resolved else None),
+            "gap closed vs trivial": _number(row.gap_closed_vs_trivial if row.trivial_gap_resolved else None),
+            "added bytes": _number(method.added_bytes), "prompt tokens": "" if not tokens.isdigit() else tokens,
+            "gap closed per added MB": _number(method.gap_per_added_mb)}
+    cells = [f"<td{_attributes({'class': 'num', 'data-sort': keys[h]} if h in _NUMERIC else {'data-sort': text})}>"
+             f"{html.escape(text)}</td>" for h, text in fields.items()]
+    classes = {"class": "pareto"} if method.frontier else {}
+    return f"<tr{_attributes({**_data(row), **classes})}>{''.join(cells)}</tr>"
+
+
+def _recovery_section(index: int, group: Group) -> str:
+    rows = [_method_html(group, method, rank) for rank, method in enumerate(group.rows, start=1)]
+    title = f"{group.column.title()} · {group.model} at {group.spec}"
+    return (f'<section class="recovery" id="recovery-{index}"><h3>{html.escape(title)}</h3>'
+            f'<p class="protocol">protocol: {html.escape(group.column.protocol.label())} · '
+            f'<span class="shown"></span></p>'
+            f'<div class="column">{recovery_svg(group)}{_table(RECOVERY_HEADERS, rows, "board recovery")}</div>'
+            "</section>")
+
+
+def _recovery(board: Board) -> str:
+    """The recovery-per-added-byte view: its heading, note and a section per group ('' without groups)."""
+    groups = recovery_groups(board)
+    if not groups:
+        return ""
+    note = html.escape(RECOVERY_NOTE)
+    return (f'<h2 id="recovery">{html.escape(RECOVERY_TITLE)}</h2><p class="note">{note}</p>'
+            + "".join(_recovery_section(index, group) for index, group in enumerate(groups)))
+
+
 def _filters(board: Board) -> str:
     values: dict[str, list[str]] = {key: [] for key, _ in FILTERS}
     for _, rows in board.columns:
@@ -353,9 +473,13 @@ def _runs(board: Board) -> str:
 def page(board: Board) -> str:
     """The whole page; every resource inline, so it works opened from disk without a network."""
     note = re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(board_note(board)))
+    recovery = _recovery(board)
+    view = (f' <a href="#recovery">{html.escape(RECOVERY_TITLE)}</a>, after the columns, ranks each level\'s recovery '
+            "methods by quality at the bytes they add." if recovery else "")
     body = [f"<h1>{html.escape(TITLE)}</h1>", f'<p class="note">{note} Click a header to sort; hover a marker for '
-            "its row.</p>", _filters(board),
-            *(_section(index, column, rows) for index, (column, rows) in enumerate(board.columns)), _runs(board)]
+            f"its row.{view}</p>", _filters(board),
+            *(_section(index, column, rows) for index, (column, rows) in enumerate(board.columns)), recovery,
+            _runs(board)]
     head = ['<!DOCTYPE html>', '<html lang="en">', "<head>", '<meta charset="utf-8">',
             '<meta name="viewport" content="width=device-width, initial-scale=1">',
             f"<title>{html.escape(TITLE)}</title>", f"<style>{_STYLE}</style>", "</head>", "<body>"]

@@ -6,8 +6,9 @@ one ranked table (best value first, then smaller stored size): a row per (run, m
 cell on that task, its value ± stderr beside the gap its prompt closed (against no prompt, and against the
 trivial-prefix control where the run has it), the stored size, the ratio to dense, the
 resident and the measured peak memory and whether it lies on the Pareto frontier of quality against stored MB. A
-last table says where each run came from (machine, platform, commit, versions, submission). ``board_page`` renders
-the HTML page; ``cpt_bench.report.write_leaderboard`` writes both.
+last table says where each run came from (machine, platform, commit, versions, submission). ``recovery_board``
+adds the recovery-per-added-byte view, ``board_page`` renders the HTML page; ``cpt_bench.report.write_leaderboard``
+writes both.
 """
 
 from __future__ import annotations
@@ -304,11 +305,15 @@ def board_note(board: Board) -> str:
     return f"{NOTE} {UNTRAINED_NOTE}" if untrained else NOTE
 
 
-def markdown(board: Board) -> str:
+def markdown(board: Board, views: str = "") -> str:
+    """The board's markdown: the note, a table per column, then ``views`` (further sections, e.g.
+    ``recovery_board.recovery_markdown``), then the runs table."""
     lines = [f"# {TITLE}", "", board_note(board), ""]
     for column, rows in board.columns:
         table = column_table(column, rows)
         lines += [f"## {table.title}", "", to_markdown(table), ""]
+    if views:
+        lines += [views.rstrip("\n"), ""]
     lines += [f"## {RUNS_TITLE}", "", to_markdown(runs_table(board.runs)), ""]
     return "\n".join(lines)
 

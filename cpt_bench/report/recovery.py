@@ -10,6 +10,10 @@
   there (hard prompt, controls, soft prompts per objective, LoRA adapters) with its training budget (trainable
   parameters, seconds, peak memory) beside what it buys: the gap closed on each perplexity target and the change on
   each other target against no prompt, each with its CI; methods trained with several seeds add a mean ± sd row.
+- ``idp_tables``: per IDP prompt (a set and a rule), at each level and target it ran, how often each member was
+  chosen, the IDP cell against each member alone and against the best single member in hindsight: the member whose
+  own cell scored best on the same items, so chosen on the items compared (matrix targets have no validation split),
+  an optimistic reference (``matrix.paired.idp_comparisons``).
 
 Perplexity comparisons read as the change of token perplexity in percent, ``exp(Δ log ppl) - 1``; accuracy ones as
 the per-item difference; gap closed in percent. Brackets hold the 95% CI; ``*`` marks a difference whose CI excludes
@@ -41,6 +45,7 @@ COMPARISON_COLUMNS = (("vs_none", "vs none"), ("gap_closed", "gap closed"), ("vs
                       ("gap_closed_vs_trivial", "gap closed vs trivial"))
 SEED_COLUMNS = COMPARISON_COLUMNS[:3]
 GAP_KEYS = ("gap_closed", "gap_closed_vs_trivial")
+HINDSIGHT_HEADER = "vs best single prompt in hindsight (chosen on the same items: optimistic)"
 
 
 def _percent_change(log_change: float) -> float:
@@ -216,4 +221,30 @@ def seed_tables(summary: Summary) -> list[Table]:
         headers, rows = _without_empty_columns(headers, rows, keep=4)
         title = f"{how}:{source}@{trained_at} over {len(prompts)} training seeds: each seed, then mean ± sd"
         tables.append(Table(title, headers, rows, label_columns=3))
+    return tables
+
+
+def idp_tables(summary: Summary) -> list[Table]:
+    """Per IDP prompt with compared cells: a row per (level, target) it ran at (module docstring)."""
+    tables = []
+    for prompt in (p for p in summary.prompts if p["kind"] == "idp"):
+        members = prompt["members"]
+        rows = []
+        for compression in summary.compressions:
+            for target in summary.targets:
+                cell = summary.cell(compression["spec"], prompt["id"], target["task"])
+                if cell is None or "idp" not in cell:
+                    continue
+                block = cell["idp"]
+                chosen = " / ".join(f"{member} {count}" for member, count in (block.get("chosen") or {}).items())
+                best = block.get("best_in_hindsight")
+                rows.append([compression["spec"], target["task"], format_entry(cell, target), chosen or MISSING,
+                             *(format_comparison(block["vs_members"].get(member)) for member in members),
+                             MISSING if best is None else f"{best['member']}: {format_comparison(best)}"])
+        if rows:
+            title = (f"{prompt_label(prompt)}: IDP ({prompt['rule']}) against each prompt of its set alone, paired, "
+                     "95% CI")
+            tables.append(Table(title, ["level", "target", "value ± stderr", "documents chosen per prompt",
+                                        *(f"vs {member}" for member in members), HINDSIGHT_HEADER], rows,
+                                label_columns=2))
     return tables

@@ -9,7 +9,11 @@ Per compression level and prompt applied there (one row per method and length: t
   served with the prompt holds: ``tokens x kv_values_per_token x 2`` bytes per sequence in an fp16 cache
   (``kv_values_per_token``: the keys' and values' scalars one position adds over all layers, measured by the ``cpt``
   adapter from the prefix cache it built), shown at batches of ``BATCHES`` sequences;
-- break-even: how many concurrent sequences' prompt caches add up to the stored bytes saved.
+- break-even: how many concurrent sequences' prompt caches add up to the stored bytes saved;
+- generation (``generation_tables``, for runs with generative targets): a sequence holds the prompt's cache through
+  all its decode steps, and every step reads all of it: per generated sequence, the bytes held and the bytes read
+  over ``max_gen_toks`` steps (the target's, else lm-eval's default), the latter against one step's read of the
+  unprompted weights.
 
 ``serving_plot_data`` gives the same numbers for the plot (``plots.write_plots``): bytes against concurrent
 sequences, one rising line per prompt length, one flat line per level's saving. Summaries whose cells predate the
@@ -119,6 +123,26 @@ def serving_tables(summary: Summary) -> list[Table]:
     headers = ["compression", "prompt", "stored MB saved", "resident MB saved", "prompt KB", "prompt KV KB / sequence",
                *(f"prompt KV MB at batch {batch}" for batch in BATCHES), "break-even sequences"]
     return [Table("Memory saved by compression vs memory the prompt costs", headers, rows, label_columns=2)]
+
+
+def generation_tables(summary: Summary) -> list[Table]:
+    """For each generative target of the run (``max_gen_toks`` in its summary record): the prompt's cache held by one
+    generated sequence and read over its decode steps, per level and prompt (empty when none applies)."""
+    tables = []
+    for target in summary.targets:
+        steps = target.get("max_gen_toks")
+        if not steps:
+            continue
+        rows = [[saving.spec, cost.label, _kb(cost.kv_bytes_per_sequence),
+                 _mb(BATCHES[-1] * cost.kv_bytes_per_sequence), _mb(steps * cost.kv_bytes_per_sequence)]
+                for saving in level_savings(summary) for cost in _prompt_costs(summary, saving.spec)
+                if cost.kv_bytes_per_sequence]
+        if rows:
+            headers = ["compression", "prompt", "prompt KV KB held / sequence",
+                       f"prompt KV MB held at batch {BATCHES[-1]}", f"prompt KV MB read / sequence ({steps} steps)"]
+            tables.append(Table(f"Prompt cache during generation on {target['task']} (up to {steps} new tokens)",
+                                headers, rows, label_columns=2))
+    return tables
 
 
 def serving_plot_data(summary: Summary) -> tuple[list[LevelSaving], list[PromptCost]]:

@@ -28,7 +28,7 @@ from cpt_bench.errors import UserError
 from cpt_bench.files import write_json_atomic
 from cpt_bench.matrix import store
 from cpt_bench.matrix.config import MatrixConfig
-from cpt_bench.matrix.plan import make_plan
+from cpt_bench.matrix.plan import make_plan, stored_cell
 from cpt_bench.report.leaderboard import SUBMISSION_FILE
 from cpt_bench.report.protocol import CONFIG_YAML, run_config
 from cpt_bench.report.tables import ReportError, load_summary
@@ -68,7 +68,8 @@ def _check_cells(run_dir: Path, config: MatrixConfig, cells: dict[str, dict[str,
     if extra := sorted(set(cells) - set(planned)):
         raise SubmissionError(f"{run_dir}: cell {extra[0]} is not in the plan of its config")
     for cell_id, cell in planned.items():
-        if difference := store.first_difference(cells[cell_id]["cell"], json.loads(json.dumps(cell.record()))):
+        expected = json.loads(json.dumps(stored_cell(cell, config)))
+        if difference := store.first_difference(cells[cell_id]["cell"], expected):
             raise SubmissionError(f"{run_dir}: cell {cell_id} was evaluated under another protocol than its config "
                                   f"states (differs at {difference})")
 

@@ -216,12 +216,14 @@ def is_untrained(prompt: dict[str, Any]) -> bool:
 
 
 def prompt_label(prompt: dict[str, Any], target: dict[str, Any] | None = None) -> str:
-    """``none``, ``hard:<name>`` (``hard:text<n>`` for a text), ``eora:r<rank>@<trained_at>`` or
-    ``<method>:<source>@<trained_at>`` (``soft``,
+    """``none``, ``hard:<name>`` (``hard:text<n>`` for a text), ``idp-<rule>:<member>+...`` (its id),
+    ``eora:r<rank>@<trained_at>`` or ``<method>:<source>@<trained_at>`` (``soft``,
     ``soft+kd``, ``lora``, ...), + `` (untrained)`` for one that never beat its initialisation and `` (in-domain)``
     for ``target``'s domain."""
     if prompt["kind"] == "none":
         return "none"
+    if "members" in prompt:  # an IDP set: its id names the rule and the members
+        return prompt["id"]
     if "name" in prompt:  # a hard prompt: its name, or text<n> for text:TEXT (recovery.hard)
         name = prompt["name"]
         return f"{prompt['kind']}:{f'text{len(name) - len(TEXT_FORM)}' if name.startswith(TEXT_FORM) else name}"
