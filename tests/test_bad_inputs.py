@@ -596,7 +596,8 @@ CASES = [
     Case("adapter-compression-both-spec-and-folder", _compression_named_like_a_folder,
          r"compression 'rtn-w8' is both a compression spec and an existing path; write \./rtn-w8 for the folder"),
     Case("adapter-compression-folder-without-manifest", _adapter(compression="{tmp}"),
-         r"compression '.*' is a folder without compression\.json; expected a compressed checkpoint folder"),
+         r"compression '.*' is a folder without compression\.json or GPTQ quantization settings; expected a "
+         r"compressed checkpoint folder"),
     Case("adapter-checkpoint-of-another-model", _checkpoint_of_another_model,
          r"checkpoint .* was compressed from model '.*' \(weights [0-9a-f]{12}\), not from '.*'"),
     Case("train-source-not-a-corpus", _before_loading(_train("--source", "wikipedai")),

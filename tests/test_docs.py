@@ -142,10 +142,12 @@ def test_matrix_page_states_the_plan_constants():
                                                               f"plan.py has {value}"
 
 
-def test_readme_result_table_is_the_committed_run():
-    """Every cell of README's result table is the committed default run's cell (results/default's report)."""
-    readme = section((REPO / "README.md").read_text(encoding="utf-8"), "## One result")
-    report = (REPO / "results/default/report/report.md").read_text(encoding="utf-8")
+@pytest.mark.parametrize(("heading", "report_path"), [("## One result", "results/default/report/report.md"),
+                                                      ("## Generated answers", "results/generation/report/report.md")])
+def test_readme_result_table_is_the_committed_run(heading, report_path):
+    """Every cell of a README result table is the committed run's cell (the first table of its report)."""
+    readme = section((REPO / "README.md").read_text(encoding="utf-8"), heading)
+    report = (REPO / report_path).read_text(encoding="utf-8")
     report_rows = {row.split("|")[1].strip(): row for row in report.split("\n### ")[1].splitlines()
                    if row.startswith("| ")}
     readme_rows = [row.split("|")[1:-1] for row in readme.splitlines() if row.startswith("| ")][1:]  # past the header

@@ -300,3 +300,15 @@ def test_report_has_a_methods_table_per_level(baselines_run):
     assert "trainable params" in header and "gap closed, cpt_ppl_wikipedia" in header and "vs none, cpt_piqa" in header
     for label in ("hard:paper", "soft:wikipedia@rtn-w4g32", "soft+kd:wikipedia@rtn-w4g32", "lora:wikipedia@rtn-w4g32"):
         assert re.search(rf"^\| {re.escape(label)} .*\|", report, re.M), label
+
+
+def test_the_recorded_seed_fixes_the_adapter_whatever_the_global_generator_held(tiny_model_dir, filled_fake_cache,
+                                                                                 tmp_path):
+    digests = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        model, tokenizer = _load(tiny_model_dir)
+        folder = train_lora(model, tokenizer, _settings(steps=2, eval_every=2), LoraSettings(rank=2),
+                            SOURCE, tmp_path / str(global_seed), model_name="tiny")
+        digests.append(read_lora(folder)["sha256"])
+    assert digests[0] == digests[1]

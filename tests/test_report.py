@@ -199,3 +199,21 @@ def test_cli_report_and_leaderboard_print_the_written_paths(tmp_path, capsys):
     assert capsys.readouterr().out.split() == [str(tmp_path / "LEADERBOARD.md"), str(tmp_path / "LEADERBOARD.html")]
     with pytest.raises(ReportError, match=re.escape(str(tmp_path / "summary.json"))):
         _run_cli(["report", str(tmp_path)])
+
+
+def test_a_gap_closed_over_a_gap_within_noise_is_stored_as_such_and_printed_n_s():
+    from cpt_bench.matrix.paired import Examples, gap_closed
+    from cpt_bench.report.recovery import format_gap
+
+    def items(scores: list[int]) -> Examples:
+        return Examples(list(range(len(scores))), [""] * len(scores), [float(s) for s in scores], None)
+
+    dense = items([1] * 20 + [0] * 80)
+    noise = items([1] * 19 + [0] * 81)  # one item lost: a gap no test tells from zero
+    lost = items([1] * 2 + [0] * 98)  # 18 items lost, none gained: McNemar p < 1e-5
+    prompted = items([1] * 10 + [0] * 90)
+    unresolved, resolved = gap_closed(noise, prompted, dense), gap_closed(lost, prompted, dense)
+    assert unresolved["gap_significant"] is False and unresolved["estimate"] == pytest.approx(-9.0)
+    assert format_gap(unresolved) == "n/s"
+    assert resolved["gap_significant"] is True and resolved["estimate"] == pytest.approx(8 / 18)
+    assert format_gap(resolved).startswith("44% [")

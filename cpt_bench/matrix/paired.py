@@ -17,7 +17,8 @@ The summary's comparisons of a cell (``cell_comparisons``), each against a cell 
   the one of its method learned at this level on the target's own corpus (zero-shot targets, which have none: on the
   same corpus), with the same seed;
 - ``vs_trivial``: a prompted cell against the trivial-prefix control of its level (``plan.TRIVIAL_PREFIX``);
-- ``gap_closed``: a prompted cell at a compressed level: ``(C - P) / (C - D)`` with its paired-bootstrap CI;
+- ``gap_closed``: a prompted cell at a compressed level: ``(C - P) / (C - D)`` with its paired-bootstrap CI and
+  ``gap_significant`` (whether C - D itself is told from zero; a share of a gap within noise is not shown);
 - ``gap_closed_vs_trivial``: the same with the trivial-prefix control's cells as the baselines, ``(T_C - P) /
   (T_C - T_D)`` (T_C, T_D: the control at this level and on the dense model): the share of the gap left once both
   models have a neutral token before the window, i.e. what the prompt adds to any one-token prefix.
@@ -187,7 +188,9 @@ def comparison(a: Examples, b: Examples, against: str) -> dict[str, Any]:
 
 def gap_closed(compressed: Examples, prompted: Examples, dense: Examples) -> dict[str, Any] | None:
     """The stored gap closed by ``prompted`` at the level of ``compressed``, relative to ``dense``; None when the
-    level has no gap on these examples."""
+    level has no gap on these examples. ``gap_significant``: whether the gap itself (compressed against dense,
+    paired, as ``comparison`` judges it) differs from zero; where it does not, the share is a ratio over noise and
+    its bootstrap CI, whose denominator crosses zero, means nothing (reports print ``n/s``)."""
     compressed, prompted, dense = align(compressed, prompted, dense)
     counts = compressed.counts
     if counts is not None and (prompted.counts != counts or dense.counts != counts):
@@ -196,7 +199,7 @@ def gap_closed(compressed: Examples, prompted: Examples, dense: Examples) -> dic
     if estimate is None:
         return None
     return {**_estimate_fields(estimate), "method": "paired bootstrap", "resamples": stats.BOOTSTRAP_RESAMPLES,
-            "seed": stats.BOOTSTRAP_SEED}
+            "seed": stats.BOOTSTRAP_SEED, "gap_significant": comparison(dense, compressed, "dense")["significant"]}
 
 
 def _estimate_fields(estimate: stats.Estimate) -> dict[str, Any]:

@@ -135,7 +135,9 @@ def train_lora(model: torch.nn.Module, tokenizer, config: SoftPromptConfig, sett
     docstring). Windows start with the tokenizer's lead (BOS when it adds one), as a prompt's do."""
     out_dir = Path(out_dir)
     target = describe_target(model, tokenizer, model_name)  # before wrapping: the base model's identity
-    wrapped = attach_lora(model, settings)
+    with torch.random.fork_rng(devices=[]):  # PEFT draws A's initial values from the global generator: seed it
+        torch.manual_seed(config.seed)      # so that the recorded seed fixes the adapter, whatever ran before
+        wrapped = attach_lora(model, settings)
     params = lora_parameters(wrapped)
     device = model.get_input_embeddings().weight.device
     empty = torch.zeros(0, target["hidden_size"], device=device)

@@ -91,7 +91,8 @@ _PAIRED_INTRO = ("For each compression level and target: every prompt applied th
                  "against their untrained init control, transferred prompts against the prompt learned at this "
                  "level on the target's own corpus, and every prompt against the trivial-prefix control (the EOS "
                  "token as a one-token prompt) with the gap closed over it, (T_C - P) / (T_C - T_D): what the prompt "
-                 "adds to any one-token prefix; 95% CIs in brackets, * where the CI excludes zero.")
+                 "adds to any one-token prefix; 95% CIs in brackets, * where the CI excludes zero; gap closed is n/s "
+                 "where the gap itself (C - D, paired) is not told from zero: a share of noise.")
 _METHODS_INTRO = ("For each level prompts or adapters were trained at: every method applied there, what it cost to "
                   "train (trainable parameters, seconds, peak memory of the training) and what it buys: the share of "
                   "the perplexity gap to dense it closes and the change against no prompt elsewhere, with 95% CIs "

@@ -25,6 +25,7 @@ from cpt_bench.files import OutputKind, ensure_file_replaceable
 from cpt_bench.matrix.plan import TRIVIAL_PREFIX, family
 from cpt_bench.report.protocol import Protocol, run_protocols
 from cpt_bench.report.tables import (
+    GAP_UNRESOLVED,
     MISSING,
     UNTRAINED_NOTE,
     ReportError,
@@ -219,9 +220,6 @@ def build_board(runs: list[Run]) -> Board:
     tasks = list(dict.fromkeys((column.task, column.metric) for column in grouped))  # a task's protocols adjacent
     ordered = sorted(grouped.items(), key=lambda item: tasks.index((item[0].task, item[0].metric)))
     return Board(runs, [(column, _ranked(column, rows)) for column, rows in ordered if rows])
-
-
-GAP_UNRESOLVED = "n/s"
 
 
 def format_gap(share: float | None, resolved: bool) -> str:

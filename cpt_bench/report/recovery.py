@@ -27,6 +27,7 @@ import statistics
 from typing import Any
 
 from cpt_bench.report.tables import (
+    GAP_UNRESOLVED,
     MISSING,
     SIGNIFICANT_MARK,
     Summary,
@@ -71,9 +72,12 @@ def format_comparison(comparison: dict[str, Any] | None) -> str:
 
 
 def format_gap(gap: dict[str, Any] | None) -> str:
-    """``34% [28%, 40%]``: the gap closed with its bootstrap CI, ``–`` if absent."""
+    """``34% [28%, 40%]``: the gap closed with its bootstrap CI, ``–`` if absent, ``n/s`` where the compression gap
+    itself is not told from zero (a share of noise)."""
     if gap is None:
         return MISSING
+    if gap.get("gap_significant") is False:
+        return GAP_UNRESOLVED
     text = f"{gap['estimate'] * 100:.0f}%"
     return text + (f" [{gap['ci'][0] * 100:.0f}%, {gap['ci'][1] * 100:.0f}%]" if gap.get("ci") else "")
 

@@ -33,6 +33,7 @@ from cpt_bench.recovery.hard import TEXT_FORM
 from cpt_bench.stats import SMALL_DISCORDANT
 
 MISSING = "–"
+GAP_UNRESOLVED = "n/s"  # a gap closed whose compression gap is within noise: its share is not shown
 _EXPECTED = f"expected a {SUMMARY_FORMAT} summary written by the matrix runner"
 _LATEX_UNICODE = {"±": r"$\pm$", "Δ": r"$\Delta$", "–": "--", "×": r"$\times$", "↑": r"$\uparrow$",
                   "↓": r"$\downarrow$"}
