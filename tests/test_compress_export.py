@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 from transformers import OPTConfig, OPTForCausalLM
 
 from cpt_bench.compress import CalibrationSettings, ExportError, Spec, compress_model, export_gptq
+from cpt_bench.compress.export import pack_int32, unpack_int32
 from cpt_bench.compress.storage import save_compressed
 
 from .compress_helpers import _one_thread, random_ids, tiny_llama  # noqa: F401  (_one_thread: autouse fixture)
@@ -66,6 +67,16 @@ def test_decode_reproduces_simulated_weights(tmp_path, text, checkpoint_format, 
     assert config == json.loads((out / "quantize_config.json").read_text())
     assert (config["bits"], config["group_size"], config["sym"], config["desc_act"], config["checkpoint_format"]) == (
         quant.bits, quant.group_size or -1, quant.symmetric, quant.act_order, checkpoint_format)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_int32_words_unpack_to_the_packed_codes(bits):
+    codes = torch.randint(0, 2**bits, (5, 64), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
+    words = pack_int32(codes, bits)
+    assert words.dtype == torch.int32 and words.shape == (5, 64 * bits // 32)
+    assert torch.equal(unpack_int32(words, bits, 64), codes)
+    if bits == 4:  # the GPTQ layout: code i in bits 4 * (i % 8) of word i // 8
+        assert int(words[0, 0]) & 0xF == int(codes[0, 0]) and (int(words[0, 0]) >> 4) & 0xF == int(codes[0, 1])
 
 
 def test_zero_point_zero_needs_v2(tmp_path):

@@ -35,7 +35,7 @@ from safetensors.torch import save as save_safetensors
 
 from cpt_bench.compress.quant import CompressedLinear
 from cpt_bench.compress.spec import Spec
-from cpt_bench.compress.storage import pack_bits, read_checkpoint
+from cpt_bench.compress.storage import pack_bits, read_checkpoint, unpack_bits
 from cpt_bench.errors import UserError
 from cpt_bench.files import EXPORT_MARKER, OutputKind, ensure_replaceable, json_bytes, write_files_atomic
 
@@ -65,9 +65,26 @@ def pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
     rows, cols = values.shape
     if (cols * bits) % 32:
         raise ExportError(f"cannot pack {cols} {bits}-bit values into whole int32 words")
-    if sys.byteorder != "little":
-        raise ExportError("GPTQ export assumes a little-endian machine")
+    _check_little_endian()
     return pack_bits(values.contiguous(), bits).view(torch.int32).reshape(rows, cols * bits // 32)
+
+
+def unpack_int32(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of ``pack_int32``: each row of ``words [rows, count * bits / 32]`` int32 as a little-endian bit
+    stream of ``count`` codes, ``[rows, count]`` uint8."""
+    _check_little_endian()
+    rows = words.shape[0]
+    if 32 % bits == 0:  # 2, 4, 8 bits: whole codes per word, code i at bits * (i % per_word) of word i // per_word
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32)
+        codes = (words.contiguous()[..., None] >> shifts) & (2**bits - 1)
+        return codes.reshape(rows, -1)[:, :count].to(torch.uint8)
+    return unpack_bits(words.contiguous().view(torch.uint8).reshape(-1), bits, rows * count).reshape(rows, count)
+
+
+def _check_little_endian() -> None:
+    # GPTQ folders are little-endian int32 words; reinterpreting our byte streams as words needs the same order
+    if sys.byteorder != "little":
+        raise ExportError("GPTQ packing assumes a little-endian machine")
 
 
 def gptq_tensors(name: str, layer: CompressedLinear, checkpoint_format: str = "gptq") -> dict[str, torch.Tensor]:

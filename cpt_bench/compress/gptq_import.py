@@ -35,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,11 +43,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from cpt_bench.compress.export import CHECKPOINT_FORMATS, INDEX_FILE, QUANTIZE_CONFIG_FILE, WEIGHTS_FILE
+from cpt_bench.compress.export import CHECKPOINT_FORMATS, INDEX_FILE, QUANTIZE_CONFIG_FILE, WEIGHTS_FILE, unpack_int32
 from cpt_bench.compress.layers import COMPRESSIBLE_TYPES, weight_of
 from cpt_bench.compress.quant import CompressedLinear, QuantizedWeight
 from cpt_bench.compress.spec import BITS, GROUP_SIZES, CompressionResult, LayerReport, Quantization, Spec
-from cpt_bench.compress.storage import CHECKPOINT_KIND, save_compressed, unique_state, unpack_bits
+from cpt_bench.compress.storage import CHECKPOINT_KIND, save_compressed, unique_state
 from cpt_bench.errors import UserError
 from cpt_bench.files import ensure_replaceable, replacing_folder
 
@@ -217,19 +216,6 @@ def read_gptq_tensors(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise GptqImportError(f"tensor {twice[0]} is stored twice in {folder} (again in {path.name})")
         tensors |= shard
     return tensors
-
-
-def unpack_int32(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """Inverse of ``export.pack_int32``: each row of ``words [rows, count * bits / 32]`` int32 as a little-endian bit
-    stream of ``count`` codes, ``[rows, count]`` uint8."""
-    if sys.byteorder != "little":
-        raise GptqImportError("GPTQ import assumes a little-endian machine")
-    rows = words.shape[0]
-    if 32 % bits == 0:  # 2, 4, 8 bits: whole codes per word, code i at bits * (i % per_word) of word i // per_word
-        shifts = torch.arange(0, 32, bits, dtype=torch.int32)
-        codes = (words.contiguous()[..., None] >> shifts) & (2**bits - 1)
-        return codes.reshape(rows, -1)[:, :count].to(torch.uint8)
-    return unpack_bits(words.contiguous().view(torch.uint8).reshape(-1), bits, rows * count).reshape(rows, count)
 
 
 def _check_shape(name: str, tensor: torch.Tensor | None, expected: tuple[int, ...], dtype: torch.dtype | None,
