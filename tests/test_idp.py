@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from cpt_bench.errors import UserError
 from cpt_bench.lmeval.adapter import CptLM, PromptAdapterError
 from cpt_bench.recovery.artifact import read_prompt
-from cpt_bench.recovery.idp import choose, common_prefix, prompt_score
+from cpt_bench.recovery.idp import IdpKind, choose, common_prefix, prompt_score
 
 from . import fakes
 from .compress_helpers import _one_thread  # noqa: F401  (autouse fixture)
@@ -146,6 +146,10 @@ def test_hard_and_soft_prompts_mix_and_perplexity_is_refused(tiny_model_dir, pro
     info = lm.prompt_info
     assert list(info["prompts"]) == ["paper", "text16", "p0"] and info["rule"] == "attention"
     assert info["n_tokens"] == max(member["n_tokens"] for member in info["prompts"].values())
+    soft = read_prompt(prompts[0]).embeddings  # what the soft member's folder stores, float32
+    assert soft.dtype == torch.float32
+    assert [member["stored_bytes"] for member in info["prompts"].values()] == [0, 0, soft.numel() * 4]
+    assert info["stored_bytes"] == soft.numel() * 4 == IdpKind().added_bytes(info)  # the set stores its soft member
     with pytest.raises(PromptAdapterError, match="^idp cannot score rolling loglikelihoods"):
         lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("some text",), 0)])
 

@@ -13,7 +13,15 @@ import yaml
 
 from cpt_bench.matrix import store
 from cpt_bench.matrix.config import ConfigError, config_from_dict, load_config
-from cpt_bench.matrix.plan import describe, make_plan, shard_plan
+from cpt_bench.matrix.plan import (
+    IDP_CHOICE_FRACTION,
+    ITEM_SECONDS,
+    describe,
+    estimate_seconds,
+    idp_choice_seconds,
+    make_plan,
+    shard_plan,
+)
 from tests.compress_helpers import _one_thread  # noqa: F401  (autouse)
 from tests.test_matrix import matrix_cache, run_under  # noqa: F401  (module-scoped fixture)
 
@@ -49,6 +57,24 @@ def test_idp_cells_run_at_every_level_on_every_target_but_perplexity_with_set_an
     text = describe(plan, None)
     assert f"{prompts[0]} (6 cells)" in text and "not on perplexity targets" in text
     assert f"rtn-w3g32: {sum(c.compression == 'rtn-w3g32' for c in plan.cells)} cells; prompts" in text
+
+
+def test_the_time_estimate_counts_the_choice_passes():
+    """An IDP cell costs its scoring plus one context forward per member and document (by loss dearer than by
+    attention); other cells pay nothing for it."""
+    plan = make_plan(config_from_dict(planning_config(sets=[["paper", "text:The"]], rules=["attention", "loss"])))
+    cells = {(c.compression, c.prompt.id, c.target.name): c for c in plan.cells}
+    piqa, coqa = ("dense", "idp-attention:hard-paper+hard-text3", "cpt_piqa"), "cpt_coqa+max_gen_toks=8"
+    assert idp_choice_seconds(cells[piqa]) == pytest.approx(2 * IDP_CHOICE_FRACTION["attention"] * ITEM_SECONDS)
+    assert idp_choice_seconds(cells["dense", "idp-loss:hard-paper+hard-text3", "cpt_piqa"]) > \
+        idp_choice_seconds(cells[piqa]) > 0
+    assert idp_choice_seconds(cells["dense", "idp-attention:hard-paper+hard-text3", coqa]) > \
+        idp_choice_seconds(cells[piqa])  # a generative context is longer than an item's
+    assert idp_choice_seconds(cells["dense", "hard-paper", "cpt_piqa"]) == 0
+    with_idp = estimate_seconds(plan)["cells"]
+    plain = make_plan(config_from_dict(planning_config(sets=[["paper", "text:The"]]) | {
+        "prompts": {"hard": ["paper", "text:The"], "soft": {"sources": ["wikipedia"], "trained_at": ["rtn-w4g32"]}}}))
+    assert with_idp > estimate_seconds(plain)["cells"]
 
 
 def test_a_soft_member_is_applied_as_the_transfer_settings_say():

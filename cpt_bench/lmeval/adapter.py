@@ -179,6 +179,15 @@ def check_model_args(extra: dict[str, Any], recovery: dict[str, Any]) -> None:
                                      f"{', '.join(accepted)}")
 
 
+def _stored_prompt_bytes(applied: Applied, prompt: torch.Tensor | None) -> int | None:
+    """Bytes one prompt of an IDP set stores: its kind's ``stored_value_bytes`` per value of ``prompt [n, hidden]``
+    (0 for a hard prompt, whose text is no weight; float32 for a soft prompt); None for a kind that does not say."""
+    per_value = RECOVERY_KINDS[applied.info["kind"]].stored_value_bytes
+    if per_value is None:
+        return None
+    return per_value * (0 if prompt is None else int(prompt.numel()))
+
+
 @dataclass
 class _PrefixState:
     """What the adapter places before each request for one prompt (``CptLM._set_prompt``): the prompt ``[n, hidden]``,
@@ -264,9 +273,12 @@ class CptLM(HFLM):
             self._set_prompt(member, f"idp prompt {label}", prefix_cache, prompt_position)
             self._choices[label] = self._prefix_state()
             members[label] = member.info | {k: self.prompt_info[k] for k in ("n_tokens", "position")}
+            members[label]["stored_bytes"] = _stored_prompt_bytes(member, self._prompt)
         self._use_prefix(max(self._choices.values(), key=lambda state: state.prefix.shape[0]))
+        stored = [member["stored_bytes"] for member in members.values()]
         self.prompt_info |= {"rule": self._idp_rule, "prompts": members, "chosen": dict.fromkeys(members, 0),
-                             "n_tokens": max(member["n_tokens"] for member in members.values())}
+                             "n_tokens": max(member["n_tokens"] for member in members.values()),
+                             "stored_bytes": None if None in stored else sum(stored)}
 
     def _prefix_state(self) -> _PrefixState:
         return _PrefixState(self._prompt, self._prefix, self._bos, self._prefix_kv, self._prefix_logits,

@@ -71,6 +71,12 @@ GENERATED_TOKEN_SECONDS = 0.043
 EORA_FIT_SECONDS = 140.0
 GENERATIVE_CONTEXT_TOKENS = 400
 LM_EVAL_MAX_GEN_TOKS = 256
+# IDP's choice: one batch-1 forward of each document's context under each member (recovery.idp), as a fraction of
+# one multiple-choice item's scoring (ITEM_SECONDS) or one generative context's reading. Measured with
+# `cpt-lm-eval --model cpt ... --tasks cpt_piqa --limit 60`, two hard members against one hard prompt alone, on the
+# 2 CPU cores while another run used them (all three ~6x slower than idle, hence ratios): 87 s alone, 192 s by
+# attention (eager attention, weights returned), 260 s by loss (logits over every context token).
+IDP_CHOICE_FRACTION = {"attention": 0.85, "loss": 1.45}
 CELL_OVERHEAD_SECONDS = 2.0  # lm-eval task set-up per cell
 MODEL_LOAD_SECONDS = 4.0  # one (compression, prompt) group
 REFERENCE_PARAMETERS = 134_515_008  # SmolLM2-135M-Instruct (tied embeddings once), the model the rates are of
@@ -294,9 +300,18 @@ def estimate_seconds(plan: Plan, parameters: int = REFERENCE_PARAMETERS) -> dict
                 + limit * GENERATIVE_CONTEXT_TOKENS / EVAL_TOKENS_PER_SECOND
         else:
             work = limit * ITEM_SECONDS
-        cells += work * scale + CELL_OVERHEAD_SECONDS
+        cells += (work + limit * idp_choice_seconds(cell)) * scale + CELL_OVERHEAD_SECONDS
     return {"compression": compress, "soft_prompts": prompts, "eora": eora, "cells": cells,
             "total": compress + prompts + eora + cells}
+
+
+def idp_choice_seconds(cell: Cell) -> float:
+    """Seconds per document an IDP cell spends choosing its member (0 for other cells): one context forward per
+    member at ``IDP_CHOICE_FRACTION`` of an item's (multiple choice) or a context's reading (generative)."""
+    if cell.prompt.members is None:
+        return 0.0
+    read = GENERATIVE_CONTEXT_TOKENS / EVAL_TOKENS_PER_SECOND if cell.target.is_generative else ITEM_SECONDS
+    return len(cell.prompt.members) * IDP_CHOICE_FRACTION[cell.prompt.rule] * read
 
 
 def generated_tokens(target: Target) -> int:
@@ -344,7 +359,7 @@ def describe(plan: Plan, parameters: int | None = REFERENCE_PARAMETERS) -> str:
                      + ", ".join(f"{t.name} up to {tokens:,} generated tokens" for t, tokens in generated))
     if idp := [prompt for prompt in config.prompts.idp_choices() if any(cell.prompt == prompt for cell in plan.cells)]:
         lines.append("IDP prompts (one member per document, chosen from its context by the rule; not on perplexity "
-                     "targets; the time estimate leaves out the choice's forward passes): "
+                     "targets; the choice costs one context forward per member and document): "
                      + ", ".join(f"{prompt.id} ({sum(cell.prompt == prompt for cell in plan.cells)} cells)"
                                  for prompt in idp))
     for compression in config.compression.specs:
