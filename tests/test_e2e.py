@@ -72,7 +72,7 @@ def _table(cli: str, model: str, model_args: str, out: Path) -> str:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     done = subprocess.run(
         [str(BIN / cli), "--model", model, "--model_args", model_args, "--tasks", "cpt_piqa,cpt_lambada_openai",
-         "--include_path", str(TASKS_DIR), "--limit", "30", "--batch_size", "8", "--device", "cpu",
+         "--include_path", str(TASKS_DIR), "--limit", "12", "--batch_size", "8", "--device", "cpu",
          "--output_path", str(out)],
         capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -87,8 +87,11 @@ def test_cpt_lm_eval_and_plain_lm_eval_print_the_same_numbers(real_assets, tmp_p
     plain = _table("lm_eval", "hf", f"pretrained={path}", tmp_path / "plain")
     adapter = _table("cpt-lm-eval", "cpt", "pretrained=embedded", tmp_path / "adapter")
     assert ours == plain == adapter
-    piqa_acc = float(re.search(r"cpt_piqa\s*\|\s*1\|none\s*\|\s*0\|acc\s*\|↑\s*\|\s*([0-9.]+)", ours)[1])
-    assert 0.55 <= piqa_acc <= 0.9  # SmolLM2-135M is about 0.7 on PIQA
+    # and they are a working model's: 12 PIQA items are too few to tell 0.7 from chance, LAMBADA's perplexity is not
+    # (a model whose weights or tokenizer were mixed up scores in the thousands)
+    perplexity = float(re.search(r"cpt_lambada_openai\s*\|\s*1\|none\s*\|\s*0\|perplexity\s*\|↓\s*\|\s*([0-9.]+)",
+                                 ours)[1])
+    assert 3 < perplexity < 80, ours
 
 
 def test_evaluate_on_the_embedded_model(real_assets, tmp_path):

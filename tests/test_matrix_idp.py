@@ -152,6 +152,10 @@ def test_idp_cells_record_their_choices_per_cell_and_per_item(idp_run):
     for record in found.values():
         chosen, examples = record["prompt"]["chosen"], record["examples"]
         assert list(chosen) == ["hard-paper", "trivial"] and record["prompt"]["rule"] == "attention"
+        # the set stores what its members store: the hard prompt nothing, the control its one embedding
+        hard, control = record["prompt"]["prompts"].values()
+        assert hard["stored_bytes"] == 0 and control["stored_bytes"] > 0
+        assert record["prompt"]["stored_bytes"] == control["stored_bytes"]
         assert sum(chosen.values()) == len(examples["doc_ids"]) == record["cell"]["limit"]
         assert {member: examples["choices"].count(member) for member in chosen} == chosen
     assert "generations" in found["cpt_coqa+max_gen_toks=4"]["examples"]
@@ -188,3 +192,15 @@ def test_the_matrix_page_entry_and_the_shipped_config_validate():
         f"idp-{rule}:hard-paper+{member}" for member in ("soft-wikipedia@rtn-w3g64", "hard-text3")
         for rule in ("attention", "loss")]
     assert len(idp_cells(make_plan(load_config(repo / "configs" / "idp.yaml")))) == 4
+
+
+def test_the_recovery_study_sets_idp_beside_every_method_at_both_levels_as_its_page_says():
+    """configs/recovery-study.yaml: IDP of the hard prompt and each level's seed-0 soft prompt, on the two zero-shot
+    targets at that level; docs/matrix.md states the plan's cell and group counts."""
+    repo = Path(__file__).resolve().parents[1]
+    plan = make_plan(load_config(repo / "configs" / "recovery-study.yaml"))
+    levels = ("gptq-w3g64", "sparsegpt-50+gptq-w4g64")
+    assert idp_cells(plan) == {(level, f"idp-attention:hard-paper+soft-wikipedia@{level}#s0", task)
+                               for level in levels for task in ("cpt_piqa", "cpt_arc_easy")}
+    page = " ".join((repo / "docs" / "matrix.md").read_text(encoding="utf-8").split())
+    assert f"plans {len(plan.cells)} cells in {len(plan.groups())} groups" in page
