@@ -69,7 +69,7 @@ def run_evaluation(settings: EvalSettings) -> dict[str, Any]:
     started = time.perf_counter()
     environment = environment_record(SEEDS)  # before the run: the commit and versions that produced it
     model_path = check_causal_lm(settings.model)
-    manager = task_manager(model_path, settings.seqlen_tokens)
+    manager = task_manager(model_path, settings.seqlen_tokens, names=settings.tasks)
     unknown = [name for name in settings.tasks if name not in manager.all_tasks]
     if unknown:
         raise UserError(f"unknown task(s) {', '.join(unknown)}; expected lm-eval task or group names, "

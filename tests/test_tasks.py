@@ -226,6 +226,18 @@ def test_bad_window_lengths_are_clear_errors(seqlen, message):
         token_windows(token_stream(["river stone light"], tokenizer, with_offsets=True), tokenizer, seqlen)
 
 
+def test_a_manager_for_our_tasks_alone_skips_lm_evals_index(filled_fake_cache):
+    """Naming only our tasks and groups, the manager indexes tasks/ alone (lm-eval's ~14,000 files are skipped) and
+    still builds them (our generative tasks call lm-eval's Python, not its YAML); naming a built-in task, both."""
+    ours = task_manager(None, 1024, names=["cpt_piqa", "cpt_zeroshot", "cpt_coqa"])
+    assert "cpt_coqa" in ours.all_tasks and "piqa" not in ours.all_tasks
+    assert set(ours.all_tasks) == {path.stem for path in TASKS_DIR.glob("cpt_*.yaml")} | {
+        name for name in ours.all_tasks if name in ours.all_groups}
+    assert ours.load(["cpt_piqa"])["tasks"]["cpt_piqa"].config.task == "cpt_piqa"
+    both = task_manager(None, 1024, names=["cpt_piqa", "piqa"])
+    assert {"cpt_piqa", "piqa"} <= set(both.all_tasks) and both is task_manager(None, 1024)
+
+
 def test_perplexity_task_without_a_tokenizer_says_what_to_pass(filled_fake_cache):
     with pytest.raises(TaskInputError, match="pass model_args pretrained="):
         task_manager(None, 1024).load(["cpt_ppl_milton"])

@@ -11,7 +11,7 @@ from cpt_bench.lmeval.tasks import task_manager
 def read_task_corpus(spec: CorpusSpec) -> tuple[dict[str, list[Document]], str]:
     """The task's own splits (each document rendered by ``render_task_doc``; missing ones carved from train) and a
     fingerprint of the rendered text; a group or an unknown task is refused in one line."""
-    manager = task_manager(None, 1024)
+    manager = task_manager(None, 1024, names=[spec.location])
     if spec.location not in manager.all_tasks or spec.location in manager.all_groups:
         raise CorpusError(f"corpus {spec}: {spec.location!r} is not an lm-eval task (groups are not corpora)")
     task = manager.load([spec.location])["tasks"][spec.location]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from cpt_bench.errors import UserError
@@ -11,21 +12,32 @@ from cpt_bench.provenance import REPO_ROOT
 TASKS_DIR = REPO_ROOT / "tasks"
 
 
-@functools.lru_cache(maxsize=8)
-def task_manager(model_path: str | None, seqlen_tokens: int, corpus: str | None = None):
+def task_manager(model_path: str | None, seqlen_tokens: int, corpus: str | None = None, names: Iterable[str] = ()):
     """A TaskManager that knows our task folder; the model path (whose tokenizer cuts perplexity windows; None:
     the run's model_args must name it), the window length and the corpus spec of ``cpt_ppl_corpus`` (None: the
     run's ``--metadata`` must name it when that task runs) reach our loaders as metadata.
 
-    Cached because indexing lm-eval's task folders takes ~8 s.
+    When every task or group of ``names`` is one of ours, the manager indexes our folder alone; otherwise (or with
+    no names) lm-eval's own tasks too, whose ~14,000 YAML files take 8-15 s to read on 2 CPU cores.
     """
+    names = tuple(names)
+    if names:
+        ours = _manager(model_path, seqlen_tokens, corpus, builtin=False)
+        if all(name in ours.all_tasks for name in names):
+            return ours
+    return _manager(model_path, seqlen_tokens, corpus, builtin=True)
+
+
+@functools.lru_cache(maxsize=8)
+def _manager(model_path: str | None, seqlen_tokens: int, corpus: str | None, builtin: bool):
+    """One TaskManager per process and (model, window length, corpus, with lm-eval's own tasks or not)."""
     from lm_eval.tasks import TaskManager
 
     if not TASKS_DIR.is_dir():
         raise UserError(f"task folder {TASKS_DIR} not found; install cpt_bench from a checkout (pip install -e .)")
     metadata = {"seqlen": seqlen_tokens} | ({"pretrained": model_path} if model_path else {})
     metadata |= {"corpus": corpus} if corpus else {}
-    return TaskManager(include_path=str(TASKS_DIR), metadata=metadata)
+    return TaskManager(include_path=str(TASKS_DIR), include_defaults=builtin, metadata=metadata)
 
 
 GENERATIVE = "generate_until"

@@ -73,12 +73,13 @@ def resolved_device(config: MatrixConfig) -> str:
 
 
 def task_manager(config: MatrixConfig, target: Target | None = None):
-    """lm-eval's TaskManager over our tasks/ folder, with the model, window length and (for ``cpt_ppl_corpus``
-    targets) corpus our loaders need."""
+    """lm-eval's TaskManager over our tasks/ folder (and lm-eval's own when a target is one of those), with the model,
+    window length and (for ``cpt_ppl_corpus`` targets) corpus our loaders need."""
     from cpt_bench.assets.model import resolve_model
     from cpt_bench.lmeval.tasks import task_manager as shared_manager
 
-    return shared_manager(resolve_model(config.model), config.ppl_seqlen, target.corpus if target else None)
+    return shared_manager(resolve_model(config.model), config.ppl_seqlen, target.corpus if target else None,
+                          names=[t.task for t in config.targets])
 
 
 # --- artifacts ---------------------------------------------------------------------------------------------------
