@@ -22,6 +22,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from cpt_bench.errors import UserError
 FILE_TEMP_SUFFIX = ".tmp"
 FOLDER_TEMP_SUFFIX = ".building"
 _HASH_CHUNK_BYTES = 1 << 20
+_SETTLED_SECONDS = 2.0  # sha256_of remembers only files unmodified for this long
+_HASHED: dict[tuple, str] = {}  # sha256_of's digests by (path, device, inode, size, mtime ns)
 _FILE_MODE, _FOLDER_MODE = 0o644, 0o755
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # <fcntl.h>, <linux/fs.h>
 # errnos of a kernel or file system without RENAME_EXCHANGE (ENOSYS: no renameat2; EINVAL: flag unsupported)
@@ -154,11 +157,22 @@ def _is_temp_name(name: str) -> bool:
 
 
 def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks.
+
+    Remembered for this process while the file keeps its inode, size and modification time (as git's index does):
+    a cache entry is verified each time it is resolved, once per cell in a matrix, and a 1 GB model took 5-13 s a
+    time. A file modified in the last ``_SETTLED_SECONDS`` is hashed every time, since a rewrite within the
+    clock's granularity could leave its modification time unchanged."""
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if key in _HASHED:
+        return _HASHED[key]
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(_HASH_CHUNK_BYTES):
             digest.update(chunk)
+    if time.time() - stat.st_mtime > _SETTLED_SECONDS:
+        _HASHED[key] = digest.hexdigest()
     return digest.hexdigest()
 
 

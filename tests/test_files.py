@@ -142,3 +142,22 @@ def test_without_rename_exchange_the_fallback_still_replaces(tmp_path, monkeypat
     assert _contents(target) == {"a.txt": "a new", "sub/b.txt": "b new"}
     assert _siblings(target) == []
     assert [complete for name, complete in seen if name == "rename"] == [False, True, True]
+
+
+def test_a_settled_file_is_hashed_once_and_again_when_it_changes(tmp_path, monkeypatch):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"a" * 1000)
+    old = os.stat(path).st_mtime - 60
+    os.utime(path, (old, old))  # settled: unmodified for a minute
+    reads = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda *a, **k: reads.append(a[0]) or real_open(*a, **k))
+    first = files.sha256_of(path)
+    assert files.sha256_of(path) == first and reads == [path]  # the second call trusts the unchanged file
+    path.write_bytes(b"b" * 1000)  # same size, new modification time: hashed again, every time while fresh
+    assert files.sha256_of(path) != first and files.sha256_of(path) != first and len(reads) == 3
+    replaced = tmp_path / "new.bin"
+    replaced.write_bytes(b"c" * 1000)
+    os.utime(replaced, (old, old))
+    os.replace(replaced, path)  # another file under the name, with an old time: hashed again (new inode)
+    assert files.sha256_of(path) == files.sha256_of(path) != first and len(reads) == 4

@@ -213,6 +213,17 @@ def test_prompt_trained_dense_applies_to_a_compressed_model(fake_cache, tiny_mod
     assert compressed != pytest.approx([s for s, _ in tiny_lm.loglikelihood(requests)], abs=TOLERANCE)
 
 
+def test_a_compressed_model_keeps_the_tokenizer_settings_hflm_is_given(fake_cache, tiny_model_dir):
+    """With ``compression=`` the adapter hands HFLM the tokenizer it loaded, unless an HFLM argument changes how the
+    tokenizer is built: then HFLM builds it, as plain ``hf`` would."""
+    plain = CptLM(pretrained=str(tiny_model_dir), compression="rtn-w4", device="cpu", dtype="float32")
+    told = CptLM(pretrained=str(tiny_model_dir), compression="rtn-w4", device="cpu", dtype="float32",
+                 add_bos_token=not plain.tokenizer.add_bos_token)
+    assert told.tokenizer.add_bos_token is not plain.tokenizer.add_bos_token
+    assert plain.tok_encode("river stone") == CptLM(pretrained=str(tiny_model_dir), device="cpu",
+                                                    dtype="float32").tok_encode("river stone")
+
+
 def test_compression_may_be_a_compressed_checkpoint_folder(fake_cache, tiny_model_dir, prompt_dir, tmp_path):
     """A folder written by ``cpt-bench compress --out`` scores exactly like the same spec from the cache."""
     from cpt_bench.compress import CalibrationSettings, Spec, compress_to_folder

@@ -107,6 +107,8 @@ def _as_bool(value: bool | str, name: str) -> bool:
     raise PromptAdapterError(f"{name} must be true or false, got {value!r}")
 
 
+# HFLM arguments that change how its tokenizer is built (``HFLM._create_tokenizer``): given one, HFLM builds its own
+TOKENIZER_ARGS = ("add_bos_token", "use_fast_tokenizer", "revision", "subfolder", "trust_remote_code", "gguf_file")
 RECOVERY_ARGS = {kind.model_arg: kind for kind in RECOVERY_KINDS.values() if kind.model_arg}  # model_arg -> kind
 
 
@@ -243,7 +245,11 @@ class CptLM(HFLM):
             loaded = load_model(pretrained, compression, mode=compression_mode,
                                 dtype=None if dtype == "auto" else dtype, device=device)
             pretrained, label, self._layer_modes = loaded.model, loaded.compression, loaded.layer_modes
-            kwargs.setdefault("tokenizer", resolve_model(name))  # HFLM needs one for a model instance
+            # HFLM needs a tokenizer for a model instance: the one load_model just read (a fresh object; reading
+            # Gemma 3's 33 MB tokenizer.json again took seconds per cell), unless an HFLM argument changes how
+            # it is built, in which case HFLM builds it from the path as for any model
+            tokenizer_args = [arg for arg in TOKENIZER_ARGS if kwargs.get(arg) is not None]
+            kwargs.setdefault("tokenizer", resolve_model(name) if tokenizer_args else loaded.tokenizer)
         elif isinstance(pretrained, str):
             pretrained = check_causal_lm(pretrained)
         try:
