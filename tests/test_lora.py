@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 
 import pytest
 import torch
@@ -24,7 +23,7 @@ from cpt_bench.recovery.training import SoftPromptConfig, kd_loss
 
 from .conftest import TINY_SEQLEN_TOKENS
 from .prompt_helpers import instances, mc_pairs, rolling_texts
-from .test_matrix import TRAINING, run_under, tiny_config
+from .test_matrix import TRAINING, run_under, tiny_config, writable_cache
 from .test_recovery import summary_cells
 
 SOURCE = "wikipedia"
@@ -268,8 +267,7 @@ def test_bad_lora_and_objective_configs_fail_with_their_key_path(change, message
 
 @pytest.fixture(scope="module")
 def baselines_run(_filled_fake_cache, tiny_model_dir, tmp_path_factory):
-    cache = tmp_path_factory.mktemp("baselines-cache") / "cache"
-    shutil.copytree(_filled_fake_cache, cache)
+    cache = writable_cache(_filled_fake_cache, tmp_path_factory, "baselines-cache")
     return run_under(cache, baselines_config(tiny_model_dir), tmp_path_factory.mktemp("baselines"))
 
 

@@ -273,12 +273,17 @@ def test_malformed_yaml_and_missing_file_fail_in_one_line(tmp_path, capsys):
 
 # --- runs on the tiny model ----------------------------------------------------------------------------------
 
+def writable_cache(filled: Path, tmp_path_factory, name: str) -> Path:
+    """A writable copy of the filled fake cache ``filled`` in a fresh folder named after ``name`` (runs add
+    compressed checkpoints and adapters to it)."""
+    root = tmp_path_factory.mktemp(name) / "cache"
+    shutil.copytree(filled, root)
+    return root
+
+
 @pytest.fixture(scope="module")
 def matrix_cache(_filled_fake_cache, tmp_path_factory) -> Path:
-    """A writable copy of the filled fake cache (runs add compressed checkpoints to it)."""
-    root = tmp_path_factory.mktemp("matrix-cache") / "cache"
-    shutil.copytree(_filled_fake_cache, root)
-    return root
+    return writable_cache(_filled_fake_cache, tmp_path_factory, "matrix-cache")
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from cpt_bench.matrix.plan import describe, estimate_seconds, make_plan, shard_p
 from cpt_bench.matrix.run import run_matrix
 from cpt_bench.recovery.lora import PEFT_WEIGHTS
 from tests.compress_helpers import _one_thread  # noqa: F401  (autouse)
-from tests.test_matrix import TRAINING, run_under, tiny_config, write_config
+from tests.test_matrix import TRAINING, run_under, tiny_config, writable_cache, write_config
 
 CALIBRATION = {"corpus": "wikipedia", "n_windows": 3, "seqlen": 24, "seed": 0}
 LEVEL = "rtn-w3g32"
@@ -126,9 +126,7 @@ def test_eora_needs_a_compressed_level_and_simulated_kernels():
 
 @pytest.fixture(scope="module")
 def eora_cache(_filled_fake_cache, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("eora-matrix-cache") / "cache"
-    shutil.copytree(_filled_fake_cache, root)
-    return root
+    return writable_cache(_filled_fake_cache, tmp_path_factory, "eora-matrix-cache")
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from cpt_bench.recovery.soft import initial_prompt
 from cpt_bench.report.recovery import format_comparison, format_gap
 from cpt_bench.report.tables import format_entry
 from tests.compress_helpers import _one_thread  # noqa: F401  (autouse)
-from tests.test_matrix import TRAINING, run_under, tiny_config
+from tests.test_matrix import TRAINING, run_under, tiny_config, writable_cache
 
 # --- planning (no model) -----------------------------------------------------------------------------------------
 
@@ -151,9 +151,7 @@ def recovery_config(model: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def recovery_cache(_filled_fake_cache, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("recovery-cache") / "cache"
-    shutil.copytree(_filled_fake_cache, root)
-    return root
+    return writable_cache(_filled_fake_cache, tmp_path_factory, "recovery-cache")
 
 
 @pytest.fixture(scope="module")

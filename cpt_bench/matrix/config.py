@@ -246,14 +246,7 @@ class Compression:
 
     def __post_init__(self) -> None:
         _require(len(self.specs) > 0, "specs", self.specs, "a non-empty list of compression specs")
-        canonical = []
-        for index, text in enumerate(self.specs):
-            try:
-                canonical.append(str(Spec.parse(text)))
-            except UserError as error:
-                raise ConfigError(f"specs[{index}]: {error}") from None
-        _require_distinct("specs", self.specs, canonical)
-        object.__setattr__(self, "specs", canonical)
+        object.__setattr__(self, "specs", _canonical_specs("specs", self.specs))
 
 
 @dataclass(frozen=True)
@@ -381,13 +374,7 @@ class SoftPrompts:
                 raise ConfigError(f"sources[{index}]: {error}") from None
         _require_distinct("sources", self.sources, canonical)
         object.__setattr__(self, "sources", canonical)
-        levels = []
-        for index, text in enumerate(self.trained_at):
-            try:
-                levels.append(str(Spec.parse(text)))
-            except UserError as error:
-                raise ConfigError(f"trained_at[{index}]: {error}") from None
-        _require_distinct("trained_at", self.trained_at, levels)
+        _canonical_specs("trained_at", self.trained_at)
         _require(bool(self.sources) == bool(self.trained_at), "trained_at", self.trained_at,
                  "given exactly when sources are (a prompt needs both)")
         _require(all(seed >= 0 for seed in self.seeds), "seeds", self.seeds, "non-negative integers")
@@ -431,15 +418,10 @@ class EoraAdapters:
         _require(bool(self.ranks) and all(rank > 0 for rank in self.ranks), "ranks", self.ranks,
                  "a non-empty list of positive integers (EoRA ranks, e.g. [8, 16, 32])")
         _require_distinct("ranks", self.ranks)
-        levels = []
-        for index, text in enumerate(self.levels):
-            try:
-                levels.append(str(Spec.parse(text)))
-            except UserError as error:
-                raise ConfigError(f"levels[{index}]: {error}") from None
-            _require(levels[-1] != "dense", f"levels[{index}]", text,
+        levels = _canonical_specs("levels", self.levels)
+        for index, level in enumerate(levels):
+            _require(level != "dense", f"levels[{index}]", self.levels[index],
                      "a compressed level (dense has no compression error to correct)")
-        _require_distinct("levels", self.levels, levels)
         object.__setattr__(self, "levels", levels)
         for index, rank in enumerate(self.soft):
             _require(rank in self.ranks, f"soft[{index}]", rank, f"one of ranks ({', '.join(map(str, self.ranks))})")
@@ -637,6 +619,19 @@ class MatrixConfig:
 def _require(ok: bool, key: str, value: Any, expected: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: got {value!r}, expected {expected}")
+
+
+def _canonical_specs(key: str, texts: list[str]) -> list[str]:
+    """Each compression spec of ``texts`` in its canonical form; one that does not parse is refused in one line
+    naming ``key[index]``, and so are two spelling the same spec."""
+    canonical = []
+    for index, text in enumerate(texts):
+        try:
+            canonical.append(str(Spec.parse(text)))
+        except UserError as error:
+            raise ConfigError(f"{key}[{index}]: {error}") from None
+    _require_distinct(key, texts, canonical)
+    return canonical
 
 
 def _require_distinct(key: str, values: list, identities: list | None = None) -> None:
