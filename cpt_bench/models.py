@@ -144,7 +144,7 @@ class LoadedModel:
 def load_model(name_or_path: str, compression: Compression | str = None, *, mode: str = "simulated",
                dtype: torch.dtype | None = None, device: str | None = None,
                calibration: CalibrationSettings | None = None, progress: bool = True,
-               fallback: bool = False) -> LoadedModel:
+               fallback: bool = False, tokenizer: Any = None) -> LoadedModel:
     """Load ``name_or_path``, compressed as ``compression`` (see the module docstring), in eval mode.
 
     Args:
@@ -158,12 +158,13 @@ def load_model(name_or_path: str, compression: Compression | str = None, *, mode
         progress: show the compression's tqdm bar when a spec is compressed now.
         fallback: real mode on CPU: run layers without a kernel (2- and 3-bit codes) simulated instead of raising;
             ``layer_modes`` says which.
+        tokenizer: the model's tokenizer when the caller holds it (``assets.model.shared_tokenizer``); None: read.
     """
     check_mode(mode)
     compression = parse_compression(compression)
     device = resolve_device(device)
     dtype = dtype or default_dtype(mode)
-    tokenizer = load_tokenizer(name_or_path)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(name_or_path)
     if compression is None:
         return LoadedModel(load_causal_lm(name_or_path, dtype=dtype).to(device).eval(), tokenizer)
     if isinstance(compression, Spec):

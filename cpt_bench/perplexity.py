@@ -13,24 +13,18 @@ rather than ``seqlen - 1``), and the final partial window is dropped as in the p
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
 from lm_eval.api.task import ConfigurableTask
 
-from cpt_bench.assets.model import load_tokenizer
+from cpt_bench.assets.model import shared_tokenizer
 from cpt_bench.corpus import load_split
 from cpt_bench.errors import UserError
 from cpt_bench.stats import log_perplexity
 from cpt_bench.tokens import TokenStream, corpus_stream
 
 DEFAULT_SEQLEN_TOKENS = 1024
-# The windows only read the tokenizer, so one copy per model serves every perplexity task of a process (each
-# matrix cell loads its task again; the embedded model's tokenizer takes ~1 s to load). The cache lives here,
-# not in tasks/loaders.py, because lm-eval executes that file afresh for every task it loads.
-_window_tokenizer = functools.lru_cache(maxsize=4)(load_tokenizer)
-
 
 class TaskInputError(UserError):
     """A task was configured with values it cannot use (one-line message)."""
@@ -90,7 +84,7 @@ def corpus_windows(corpus: str, split: str, tokenizer_name: str, seqlen_tokens: 
                    add_special_tokens: bool | None = None) -> CorpusWindows:
     """``token_windows`` of a split of a corpus spec (``cpt_bench.corpus``; ``all``: every document), cut with
     ``tokenizer_name``'s tokenizer."""
-    tokenizer = _window_tokenizer(tokenizer_name)
+    tokenizer = shared_tokenizer(tokenizer_name)  # only read: one per model serves every task of a process
     stream = corpus_stream(corpus, split, tokenizer, with_offsets=True)
     return CorpusWindows(str(corpus), split, len(load_split(corpus, split)), len(stream), seqlen_tokens,
                          token_windows(stream, tokenizer, seqlen_tokens, add_special_tokens))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 from pathlib import Path
 
@@ -266,3 +267,21 @@ def test_embedded_names_and_labels():
     assert embedded_name("/models/gemma3-270m") is None and embedded_name("facebook/opt-125m") is None
     assert model_label("embedded") == EMBEDDED_NAME and model_label("./runs/my-model") == "my-model"
     assert model_label("facebook/opt-125m") == "facebook/opt-125m"
+
+
+def test_shared_tokenizer_is_read_once_while_its_folder_is_unchanged(tiny_model_dir, tmp_path):
+    import shutil
+
+    from cpt_bench.assets.model import shared_tokenizer
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    first = shared_tokenizer(str(folder))
+    assert shared_tokenizer(str(folder)) is first
+    config = folder / "tokenizer_config.json"
+    settings = json.loads(config.read_text("utf-8"))
+    settings["model_max_length"] = 77
+    config.write_text(json.dumps(settings), "utf-8")
+    os.utime(config, ns=(config.stat().st_atime_ns, config.stat().st_mtime_ns + 10**9))
+    again = shared_tokenizer(str(folder))
+    assert again is not first and again.model_max_length == 77 and first.model_max_length != 77

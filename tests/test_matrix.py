@@ -365,9 +365,19 @@ def test_trivial_prefix_warning_names_the_figures_when_the_control_moves_the_den
     assert store.trivial_prefix_warnings({"targets": summary(20.7)["targets"], "cells": []}) == []  # no control
 
 
-def test_second_identical_run_gives_identical_cells(reference_run, matrix_env, tiny_model_dir, tmp_path):
+def test_second_identical_run_gives_identical_cells(reference_run, matrix_env, tiny_model_dir, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from cpt_bench.assets import model as assets_model
+
+    reads = []
+    read = AutoTokenizer.from_pretrained
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *a, **k: reads.append(a) or read(*a, **k))
+    assets_model._tokenizer_of.cache_clear()
     run_dir = run_matrix(write_config(tmp_path, tiny_config(tiny_model_dir)), tmp_path / "again")
     assert comparable_cells(run_dir) == comparable_cells(reference_run)
+    # every artifact, group and target shares one tokenizer (Gemma 3's takes seconds to read): read once
+    assert len(reads) == 1, reads
 
 
 def test_two_shards_merged_equal_one_full_run(reference_run, matrix_env, tiny_model_dir, tmp_path):

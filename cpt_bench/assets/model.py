@@ -175,12 +175,42 @@ def load_tokenizer(name_or_path: str, **kwargs: Any) -> Any:
     Not cached (each call loads afresh, ~1 s for the embedded model on 2 cores): a tokenizer is mutable and
     its users may change it (lm-eval's HFLM sets ``padding_side`` and ``pad_token`` on the one it holds), and
     a folder's files may be rewritten between calls, which a cache keyed by the path would hide. A caller
-    that only reads the tokenizer may cache it (``perplexity.corpus_windows`` does).
+    that only reads it takes ``shared_tokenizer``'s (``perplexity.corpus_windows``, the matrix).
     """
     from transformers import AutoTokenizer
 
     return _from_pretrained(AutoTokenizer, "tokenizer (expected tokenizer.json or its type's tokenizer files)",
                             name_or_path, kwargs)
+
+
+def shared_tokenizer(name_or_path: str) -> Any:
+    """``load_tokenizer(name_or_path)`` read once per process while the model folder's files are unchanged (same
+    names, sizes and mtimes; a Hugging Face id: once per process).
+
+    For callers that load one model many times and only read its tokenizer or configure it as lm-eval's HFLM does
+    (the pad token from the model's config, the same every time; ``padding_side`` set and restored around each
+    encoding): the matrix, which loads the model for every artifact and group. Reading Gemma 3's 33 MB
+    tokenizer.json takes ~5 s on 2 cores, and a copy (``copy.deepcopy``) as long, so the object itself is shared:
+    a caller that changes it otherwise uses ``load_tokenizer``.
+    """
+    path = resolve_model(str(name_or_path))
+    return _tokenizer_of(path, _folder_state(path))
+
+
+def _folder_state(path: str) -> tuple[tuple[str, int, int], ...]:
+    """(name, size in bytes, mtime in ns) of each file directly in folder ``path``; () when it is not a folder."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return ()
+    return tuple((entry.name, entry.stat().st_size, entry.stat().st_mtime_ns)
+                 for entry in sorted(folder.iterdir()) if entry.is_file())
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer_of(path: str, state: tuple[tuple[str, int, int], ...]) -> Any:
+    """The tokenizer of ``path`` in folder state ``state`` (``shared_tokenizer``'s cache key, otherwise unused)."""
+    del state
+    return load_tokenizer(path)
 
 
 def context_tokens(name_or_path: str, tokenizer: Any = None) -> int:

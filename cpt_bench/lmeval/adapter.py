@@ -242,8 +242,10 @@ class CptLM(HFLM):
         name, label = pretrained, "dense"
         if compression is not None:
             dtype = get_dtype(kwargs.get("dtype") or "auto")
+            given = kwargs.get("tokenizer")  # a tokenizer object (the matrix's shared one) serves both
             loaded = load_model(pretrained, compression, mode=compression_mode,
-                                dtype=None if dtype == "auto" else dtype, device=device)
+                                dtype=None if dtype == "auto" else dtype, device=device,
+                                tokenizer=None if given is None or isinstance(given, str) else given)
             pretrained, label, self._layer_modes = loaded.model, loaded.compression, loaded.layer_modes
             # HFLM needs a tokenizer for a model instance: the one load_model just read (a fresh object; reading
             # Gemma 3's 33 MB tokenizer.json again took seconds per cell), unless an HFLM argument changes how

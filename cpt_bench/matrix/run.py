@@ -114,6 +114,7 @@ def build_prompt(config: MatrixConfig, run_dir: Path, prompt: PromptChoice, comp
     (``recovery.controls``)."""
     import torch
 
+    from cpt_bench.assets.model import shared_tokenizer
     from cpt_bench.models import CheckpointFolder, load_model
     from cpt_bench.recovery.controls import write_control_prompt
     from cpt_bench.recovery.eora import fit_checkpoint_eora
@@ -128,7 +129,8 @@ def build_prompt(config: MatrixConfig, run_dir: Path, prompt: PromptChoice, comp
     if not _artifact_complete(folder, prompt.kind):
         def load(checkpoint: str | None):
             return load_model(config.model, CheckpointFolder(Path(checkpoint)) if checkpoint else None,
-                              mode=config.kernels, dtype=getattr(torch, config.dtype), device=resolved_device(config))
+                              mode=config.kernels, dtype=getattr(torch, config.dtype), device=resolved_device(config),
+                              tokenizer=shared_tokenizer(config.model))
 
         loaded = load(compressed_folder)
         model, compression = loaded.model, loaded.compression
@@ -222,6 +224,7 @@ def filter_values(output: dict[str, Any], target: Target) -> dict[str, dict[str,
 
 def _load_lm(job: GroupJob):
     """The ``cpt`` lm-eval model for a group: compressed and prompted as the group says."""
+    from cpt_bench.assets.model import shared_tokenizer
     from cpt_bench.lmeval.adapter import CptLM
     from cpt_bench.models import CheckpointFolder
 
@@ -235,7 +238,7 @@ def _load_lm(job: GroupJob):
         recovery = {model_arg: IDP_SEPARATOR.join(job.idp_values), "idp_rule": prompt.rule}
     return CptLM(pretrained=job.config.model, compression=compression, compression_mode=job.config.kernels,
                  batch_size=job.config.batch_size, device=resolved_device(job.config), dtype=job.config.dtype,
-                 **recovery)
+                 tokenizer=shared_tokenizer(job.config.model), **recovery)
 
 
 def _memory_account(job: GroupJob, lm) -> dict[str, Any]:

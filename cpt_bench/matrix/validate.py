@@ -39,12 +39,12 @@ def validate_plan(plan: Plan, manager) -> ModelFacts:
 
     ``manager``: lm-eval's TaskManager over our tasks (``lmeval.tasks.task_manager``).
     """
-    from cpt_bench.assets.model import check_causal_lm, load_tokenizer
+    from cpt_bench.assets.model import check_causal_lm, shared_tokenizer
 
     config = plan.config
     path = check_causal_lm(config.model)
     check_targets(config, manager)
-    tokenizer = load_tokenizer(path)
+    tokenizer = shared_tokenizer(path)
     facts = model_facts(path, tokenizer)
     _check_windows(plan, tokenizer, facts.context_tokens)
     _check_corpora(plan, tokenizer)
