@@ -156,6 +156,13 @@ def _is_temp_name(name: str) -> bool:
     return name.startswith(".") and name.endswith((FILE_TEMP_SUFFIX, FOLDER_TEMP_SUFFIX))
 
 
+def file_state(path: str | os.PathLike) -> tuple[int, int, int, int]:
+    """(device, inode, size in bytes, modification time in ns) of ``path``: what a per-process cache keyed by a
+    file compares to notice that it was rewritten or replaced (as git's index does)."""
+    stat = os.stat(path)
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
 def sha256_of(path: Path) -> str:
     """Hex sha256 of a file's bytes, read in 1 MiB chunks.
 
@@ -163,15 +170,14 @@ def sha256_of(path: Path) -> str:
     a cache entry is verified each time it is resolved, once per cell in a matrix, and a 1 GB model took 5-13 s a
     time. A file modified in the last ``_SETTLED_SECONDS`` is hashed every time, since a rewrite within the
     clock's granularity could leave its modification time unchanged."""
-    stat = os.stat(path)
-    key = (os.path.realpath(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    key = (os.path.realpath(path), *file_state(path))
     if key in _HASHED:
         return _HASHED[key]
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(_HASH_CHUNK_BYTES):
             digest.update(chunk)
-    if time.time() - stat.st_mtime > _SETTLED_SECONDS:
+    if time.time() - key[-1] / 1e9 > _SETTLED_SECONDS:
         _HASHED[key] = digest.hexdigest()
     return digest.hexdigest()
 

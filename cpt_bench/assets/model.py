@@ -26,7 +26,7 @@ from typing import Any
 from cpt_bench.assets.cache import CacheError, ensure_entry
 from cpt_bench.assets.registry import Distribution, download, join_members
 from cpt_bench.errors import UserError
-from cpt_bench.files import sha256_of
+from cpt_bench.files import file_state, sha256_of
 
 _LOCAL_PREFIXES = ("/", "./", "../", "~")
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
@@ -185,7 +185,7 @@ def load_tokenizer(name_or_path: str, **kwargs: Any) -> Any:
 
 def shared_tokenizer(name_or_path: str) -> Any:
     """``load_tokenizer(name_or_path)`` read once per process while the model folder's files are unchanged (same
-    names, sizes and mtimes; a Hugging Face id: once per process).
+    names, inodes, sizes and mtimes; a Hugging Face id: once per process).
 
     For callers that load one model many times and only read its tokenizer or configure it as lm-eval's HFLM does
     (the pad token from the model's config, the same every time; ``padding_side`` set and restored around each
@@ -197,17 +197,16 @@ def shared_tokenizer(name_or_path: str) -> Any:
     return _tokenizer_of(path, _folder_state(path))
 
 
-def _folder_state(path: str) -> tuple[tuple[str, int, int], ...]:
-    """(name, size in bytes, mtime in ns) of each file directly in folder ``path``; () when it is not a folder."""
+def _folder_state(path: str) -> tuple[tuple, ...]:
+    """(name, ``files.file_state``) of each file directly in folder ``path``; () when it is not a folder."""
     folder = Path(path).expanduser()
     if not folder.is_dir():
         return ()
-    return tuple((entry.name, entry.stat().st_size, entry.stat().st_mtime_ns)
-                 for entry in sorted(folder.iterdir()) if entry.is_file())
+    return tuple((entry.name, *file_state(entry)) for entry in sorted(folder.iterdir()) if entry.is_file())
 
 
 @functools.lru_cache(maxsize=4)
-def _tokenizer_of(path: str, state: tuple[tuple[str, int, int], ...]) -> Any:
+def _tokenizer_of(path: str, state: tuple[tuple, ...]) -> Any:
     """The tokenizer of ``path`` in folder state ``state`` (``shared_tokenizer``'s cache key, otherwise unused)."""
     del state
     return load_tokenizer(path)
