@@ -16,6 +16,7 @@ from cpt_bench.matrix.config import ConfigError, config_from_dict
 from cpt_bench.matrix.plan import describe, estimate_seconds, make_plan, shard_plan
 from cpt_bench.matrix.run import run_matrix
 from cpt_bench.recovery.lora import PEFT_WEIGHTS
+from cpt_bench.report.tables import format_bytes
 from tests.compress_helpers import _one_thread  # noqa: F401  (autouse)
 from tests.test_matrix import TRAINING, run_under, tiny_config, writable_cache, write_config
 
@@ -155,7 +156,16 @@ def test_eora_cells_record_rank_bytes_fitting_and_the_memory_account(eora_run):
     none_cell = flat[f"{LEVEL}__none__cpt_ppl_wikipedia"]
     assert eora_cell["vs_none"]["against"] == none_cell["id"] and "gap_closed" in eora_cell
     assert eora_cell["value"] != none_cell["value"]  # the adapter is applied
-    assert f"eora:r{RANK}@{LEVEL}" in (eora_run / "report" / "report.md").read_text()
+    assert method_row(eora_run, f"eora:r{RANK}@{LEVEL}")[1:6] == [  # its budget: fitted, nothing trained
+        "0", f"{entry['stored_parameters']:,}", format_bytes(entry["stored_bytes"]), f"{entry['fit_seconds']:.0f}",
+        f"{entry['fit_peak_memory_bytes'] / 2**20:.0f}"]
+
+
+def method_row(run: Path, label: str) -> list[str]:
+    """The cells of ``label``'s row in the report's "Recovery methods per compression level" tables."""
+    methods = (run / "report" / "report.md").read_text().split("## Recovery methods per compression level")[1]
+    row = next(line for line in methods.splitlines() if line.startswith(f"| {label} "))
+    return [cell.strip() for cell in row.split("|")[1:-1]]
 
 
 def test_the_matrix_adapter_is_the_one_cpt_bench_eora_fits_on_its_checkpoint(eora_run, eora_cache, tmp_path,
@@ -227,7 +237,9 @@ def test_a_soft_prompt_on_eora_is_trained_and_scored_on_the_corrected_model(eora
     assert entry["on_eora"] == RANK and entry["source"] == "wikipedia" and entry["trained_at"] == LEVEL
     assert entry["bits_per_weight_with_adapter"] == prompt["adapter_memory"]["compressed_bits_per_weight_with_adapter"]
     assert entry["stored_bytes"] == prompt["adapter_memory"]["adapter_bytes"] + 4 * entry["trainable_parameters"]
-    assert f"eora-r{RANK}+soft:wikipedia@{LEVEL}" in (eora_run / "report" / "report.md").read_text()
+    assert entry["stored_parameters"] == prompt["adapter_memory"]["adapter_parameters"] + entry["trainable_parameters"]
+    assert method_row(eora_run, f"eora-r{RANK}+soft:wikipedia@{LEVEL}")[1:4] == [  # the prompt trained, both stored
+        f"{entry['trainable_parameters']:,}", f"{entry['stored_parameters']:,}", format_bytes(entry["stored_bytes"])]
 
 
 @pytest.mark.parametrize("args, named", [({"eora": "e", "lora": "l"}, "eora and lora"),

@@ -380,6 +380,7 @@ def _prompt_summary(record: dict[str, Any]) -> dict[str, Any]:
             own = RECOVERY_KINDS[choice["kind"]].added_bytes(  # the prompt's own values (float32)
                 {key: value for key, value in summary.items() if key != "stored_bytes"})
             summary.update(on_eora=choice["rank"], stored_bytes=memory["adapter_bytes"] + (own or 0),  # both stored
+                           stored_parameters=memory["adapter_parameters"] + (summary["trainable_parameters"] or 0),
                            bits_per_weight_with_adapter=memory["compressed_bits_per_weight_with_adapter"])
     if choice["kind"] == EORA and "adapter_memory" in prompt:  # a matrix's adapter (``run._prompt_block``): fitted,
         # not trained; its rank, what it adds to the checkpoint and what fitting cost

@@ -7,9 +7,10 @@
 - ``seed_tables``: per learned prompt trained with several seeds, each seed's value and paired comparisons, then
   their mean and spread (sample standard deviation) across seeds.
 - ``method_tables``: per compression level that prompts or adapters were trained at, every recovery method applied
-  there (hard prompt, controls, soft prompts per objective, LoRA adapters) with its training budget (trainable
-  parameters, seconds, peak memory) beside what it buys: the gap closed on each perplexity target and the change on
-  each other target against no prompt, each with its CI; methods trained with several seeds add a mean ± sd row.
+  there (hard prompt, controls, soft prompts per objective, LoRA and EoRA adapters, IDP) with its budget (trainable
+  and stored parameters, added bytes, seconds and peak memory of its training or fit) beside what it buys: the gap
+  closed on each perplexity target and the change on each other target against no prompt, each with its CI;
+  methods trained with several seeds add a mean ± sd row.
 - ``idp_tables``: per IDP prompt (a set and a rule), at each level and target it ran, how often each member was
   chosen, the IDP cell against each member alone and against the best single member in hindsight: the member whose
   own cell scored best on the same items, so chosen on the items compared (matrix targets have no validation split),
@@ -26,12 +27,14 @@ import math
 import statistics
 from typing import Any
 
+from cpt_bench.recovery import RECOVERY_KINDS
 from cpt_bench.report.tables import (
     GAP_UNRESOLVED,
     MISSING,
     SIGNIFICANT_MARK,
     Summary,
     Table,
+    format_bytes,
     format_entry,
     format_number,
     has_paired_statistics,
@@ -113,14 +116,27 @@ def recovery_tables(summary: Summary) -> list[Table]:
     return tables
 
 
+BUDGET_HEADERS = ["trainable params", "stored params", "added bytes", "train or fit s", "peak MiB"]
+
+
 def _budget(prompt: dict[str, Any]) -> list[str]:
-    """Trainable parameters, training seconds and training peak MiB of a prompt (0 / – for untrained ones)."""
-    if not is_learned(prompt):
-        return ["0", "0", MISSING]
-    parameters, seconds = prompt.get("trainable_parameters"), prompt.get("train_seconds")
-    peak = prompt.get("train_peak_memory_bytes")
-    return [MISSING if parameters is None else f"{parameters:,}", MISSING if seconds is None else f"{seconds:.0f}",
+    """``BUDGET_HEADERS`` of a method: parameters trained, values it stores on top of the compressed model and their
+    bytes (``RecoveryKind.added_bytes``), and the seconds and peak MiB its training, or for EoRA its closed-form fit,
+    took; ``0`` for what an untrained method does not have, ``–`` for what the run did not record."""
+    added = format_bytes(RECOVERY_KINDS[prompt["kind"]].added_bytes(prompt))
+    fitted = "fit_seconds" in prompt  # an EoRA adapter: fitted in closed form, nothing trained
+    if not (is_learned(prompt) or fitted):
+        return ["0", "0" if added == "0 B" else MISSING, added, "0", MISSING]
+    trainable = prompt.get("trainable_parameters")
+    stored = prompt.get("stored_parameters", trainable)
+    seconds = prompt.get("fit_seconds" if fitted else "train_seconds")
+    peak = prompt.get("fit_peak_memory_bytes" if fitted else "train_peak_memory_bytes")
+    return [_count(trainable), _count(stored), added, MISSING if seconds is None else f"{seconds:.0f}",
             MISSING if peak is None else f"{peak / 2**20:.0f}"]
+
+
+def _count(value: int | None) -> str:
+    return MISSING if value is None else f"{value:,}"
 
 
 def _effect_key(target: dict[str, Any]) -> str:
@@ -162,12 +178,12 @@ def method_tables(summary: Summary) -> list[Table]:
             seconds = [p["train_seconds"] for p in group if p.get("train_seconds") is not None]
             effects = [_effect_spread([summary.cell(spec, p["id"], t["task"]) for p in group], t)
                        for t in summary.targets]
-            rows.append([f"{how}:{source}@{spec}, mean ± sd ({len(group)} seeds)", _budget(group[0])[0],
+            rows.append([f"{how}:{source}@{spec}, mean ± sd ({len(group)} seeds)", *_budget(group[0])[:3],
                          _spread(seconds, lambda v: f"{v:.0f}"), MISSING, *effects,
                          *(MISSING for _ in trivial_columns)])
-        headers = ["method", "trainable params", "train s", "train peak MiB", *map(_effect_header, summary.targets),
+        headers = ["method", *BUDGET_HEADERS, *map(_effect_header, summary.targets),
                    *(f"gap closed vs trivial, {t['task']}" for t in trivial_columns)]
-        headers, rows = _without_empty_columns(headers, rows, keep=4 + len(summary.targets))
+        headers, rows = _without_empty_columns(headers, rows, keep=1 + len(BUDGET_HEADERS) + len(summary.targets))
         domains = ", ".join(sorted({p["source"] for p in summary.learned if p["trained_at"] == spec}))
         title = (f"{spec}: recovery methods and their budget; trained on {domains} (in-domain where a target reads "
                  "it); gap closed or change against no prompt, 95% CI")

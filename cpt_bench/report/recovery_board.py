@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from cpt_bench.recovery import RECOVERY_KINDS
 from cpt_bench.report.leaderboard import Board, Column, Row, format_gap, pareto_flags, row_fields
-from cpt_bench.report.tables import MISSING, Table, to_markdown
+from cpt_bench.report.tables import MISSING, Table, format_bytes, to_markdown
 
 TITLE = "Recovery per added byte"
 NOTE = ("Per (task, metric, protocol), model and compression level with at least two recovery methods: the methods "
@@ -102,17 +102,6 @@ def recovery_groups(board: Board) -> list[Group]:
             if len({row.prompt["kind"] for row in level_rows}) >= 2:
                 groups.append(Group(column, model, spec, _ranked(column, level_rows)))
     return groups
-
-
-def format_bytes(count: int | None) -> str:
-    """``0 B``, ``46.1 kB``, ``1.38 MB`` (powers of 1000), ``–`` when unknown."""
-    if count is None:
-        return MISSING
-    if count == 0:
-        return "0 B"
-    if count < 1e6:
-        return f"{count / 1e3:.1f} kB"
-    return f"{count / 1e6:.2f} MB"
 
 
 def format_per_mb(share: float | None) -> str:

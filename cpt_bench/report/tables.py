@@ -189,6 +189,17 @@ def has_paired_statistics(summary: Summary) -> bool:
     return any(key in cell for cell in summary.raw["cells"] for key in SUMMARY_OPTIONAL_COMPARISONS["cells"])
 
 
+def format_bytes(count: int | None) -> str:
+    """``0 B``, ``46.1 kB``, ``1.38 MB`` (powers of 1000), ``–`` when unknown."""
+    if count is None:
+        return MISSING
+    if count == 0:
+        return "0 B"
+    if count < 1e6:
+        return f"{count / 1e3:.1f} kB"
+    return f"{count / 1e6:.2f} MB"
+
+
 def is_learned(prompt: dict[str, Any]) -> bool:
     """A trained artifact of a learned kind (soft prompt, LoRA adapter, ...; not a control)."""
     return prompt["kind"] in LEARNED_KINDS and not prompt.get("control")
