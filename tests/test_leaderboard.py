@@ -132,6 +132,18 @@ def test_runs_differing_only_in_protocol_never_share_a_column(tmp_path):
     assert "## cpt_piqa: acc ↑; protocol: 10 items, 0-shot, prompt before the input" in text
 
 
+def test_runs_in_another_dtype_never_share_a_column_and_their_label_names_it(tmp_path):
+    """bfloat16 weights and log-softmax move every number: a bfloat16 run gets columns of its own."""
+    results = _results_with(tmp_path, config_with(name="fp32"), config_with(name="bf16", dtype="bfloat16"))
+    assert _columns(results) == {("cpt_ppl_wikipedia", Protocol(256, 4, 0, SMOLLM2)): {"fp32"},
+                                 ("cpt_ppl_wikipedia", Protocol(256, 4, 0, SMOLLM2, "bfloat16")): {"bf16"},
+                                 ("cpt_piqa", Protocol(None, 10, 0)): {"fp32"},
+                                 ("cpt_piqa", Protocol(None, 10, 0, dtype="bfloat16")): {"bf16"}}
+    text = markdown(build_board(load_runs(results)))
+    assert "## cpt_piqa: acc ↑; protocol: 10 items, 0-shot, prompt before the input\n" in text
+    assert "## cpt_piqa: acc ↑; protocol: 10 items, 0-shot, prompt before the input, bfloat16\n" in text
+
+
 def test_perplexities_of_models_with_other_tokenizers_never_share_a_column_accuracies_do(tmp_path):
     """Token perplexity counts the model's own tokens over windows its tokenizer cut: not comparable across
     models. Multiple-choice items are the same for every model, so their accuracies share a column."""

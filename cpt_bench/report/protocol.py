@@ -3,8 +3,10 @@
 A protocol is the window length of perplexity tasks (``ppl_seqlen``) and the tokenizer that cut the windows (the
 run's model: token perplexity counts that tokenizer's tokens, and its windows cover different text under another
 tokenizer, so perplexities of models with different tokenizers never share a column), the number of windows or
-items scored (``limit``, None: all), the few-shot count and where a prompt goes. Multiple-choice items are the same
-whatever the tokenizer: accuracies of different models do share a column. The summary does not hold it, so it is read
+items scored (``limit``, None: all), the few-shot count, where a prompt goes and the dtype the model ran in (a
+bfloat16 model and its log-softmax round differently from a float32 one, so their numbers differ by more than the
+last digit). Multiple-choice items are the same whatever the tokenizer: accuracies of different models do share a
+column. The summary does not hold it, so it is read
 from the run folder: ``config.json`` (every default filled in) or else ``config.yaml``; few-shot from
 ``submission.json`` (the ``n-shot`` lm-eval recorded in the cells of a submitted run) or else from the task's
 definition in ``tasks/``. The matrix never overrides few-shot, so the task's ``num_fewshot`` is what ran (lm-eval's
@@ -29,6 +31,7 @@ from cpt_bench.report.tables import ReportError
 CONFIG_YAML = "config.yaml"
 # The cpt adapter puts every prompt (soft or hard) before the request's tokens, the only position it implements.
 PROMPT_POSITION = "prompt before the input"
+DEFAULT_DTYPE = MatrixConfig.dtype  # float32: the labels name other dtypes only
 _LINE_KEY = re.compile(r"^(include|num_fewshot):\s*(\S+)\s*$", re.MULTILINE)
 
 
@@ -36,21 +39,23 @@ _LINE_KEY = re.compile(r"^(include|num_fewshot):\s*(\S+)\s*$", re.MULTILINE)
 class Protocol:
     """How a target was scored: ``seqlen`` tokens per window of ``tokenizer`` (the model whose tokenizer cut them;
     both None for tasks that are not perplexity), ``limit`` windows or items (None: all), ``fewshot`` examples (None:
-    the task's default, not recorded)."""
+    the task's default, not recorded), the model in ``dtype`` (a matrix config's ``dtype``)."""
 
     seqlen: int | None
     limit: int | None
     fewshot: int | None
     tokenizer: str | None = None
+    dtype: str = DEFAULT_DTYPE
 
     def label(self) -> str:
         """E.g. ``8 windows of 512 tokens of smollm2-135m-instruct, 0-shot, prompt before the input`` or
-        ``100 items, ...``."""
+        ``100 items, ...``; the dtype is named where it is not the default float32 (``..., bfloat16``)."""
         count = "all" if self.limit is None else str(self.limit)
         scored = (f"{count} windows of {self.seqlen} tokens of {self.tokenizer}" if self.seqlen is not None
                   else f"{count} items")
         shots = "few-shot: task default" if self.fewshot is None else f"{self.fewshot}-shot"
-        return f"{scored}, {shots}, {PROMPT_POSITION}"
+        dtype = "" if self.dtype == DEFAULT_DTYPE else f", {self.dtype}"
+        return f"{scored}, {shots}, {PROMPT_POSITION}{dtype}"
 
 
 def run_config(folder: Path) -> MatrixConfig:
@@ -100,5 +105,6 @@ def run_protocols(folder: Path, targets: list[dict[str, Any]], recorded: dict[st
         task = target["task"]
         perplexity = task.startswith(PPL_TASK_PREFIX)
         protocols[task] = Protocol(config.ppl_seqlen if perplexity else None, limits[task],
-                                   recorded.get(task, task_fewshot(task)), tokenizer if perplexity else None)
+                                   recorded.get(task, task_fewshot(task)), tokenizer if perplexity else None,
+                                   config.dtype)
     return protocols
