@@ -157,6 +157,27 @@ def test_readme_result_table_is_the_committed_run(heading, report_path):
         assert all(f" {cell.strip()} " in row for cell in cells), (compression, cells, row)
 
 
+STUDY_LEVELS = ("gptq-w3g64", "sparsegpt-50+gptq-w4g64")  # README's recovery-study table: two columns per level
+
+
+def test_readme_recovery_study_table_is_the_committed_run():
+    """README's recovery-study table: each row is a method of the report's "recovery methods" tables (its label
+    without the level), with its added bytes and, per level, its gap closed and PIQA change as the report gives them."""
+    readme = section((REPO / "README.md").read_text(encoding="utf-8"), "## Recovery methods side by side")
+    report = (REPO / "results/recovery-study/report/report.md").read_text(encoding="utf-8")
+    tables = {level: section(report, f"### {level}: recovery methods and their budget; trained on wikipedia (in-domain "
+                             "where a target reads it); gap closed or change against no prompt, 95% CI")
+              for level in STUDY_LEVELS}
+    readme_rows = [row.split("|")[1:-1] for row in readme.splitlines() if row.startswith("| ")][1:]  # past the header
+    assert len(readme_rows) >= 8
+    for label, added, *effects in readme_rows:
+        for level, level_effects in zip(STUDY_LEVELS, (effects[:2], effects[2:]), strict=True):
+            row = next((row for row in tables[level].splitlines() if row.startswith("| ")
+                        and row.split("|")[1].strip().replace(f"@{level}", "") == label.strip()), None)
+            assert row is not None, (label, level)
+            assert all(f" {cell.strip()} " in row for cell in (added, *level_effects)), (label, level, row)
+
+
 def test_architecture_layers_table_is_the_enforced_layer_order():
     """The page's layer table names the layers of ``tests/test_layers.py``'s ``LAYERS``, in that order."""
     from tests.test_layers import LAYERS

@@ -93,10 +93,11 @@ _PAIRED_INTRO = ("For each compression level and target: every prompt applied th
                  "token as a one-token prompt) with the gap closed over it, (T_C - P) / (T_C - T_D): what the prompt "
                  "adds to any one-token prefix; 95% CIs in brackets, * where the CI excludes zero; gap closed is n/s "
                  "where the gap itself (C - D, paired) is not told from zero: a share of noise.")
-_METHODS_INTRO = ("For each level prompts or adapters were trained at: every method applied there, what it cost to "
-                  "train (trainable parameters, seconds, peak memory of the training) and what it buys: the share of "
-                  "the perplexity gap to dense it closes and the change against no prompt elsewhere, with 95% CIs "
-                  "(paired over the shared windows or items); several seeds add their mean ± sd.")
+_METHODS_INTRO = ("For each level prompts or adapters were trained or fitted at: every method applied there, what it "
+                  "costs (parameters trained; values stored on top of the compressed model and their bytes; seconds "
+                  "and peak memory of its training, or of an EoRA adapter's closed-form fit) and what it buys: the "
+                  "share of the perplexity gap to dense it closes and the change against no prompt elsewhere, with "
+                  "95% CIs (paired over the shared windows or items); several seeds add their mean ± sd.")
 _SERVING_INTRO = ("Per compression level and prompt: the weight bytes compression saved against the dense fp16 "
                   "checkpoint (stored) and the dense model as loaded (resident, simulated or real kernels as run), "
                   "beside what the prompt costs to serve: its own bytes (embeddings, LoRA tensors) and its fp16 "
