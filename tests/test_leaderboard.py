@@ -409,3 +409,11 @@ def test_a_summary_keeps_the_stored_bytes_a_kind_records():
     assert entry["stored_bytes"] == 98_304 and RECOVERY_KINDS["eora"].added_bytes(entry) == 98_304
     del record["prompt"]["stored_bytes"]
     assert "stored_bytes" not in store._prompt_summary(record)  # summaries of other kinds are unchanged
+
+
+def test_a_soft_prompt_trained_on_eora_is_named_as_both_methods():
+    from cpt_bench.report.recovery_board import method_label
+
+    assert method_label({"kind": "soft"}) == "soft prompt"
+    assert method_label({"kind": "soft", "on_eora": 16}) == "EoRA + soft prompt"
+    assert method_label({"kind": "eora", "rank": 16}) == "EoRA adapter"

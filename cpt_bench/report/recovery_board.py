@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 from cpt_bench.recovery import RECOVERY_KINDS
 from cpt_bench.report.leaderboard import Board, Column, Row, format_gap, pareto_flags, row_fields
@@ -109,12 +110,19 @@ def format_per_mb(share: float | None) -> str:
     return MISSING if share is None else f"{100 * share:.1f}%/MB"
 
 
+def method_label(prompt: dict[str, Any]) -> str:
+    """A method's name from its summary entry ``prompt``: its kind's label (``soft prompt``, ``EoRA adapter``, ...),
+    ``EoRA + soft prompt`` for a prompt trained on, and scored with, an EoRA adapter (``on_eora``)."""
+    label = RECOVERY_KINDS[prompt["kind"]].label
+    return label if prompt.get("on_eora") is None else f"EoRA + {label}"
+
+
 def method_fields(column: Column, method: MethodRow) -> dict[str, str]:
     """The displayed text of a method's row, by header (the HTML page adds sort keys)."""
     row = method.row
     fields = row_fields(column, row)
     tokens = row.prompt.get("n_tokens") if RECOVERY_KINDS[row.prompt["kind"]].prefix else 0
-    return {"run": fields["run"], "method": RECOVERY_KINDS[row.prompt["kind"]].label, "prompt": fields["prompt"],
+    return {"run": fields["run"], "method": method_label(row.prompt), "prompt": fields["prompt"],
             "value ± stderr": fields["value ± stderr"], "gap closed": fields["gap closed"],
             "gap closed vs trivial": format_gap(row.gap_closed_vs_trivial, row.trivial_gap_resolved),
             "added bytes": format_bytes(method.added_bytes),
