@@ -6,11 +6,11 @@ tokenizer, so perplexities of models with different tokenizers never share a col
 items scored (``limit``, None: all), the few-shot count, where a prompt goes and the dtype the model ran in (a
 bfloat16 model and its log-softmax round differently from a float32 one, so their numbers differ by more than the
 last digit). Multiple-choice items are the same whatever the tokenizer: accuracies of different models do share a
-column. The summary does not hold it, so it is read
-from the run folder: ``config.json`` (every default filled in) or else ``config.yaml``; few-shot from
-``submission.json`` (the ``n-shot`` lm-eval recorded in the cells of a submitted run) or else from the task's
-definition in ``tasks/``. The matrix never overrides few-shot, so the task's ``num_fewshot`` is what ran (lm-eval's
-default is 0); for a task that is not ours it is unknown (None, shown as "task default").
+column. The summary does not hold it, so it is read from the run folder: ``config.json`` (every default filled in)
+or else ``config.yaml``; few-shot from ``submission.json`` (the ``n-shot`` lm-eval recorded in the cells of a
+submitted run) or else from the task's definition in ``tasks/``. The matrix never overrides few-shot, so the task's
+``num_fewshot`` is what ran (lm-eval's default is 0); for a task that is not ours it is unknown (None, shown as "task
+default").
 """
 
 from __future__ import annotations

@@ -123,10 +123,11 @@ def _budget(prompt: dict[str, Any]) -> list[str]:
     """``BUDGET_HEADERS`` of a method: parameters trained, values it stores on top of the compressed model and their
     bytes (``RecoveryKind.added_bytes``), and the seconds and peak MiB its training, or for EoRA its closed-form fit,
     took; ``0`` for what an untrained method does not have, ``–`` for what the run did not record."""
-    added = format_bytes(RECOVERY_KINDS[prompt["kind"]].added_bytes(prompt))
+    added_bytes = RECOVERY_KINDS[prompt["kind"]].added_bytes(prompt)
+    added = format_bytes(added_bytes)
     fitted = "fit_seconds" in prompt  # an EoRA adapter: fitted in closed form, nothing trained
     if not (is_learned(prompt) or fitted):
-        return ["0", "0" if added == "0 B" else MISSING, added, "0", MISSING]
+        return ["0", "0" if added_bytes == 0 else MISSING, added, "0", MISSING]
     trainable = prompt.get("trainable_parameters")
     stored = prompt.get("stored_parameters", trainable)
     seconds = prompt.get("fit_seconds" if fitted else "train_seconds")
